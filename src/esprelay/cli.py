@@ -1,0 +1,302 @@
+"""The ``esprelay`` command: thin, no logic of its own.
+
+Exit codes: 0 success, 1 the action failed (no such message...), 2 bad configuration
+or usage, 75 (EX_TEMPFAIL) the bridge could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import smtplib
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+
+from esprelay import __version__
+from esprelay.config import Settings, load_settings
+from esprelay.errors import ConfigError, SpoolError
+from esprelay.models import MessageState, SpooledMessage
+
+EX_USAGE = 2
+EX_TEMPFAIL = 75
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EX_USAGE
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"esprelay: configuration error: {exc}", file=sys.stderr)
+        return EX_USAGE
+    setup_logging(settings.log_level)
+    try:
+        result: int = args.func(settings, args)
+    except ConfigError as exc:
+        print(f"esprelay: configuration error: {exc}", file=sys.stderr)
+        return EX_USAGE
+    except SpoolError as exc:
+        print(f"esprelay: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiosmtpd logs every command line at INFO ("mail.log"); keep that for DEBUG.
+    logging.getLogger("mail.log").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esprelay",
+        description="SMTP to email-service-provider HTTP API bridge."
+        " Configuration comes from ESPRELAY_* variables and .env.",
+    )
+    parser.add_argument("--version", action="version", version=f"esprelay {__version__}")
+    commands = parser.add_subparsers(title="commands")
+
+    serve = commands.add_parser("serve", help="accept SMTP and deliver through the provider")
+    serve.set_defaults(func=_serve)
+
+    queue = commands.add_parser("queue", help="inspect and act on the spool")
+    queue_commands = queue.add_subparsers(title="queue commands", required=True)
+    q_list = queue_commands.add_parser("list", help="list messages")
+    q_list.add_argument("--state", choices=[s.value for s in MessageState])
+    q_list.add_argument("--limit", type=int, default=100)
+    q_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    q_list.set_defaults(func=_queue_list)
+    q_show = queue_commands.add_parser("show", help="show one message and its attempts")
+    q_show.add_argument("id")
+    q_show.add_argument("--body", action="store_true", help="print the raw message too")
+    q_show.set_defaults(func=_queue_show)
+    q_retry = queue_commands.add_parser("retry", help="make queued or failed messages due now")
+    q_retry.add_argument("ids", nargs="*", metavar="id")
+    q_retry.add_argument("--all-failed", action="store_true", help="every failed message")
+    q_retry.set_defaults(func=_queue_retry)
+    q_delete = queue_commands.add_parser("delete", help="delete messages from the spool")
+    q_delete.add_argument("ids", nargs="+", metavar="id")
+    q_delete.set_defaults(func=_queue_delete)
+
+    send_test = commands.add_parser("send-test", help="submit a test message to the running bridge")
+    send_test.add_argument("--to", required=True, action="append", help="recipient (repeatable)")
+    send_test.add_argument("--from", dest="sender", default="esprelay-test@localhost")
+    send_test.add_argument("--subject", default="esprelay test message")
+    send_test.add_argument("--server", help="HOST:PORT (default: ESPRELAY_SMTP_HOST:PORT)")
+    send_test.set_defaults(func=_send_test)
+    return parser
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from esprelay.app import Relay
+
+    async def run() -> None:
+        await Relay(settings).run()
+
+    asyncio.run(run())
+    return 0
+
+
+def _fmt_time(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _summary(message: SpooledMessage) -> dict[str, object]:
+    return {
+        "id": message.id,
+        "state": message.state.value,
+        "from": message.envelope.mail_from,
+        "rcpts": list(message.envelope.rcpt_tos),
+        "size": message.size,
+        "attempts": message.attempts,
+        "created_at": _fmt_time(message.created_at),
+        "next_attempt_at": _fmt_time(message.next_attempt_at),
+        "provider": message.provider,
+        "provider_message_id": message.provider_message_id,
+        "last_error": message.last_error,
+    }
+
+
+def _queue_list(settings: Settings, args: argparse.Namespace) -> int:
+    from esprelay.spool import open_spool
+
+    async def run() -> list[SpooledMessage]:
+        spool = open_spool(settings.spool_url)
+        await spool.open()
+        try:
+            state = MessageState(args.state) if args.state else None
+            return await spool.list(state=state, limit=args.limit)
+        finally:
+            await spool.close()
+
+    messages = asyncio.run(run())
+    if args.json:
+        for message in messages:
+            print(json.dumps(_summary(message)))
+        return 0
+    print(f"{'ID':21}  {'STATE':9}  {'ATT':>3}  {'SIZE':>9}  {'CREATED (UTC)':19}  RCPTS  FROM")
+    for m in messages:
+        print(
+            f"{m.id:21}  {m.state.value:9}  {m.attempts:>3}  {m.size:>9}  "
+            f"{_fmt_time(m.created_at):19}  {len(m.envelope.rcpt_tos):>5}  <{m.envelope.mail_from}>"
+        )
+    print(f"{len(messages)} message(s)")
+    return 0
+
+
+def _queue_show(settings: Settings, args: argparse.Namespace) -> int:
+    from esprelay.spool import open_spool
+
+    async def run() -> SpooledMessage | None:
+        spool = open_spool(settings.spool_url)
+        await spool.open()
+        try:
+            return await spool.get(args.id, with_body=args.body)
+        finally:
+            await spool.close()
+
+    message = asyncio.run(run())
+    if message is None:
+        print(f"esprelay: no message {args.id}", file=sys.stderr)
+        return 1
+    summary = _summary(message)
+    summary["attempt_history"] = [
+        {
+            "number": a.number,
+            "at": _fmt_time(a.at),
+            "provider": a.provider,
+            "outcome": a.outcome,
+            "error": a.error,
+            "provider_message_id": a.provider_message_id,
+        }
+        for a in message.history
+    ]
+    summary["meta"] = message.meta
+    print(json.dumps(summary, indent=2))
+    if args.body:
+        print()
+        if message.raw is None:
+            print("(body no longer kept: delivered messages keep only their metadata)")
+        else:
+            sys.stdout.flush()
+            sys.stdout.buffer.write(message.raw)
+            sys.stdout.buffer.flush()
+    return 0
+
+
+def _queue_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from esprelay.spool import open_spool
+
+    if not args.ids and not args.all_failed:
+        print("esprelay: give message ids or --all-failed", file=sys.stderr)
+        return EX_USAGE
+
+    async def run() -> tuple[int, list[str]]:
+        spool = open_spool(settings.spool_url)
+        await spool.open()
+        try:
+            ids = list(args.ids)
+            if args.all_failed:
+                failed = await spool.list(state=MessageState.FAILED, limit=1_000_000)
+                ids.extend(m.id for m in failed)
+            done = 0
+            missing = []
+            for message_id in ids:
+                if await spool.retry_now(message_id):
+                    done += 1
+                else:
+                    missing.append(message_id)
+            return done, missing
+        finally:
+            await spool.close()
+
+    done, missing = asyncio.run(run())
+    print(f"{done} message(s) due now")
+    for message_id in missing:
+        print(f"esprelay: {message_id}: no queued or failed message with this id", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def _queue_delete(settings: Settings, args: argparse.Namespace) -> int:
+    from esprelay.spool import open_spool
+
+    async def run() -> list[str]:
+        spool = open_spool(settings.spool_url)
+        await spool.open()
+        try:
+            return [i for i in args.ids if not await spool.delete(i)]
+        finally:
+            await spool.close()
+
+    missing = asyncio.run(run())
+    print(f"{len(args.ids) - len(missing)} message(s) deleted")
+    for message_id in missing:
+        print(f"esprelay: {message_id}: no such message", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def _send_test(settings: Settings, args: argparse.Namespace) -> int:
+    host, port = settings.smtp_host, settings.smtp_port
+    if args.server:
+        host, _, port_text = args.server.rpartition(":")
+        if not host or not port_text.isdigit():
+            print("esprelay: --server takes HOST:PORT", file=sys.stderr)
+            return EX_USAGE
+        port = int(port_text)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    message = EmailMessage()
+    message["From"] = args.sender
+    message["To"] = ", ".join(args.to)
+    message["Subject"] = args.subject
+    message["Date"] = formatdate(localtime=True)
+    message["Message-ID"] = make_msgid(domain="esprelay.invalid")
+    message.set_content(
+        f"This is a test message from esprelay {__version__}, sent at {time.ctime()}.\n"
+    )
+    try:
+        with smtplib.SMTP(host, port, timeout=30) as smtp:
+            smtp.ehlo()
+            code, text = smtp.mail(args.sender)
+            if code != 250:
+                raise smtplib.SMTPSenderRefused(code, text, args.sender)
+            accepted = []
+            for rcpt in args.to:
+                code, text = smtp.rcpt(rcpt)
+                if code in (250, 251):
+                    accepted.append(rcpt)
+                else:
+                    print(f"esprelay: {rcpt} refused: {code} {text.decode(errors='replace')}")
+            if not accepted:
+                return 1
+            code, text = smtp.data(message.as_bytes())
+    except smtplib.SMTPResponseException as exc:
+        reply: bytes | str = exc.smtp_error
+        why = reply.decode(errors="replace") if isinstance(reply, bytes) else reply
+        print(f"esprelay: refused: {exc.smtp_code} {why}", file=sys.stderr)
+        return EX_TEMPFAIL if 400 <= exc.smtp_code < 500 else 1
+    except OSError as exc:
+        print(f"esprelay: cannot reach the bridge at {host}:{port}: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    print(f"{code} {text.decode(errors='replace')} (to {', '.join(accepted)} via {host}:{port})")
+    if len(accepted) < len(args.to):
+        return 1
+    return 0

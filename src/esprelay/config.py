@@ -1,0 +1,147 @@
+"""Settings, parsed once at the edge (the CLI) and passed down.
+
+Every setting is an ``ESPRELAY_*`` environment variable or a line in ``.env``;
+``.env.example`` documents each one.  Nothing in this module exits the process:
+:func:`load_settings` raises :class:`~esprelay.errors.ConfigError` with one
+line that names the variable, and the CLI turns that into exit status 2.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from esprelay.errors import ConfigError
+
+ProviderName = Literal["outbox", "sendgrid", "mailgun", "ses", "postmark"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _parse_duration(value: object) -> object:
+    """Accept ``30``, ``30s``, ``5m``, ``2h`` or ``5d``; return seconds."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError("expected a duration such as 30, 30s, 5m, 2h or 5d")
+        number, unit = match.groups()
+        return float(number) * _UNIT_SECONDS[(unit or "s").lower()]
+    return value
+
+
+def _parse_size(value: object) -> object:
+    """Accept ``1048576``, ``512K``, ``25M`` or ``1G`` (powers of 1024); return bytes."""
+    if isinstance(value, str):
+        match = re.match(r"^\s*(\d+)\s*([kmg]i?b?)?\s*$", value, re.IGNORECASE)
+        if match is None:
+            raise ValueError("expected a size such as 10485760, 512K or 25M")
+        number, unit = match.groups()
+        factor = {"k": 1024, "m": 1024**2, "g": 1024**3}[unit[0].lower()] if unit else 1
+        return int(number) * factor
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+Bytes = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
+
+
+class Settings(BaseSettings):
+    """All of esprelay's configuration.  Field ``x`` is ``ESPRELAY_X``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ESPRELAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+        hide_input_in_errors=True,
+    )
+
+    # SMTP intake
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(default=2525, ge=0, le=65535)
+    hostname: str = Field(default="esprelay", min_length=1)
+    max_message_size: Bytes = 25 * 1024 * 1024
+    max_recipients: int = Field(default=100, ge=1)
+    max_line_length: int = Field(default=65536, ge=1001)
+    smtp_timeout: Seconds = 300.0
+
+    # Provider selection
+    provider: ProviderName = "outbox"
+    outbox_dir: Path = Path("outbox")
+    provider_timeout: Seconds = 30.0
+
+    # SendGrid
+    sendgrid_api_key: SecretStr | None = None
+    sendgrid_api_url: str = "https://api.sendgrid.com"
+    # Mailgun
+    mailgun_api_key: SecretStr | None = None
+    mailgun_domain: str | None = None
+    mailgun_api_url: str = "https://api.mailgun.net"
+    # Postmark
+    postmark_server_token: SecretStr | None = None
+    postmark_api_url: str = "https://api.postmarkapp.com"
+    postmark_message_stream: str | None = None
+    # Amazon SES (API v2); credentials come from the standard AWS chain
+    ses_region: str | None = None
+    ses_endpoint_url: str | None = None
+    ses_configuration_set: str | None = None
+
+    # Spool and delivery
+    spool_url: str = "sqlite:///esprelay-data/spool.db"
+    delivery_concurrency: int = Field(default=50, ge=0, le=10000)
+    retry_initial: Seconds = 15.0
+    retry_max: Seconds = 3600.0
+    retry_config_error: Seconds = 300.0
+    max_queue_lifetime: Seconds = 5 * 86400.0
+    lease_time: Seconds = Field(default=300.0, gt=0)
+    poll_interval: Seconds = Field(default=1.0, gt=0)
+    delivered_retention: Seconds = 86400.0
+    failed_retention: Seconds = 7 * 86400.0
+    shutdown_grace: Seconds = 20.0
+
+    # Logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _check_provider_settings(self) -> Settings:
+        required: dict[str, tuple[str, ...]] = {
+            "sendgrid": ("sendgrid_api_key",),
+            "mailgun": ("mailgun_api_key", "mailgun_domain"),
+            "postmark": ("postmark_server_token",),
+            "ses": ("ses_region",),
+        }
+        for field in required.get(self.provider, ()):
+            if not getattr(self, field):
+                raise ValueError(
+                    f"ESPRELAY_{field.upper()} is required when ESPRELAY_PROVIDER={self.provider}"
+                )
+        if self.retry_max < self.retry_initial:
+            raise ValueError("ESPRELAY_RETRY_MAX must not be smaller than ESPRELAY_RETRY_INITIAL")
+        return self
+
+
+def load_settings(env_file: str | Path | None = ".env") -> Settings:
+    """Read the environment (and ``env_file``) once; raise ConfigError on a bad value."""
+    try:
+        return Settings(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line naming the variable(s) at fault, never echoing the value (it may be a secret)."""
+    parts = []
+    for error in exc.errors():
+        loc = [str(item) for item in error["loc"]]
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if loc:
+            parts.append(f"ESPRELAY_{'__'.join(loc).upper()}: {message}")
+        else:
+            parts.append(message)
+    return "; ".join(parts)

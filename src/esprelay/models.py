@@ -1,0 +1,92 @@
+"""Plain data that travels between the SMTP side, the spool and the providers."""
+
+from __future__ import annotations
+
+import email.policy
+import enum
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.parser import BytesParser
+from functools import cached_property
+from typing import Any
+
+
+class MessageState(enum.StrEnum):
+    QUEUED = "queued"
+    IN_FLIGHT = "in_flight"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The SMTP envelope: authoritative for who receives the message."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery attempt as the spool recorded it."""
+
+    number: int
+    at: float
+    provider: str
+    outcome: str
+    error: str | None = None
+    provider_message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledMessage:
+    """A message as the spool keeps it.  ``raw`` is None when not loaded."""
+
+    id: str
+    envelope: Envelope
+    size: int
+    state: MessageState
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    provider: str
+    raw: bytes | None = None
+    last_error: str | None = None
+    provider_message_id: str | None = None
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    updated_at: float = 0.0
+    history: tuple[Attempt, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """A provider accepted the message."""
+
+    provider_message_id: str | None
+    warnings: tuple[str, ...] = ()
+
+
+class OutboundMessage:
+    """What a provider is asked to send: the exact bytes plus the envelope.
+
+    The parsed view is built on first use only, so raw-MIME providers never pay for it.
+    """
+
+    __slots__ = ("__dict__", "envelope", "id", "raw")
+
+    def __init__(self, id: str, envelope: Envelope, raw: bytes) -> None:
+        self.id = id
+        self.envelope = envelope
+        self.raw = raw
+
+    @cached_property
+    def parsed(self) -> EmailMessage:
+        message = BytesParser(policy=email.policy.default).parsebytes(self.raw)
+        assert isinstance(message, EmailMessage)
+        return message
+
+    def __repr__(self) -> str:
+        rcpts = len(self.envelope.rcpt_tos)
+        return f"OutboundMessage(id={self.id!r}, size={len(self.raw)}, rcpts={rcpts})"

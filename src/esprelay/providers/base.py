@@ -1,0 +1,155 @@
+"""The provider interface, and the shared HTTP flow for ESP adapters.
+
+A provider turns one :class:`~esprelay.models.OutboundMessage` into a delivery and
+says how it went: a :class:`~esprelay.models.SendResult`, or a
+:class:`~esprelay.errors.DeliveryError` (transient or permanent).  Providers never
+retry: the spool owns the one retry mechanism.
+
+HTTP adapters subclass :class:`HttpProvider` and fill in three hooks::
+
+    build_request(message) -> httpx.Request       pure: no I/O, testable offline
+    parse_response(response, message) -> SendResult
+    classify_error(response) -> DeliveryError     overridable per ESP quirk
+
+:meth:`HttpProvider.send` is the fixed template that runs them.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import email.utils
+import time
+from collections.abc import Iterator
+from typing import ClassVar
+
+import httpx
+
+from esprelay.errors import (
+    DeliveryError,
+    MessageRejected,
+    PermanentDeliveryError,
+    ProviderConfigError,
+    ProviderConnectionError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+)
+from esprelay.models import OutboundMessage, SendResult
+
+EXCERPT_LIMIT = 300
+
+
+class Provider(abc.ABC):
+    """One configured way of delivering mail."""
+
+    #: The kind of provider ("outbox", "sendgrid", ...); fixed per class.
+    kind: ClassVar[str]
+    #: Largest raw message (bytes, as received over SMTP) the provider can carry, or None.
+    max_message_size: int | None = None
+    #: Most envelope recipients per message, or None.
+    max_recipients: int | None = None
+
+    def __init__(self, name: str | None = None) -> None:
+        #: The name used in logs, the spool and (later) routes.
+        self.name = name or self.kind
+
+    @abc.abstractmethod
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """Deliver ``message`` or raise a DeliveryError."""
+
+    async def aclose(self) -> None:
+        """Release what the provider holds (connections, files)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class HttpProvider(Provider):
+    """A provider that makes one HTTP request per message."""
+
+    def __init__(self, client: httpx.AsyncClient, name: str | None = None) -> None:
+        super().__init__(name)
+        self._client = client
+
+    @abc.abstractmethod
+    def build_request(self, message: OutboundMessage) -> httpx.Request:
+        """The exact request to send for ``message``; pure."""
+
+    @abc.abstractmethod
+    def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
+        """Read a successful answer; raise DeliveryError if it is not a real success."""
+
+    def classify_error(self, response: httpx.Response) -> DeliveryError:
+        """Map an unsuccessful answer to the error tree; adapters override for quirks."""
+        return classify_status(response, provider=self.name)
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        request = self.build_request(message)
+        with map_transport_errors(self.name):
+            response = await self._client.send(request)
+            await response.aread()
+        if not response.is_success:
+            raise self.classify_error(response)
+        return self.parse_response(response, message)
+
+
+@contextlib.contextmanager
+def map_transport_errors(provider: str) -> Iterator[None]:
+    """Translate httpx's transport errors into ours, at the boundary."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise ProviderTimeout(f"timed out: {type(exc).__name__}", provider=provider) from exc
+    except httpx.TransportError as exc:
+        raise ProviderConnectionError(
+            f"connection failed: {type(exc).__name__}: {exc}", provider=provider
+        ) from exc
+
+
+def classify_status(response: httpx.Response, *, provider: str) -> DeliveryError:
+    """The default mapping of an HTTP error status to a DeliveryError."""
+    status = response.status_code
+    detail = f"HTTP {status}: {excerpt(response)}"
+    retry_after = parse_retry_after(response.headers.get("retry-after"))
+    if status == 429:
+        return RateLimited(detail, provider=provider, status_code=status, retry_after=retry_after)
+    if status in (401, 403):
+        return ProviderConfigError(detail, provider=provider, status_code=status)
+    if status == 408 or status >= 500:
+        return ProviderUnavailable(
+            detail, provider=provider, status_code=status, retry_after=retry_after
+        )
+    if status in (400, 404, 405, 413, 415, 422):
+        return MessageRejected(detail, provider=provider, status_code=status)
+    if 400 <= status < 500:
+        return PermanentDeliveryError(detail, provider=provider, status_code=status)
+    # 1xx/3xx: we never follow redirects for a POST; treat as a transient oddity.
+    return ProviderUnavailable(detail, provider=provider, status_code=status)
+
+
+def excerpt(response: httpx.Response, limit: int = EXCERPT_LIMIT) -> str:
+    """A short single-line excerpt of the response body, for logs and errors."""
+    try:
+        text = response.text
+    except (httpx.ResponseNotRead, UnicodeDecodeError):
+        return "<unreadable body>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))

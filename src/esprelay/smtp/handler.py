@@ -1,0 +1,129 @@
+"""The aiosmtpd handler: envelope checks at MAIL/RCPT, durable spooling at DATA.
+
+Hooks return SMTP reply strings (aiosmtpd's contract).  The message bytes are kept
+exactly as received (``decode_data=False``); nothing is added to the headers, so an
+envelope-only recipient (Bcc) never shows up in them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from esprelay.errors import ShuttingDown, SpoolError
+from esprelay.models import Envelope
+from esprelay.spool.base import Spool
+
+log = logging.getLogger("esprelay.smtp")
+
+# Control characters (CR, LF, NUL...) never belong in an address: refusing them makes
+# header injection through the envelope impossible.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass
+class IntakeState:
+    """Shared, mutable facts about the listener that hooks consult."""
+
+    draining: bool = False
+    accepted: int = 0
+    on_accepted: list[Callable[[], None]] = field(default_factory=list)
+
+
+def check_address(address: str, *, allow_null: bool) -> str | None:
+    """An SMTP error reply if ``address`` cannot be used, else None."""
+    if address == "":
+        return None if allow_null else "553 5.1.3 Error: null address not allowed here"
+    if _CONTROL.search(address):
+        return "553 5.1.3 Error: malformed address"
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or domain.startswith(".") or domain.endswith("."):
+        return "553 5.1.3 Error: address must be local-part@domain"
+    return None
+
+
+class RelayHandler:
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        provider: str,
+        max_recipients: int,
+        state: IntakeState,
+    ) -> None:
+        self._spool = spool
+        self._provider = provider
+        self._max_recipients = max_recipients
+        self._state = state
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        # aiosmtpd processes pipelined commands in order but does not say so.
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        if self._state.draining:
+            server.transport.close()
+            return ShuttingDown.smtp_reply
+        if address == "<>":
+            address = ""
+        error = check_address(address, allow_null=True)
+        if error:
+            return error
+        # aiosmtpd treats an empty mail_from as "no MAIL yet"; keep "<>" for the null
+        # sender while in the session and translate at DATA.
+        envelope.mail_from = address or "<>"
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        error = check_address(address, allow_null=False)
+        if error:
+            return error
+        if address in envelope.rcpt_tos:
+            return "250 2.1.5 Recipient OK (duplicate ignored)"
+        if len(envelope.rcpt_tos) >= self._max_recipients:
+            return f"452 4.5.3 Too many recipients (at most {self._max_recipients} per message)"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        raw: bytes = envelope.original_content
+        mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
+        message_envelope = Envelope(mail_from=mail_from, rcpt_tos=tuple(envelope.rcpt_tos))
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        meta = {"client": peer, "helo": session.host_name}
+        try:
+            message_id = await self._spool.put(
+                message_envelope, raw, provider=self._provider, meta=meta
+            )
+        except SpoolError as exc:
+            log.error("not accepted: spool error from client=%s: %s", peer, exc)
+            return exc.smtp_reply
+        self._state.accepted += 1
+        log.info(
+            "accepted id=%s client=%s from=<%s> size=%d rcpts=%d provider=%s",
+            message_id,
+            peer,
+            mail_from,
+            len(raw),
+            len(message_envelope.rcpt_tos),
+            self._provider,
+        )
+        for callback in self._state.on_accepted:
+            callback()
+        return f"250 2.0.0 Ok: queued as {message_id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("SMTP session error")
+        return "451 4.3.0 Requested action aborted: local error in processing"

@@ -1,0 +1,89 @@
+"""The spool interface every backend implements, and helpers they share.
+
+The spool owns the one retry mechanism: a message is ``queued`` with a
+``next_attempt_at``; a worker *leases* due messages (``in_flight`` with an owner and
+an expiry), then records the outcome: ``delivered``, back to ``queued`` with a later
+``next_attempt_at``, or ``failed``.  A lease that expires (its worker died) makes the
+message due again, so nothing in flight is lost with a process.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from esprelay.models import Envelope, MessageState, SpooledMessage
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStats:
+    counts: dict[MessageState, int]
+    oldest_queued_at: float | None
+
+    @property
+    def depth(self) -> int:
+        """Messages not yet finished: queued plus in flight."""
+        return self.counts.get(MessageState.QUEUED, 0) + self.counts.get(MessageState.IN_FLIGHT, 0)
+
+
+class Spool(Protocol):
+    """Durable queue of messages.  Every method is safe to call concurrently."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def put(
+        self,
+        envelope: Envelope,
+        raw: bytes,
+        *,
+        provider: str,
+        meta: dict[str, Any] | None = None,
+    ) -> str:
+        """Store a message; return its id only once it is committed to stable storage."""
+        ...
+
+    async def lease(self, owner: str, limit: int, lease_time: float) -> list[SpooledMessage]:
+        """Claim up to ``limit`` due messages (with their bytes) for ``lease_time`` seconds."""
+        ...
+
+    async def mark_delivered(
+        self, id: str, *, owner: str, provider: str, provider_message_id: str | None
+    ) -> bool: ...
+
+    async def mark_retry(
+        self, id: str, *, owner: str, provider: str, error: str, next_attempt_at: float
+    ) -> bool: ...
+
+    async def mark_failed(self, id: str, *, owner: str, provider: str, error: str) -> bool: ...
+
+    async def get(self, id: str, *, with_body: bool = False) -> SpooledMessage | None: ...
+
+    async def list(
+        self, *, state: MessageState | None = None, limit: int = 100
+    ) -> list[SpooledMessage]: ...
+
+    async def retry_now(self, id: str) -> bool:
+        """Make a queued or failed message due now; False if there is no such message."""
+        ...
+
+    async def delete(self, id: str) -> bool: ...
+
+    async def stats(self) -> SpoolStats: ...
+
+    async def next_due(self) -> float | None:
+        """When the earliest queued message becomes due (or a lease expires)."""
+        ...
+
+    async def purge(self, *, delivered_before: float, failed_before: float) -> int:
+        """Forget delivered and failed messages older than the given times."""
+        ...
+
+
+def new_message_id(now: float | None = None) -> str:
+    """A unique, time-ordered id: 11 hex digits of milliseconds, 10 random."""
+    millis = int((time.time() if now is None else now) * 1000)
+    return f"{millis:011x}{secrets.token_hex(5)}"

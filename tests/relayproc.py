@@ -1,0 +1,122 @@
+"""Run a real ``esprelay serve`` process on loopback for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+LISTENING = re.compile(rb"smtp listening on [^:]+:(\d+)")
+
+
+class RelayProcess:
+    """``python -m esprelay serve`` with its own environment and working directory.
+
+    The SMTP port is 0 unless given, and read back from the "listening" log line.
+    Every log line is kept in ``self.log`` for assertions.
+    """
+
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.env = {
+            "ESPRELAY_SMTP_HOST": "127.0.0.1",
+            "ESPRELAY_SMTP_PORT": "0",
+            "ESPRELAY_OUTBOX_DIR": str(workdir / "outbox"),
+            "ESPRELAY_SPOOL_URL": f"sqlite:///{workdir / 'data' / 'spool.db'}",
+            "ESPRELAY_POLL_INTERVAL": "0.2",
+            "ESPRELAY_SHUTDOWN_GRACE": "5",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port: int = 0
+        self._lines: list[bytes] = []
+        self._lock = threading.Lock()
+
+    @property
+    def outbox(self) -> Path:
+        return Path(self.env["ESPRELAY_OUTBOX_DIR"])
+
+    @property
+    def log(self) -> str:
+        with self._lock:
+            return b"".join(self._lines).decode(errors="replace")
+
+    def start(self, timeout: float = 20.0) -> RelayProcess:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
+        environ.update(self.env)
+        with self._lock:
+            self._lines.append(b"--- start ---\n")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "esprelay", "serve"],
+            cwd=self.workdir,
+            env=environ,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        ready = threading.Event()
+        self._pump_thread = threading.Thread(
+            target=self._pump, args=(self.proc, ready), daemon=True
+        )
+        self._pump_thread.start()
+        if not ready.wait(timeout):
+            self.kill()
+            raise RuntimeError(f"esprelay did not start:\n{self.log}")
+        return self
+
+    def _pump(self, proc: subprocess.Popen[bytes], ready: threading.Event) -> None:
+        assert proc.stdout is not None
+        with proc.stdout:
+            for line in proc.stdout:
+                with self._lock:
+                    self._lines.append(line)
+                match = LISTENING.search(line)
+                if match:
+                    self.port = int(match.group(1))
+                    ready.set()
+        ready.set()  # process ended; start() reports it
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(re.findall(pattern, self.log)) >= count:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} x{count} not in log within {timeout}s:\n{self.log}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._pump_thread.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(10)
+            self._pump_thread.join(5)
+
+    def delivered_ids(self) -> list[str]:
+        """Ids whose .json (written last) is in the outbox."""
+        if not self.outbox.exists():
+            return []
+        return sorted(p.stem for p in self.outbox.glob("*.json"))
+
+    def wait_delivered(self, count: int, timeout: float = 20.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ids = self.delivered_ids()
+            if len(ids) >= count:
+                return ids
+            time.sleep(0.05)
+        raise AssertionError(
+            f"{len(self.delivered_ids())} of {count} delivered after {timeout}s:\n{self.log}"
+        )
