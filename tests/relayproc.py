@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 LISTENING = re.compile(rb"smtp listening on [^:]+:(\d+)")
+HTTP_LISTENING = re.compile(rb"http listening on [^:]+:(\d+)")
 
 
 class RelayProcess:
@@ -30,10 +31,12 @@ class RelayProcess:
             "ESPRELAY_SPOOL_URL": f"sqlite:///{workdir / 'data' / 'spool.db'}",
             "ESPRELAY_POLL_INTERVAL": "0.2",
             "ESPRELAY_SHUTDOWN_GRACE": "5",
+            "ESPRELAY_HTTP_PORT": "0",
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.port: int = 0
+        self.http_port: int = 0
         self._lines: list[bytes] = []
         self._lock = threading.Lock()
 
@@ -75,6 +78,9 @@ class RelayProcess:
             for line in proc.stdout:
                 with self._lock:
                     self._lines.append(line)
+                http = HTTP_LISTENING.search(line)
+                if http:
+                    self.http_port = int(http.group(1))
                 match = LISTENING.search(line)
                 if match:
                     self.port = int(match.group(1))

@@ -107,6 +107,14 @@ class Settings(BaseSettings):
 
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    # Operations HTTP endpoint (/healthz, /readyz, /metrics, admin API)
+    http_enabled: bool = True
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8025, ge=0, le=65535)
+    #: Bearer token for the queue admin API and page; without it those routes are off.
+    admin_token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _check_provider_settings(self) -> Settings:
@@ -121,6 +129,8 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"ESPRELAY_{field.upper()} is required when ESPRELAY_PROVIDER={self.provider}"
                 )
+        if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 16:
+            raise ValueError("ESPRELAY_ADMIN_TOKEN must be at least 16 characters long")
         if self.retry_max < self.retry_initial:
             raise ValueError("ESPRELAY_RETRY_MAX must not be smaller than ESPRELAY_RETRY_INITIAL")
         return self

@@ -164,6 +164,12 @@ class Deliverer:
     ) -> str:
         attempt = message.attempts + 1
         common = (message.id, provider.name, attempt, elapsed * 1000)
+        fields = {
+            "message_id": message.id,
+            "provider": provider.name,
+            "attempt": attempt,
+            "ms": round(elapsed * 1000),
+        }
         if error is None:
             assert result is not None
             await self._spool.mark_delivered(
@@ -177,6 +183,11 @@ class Deliverer:
                 *common,
                 len(message.envelope.rcpt_tos),
                 result.provider_message_id,
+                extra={
+                    **fields,
+                    "event": "delivered",
+                    "provider_message_id": result.provider_message_id,
+                },
             )
             for warning in result.warnings:
                 log.warning(
@@ -194,7 +205,12 @@ class Deliverer:
             await self._spool.mark_failed(
                 message.id, owner=self._owner, provider=provider.name, error=reason
             )
-            log.warning("failed id=%s provider=%s attempt=%d ms=%.0f error=%s", *common, reason)
+            log.warning(
+                "failed id=%s provider=%s attempt=%d ms=%.0f error=%s",
+                *common,
+                reason,
+                extra={**fields, "event": "failed", "error": reason},
+            )
             return "failed"
 
         delay = next_delay(
@@ -220,5 +236,6 @@ class Deliverer:
             " (configuration problem: operator action needed)"
             if isinstance(error, ProviderConfigError)
             else "",
+            extra={**fields, "event": "deferred", "retry_in": round(delay), "error": str(error)},
         )
         return "deferred"

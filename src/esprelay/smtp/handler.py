@@ -31,6 +31,8 @@ class IntakeState:
     draining: bool = False
     accepted: int = 0
     on_accepted: list[Callable[[], None]] = field(default_factory=list)
+    #: Called with (stage, reply) for every reply to MAIL, RCPT and DATA (metrics).
+    on_reply: list[Callable[[str, str], None]] = field(default_factory=list)
 
 
 def check_address(address: str, *, allow_null: bool) -> str | None:
@@ -119,6 +121,14 @@ class RelayHandler:
             len(raw),
             len(message_envelope.rcpt_tos),
             self._provider,
+            extra={
+                "event": "accepted",
+                "message_id": message_id,
+                "client": peer,
+                "size": len(raw),
+                "rcpts": len(message_envelope.rcpt_tos),
+                "provider": self._provider,
+            },
         )
         for callback in self._state.on_accepted:
             callback()
