@@ -395,6 +395,12 @@ def _iso(value: float | None) -> str | None:
     return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds")
 
 
+def _cell_time(value: float | None) -> str:
+    if value is None:
+        return ""
+    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def summary(message: SpooledMessage) -> dict[str, Any]:
     return {
         "id": message.id,
@@ -440,7 +446,7 @@ th,td{border-bottom:1px solid #ddd;padding:.3em .5em;text-align:left;vertical-al
 th{background:#f4f4f4}
 td.err{color:#a00;max-width:40em;overflow-wrap:anywhere}
 .state-failed{color:#a00;font-weight:bold}.state-queued{color:#a60}.state-delivered{color:#070}
-nav a{margin-right:1em}
+nav a{margin-right:1em}td.t{white-space:nowrap}
 """
 
 
@@ -455,15 +461,16 @@ def render_queue_page(
     )
     rows = []
     for m in messages:
+        due = _cell_time(m.next_attempt_at) if m.state is MessageState.QUEUED else ""
         rows.append(
             "<tr>"
             f'<td class="id"><code>{e(m.id)}</code></td>'
             f'<td class="state-{e(m.state.value)}">{e(m.state.value)}</td>'
-            f"<td>{e(_iso(m.created_at) or '')}</td>"
+            f'<td class="t">{e(_cell_time(m.created_at))}</td>'
             f"<td>{e('<' + m.envelope.mail_from + '>')}</td>"
             f"<td>{'<br>'.join(e(r) for r in m.envelope.rcpt_tos)}</td>"
             f"<td>{m.size}</td><td>{m.attempts}</td>"
-            f"<td>{e(_iso(m.next_attempt_at) or '') if m.state.value == 'queued' else ''}</td>"
+            f'<td class="t">{e(due)}</td>'
             f"<td>{e(m.provider)}</td><td>{e(m.provider_message_id or '')}</td>"
             f'<td class="err">{e(m.last_error or "")}</td>'
             "</tr>"
