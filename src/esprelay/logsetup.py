@@ -63,6 +63,7 @@ def setup_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -
 def apply_level(level: str) -> None:
     """Set esprelay's level; also used by SIGHUP to change it without a restart."""
     logging.getLogger().setLevel(level)
-    # aiosmtpd logs every command line at INFO ("mail.log"); keep that for DEBUG.
-    logging.getLogger("mail.log").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # aiosmtpd logs every command line at INFO ("mail.log"): shown at our DEBUG only.
+    # Its own DEBUG lines include each line of DATA, message bodies: never shown.
+    logging.getLogger("mail.log").setLevel(logging.INFO if level == "DEBUG" else logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
