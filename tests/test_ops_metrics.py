@@ -204,3 +204,24 @@ def test_registries_are_per_relay() -> None:
 )
 def test_rejection_reason(reply: str, reason: str | None) -> None:
     assert rejection_reason(reply) == reason
+
+
+def test_readyz_turns_503_while_draining(relay: RelayProcess) -> None:
+    """A balancer polling /readyz stops sending sessions as soon as SIGTERM arrives."""
+    import signal
+
+    assert relay.proc is not None
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+        smtp.ehlo("client.test")
+        assert smtp.mail("app@example.com")[0] == 250  # a transaction holds the drain open
+        relay.proc.send_signal(signal.SIGTERM)
+        relay.wait_for_log("shutting down")
+        with http(relay) as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["smtp"] == "shutting down"
+            assert client.get("/healthz").status_code == 200
+        assert smtp.rcpt("ops@example.org")[0] == 250
+        assert smtp.data(b"Subject: last one\r\n\r\nx\r\n")[0] == 250
+    assert relay.proc.wait(20) == 0  # the first SIGTERM finishes the drain
+    assert len(relay.delivered_ids()) == 1

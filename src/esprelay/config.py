@@ -155,3 +155,23 @@ def _describe(exc: ValidationError) -> str:
         else:
             parts.append(message)
     return "; ".join(parts)
+
+
+class SendmailSettings(BaseSettings):
+    """What ``esprelay sendmail`` reads: the bridge's address, never its secrets.
+
+    Separate from :class:`Settings` so that a program calling sendmail needs neither
+    the provider's keys nor a complete, valid bridge configuration.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="ESPRELAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        hide_input_in_errors=True,
+    )
+
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(default=2525, ge=1, le=65535)
+    sendmail_from: str | None = None

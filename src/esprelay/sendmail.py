@@ -42,8 +42,9 @@ from email.parser import BytesHeaderParser
 from email.utils import formataddr, formatdate, getaddresses, make_msgid
 from typing import BinaryIO
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import ValidationError
+
+from esprelay.config import SendmailSettings
 
 EX_OK = 0
 EX_USAGE = 64
@@ -58,22 +59,6 @@ SMTP_TIMEOUT = 60.0
 # Flags that take a value (attached or as the next argument) and are ignored.
 _IGNORED_WITH_VALUE = frozenset("BCNRVXhLO")
 _IGNORED_BARE = frozenset("vUmnGde")
-
-
-class SendmailSettings(BaseSettings):
-    """The few settings a sendmail client needs; never the bridge's secrets."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="ESPRELAY_",
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        hide_input_in_errors=True,
-    )
-
-    smtp_host: str = "127.0.0.1"
-    smtp_port: int = Field(default=2525, ge=1, le=65535)
-    sendmail_from: str | None = None
 
 
 class UsageError(Exception):
