@@ -26,6 +26,7 @@ import httpx
 from esprelay.backoff import RetryPolicy
 from esprelay.config import Settings
 from esprelay.delivery import Deliverer
+from esprelay.errors import ConfigError
 from esprelay.providers import Provider, build_provider
 from esprelay.smtp.handler import IntakeState, RelayHandler
 from esprelay.smtp.server import RelaySMTP, smtp_factory
@@ -98,9 +99,15 @@ class Relay:
             timeout=settings.smtp_timeout,
         )
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            factory, host=settings.smtp_host, port=settings.smtp_port, reuse_address=True
-        )
+        try:
+            self.server = await loop.create_server(
+                factory, host=settings.smtp_host, port=settings.smtp_port, reuse_address=True
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"ESPRELAY_SMTP_HOST/ESPRELAY_SMTP_PORT: cannot listen on"
+                f" {settings.smtp_host}:{settings.smtp_port}: {exc.strerror or exc}"
+            ) from None
         self.smtp_port = self.server.sockets[0].getsockname()[1]
         self.deliverer.start()
         self._purge_task = asyncio.create_task(self._purge_loop(), name="esprelay-purge")
@@ -132,7 +139,8 @@ class Relay:
     async def shutdown(self) -> None:
         grace = self.settings.shutdown_grace
         self.intake.draining = True
-        log.info("shutting down: refusing new sessions, finishing messages under way")
+        if self.server is not None:
+            log.info("shutting down: refusing new sessions, finishing messages under way")
         deadline = time.monotonic() + grace
         # Polling is fine here: it runs once, for at most the grace period.
         while any(s.in_transaction for s in self.sessions) and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -157,7 +165,8 @@ class Relay:
             await self.spool.close()
         if self.client is not None:
             await self.client.aclose()
-        log.info("stopped")
+        if self.server is not None:
+            log.info("stopped")
 
     async def _purge_loop(self) -> None:
         assert self.spool is not None

@@ -19,9 +19,21 @@ from esprelay.spool.base import Spool
 
 log = logging.getLogger("esprelay.smtp")
 
-# Control characters (CR, LF, NUL...) never belong in an address: refusing them makes
-# header injection through the envelope impossible.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 5321 4.1.2 Mailbox syntax, with RFC 6531's UTF-8 allowed where SMTPUTF8 allows it.
+# Control characters (CR, LF, NUL...) match nowhere, so header injection through the
+# envelope is impossible.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]"
+_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"'
+_LABEL = (
+    r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*[A-Za-z0-9\u0080-\U0010ffff])?"
+)
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_ADDRESS_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+MAILBOX = re.compile(
+    rf"(?:{_DOT_STRING}|{_QUOTED_STRING})@(?:{_DOMAIN}|{_ADDRESS_LITERAL})", re.ASCII
+)
+MAX_ADDRESS_LENGTH = 254
 
 
 @dataclass
@@ -37,11 +49,8 @@ def check_address(address: str, *, allow_null: bool) -> str | None:
     """An SMTP error reply if ``address`` cannot be used, else None."""
     if address == "":
         return None if allow_null else "553 5.1.3 Error: null address not allowed here"
-    if _CONTROL.search(address):
-        return "553 5.1.3 Error: malformed address"
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain or domain.startswith(".") or domain.endswith("."):
-        return "553 5.1.3 Error: address must be local-part@domain"
+    if len(address) > MAX_ADDRESS_LENGTH or not MAILBOX.fullmatch(address):
+        return "553 5.1.3 Error: malformed address (expected local-part@domain)"
     return None
 
 
