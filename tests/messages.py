@@ -137,7 +137,7 @@ def _related_with_attachments() -> Case:
     html = msg.get_payload()[1]
     html.add_related(PNG, "image", "png", cid="<chart@example.com>")
     msg.add_attachment(PDF, "application", "pdf", filename="Übersicht März.pdf")
-    msg.add_attachment(BINARY, "application", "octet-stream", filename="données.bin")
+    msg.add_attachment(BINARY, "application", "octet-stream", filename="données.dat")
     return Case(
         id="related",
         raw=msg.as_bytes(),
@@ -153,7 +153,7 @@ def _related_with_attachments() -> Case:
         attachments=(
             Att("attachment-1.png", "image/png", sha(PNG), "chart@example.com"),
             Att("Übersicht März.pdf", "application/pdf", sha(PDF)),
-            Att("données.bin", "application/octet-stream", sha(BINARY)),
+            Att("données.dat", "application/octet-stream", sha(BINARY)),
         ),
         warnings=("had no filename",),
     )

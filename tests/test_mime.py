@@ -180,3 +180,22 @@ def test_union_of_recipients_sent_is_the_envelope(
     sent = [address_key(m.addr) for m in r.all()]
     assert len(sent) == len(set(sent))  # nobody twice
     assert set(sent) == {address_key(a) for a in rcpts}  # no more, no less
+
+
+def test_resent_bcc_is_never_a_visible_header() -> None:
+    raw = crlf("From: a@example.com\nTo: b@example.org\nResent-Bcc: c@example.org\n\nx\n")
+    parsed = parse(raw, Envelope("a@example.com", ("b@example.org", "c@example.org")))
+    assert parsed.headers == ()
+    assert [m.addr for m in parsed.recipients.bcc] == ["c@example.org"]
+
+
+def test_fallback_filenames() -> None:
+    from esprelay.mime import Attachment
+
+    def name(ctype: str) -> str:
+        return fallback_filename(Attachment(b"x", ctype, None, None, False), 2)
+
+    assert name("application/pdf") == "attachment-2.pdf"
+    assert name("application/octet-stream") == "attachment-2.dat"
+    assert name("message/rfc822") == "attachment-2.eml"
+    assert name("x-unknown/thing") == "attachment-2.dat"

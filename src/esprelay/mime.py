@@ -28,8 +28,9 @@ from email.utils import getaddresses
 
 from esprelay.models import Envelope
 
-#: Headers the parsed view maps to fields of its own (never passed on as-is).
-MAPPED_HEADERS = frozenset({"from", "to", "cc", "bcc", "reply-to", "subject"})
+#: Headers the parsed view maps to fields of its own, or blind ones that must never
+#: become visible (Bcc, Resent-Bcc); none is passed on as a header.
+MAPPED_HEADERS = frozenset({"from", "to", "cc", "bcc", "resent-bcc", "reply-to", "subject"})
 #: MIME structure; the ESP writes its own.
 STRUCTURAL_HEADERS = frozenset(
     {
@@ -421,5 +422,15 @@ def fallback_filename(attachment: Attachment, index: int) -> str:
     if attachment.content_type == "message/rfc822":
         ext = ".eml"
     else:
-        ext = mimetypes.guess_extension(attachment.content_type, strict=False) or ".bin"
+        ext = mimetypes.guess_extension(attachment.content_type, strict=False) or ".dat"
+    if ext in (".bin", ".exe", ".bat", ".com"):
+        ext = ".dat"  # never invent a name that an ESP's executable filter refuses
     return f"attachment-{index}{ext}"
+
+
+def summarize(names: list[str]) -> str:
+    """``Received x3, DKIM-Signature`` for a list of header names."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(n if c == 1 else f"{n} x{c}" for n, c in counts.items())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import smtplib
 import threading
 import time
 from typing import Any
@@ -319,7 +320,9 @@ def relay_env(esp: FakeESP, **extra: str) -> dict[str, str]:
 def test_corpus_end_to_end(relay_factory: type[RelayProcess]) -> None:
     cases = corpus()
     with FakeESP(SendGridAPI()) as esp:
-        relay = relay_factory(relay_env(esp)).start()
+        # Settings above SendGrid's limits: the provider's own limits must win.
+        env = relay_env(esp, ESPRELAY_MAX_MESSAGE_SIZE="100M", ESPRELAY_MAX_RECIPIENTS="5000")
+        relay = relay_factory(env).start()
         ids = {case.id: send_case(relay, case) for case in cases}
         esp.wait_for(len(cases))
         relay.wait_for_log(r"delivered id=\S+ provider=sendgrid", count=len(cases))
@@ -386,3 +389,24 @@ def test_error_mapping_end_to_end(relay_factory: type[RelayProcess]) -> None:
     relay.wait_for_log(rf"deferred id={ids['unauthorized']} .*configuration problem")
     first, second = attempts["unauthorized"]
     assert second - first >= 0.9
+
+
+def test_smtp_enforces_sendgrid_limits(relay_factory: type[RelayProcess]) -> None:
+    env = {
+        "ESPRELAY_PROVIDER": "sendgrid",
+        "ESPRELAY_SENDGRID_API_KEY": KEY,
+        "ESPRELAY_SENDGRID_API_URL": "http://127.0.0.1:9",
+        "ESPRELAY_MAX_MESSAGE_SIZE": "100M",
+        "ESPRELAY_MAX_RECIPIENTS": "5000",
+    }
+    relay = relay_factory(env).start()
+    limit = SendGridProvider.max_message_size
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+        smtp.ehlo("client.test")
+        assert int(smtp.esmtp_features["size"]) == limit
+        assert smtp.mail("s@example.com", [f"SIZE={limit + 1}"])[0] == 552
+        smtp.rset()
+        assert smtp.mail("s@example.com", [f"SIZE={limit}"])[0] == 250
+        for i in range(1000):
+            assert smtp.rcpt(f"r{i}@example.org")[0] == 250
+        assert smtp.rcpt("r1000@example.org")[0] == 452

@@ -33,7 +33,7 @@ from esprelay.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from esprelay.mime import Mailbox, ParsedMessage, fallback_filename, parse
+from esprelay.mime import Mailbox, ParsedMessage, fallback_filename, parse, summarize
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import HttpProvider, classify_status, excerpt, parse_retry_after
 
@@ -116,7 +116,7 @@ def _headers(parsed: ParsedMessage, warnings: list[str]) -> list[dict[str, str]]
         else:
             out.append({"Name": name, "Value": value})
     if dropped:
-        warnings.append(f"trace headers dropped (Postmark writes its own): {', '.join(dropped)}")
+        warnings.append(f"trace headers dropped (Postmark writes its own): {summarize(dropped)}")
     return out
 
 

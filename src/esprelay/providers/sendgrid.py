@@ -27,7 +27,7 @@ from esprelay.errors import (
     ProviderConfigError,
     RateLimited,
 )
-from esprelay.mime import Mailbox, ParsedMessage, fallback_filename, parse
+from esprelay.mime import Mailbox, ParsedMessage, fallback_filename, parse, summarize
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import HttpProvider, classify_status, excerpt, parse_retry_after
 
@@ -164,7 +164,7 @@ def _headers(parsed: ParsedMessage, warnings: list[str]) -> dict[str, str]:
             seen.add(lname)
             out[name] = value
     if dropped:
-        warnings.append(f"headers SendGrid does not accept were dropped: {', '.join(dropped)}")
+        warnings.append(f"headers SendGrid does not accept were dropped: {summarize(dropped)}")
     return out
 
 
