@@ -35,7 +35,7 @@ class RelayProcess:
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
-        self.port: int = 0
+        self.port: int = int(self.env["ESPRELAY_SMTP_PORT"])
         self.http_port: int = 0
         self._lines: list[bytes] = []
         self._lock = threading.Lock()
@@ -54,6 +54,7 @@ class RelayProcess:
         environ.update(self.env)
         with self._lock:
             self._lines.append(b"--- start ---\n")
+        self.port = 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "esprelay", "serve"],
             cwd=self.workdir,
@@ -67,7 +68,7 @@ class RelayProcess:
             target=self._pump, args=(self.proc, ready), daemon=True
         )
         self._pump_thread.start()
-        if not ready.wait(timeout):
+        if not ready.wait(timeout) or not self.port:
             self.kill()
             raise RuntimeError(f"esprelay did not start:\n{self.log}")
         return self

@@ -6,14 +6,13 @@ import smtplib
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from esprelay.app import Relay
-from esprelay.config import Settings
 from esprelay.metrics import RelayMetrics, rejection_reason
-from tests.fakeesp import FakeESP, Reply
+from tests.fakeesp import FakeESP, Recorded, Reply
 from tests.opshttp import TOKEN, admin, http, scrape, send, value
+from tests.providers.test_postmark import PostmarkAPI
+from tests.providers.test_postmark import relay_env as postmark_env
 from tests.relayproc import RelayProcess
 
 LIFETIME = 4.0
@@ -24,7 +23,10 @@ def test_health_and_readiness(relay: RelayProcess) -> None:
         assert client.get("/healthz").text == "ok\n"
         ready = client.get("/readyz")
         assert ready.status_code == 200
-        assert ready.json() == {"ready": True, "checks": {"smtp": "ok", "spool": "ok"}}
+        assert ready.json() == {
+            "ready": True,
+            "checks": {"smtp": "ok", "spool": "ok", "providers": "ok"},
+        }
         assert client.get("/nope").status_code == 404
         assert client.post("/healthz").status_code == 405
 
@@ -45,6 +47,21 @@ def test_readiness_fails_when_the_spool_directory_is_gone(
     assert http(relay).get("/readyz").status_code == 200
 
 
+def test_readiness_fails_when_every_provider_circuit_is_open(
+    relay_factory: type[RelayProcess], tmp_path: Path
+) -> None:
+    (tmp_path / "outbox").write_text("not a directory\n")
+    relay = relay_factory(
+        {"ESPRELAY_BREAKER_THRESHOLD": "1", "ESPRELAY_BREAKER_COOLDOWN": "1h"}
+    ).start()
+    send(relay)
+    relay.wait_for_log(r"deferred id=")
+    with http(relay) as client:
+        ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["providers"] == "every provider's circuit breaker is open"
+
+
 def test_http_endpoint_can_be_switched_off(relay_factory: type[RelayProcess]) -> None:
     relay = relay_factory({"ESPRELAY_HTTP_ENABLED": "false"}).start()
     assert relay.http_port == 0
@@ -60,6 +77,8 @@ def test_metrics_count_exactly(relay_factory: type[RelayProcess], tmp_path: Path
     relay = relay_factory(
         {
             "ESPRELAY_RETRY_CONFIG_ERROR": "1h",  # one attempt each, until retried by hand
+            "ESPRELAY_BREAKER_THRESHOLD": "1000",  # no circuit breaking in this count
+            "ESPRELAY_BOUNCE_MODE": "off",  # no bounces (DSNs) added to the count
             "ESPRELAY_MAX_QUEUE_LIFETIME": str(LIFETIME),
             "ESPRELAY_MAX_MESSAGE_SIZE": "10K",
             "ESPRELAY_ADMIN_TOKEN": TOKEN,
@@ -151,33 +170,38 @@ def test_smtp_sessions_open_gauge(relay: RelayProcess) -> None:
         time.sleep(0.05)
 
 
-async def test_provider_http_status_counted_through_the_shared_client(tmp_path: Path) -> None:
-    """The relay's shared httpx client counts each ESP answer by provider and status."""
-    with FakeESP() as esp:
-        esp.then(Reply(200, {"MessageID": "x"}), Reply(429, "slow down"), Reply(500, "oops"))
-        settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
-            smtp_port=0,
-            http_port=0,
-            spool_url=f"sqlite:///{tmp_path / 'spool.db'}",
-            outbox_dir=tmp_path / "outbox",
-            postmark_api_url=esp.url,
-        )
-        relay = Relay(settings)
-        await relay.start()
-        try:
-            assert relay.client is not None and relay.http is not None
-            for _ in range(3):
-                await relay.client.post(f"{esp.url}/email", json={})
-            async with httpx.AsyncClient() as client:
-                text = (await client.get(f"http://127.0.0.1:{relay.http.port}/metrics")).text
-        finally:
-            await relay.shutdown()
-    for status in ("200", "429", "500"):
-        line = (
-            f'esprelay_provider_http_responses_total{{provider="postmark",status="{status}"}} 1.0'
-        )
-        assert line in text
+def test_esp_http_statuses_and_outcomes_through_postmark(
+    relay_factory: type[RelayProcess],
+) -> None:
+    """A real HTTP provider against the fake Postmark API: 200s, a 500 retried, a 422."""
+    api = PostmarkAPI()
+    seen: dict[str, int] = {}
+
+    def respond(request: Recorded) -> Reply:
+        subject = request.json().get("Subject", "")
+        seen[subject] = seen.get(subject, 0) + 1
+        if subject == "flaky" and seen[subject] == 1:
+            return Reply(500, "Internal Server Error")
+        if subject == "bad":
+            return Reply(422, {"ErrorCode": 300, "Message": "Invalid 'To' address"})
+        return api(request)
+
+    with FakeESP(respond) as esp:
+        relay = relay_factory({**postmark_env(esp), "ESPRELAY_BOUNCE_MODE": "off"}).start()
+        for subject in ("fine", "flaky", "bad"):
+            send(relay, subject=subject)
+        relay.wait_for_log(r"delivered id=", count=2)
+        relay.wait_for_log(r"failed id=", count=1)
+        samples = scrape(relay)
+    responses = "esprelay_provider_http_responses_total"
+    assert value(samples, responses, provider="postmark", status="200") == 2
+    assert value(samples, responses, provider="postmark", status="500") == 1
+    assert value(samples, responses, provider="postmark", status="422") == 1
+    deliveries = "esprelay_deliveries_total"
+    assert value(samples, deliveries, provider="postmark", outcome="delivered") == 2
+    assert value(samples, deliveries, provider="postmark", outcome="deferred") == 1
+    assert value(samples, deliveries, provider="postmark", outcome="failed") == 1
+    assert value(samples, "esprelay_messages_accepted_total") == 3
 
 
 def test_registries_are_per_relay() -> None:

@@ -17,7 +17,8 @@ Routes::
     DELETE /api/messages/{id}           delete it
     GET    /queue?state=                read-only HTML page (admin)
 
-Admin routes exist only when ``ESPRELAY_ADMIN_TOKEN`` is set (404 otherwise) and need
+Admin routes exist only when ``ESPRELAY_ADMIN_TOKEN`` is set and there is a spool (not in
+passthrough mode; 404 otherwise) and need
 ``Authorization: Bearer <token>`` (401 otherwise).  The HTML page also accepts the
 token once as ``/queue?token=...``: it answers with a redirect that drops the token
 from the address and sets it as an ``HttpOnly``, ``SameSite=Strict`` cookie, which
@@ -98,7 +99,7 @@ class OpsServer:
     def __init__(
         self,
         *,
-        spool: Spool,
+        spool: Spool | None,
         metrics: RelayMetrics,
         admin_token: str | None,
         readiness: list[tuple[str, ReadinessCheck]],
@@ -189,7 +190,7 @@ class OpsServer:
             await self.refresh_spool_metrics()
             return Response(200, self.metrics.exposition(), CONTENT_TYPE)
         if path == "/queue" or path == "/api/messages" or path.startswith("/api/messages/"):
-            if self.admin_token is None:
+            if self.admin_token is None or self.spool is None:
                 raise HttpError(404, "not found")
             if path == "/queue":
                 _allow(method, "GET")
@@ -199,6 +200,8 @@ class OpsServer:
         raise HttpError(404, "not found")
 
     async def refresh_spool_metrics(self) -> None:
+        if self.spool is None:
+            return
         try:
             stats = await self.spool.stats()
         except SpoolError as exc:
@@ -238,6 +241,7 @@ class OpsServer:
             )
 
     async def _api(self, method: str, path: str, request: Request) -> Response:
+        assert self.spool is not None
         parts = [unquote(p) for p in path.split("/")[3:]]  # after "", "api", "messages"
         if not parts:
             _allow(method, "GET")
@@ -269,6 +273,7 @@ class OpsServer:
         raise HttpError(404, "not found")
 
     async def _queue_page(self, request: Request) -> Response:
+        assert self.spool is not None
         token = request.arg("token")
         if token is not None:
             if not self._token_matches(token):

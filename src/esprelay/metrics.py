@@ -14,14 +14,16 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from esprelay.errors import DeliveryError
-from esprelay.models import MessageState, SpooledMessage
+from esprelay.models import MessageState
 from esprelay.spool.base import SpoolStats
+
+if TYPE_CHECKING:
+    from esprelay.delivery import Outcome
 
 __all__ = ["CONTENT_TYPE", "RelayMetrics", "rejection_reason"]
 
@@ -149,19 +151,13 @@ class RelayMetrics:
         if reason is not None:
             self.rejected.labels(stage, reason).inc()
 
-    def delivery_outcome(
-        self,
-        message: SpooledMessage,
-        provider: str,
-        outcome: str,
-        error: DeliveryError | None,
-        elapsed: float,
-    ) -> None:
+    def delivery_outcome(self, outcome: Outcome) -> None:
         """The Deliverer's ``on_outcome`` hook."""
-        self.deliveries.labels(provider, outcome).inc()
-        self.attempt_seconds.labels(provider, outcome).observe(elapsed)
-        if outcome == "delivered":
-            waited = max(0.0, time.time() - message.created_at)
+        provider = outcome.provider
+        self.deliveries.labels(provider, outcome.outcome).inc()
+        self.attempt_seconds.labels(provider, outcome.outcome).observe(outcome.elapsed)
+        if outcome.outcome == "delivered":
+            waited = max(0.0, time.time() - outcome.message.created_at)
             self.latency_seconds.labels(provider).observe(waited)
 
     def httpx_event_hooks(
