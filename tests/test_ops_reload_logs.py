@@ -6,6 +6,8 @@ import json
 import logging
 import signal
 import smtplib
+import time
+from pathlib import Path
 
 from esprelay.logsetup import JsonFormatter
 from tests.opshttp import TOKEN, http, send
@@ -98,3 +100,53 @@ def test_json_formatter_handles_exceptions_and_odd_values() -> None:
     assert entry["msg"] == "bad thing"
     assert "ValueError: boom" in entry["exc"]
     assert entry["odd"].startswith("<object object")
+
+
+def test_sighup_reloads_routes_in_place(relay_factory: type[RelayProcess], tmp_path: Path) -> None:
+    a, b = tmp_path / "outbox-a", tmp_path / "outbox-b"
+    providers = (
+        f'[providers.a]\nkind = "outbox"\ndir = "{a}"\n\n'
+        f'[providers.b]\nkind = "outbox"\ndir = "{b}"\n\n'
+    )
+    routes = tmp_path / "routes.toml"
+    routes.write_text(providers + '[default]\nproviders = ["a"]\n')
+    relay = relay_factory({"ESPRELAY_ROUTES_FILE": str(routes)}).start()
+    assert relay.proc is not None
+
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+        smtp.ehlo("client.test")
+        assert smtp.mail("app@example.com")[0] == 250
+        routes.write_text(
+            providers
+            + '[[routes]]\nrecipient_domains = ["partner.example"]\nproviders = ["b"]\n\n'
+            + '[default]\nproviders = ["a"]\n'
+        )
+        relay.proc.send_signal(signal.SIGHUP)
+        relay.wait_for_log(r"routes reloaded: 1 route\(s\), default -> a")
+        # The session opened before the reload is routed by the new table.
+        assert smtp.rcpt("someone@partner.example")[0] == 250
+        assert smtp.data(b"Subject: to the partner\r\n\r\nx\r\n")[0] == 250
+    send(relay, rcpt="ops@example.org")
+    wait_for_files(b, 1)
+    wait_for_files(a, 1)
+
+    # Adding a provider needs a restart: the running routes stay.
+    routes.write_text(
+        providers + f'[providers.c]\nkind = "outbox"\ndir = "{tmp_path / "c"}"\n'
+        '[default]\nproviders = ["c"]\n'
+    )
+    relay.proc.send_signal(signal.SIGHUP)
+    relay.wait_for_log(r"providers were added, removed or changed.*restart to apply")
+    relay.wait_for_log(r"reload done \(1 callback\(s\) failed\)")
+    send(relay, rcpt="other@partner.example")
+    wait_for_files(b, 2)
+    assert not (tmp_path / "c").exists()
+
+
+def wait_for_files(directory: Path, count: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if directory.exists() and len(list(directory.glob("*.json"))) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} message(s) in {directory}")

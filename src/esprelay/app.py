@@ -37,7 +37,7 @@ from esprelay.logsetup import apply_level
 from esprelay.metrics import RelayMetrics
 from esprelay.models import Envelope
 from esprelay.providers import Provider, build_provider
-from esprelay.routing import load_routing
+from esprelay.routing import RoutingTable, load_routing
 from esprelay.smtp.handler import RelayHandler
 from esprelay.smtp.server import RelaySMTP, smtp_factory
 from esprelay.spool import NewPart, Spool, open_spool
@@ -82,7 +82,7 @@ class Relay:
             ("providers", self._check_providers),
         ]
         #: SIGHUP callbacks (see :meth:`reload`); other subsystems register theirs.
-        self.reloaders: list[ReloadCallback] = [self._reload_settings]
+        self.reloaders: list[ReloadCallback] = [self._reload_routes, self._reload_settings]
         self._reloading: asyncio.Task[None] | None = None
         # API host -> provider name, for the provider label of HTTP status metrics.
         self._provider_hosts: dict[str, str] = {}
@@ -263,10 +263,39 @@ class Relay:
                 result = callback(fresh)
                 if result is not None:
                     await result
+            except ConfigError as exc:
+                failures += 1
+                log.error("reload: %s", exc)
             except Exception:
                 failures += 1
                 log.exception("reload callback %r failed", callback)
         log.info("reload done%s", f" ({failures} callback(s) failed)" if failures else "")
+
+    def _reload_routes(self, fresh: Settings) -> None:
+        """Re-read ESPRELAY_ROUTES_FILE; routes change in place, providers need a restart.
+
+        New sessions and messages use the new routes at once; messages already in the
+        spool keep the provider chain they were accepted with.
+        """
+        if fresh.routes_file is None and self.settings.routes_file is None:
+            return
+        routing = load_routing(fresh)  # a ConfigError keeps the running routes
+        if _provider_fingerprints(routing) != _provider_fingerprints(self.routing):
+            raise ConfigError(
+                "ESPRELAY_ROUTES_FILE: providers were added, removed or changed;"
+                " the routes are kept as they were: restart to apply"
+            )
+        self.routing = routing
+        if self.intake is not None:
+            self.intake.routing = routing
+        if self.deliverer is not None:
+            self.deliverer.set_default_chain(routing.default.providers)
+        self.settings = self.settings.model_copy(update={"routes_file": fresh.routes_file})
+        log.info(
+            "routes reloaded: %d route(s), default -> %s",
+            len(routing.routes),
+            ",".join(routing.default.providers),
+        )
 
     def _reload_settings(self, fresh: Settings) -> None:
         current = self.settings
@@ -275,7 +304,9 @@ class Relay:
             for name in type(current).model_fields
             if getattr(current, name) != getattr(fresh, name)
         ]
-        pending = sorted(f"ESPRELAY_{n.upper()}" for n in changed if n not in RELOADABLE)
+        pending = sorted(
+            f"ESPRELAY_{n.upper()}" for n in changed if n not in RELOADABLE | {"routes_file"}
+        )
         if pending:
             log.warning("changed but only applied after a restart: %s", ", ".join(pending))
         self.settings = current.model_copy(
@@ -480,3 +511,20 @@ def _provider_hosts(providers: Mapping[str, Settings], webhook_url: str | None) 
         if host:
             hosts.setdefault(host, "failure_webhook")
     return hosts
+
+
+def _provider_fingerprints(routing: RoutingTable) -> dict[str, tuple[str, dict[str, object]]]:
+    """What defines each provider (kind and its own settings), to detect a change.
+
+    SecretStr compares by value, so a rotated key counts as a change.
+    """
+    prints: dict[str, tuple[str, dict[str, object]]] = {}
+    for name, settings in routing.providers.items():
+        kind = settings.provider
+        own: dict[str, object] = {
+            k: getattr(settings, k)
+            for k in type(settings).model_fields
+            if k.startswith(f"{kind}_") or k == "provider_timeout"
+        }
+        prints[name] = (kind, own)
+    return prints

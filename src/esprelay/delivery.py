@@ -105,6 +105,10 @@ class Deliverer:
     def lease_time(self) -> float:
         return self._lease_time
 
+    def set_default_chain(self, chain: tuple[str, ...]) -> None:
+        """The providers for messages spooled without a chain (a routes reload)."""
+        self._default_chain = chain
+
     @property
     def inflight(self) -> int:
         return len(self._inflight)
