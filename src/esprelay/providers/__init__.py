@@ -22,6 +22,7 @@ __all__ = ["PROVIDERS", "HttpProvider", "Provider", "build_provider"]
 
 PROVIDERS: dict[str, str] = {
     "outbox": "esprelay.providers.outbox:from_settings",
+    "mailgun": "esprelay.providers.mailgun:from_settings",
 }
 
 
