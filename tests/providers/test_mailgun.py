@@ -8,6 +8,7 @@ import base64
 import email.policy
 import re
 import uuid
+from collections.abc import Iterator
 from email.parser import BytesParser
 
 import httpx
@@ -70,6 +71,13 @@ def mailgun(request: Recorded) -> Reply:
     if len(files[0][1]) > 25 * 1024 * 1024:
         return Reply(413, {"message": "Message size exceeds the limit"})
     return Reply(200, {"id": f"<{uuid.uuid4().hex}@{DOMAIN}>", "message": "Queued. Thank you."})
+
+
+@pytest.fixture(scope="module")
+def shared_esp() -> Iterator[FakeESP]:
+    """One fake Mailgun for the offline error table (tests script their replies)."""
+    with FakeESP(mailgun) as esp:
+        yield esp
 
 
 def provider(client: httpx.AsyncClient, url: str, domain: str = DOMAIN) -> MailgunProvider:
@@ -139,15 +147,19 @@ async def test_bcc_removal_is_reported() -> None:
     ],
 )  # fmt: skip
 async def test_errors(
-    path: str, domain: str, reply: Reply | None, error: type[Exception], says: str
+    shared_esp: FakeESP,
+    path: str,
+    domain: str,
+    reply: Reply | None,
+    error: type[Exception],
+    says: str,
 ) -> None:
     message = OutboundMessage("m1", Envelope("a@example.com", ("ops@example.org",)), RAW)
-    with FakeESP(mailgun) as esp:
-        if reply is not None:
-            esp.then(reply)
-        async with httpx.AsyncClient() as client:
-            with pytest.raises(error, match=says) as info:
-                await provider(client, esp.url + path, domain).send(message)
+    if reply is not None:
+        shared_esp.then(reply)
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(error, match=says) as info:
+            await provider(client, shared_esp.url + path, domain).send(message)
     assert KEY not in str(info.value)
 
 

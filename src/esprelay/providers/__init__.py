@@ -23,6 +23,7 @@ __all__ = ["PROVIDERS", "HttpProvider", "Provider", "build_provider"]
 PROVIDERS: dict[str, str] = {
     "outbox": "esprelay.providers.outbox:from_settings",
     "mailgun": "esprelay.providers.mailgun:from_settings",
+    "ses": "esprelay.providers.ses:from_settings",
 }
 
 
