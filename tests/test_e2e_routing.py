@@ -11,12 +11,22 @@ import email.policy
 import json
 import smtplib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.fakeesp import FakeESP, Recorded, Reply
-from tests.providers.common import queue, wait_until
+from tests.providers.common import queue
 from tests.providers.test_mailgun import DOMAIN, KEY, form_fields, mailgun
 from tests.relayproc import RelayProcess
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "it") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not met within {timeout}s")
 
 
 def recipients_of(request: Recorded) -> list[str]:
