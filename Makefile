@@ -5,6 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 APT_TOOLS := swaks
+LINT_DIRS := $(wildcard src tests bench)
 
 .PHONY: all setup tools run test lint typecheck pytest bench clean
 
@@ -39,8 +40,8 @@ run: setup
 	$(BIN)/esprelay serve
 
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
 
 typecheck: setup
 	$(BIN)/mypy src

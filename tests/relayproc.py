@@ -33,7 +33,7 @@ class RelayProcess:
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
-        self.port: int = 0
+        self.port: int = int(self.env["ESPRELAY_SMTP_PORT"])
         self._lines: list[bytes] = []
         self._lock = threading.Lock()
 
@@ -51,6 +51,7 @@ class RelayProcess:
         environ.update(self.env)
         with self._lock:
             self._lines.append(b"--- start ---\n")
+        self.port = 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "esprelay", "serve"],
             cwd=self.workdir,
@@ -64,7 +65,7 @@ class RelayProcess:
             target=self._pump, args=(self.proc, ready), daemon=True
         )
         self._pump_thread.start()
-        if not ready.wait(timeout):
+        if not ready.wait(timeout) or not self.port:
             self.kill()
             raise RuntimeError(f"esprelay did not start:\n{self.log}")
         return self
