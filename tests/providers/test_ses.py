@@ -310,6 +310,10 @@ def test_smtp_to_moto_ses(moto: Moto, relay_factory: type[RelayProcess], tmp_pat
     assert stored["source"] == SENDER
     assert_faithful(stored["raw_data"].encode("ascii"))
     relay.wait_for_log(rf"id={message_id} provider=ses changed the message: removed 1 Bcc")
+    relay.wait_for_log(
+        rf"id={message_id} provider=ses changed the message: re-encoded 8-bit parts for 7bit"
+        " transport: 1 as base64, 1 as quoted-printable"
+    )
 
     # A sender SES has not verified: a configuration problem, retried slowly.
     other = queued_id(send_raw(relay, "stranger@unverified.example", ["ops@example.org"], RAW))
