@@ -24,6 +24,8 @@ PROVIDERS: dict[str, str] = {
     "outbox": "esprelay.providers.outbox:from_settings",
     "postmark": "esprelay.providers.postmark:from_settings",
     "sendgrid": "esprelay.providers.sendgrid:from_settings",
+    "mailgun": "esprelay.providers.mailgun:from_settings",
+    "ses": "esprelay.providers.ses:from_settings",
 }
 
 
