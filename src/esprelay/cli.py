@@ -99,6 +99,15 @@ def _parser() -> argparse.ArgumentParser:
     q_delete.add_argument("ids", nargs="+", metavar="id")
     q_delete.set_defaults(func=_queue_delete)
 
+    # Handled in main() before argparse (sendmail's flags are not argparse's); listed
+    # here so that --help shows it.
+    commands.add_parser(
+        "sendmail",
+        help="a /usr/sbin/sendmail drop-in: -t, -f SENDER, -F NAME, -i, recipients;"
+        " the message on stdin",
+        add_help=False,
+    )
+
     send_test = commands.add_parser("send-test", help="submit a test message to the running bridge")
     send_test.add_argument("--to", required=True, action="append", help="recipient (repeatable)")
     send_test.add_argument("--from", dest="sender", default="esprelay-test@localhost")
