@@ -49,7 +49,7 @@ class RelayProcess:
         with self._lock:
             return b"".join(self._lines).decode(errors="replace")
 
-    def start(self, timeout: float = 20.0) -> RelayProcess:
+    def start(self, timeout: float = 60.0) -> RelayProcess:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
         environ.update(self.env)
         with self._lock:
@@ -88,7 +88,7 @@ class RelayProcess:
                     ready.set()
         ready.set()  # process ended; start() reports it
 
-    def wait_for_log(self, pattern: str, timeout: float = 10.0, count: int = 1) -> None:
+    def wait_for_log(self, pattern: str, timeout: float = 30.0, count: int = 1) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if len(re.findall(pattern, self.log)) >= count:
@@ -96,7 +96,7 @@ class RelayProcess:
             time.sleep(0.05)
         raise AssertionError(f"{pattern!r} x{count} not in log within {timeout}s:\n{self.log}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -117,7 +117,7 @@ class RelayProcess:
             return []
         return sorted(p.stem for p in self.outbox.glob("*.json"))
 
-    def wait_delivered(self, count: int, timeout: float = 20.0) -> list[str]:
+    def wait_delivered(self, count: int, timeout: float = 60.0) -> list[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ids = self.delivered_ids()
