@@ -27,8 +27,11 @@ from esprelay.backoff import RetryPolicy
 from esprelay.config import Settings
 from esprelay.delivery import Deliverer
 from esprelay.providers import Provider, build_provider
+from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.handler import IntakeState, RelayHandler
-from esprelay.smtp.server import RelaySMTP, smtp_factory
+from esprelay.smtp.policy import RelayPolicy, parse_networks
+from esprelay.smtp.server import Guards, RelaySMTP, smtp_factory
+from esprelay.smtp.tls import TLSContextSource
 from esprelay.spool import Spool, open_spool
 
 log = logging.getLogger("esprelay")
@@ -48,6 +51,8 @@ class Relay:
         self.server: asyncio.Server | None = None
         self.sessions: set[RelaySMTP] = set()
         self.smtp_port: int | None = None
+        self.smtps_server: asyncio.Server | None = None
+        self.smtps_port: int | None = None
         self._stop = asyncio.Event()
         self._purge_task: asyncio.Task[None] | None = None
 
@@ -83,25 +88,76 @@ class Relay:
         self.intake.on_accepted.append(self.deliverer.wake)
 
         size_limit = _smallest(settings.max_message_size, self.provider.max_message_size)
+        policy = RelayPolicy(
+            trusted_networks=parse_networks(settings.trusted_networks),
+            plaintext_auth_networks=parse_networks(settings.plaintext_auth_networks),
+            allowed_sender_domains=tuple(
+                d.lower().lstrip("@") for d in settings.allowed_sender_domains
+            ),
+        )
         handler = RelayHandler(
             self.spool,
             provider=self.provider.name,
             max_recipients=_smallest(settings.max_recipients, self.provider.max_recipients),
             state=self.intake,
-        )
-        factory, self.sessions = smtp_factory(
-            handler,
-            self.intake,
+            policy=policy,
             hostname=settings.hostname,
-            data_size_limit=size_limit,
-            line_length_limit=settings.max_line_length,
-            timeout=settings.smtp_timeout,
+            repair_headers=settings.repair_headers,
+            force_from=settings.force_from,
         )
+        tls = self._tls_source()
+        users = UserDB.load(
+            settings.auth_file,
+            settings.auth_user,
+            settings.auth_password.get_secret_value() if settings.auth_password else None,
+        )
+        listener_options = {
+            "hostname": settings.hostname,
+            "data_size_limit": size_limit,
+            "line_length_limit": settings.max_line_length,
+            "timeout": settings.smtp_timeout,
+            "policy": policy,
+            "users": users,
+            "limiter": FailureLimiter(settings.auth_max_failures, settings.auth_failure_window),
+            "guards": Guards(
+                max_connections=settings.max_connections,
+                max_connections_per_client=settings.max_connections_per_client,
+                max_errors=settings.max_errors,
+                data_timeout=settings.data_timeout,
+            ),
+            "tls": tls,
+            "command_size_limit": settings.max_command_length,
+        }
+        factory, self.sessions = smtp_factory(handler, self.intake, **listener_options)  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             factory, host=settings.smtp_host, port=settings.smtp_port, reuse_address=True
         )
         self.smtp_port = self.server.sockets[0].getsockname()[1]
+        if tls is not None and settings.smtps_port is not None:
+            smtps_factory, _ = smtp_factory(
+                handler,
+                self.intake,
+                **listener_options,  # type: ignore[arg-type]
+                implicit_tls=True,
+                sessions=self.sessions,
+            )
+            self.smtps_server = await loop.create_server(
+                smtps_factory,
+                host=settings.smtp_host,
+                port=settings.smtps_port,
+                reuse_address=True,
+                ssl=tls.listener_context(),
+                ssl_handshake_timeout=min(60.0, settings.smtp_timeout or 60.0),
+            )
+            self.smtps_port = self.smtps_server.sockets[0].getsockname()[1]
+            log.info("smtps listening on %s:%d", settings.smtp_host, self.smtps_port)
+        log.info(
+            "security: trusted_networks=%s auth_users=%d starttls=%s",
+            ",".join(settings.trusted_networks) or "-",
+            len(users),
+            "on" if tls is not None else "off",
+        )
         self.deliverer.start()
         self._purge_task = asyncio.create_task(self._purge_loop(), name="esprelay-purge")
         log.info(
@@ -111,6 +167,24 @@ class Relay:
             self.provider.name,
             settings.spool_url.split("://", 1)[0],
             size_limit,
+        )
+
+    def _tls_source(self) -> TLSContextSource | None:
+        settings = self.settings
+        if settings.tls_cert_file is None or settings.tls_key_file is None:
+            return None
+        if settings.tls_min_version in ("1.0", "1.1"):
+            log.warning(
+                "TLS %s allowed (ESPRELAY_TLS_MIN_VERSION): it is obsolete and weak; "
+                "allow it only for devices that cannot do better",
+                settings.tls_min_version,
+            )
+        return TLSContextSource(
+            settings.tls_cert_file,
+            settings.tls_key_file,
+            min_version=settings.tls_min_version,
+            ciphers=settings.tls_ciphers,
+            reload_interval=settings.tls_reload_interval,
         )
 
     def request_stop(self) -> None:
@@ -139,6 +213,8 @@ class Relay:
             await asyncio.sleep(0.05)
         if self.server is not None:
             self.server.close()
+        if self.smtps_server is not None:
+            self.smtps_server.close()
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.close()

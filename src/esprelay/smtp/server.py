@@ -1,42 +1,121 @@
-"""The SMTP listener: aiosmtpd's protocol on our own event loop."""
+"""The SMTP listener: aiosmtpd's protocol on our own event loop, with our guards.
+
+On top of aiosmtpd, :class:`RelaySMTP` adds: connection limits (in total and per
+client address, ``421`` beyond them), an error budget per session (``421`` and close
+after ``max_errors`` 5xx replies), a total deadline for the DATA phase, ``421`` on
+timeouts, case-insensitive AUTH mechanism names, failed-login rate limiting and AUTH
+over plaintext only from allowlisted networks.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from esprelay.errors import ShuttingDown
-from esprelay.smtp.handler import IntakeState, RelayHandler
+from esprelay.smtp.auth import FailureLimiter, UserDB
+from esprelay.smtp.handler import IntakeState, RelayHandler, client_address
+from esprelay.smtp.policy import RelayPolicy
+from esprelay.smtp.tls import TLSContextSource
 
 log = logging.getLogger("esprelay.smtp")
 
 IDENT = "esprelay ESMTP"
 
 
+class _HideAuthDetails(logging.Filter):
+    """Drop aiosmtpd log records that could carry AUTH material or only add noise."""
+
+    _DROP = ("can't decode base64", "login_data is deprecated")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(text in message for text in self._DROP)
+
+
+_filter = _HideAuthDetails()
+
+
+@dataclass
+class Guards:
+    """Limits and shared counters of one bridge (all listeners together)."""
+
+    max_connections: int = 200
+    max_connections_per_client: int = 20
+    max_errors: int = 10
+    data_timeout: float = 600.0
+    total: int = 0
+    per_client: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
 class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with session tracking and a polite 421 while draining."""
+    """aiosmtpd's SMTP with session tracking, limits and a polite 421 while draining."""
 
     intake: IntakeState
     sessions: set[RelaySMTP]
+    guards: Guards
+    policy: RelayPolicy
+    users: UserDB
+    limiter: FailureLimiter
+    implicit_tls: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # aiosmtpd keeps these in a class-wide dict that every EHLO grows; keep our own.
+        self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
+        self._counted_client: str | None = None
+        self._refused = False
+        self._errors = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self._original_transport is None and self.transport is None
         super().connection_made(transport)
+        if not first:
+            return  # the same connection after STARTTLS
+        assert self.session is not None
         self.sessions.add(self)
+        client = client_address(self.session.peer)
+        guards = self.guards
+        if (
+            guards.total >= guards.max_connections
+            or guards.per_client[client] >= guards.max_connections_per_client
+        ):
+            log.warning("too many connections: refusing client=%s", client)
+            self._refused = True
+            return
+        guards.total += 1
+        guards.per_client[client] += 1
+        self._counted_client = client
+        if self.implicit_tls:
+            self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
+        self._auth_require_tls = not (
+            self.implicit_tls or self.policy.plaintext_auth_allowed(client)
+        )
 
     def connection_lost(self, error: Exception | None) -> None:
         self.sessions.discard(self)
+        client = self._counted_client
+        if client is not None:
+            self._counted_client = None
+            self.guards.total -= 1
+            self.guards.per_client[client] -= 1
+            if self.guards.per_client[client] <= 0:
+                del self.guards.per_client[client]
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
+        if self._refused:
+            await self._say_goodbye("421 4.7.0 Too many connections, try again later")
+            return
         # New sessions during shutdown get a 421 greeting instead of a refused
         # connection, so the client knows to come back (RFC 5321 3.8).
         if self.intake.draining:
-            await self.push(ShuttingDown.smtp_reply)
-            assert self.transport is not None
-            self.transport.close()
+            await self._say_goodbye(ShuttingDown.smtp_reply)
             return
         await super()._handle_client()
 
@@ -44,6 +123,74 @@ class RelaySMTP(SMTP):
     def in_transaction(self) -> bool:
         envelope = self.envelope
         return envelope is not None and bool(envelope.mail_from)
+
+    async def _say_goodbye(self, reply: str) -> None:
+        await self.push(reply)
+        if self.transport is not None:
+            self.transport.close()
+
+    async def push(self, status: AnyStr) -> None:
+        await super().push(status)
+        code = status[:1] if isinstance(status, bytes) else status[:1].encode()
+        if code == b"5":
+            self._errors += 1
+            if self._errors >= self.guards.max_errors and self.transport is not None:
+                assert self.session is not None
+                log.warning("too many errors: closing client=%s", client_address(self.session.peer))
+                await super().push("421 4.7.0 Too many errors, closing connection")
+                self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        assert self.session is not None
+        log.info("timeout: closing client=%s", client_address(self.session.peer))
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(b"421 4.4.2 Timeout exceeded, closing connection\r\n")
+            self.transport.close()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd resets the idle timer per command only, so this is a deadline for the
+        # whole DATA phase: a client trickling its message (slowloris) is cut off with 421.
+        self._reset_timeout(self.guards.data_timeout)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            if self.transport is not None:
+                self._reset_timeout()
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        assert self.session is not None
+        if not self.users:
+            await self.push("502 5.5.1 AUTH not available")
+            return
+        client = client_address(self.session.peer)
+        if self.limiter.blocked(client):
+            log.warning("AUTH refused: too many failures from client=%s", client)
+            await self.push("454 4.7.0 Too many failed logins, try again later")
+            return
+        if arg:
+            # Some devices send "auth login": mechanism names are case-insensitive.
+            mechanism, _, rest = arg.partition(" ")
+            arg = f"{mechanism.upper()} {rest}".rstrip()
+        await super().smtp_AUTH(arg)
+
+
+def make_authenticator(users: UserDB, limiter: FailureLimiter) -> Any:
+    def authenticate(
+        server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        client = client_address(session.peer)
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        user = users.authenticate(auth_data.login, auth_data.password)
+        shown = auth_data.login.decode("utf-8", "replace")[:64]
+        if user is None:
+            limiter.record(client)
+            log.warning("AUTH failed: user=%r client=%s mechanism=%s", shown, client, mechanism)
+            return AuthResult(success=False, handled=False)
+        log.info("AUTH ok: user=%r client=%s mechanism=%s", user.name, client, mechanism)
+        return AuthResult(success=True, auth_data=user)
+
+    return authenticate
 
 
 def smtp_factory(
@@ -54,15 +201,45 @@ def smtp_factory(
     data_size_limit: int,
     line_length_limit: int,
     timeout: float,
+    policy: RelayPolicy | None = None,
+    users: UserDB | None = None,
+    limiter: FailureLimiter | None = None,
+    guards: Guards | None = None,
+    tls: TLSContextSource | None = None,
+    implicit_tls: bool = False,
+    command_size_limit: int = 512,
+    sessions: set[RelaySMTP] | None = None,
 ) -> tuple[Any, set[RelaySMTP]]:
-    """A protocol factory for ``loop.create_server`` and the set of live sessions."""
-    sessions: set[RelaySMTP] = set()
+    """A protocol factory for ``loop.create_server`` and the set of live sessions.
+
+    With ``implicit_tls`` the listener itself is TLS (SMTPS, the caller passes ``ssl=``):
+    AUTH is offered at once and STARTTLS is not.  Otherwise ``tls`` enables STARTTLS.
+    """
+    if sessions is None:
+        sessions = set()
+    users = users if users is not None else UserDB()
+    limiter = limiter if limiter is not None else FailureLimiter(5, 300.0)
+    mail_log = logging.getLogger("mail.log")
+    if _filter not in mail_log.filters:
+        mail_log.addFilter(_filter)
     # A subclass per listener carries the limits, rather than mutating aiosmtpd's class.
     protocol = type(
         "RelaySMTPListener",
         (RelaySMTP,),
-        {"line_length_limit": line_length_limit, "intake": intake, "sessions": sessions},
+        {
+            "line_length_limit": line_length_limit,
+            "command_size_limit": command_size_limit,
+            "intake": intake,
+            "sessions": sessions,
+            "guards": guards if guards is not None else Guards(),
+            "policy": policy if policy is not None else RelayPolicy.loopback(),
+            "users": users,
+            "limiter": limiter,
+            "implicit_tls": implicit_tls,
+        },
     )
+    tls_context = None if (tls is None or implicit_tls) else tls.listener_context()
+    authenticator = make_authenticator(users, limiter)
 
     def factory() -> RelaySMTP:
         smtp: RelaySMTP = protocol(
@@ -73,6 +250,9 @@ def smtp_factory(
             enable_SMTPUTF8=True,
             decode_data=False,
             timeout=timeout,
+            tls_context=tls_context,
+            authenticator=authenticator,
+            auth_exclude_mechanism=[],
         )
         return smtp
 
