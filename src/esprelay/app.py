@@ -58,6 +58,13 @@ class Relay:
 
     async def start(self) -> None:
         settings = self.settings
+        # Certificates and users first: a mistake there stops start-up before anything runs.
+        tls = self._tls_source()
+        users = UserDB.load(
+            settings.auth_file,
+            settings.auth_user,
+            settings.auth_password.get_secret_value() if settings.auth_password else None,
+        )
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.provider_timeout),
             limits=httpx.Limits(
@@ -104,12 +111,6 @@ class Relay:
             hostname=settings.hostname,
             repair_headers=settings.repair_headers,
             force_from=settings.force_from,
-        )
-        tls = self._tls_source()
-        users = UserDB.load(
-            settings.auth_file,
-            settings.auth_user,
-            settings.auth_password.get_secret_value() if settings.auth_password else None,
         )
         listener_options = {
             "hostname": settings.hostname,
