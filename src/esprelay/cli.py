@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EX_USAGE
     if args.func is _hash_password:
-        return _hash_password(args)  # needs no configuration
+        code: int = _hash_password(args)  # needs no configuration, so no settings
+        return code
     try:
         settings = load_settings()
     except ConfigError as exc:

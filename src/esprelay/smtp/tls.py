@@ -14,6 +14,7 @@ import logging
 import os
 import ssl
 import time
+import warnings
 from pathlib import Path
 
 from esprelay.errors import ConfigError
@@ -37,7 +38,10 @@ def build_context(
         ciphers = "DEFAULT:@SECLEVEL=0"
     if ciphers is not None:
         context.set_ciphers(ciphers)
-    context.minimum_version = _VERSIONS[min_version]
+    with warnings.catch_warnings():
+        # Python deprecates TLS 1.0/1.1; the operator asked for it and was warned at start.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = _VERSIONS[min_version]
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.verify_mode = ssl.CERT_NONE
     context.load_cert_chain(cert_file, key_file)
