@@ -28,14 +28,49 @@ log = logging.getLogger("esprelay.smtp")
 IDENT = "esprelay ESMTP"
 
 
-class _HideAuthDetails(logging.Filter):
-    """Drop aiosmtpd log records that could carry AUTH material or only add noise."""
+KNOWN_COMMANDS = frozenset(
+    {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP"}
+    | {"AUTH", "STARTTLS"}
+)
+_NOT_LOGGED = b"<not a command: not logged>"
 
-    _DROP = ("can't decode base64", "login_data is deprecated")
+
+def _known_command(line: object) -> bool:
+    if not isinstance(line, bytes):
+        return True
+    verb = line.strip().split(b" ", 1)[0].upper()
+    return verb.decode("ascii", "replace") in KNOWN_COMMANDS
+
+
+class _HideAuthDetails(logging.Filter):
+    """Keep secrets out of aiosmtpd's log records, and drop noise.
+
+    At DEBUG aiosmtpd logs every line a client sends and every line of message content.
+    A client that sends its base64 credentials after AUTH was refused (454, 503, 538)
+    makes them "unrecognised commands": a line whose first word is not an SMTP command
+    is therefore never logged, nor is an undecodable AUTH reply or message content.
+    """
+
+    _DROP = ("can't decode base64", "login_data is deprecated", "DATA readline")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
-        return not any(text in message for text in self._DROP)
+        if any(text in message for text in self._DROP):
+            return False
+        args = record.args
+        if isinstance(args, tuple) and args:
+            if message in ("_handle_client readline: %r", "%r >> %r"):
+                if not _known_command(args[-1]):
+                    record.args = (*args[:-1], _NOT_LOGGED)
+            elif message == "%r unrecognised: %s":
+                record.args = (*args[:-1], _NOT_LOGGED.decode())
+            elif (
+                message == "%r << %r"
+                and isinstance(args[-1], bytes)
+                and b"not recognized" in args[-1]
+            ):
+                record.args = (*args[:-1], b"500 (reply not logged)")
+        return True
 
 
 _filter = _HideAuthDetails()
@@ -130,6 +165,9 @@ class RelaySMTP(SMTP):
             self.transport.close()
 
     async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str) and status.startswith('500 Error: command "'):
+            # aiosmtpd echoes the unknown line back; it may be a credential.
+            status = "500 5.5.2 Error: command not recognized"
         await super().push(status)
         code = status[:1] if isinstance(status, bytes) else status[:1].encode()
         if code == b"5":
