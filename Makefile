@@ -39,8 +39,8 @@ run: setup
 	$(BIN)/esprelay serve
 
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check $(wildcard src tests bench)
+	$(BIN)/ruff format --check $(wildcard src tests bench)
 
 typecheck: setup
 	$(BIN)/mypy src

@@ -86,7 +86,11 @@ class RelayHandler:
         """530 unless the client authenticated or is on a trusted network."""
         if session.authenticated or self._policy.trusted(client_address(session.peer)):
             return None
-        if getattr(server, "_auth_require_tls", True) and not _tls(server, session):
+        if (
+            getattr(server, "_auth_require_tls", True)
+            and getattr(server, "tls_context", None) is not None
+            and not _tls(server, session)
+        ):
             return "530 5.7.0 Must issue a STARTTLS command and authenticate first"
         return "530 5.7.0 Authentication required"
 
