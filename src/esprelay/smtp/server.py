@@ -10,12 +10,14 @@ over plaintext only from allowlisted networks.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
 import logging
 from dataclasses import dataclass, field
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult
 
 from esprelay.errors import ShuttingDown
 from esprelay.smtp.auth import FailureLimiter, UserDB
@@ -26,6 +28,9 @@ from esprelay.smtp.tls import TLSContextSource
 log = logging.getLogger("esprelay.smtp")
 
 IDENT = "esprelay ESMTP"
+# Password checks (scrypt, tens to hundreds of ms of CPU) run in threads, this many at
+# once: a burst of logins from many addresses cannot stall the listener or the machine.
+VERIFY_CONCURRENCY = 2
 
 
 KNOWN_COMMANDS = frozenset(
@@ -97,6 +102,7 @@ class RelaySMTP(SMTP):
     policy: RelayPolicy
     users: UserDB
     limiter: FailureLimiter
+    verify_slots: asyncio.Semaphore
     implicit_tls: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -211,24 +217,53 @@ class RelaySMTP(SMTP):
             arg = f"{mechanism.upper()} {rest}".rstrip()
         await super().smtp_AUTH(arg)
 
+    # aiosmtpd's own PLAIN/LOGIN check passwords synchronously; ours await a thread.
+    # AuthResult(handled=True) means the reply (501...) was already sent.
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        blob = await self._client_blob(args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._check_login("PLAIN", parts[1], parts[2])
 
-def make_authenticator(users: UserDB, limiter: FailureLimiter) -> Any:
-    def authenticate(
-        server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
-    ) -> AuthResult:
-        client = client_address(session.peer)
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        user = users.authenticate(auth_data.login, auth_data.password)
-        shown = auth_data.login.decode("utf-8", "replace")[:64]
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        login = await self._client_blob(args, self.AuthLoginUsernameChallenge)
+        if login is None:
+            return AuthResult(success=False, handled=True)
+        password = await self._client_blob([], self.AuthLoginPasswordChallenge)
+        if password is None:
+            return AuthResult(success=False, handled=True)
+        return await self._check_login("LOGIN", login, password)
+
+    async def _client_blob(self, args: list[str], challenge: str) -> bytes | None:
+        """The initial response in ``args`` or the answer to a 334 challenge, decoded."""
+        if len(args) > 1:
+            return await self._decode_initial(args[1])
+        answer = await self.challenge_auth(challenge)
+        return answer if isinstance(answer, bytes) else None
+
+    async def _decode_initial(self, text: str) -> bytes | None:
+        try:
+            return base64.b64decode(text.encode("utf-8", "surrogateescape"), validate=True)
+        except (binascii.Error, ValueError):
+            await self.push("501 5.5.2 Can't decode base64")
+            return None
+
+    async def _check_login(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        assert self.session is not None
+        client = client_address(self.session.peer)
+        async with self.verify_slots:
+            user = await asyncio.to_thread(self.users.authenticate, login, password)
+        shown = login.decode("utf-8", "replace")[:64]
         if user is None:
-            limiter.record(client)
+            self.limiter.record(client)
             log.warning("AUTH failed: user=%r client=%s mechanism=%s", shown, client, mechanism)
-            return AuthResult(success=False, handled=False)
+            return AuthResult(success=False, handled=False)  # aiosmtpd answers 535
         log.info("AUTH ok: user=%r client=%s mechanism=%s", user.name, client, mechanism)
         return AuthResult(success=True, auth_data=user)
-
-    return authenticate
 
 
 def smtp_factory(
@@ -274,10 +309,10 @@ def smtp_factory(
             "users": users,
             "limiter": limiter,
             "implicit_tls": implicit_tls,
+            "verify_slots": asyncio.Semaphore(VERIFY_CONCURRENCY),
         },
     )
     tls_context = None if (tls is None or implicit_tls) else tls.listener_context()
-    authenticator = make_authenticator(users, limiter)
 
     def factory() -> RelaySMTP:
         smtp: RelaySMTP = protocol(
@@ -289,8 +324,6 @@ def smtp_factory(
             decode_data=False,
             timeout=timeout,
             tls_context=tls_context,
-            authenticator=authenticator,
-            auth_exclude_mechanism=[],
         )
         return smtp
 
