@@ -79,6 +79,9 @@ def test_full_debug_run_leaks_no_secret(relay_factory: type[RelayProcess], tmp_p
         replies.append((0, dialog.command(answer)))
     replies.append((0, dialog.command(b"auth login " + base64.b64encode(b"filer"))))
     replies.append((0, dialog.command(base64.b64encode(FILE_PASSWORD.encode()))))
+    # A password typed into the user name field.
+    replies.append((0, dialog.command(b"auth login " + base64.b64encode(WRONG_PASSWORD.encode()))))
+    replies.append((0, dialog.command(base64.b64encode(b"x"))))
     replies.append((0, dialog.command(b"AUTH PLAIN")))
     replies.append((0, dialog.command(plain_auth("app", AUTH_PASSWORD))))
     dialog.close()

@@ -119,6 +119,9 @@ class UserDB:
     def __repr__(self) -> str:
         return f"UserDB(users={len(self._users)})"
 
+    def known(self, name: bytes) -> bool:
+        return name.decode("utf-8", "replace") in self._users
+
     def authenticate(self, name: bytes, password: bytes) -> User | None:
         try:
             text = name.decode("utf-8")

@@ -257,7 +257,8 @@ class RelaySMTP(SMTP):
         client = client_address(self.session.peer)
         async with self.verify_slots:
             user = await asyncio.to_thread(self.users.authenticate, login, password)
-        shown = login.decode("utf-8", "replace")[:64]
+        # A name we do not know may be a password typed into the wrong field: not logged.
+        shown = login.decode("utf-8", "replace") if self.users.known(login) else "(unknown)"
         if user is None:
             self.limiter.record(client)
             log.warning("AUTH failed: user=%r client=%s mechanism=%s", shown, client, mechanism)
