@@ -288,10 +288,17 @@ def test_broken_from_normalised_end_to_end(repairing: RelayProcess) -> None:
 
 
 def test_force_from_end_to_end(relay_factory: type[RelayProcess]) -> None:
-    relay = relay_factory({"ESPRELAY_FORCE_FROM": "relay@example.com"}).start()
-    message_id = send(relay, COMPLETE)
+    relay = relay_factory(
+        {
+            "ESPRELAY_FORCE_FROM": "relay@example.com",
+            "ESPRELAY_ALLOWED_SENDER_DOMAINS": "example.com",
+        }
+    ).start()
+    # The device's own From is outside the allowed domains, but it is replaced anyway.
+    raw = COMPLETE.replace(b"<app@example.com>", b"<scan@printer.local>")
+    message_id = send(relay, raw, sender="scanner@example.com")
     eml = (relay.outbox / f"{message_id}.eml").read_bytes()
-    assert eml == COMPLETE.replace(
-        b"From: App <app@example.com>\r\n",
-        b"From: App <relay@example.com>\r\nReply-To: App <app@example.com>\r\n",
+    assert eml == raw.replace(
+        b"From: App <scan@printer.local>\r\n",
+        b"From: App <relay@example.com>\r\nReply-To: App <scan@printer.local>\r\n",
     )

@@ -207,7 +207,9 @@ class RelayHandler:
 
     def _check_from_header(self, raw: bytes, session: Any) -> str | None:
         user_rules = self._user_rules(session)
-        if not user_rules and not self._policy.allowed_sender_domains:
+        if self._force_from or (not user_rules and not self._policy.allowed_sender_domains):
+            # With ESPRELAY_FORCE_FROM every From is replaced by the verified address (the
+            # original only survives as Reply-To), so only the envelope sender is checked.
             return None
         addresses = from_addresses(raw)
         if addresses is None:
