@@ -109,6 +109,21 @@ def test_dot_stuffed_line_that_looks_like_the_end(relay: RelayProcess) -> None:
     assert eml == b"Subject: dots\r\n\r\n.\r\nx\r\n \r\nend\r\n"
 
 
+def test_undecodable_bytes_in_commands_answered_not_crashed(relay: RelayProcess) -> None:
+    """Found by the fuzzer: aiosmtpd's VRFY echoed bytes it could not encode (451 + traceback)."""
+    dialog = Dialog(relay.port)
+    dialog.reply()
+    assert dialog.command(b"EHLO client.test").startswith(b"250")
+    assert dialog.command(b"VRFY <\xff\xfe").startswith(b"252")
+    assert dialog.command(b"VRFY <a@example.org>") == (
+        b"252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery\r\n"
+    )
+    assert dialog.command(b"RCPT TO:<\xff@example.org>").startswith(b"503")
+    assert dialog.command(b"HELP VRFY").startswith(b"250 Syntax: VRFY")
+    dialog.close()
+    assert "Traceback" not in relay.log
+
+
 def test_command_line_too_long(relay: RelayProcess) -> None:
     dialog = Dialog(relay.port)
     dialog.reply()

@@ -216,3 +216,36 @@ def test_commands_pipelined_before_starttls_are_discarded(
     assert secure.command(auth).startswith(b"235")
     assert secure.command(b"MAIL FROM:<a@example.com>").startswith(b"250")  # not "nested MAIL"
     secure.close()
+
+
+def test_failed_starttls_handshake_runs_no_plaintext_and_frees_the_slot(
+    relay_factory: type[RelayProcess], certs: Certs
+) -> None:
+    """Found by the fuzzer: after a STARTTLS whose handshake never happened, aiosmtpd went
+    on with the plaintext pipelined behind it, as if inside TLS (AUTH allowed), and the
+    connection slot was never freed."""
+    relay, _ = start_tls_relay(
+        relay_factory,
+        certs,
+        ESPRELAY_SMTP_TIMEOUT="1s",
+        ESPRELAY_MAX_CONNECTIONS_PER_CLIENT="1",
+    )
+    dialog = Dialog(relay.port, source=UNTRUSTED)
+    assert dialog.reply().startswith(b"220")
+    assert dialog.command(b"EHLO x.test").startswith(b"250")
+    dialog.send(
+        b"STARTTLS\r\nAUTH PLAIN " + plain_auth("app", PASSWORD) + b"\r\n"
+        b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+        b"Subject: plaintext after STARTTLS\r\n\r\nx\r\n.\r\nQUIT\r\n"
+    )
+    assert dialog.line().startswith(b"220")
+    dialog.sock.settimeout(10)
+    rest = dialog.stream.read()  # no handshake: the server gives up after the timeout
+    dialog.close()
+    assert b"235" not in rest and b"250" not in rest, rest
+    time.sleep(0.5)
+    assert spooled(relay) == []
+    again = Dialog(relay.port, source=UNTRUSTED)
+    assert again.reply().startswith(b"220")  # the one slot for this client is free again
+    again.close()
+    assert "TLS handshake not completed" in relay.log

@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, AuthResult
+from aiosmtpd.smtp import SMTP, AuthResult, syntax
 
 from esprelay.errors import ShuttingDown
 from esprelay.smtp.auth import FailureLimiter, UserDB
@@ -138,7 +138,12 @@ class RelaySMTP(SMTP):
             self.implicit_tls or self.policy.plaintext_auth_allowed(client)
         )
 
-    def connection_lost(self, error: Exception | None) -> None:
+    def _release(self) -> None:
+        """Free this session's connection slot (idempotent).
+
+        Called from connection_lost and when the session's coroutine ends: after a
+        STARTTLS whose handshake never completed, asyncio never calls connection_lost.
+        """
         self.sessions.discard(self)
         client = self._counted_client
         if client is not None:
@@ -147,18 +152,49 @@ class RelaySMTP(SMTP):
             self.guards.per_client[client] -= 1
             if self.guards.per_client[client] <= 0:
                 del self.guards.per_client[client]
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._release()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
-        if self._refused:
-            await self._say_goodbye("421 4.7.0 Too many connections, try again later")
+        try:
+            if self._refused:
+                await self._say_goodbye("421 4.7.0 Too many connections, try again later")
+                return
+            # New sessions during shutdown get a 421 greeting instead of a refused
+            # connection, so the client knows to come back (RFC 5321 3.8).
+            if self.intake.draining:
+                await self._say_goodbye(ShuttingDown.smtp_reply)
+                return
+            await super()._handle_client()
+        finally:
+            self._release()
+
+    def _handshake_started(self) -> bool:
+        return self._tls_protocol is not None
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 TLS already active")
             return
-        # New sessions during shutdown get a 421 greeting instead of a refused
-        # connection, so the client knows to come back (RFC 5321 3.8).
-        if self.intake.draining:
-            await self._say_goodbye(ShuttingDown.smtp_reply)
-            return
-        await super()._handle_client()
+        await super().smtp_STARTTLS(arg)
+        assert self.session is not None
+        if self._handshake_started() and self.session.ssl is None:
+            # The handshake ended without TLS (timeout, garbage): aiosmtpd would go on
+            # reading the plaintext the client sent after STARTTLS. Close instead.
+            log.info(
+                "TLS handshake not completed: closing client=%s",
+                client_address(self.session.peer),
+            )
+            # Discard what the client pipelined (aiosmtpd does so only after success).
+            self._reader._buffer.clear()  # type: ignore[attr-defined]
+            if isinstance(self._original_transport, asyncio.Transport):
+                self._original_transport.abort()
+            if self.transport is not None:
+                self.transport.close()
+            assert self._handler_coroutine is not None
+            self._handler_coroutine.cancel()
 
     @property
     def in_transaction(self) -> bool:
@@ -171,10 +207,14 @@ class RelaySMTP(SMTP):
             self.transport.close()
 
     async def push(self, status: AnyStr) -> None:
-        if isinstance(status, str) and status.startswith('500 Error: command "'):
-            # aiosmtpd echoes the unknown line back; it may be a credential.
-            status = "500 5.5.2 Error: command not recognized"
-        await super().push(status)
+        if isinstance(status, str):
+            if status.startswith('500 Error: command "'):
+                # aiosmtpd echoes the unknown line back; it may be a credential.
+                status = "500 5.5.2 Error: command not recognized"
+            # Undecodable client bytes (kept as surrogates) must not make the reply fail.
+            await super().push(status.encode("utf-8", "surrogateescape"))
+        else:
+            await super().push(status)
         code = status[:1] if isinstance(status, bytes) else status[:1].encode()
         if code == b"5":
             self._errors += 1
@@ -200,6 +240,14 @@ class RelaySMTP(SMTP):
         finally:
             if self.transport is not None:
                 self._reset_timeout()
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        # Never confirm or deny an address (RFC 5321 3.5.3 allows 252), never echo it.
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
+        await self.push("252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery")
 
     async def smtp_AUTH(self, arg: str) -> None:
         assert self.session is not None
