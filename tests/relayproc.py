@@ -32,6 +32,10 @@ class RelayProcess:
             "ESPRELAY_POLL_INTERVAL": "0.2",
             "ESPRELAY_SHUTDOWN_GRACE": "5",
             "ESPRELAY_HTTP_PORT": "0",
+            # Header repair (on in production) adds Date/Message-ID to the many test
+            # messages without them; tests of the pipeline compare exact bytes, so it is
+            # off here and tests/test_security_repair.py turns it on.
+            "ESPRELAY_REPAIR_HEADERS": "false",
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None

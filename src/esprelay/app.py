@@ -38,8 +38,11 @@ from esprelay.metrics import RelayMetrics
 from esprelay.models import Envelope
 from esprelay.providers import Provider, build_provider
 from esprelay.routing import RoutingTable, load_routing
+from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.handler import RelayHandler
-from esprelay.smtp.server import RelaySMTP, smtp_factory
+from esprelay.smtp.policy import RelayPolicy, parse_networks
+from esprelay.smtp.server import Guards, RelaySMTP, smtp_factory
+from esprelay.smtp.tls import TLSContextSource
 from esprelay.spool import NewPart, Spool, open_spool
 
 log = logging.getLogger("esprelay")
@@ -70,6 +73,8 @@ class Relay:
         self.server: asyncio.Server | None = None
         self.sessions: set[RelaySMTP] = set()
         self.smtp_port: int | None = None
+        self.smtps_server: asyncio.Server | None = None
+        self.smtps_port: int | None = None
         self._stop = asyncio.Event()
         self._purge_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -95,6 +100,13 @@ class Relay:
 
     async def start(self) -> None:
         settings = self.settings
+        # Certificates and users first: a mistake there stops start-up before anything runs.
+        tls = self._tls_source()
+        users = UserDB.load(
+            settings.auth_file,
+            settings.auth_user,
+            settings.auth_password.get_secret_value() if settings.auth_password else None,
+        )
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.provider_timeout),
             limits=httpx.Limits(
@@ -158,15 +170,39 @@ class Relay:
             [settings.max_recipients]
             + [p.max_recipients for p in built.values() if p.max_recipients]
         )
-        handler = RelayHandler(self.intake, max_recipients=max_recipients)
-        factory, self.sessions = smtp_factory(
-            handler,
-            self.intake_state,
-            hostname=settings.hostname,
-            data_size_limit=size_limit,
-            line_length_limit=settings.max_line_length,
-            timeout=settings.smtp_timeout,
+        policy = RelayPolicy(
+            trusted_networks=parse_networks(settings.trusted_networks),
+            plaintext_auth_networks=parse_networks(settings.plaintext_auth_networks),
+            allowed_sender_domains=tuple(
+                d.lower().lstrip("@") for d in settings.allowed_sender_domains
+            ),
         )
+        handler = RelayHandler(
+            self.intake,
+            max_recipients=max_recipients,
+            policy=policy,
+            hostname=settings.hostname,
+            repair_headers=settings.repair_headers,
+            force_from=settings.force_from,
+        )
+        listener_options = {
+            "hostname": settings.hostname,
+            "data_size_limit": size_limit,
+            "line_length_limit": settings.max_line_length,
+            "timeout": settings.smtp_timeout,
+            "policy": policy,
+            "users": users,
+            "limiter": FailureLimiter(settings.auth_max_failures, settings.auth_failure_window),
+            "guards": Guards(
+                max_connections=settings.max_connections,
+                max_connections_per_client=settings.max_connections_per_client,
+                max_errors=settings.max_errors,
+                data_timeout=settings.data_timeout,
+            ),
+            "tls": tls,
+            "command_size_limit": settings.max_command_length,
+        }
+        factory, self.sessions = smtp_factory(handler, self.intake_state, **listener_options)  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         try:
             self.server = await loop.create_server(
@@ -179,6 +215,30 @@ class Relay:
             ) from None
         self.smtp_port = self.server.sockets[0].getsockname()[1]
         self.metrics.smtp_sessions.set_function(lambda: len(self.sessions))
+        if tls is not None and settings.smtps_port is not None:
+            smtps_factory, _ = smtp_factory(
+                handler,
+                self.intake_state,
+                **listener_options,  # type: ignore[arg-type]
+                implicit_tls=True,
+                sessions=self.sessions,
+            )
+            self.smtps_server = await loop.create_server(
+                smtps_factory,
+                host=settings.smtp_host,
+                port=settings.smtps_port,
+                reuse_address=True,
+                ssl=tls.listener_context(),
+                ssl_handshake_timeout=min(60.0, settings.smtp_timeout or 60.0),
+            )
+            self.smtps_port = self.smtps_server.sockets[0].getsockname()[1]
+            log.info("smtps listening on %s:%d", settings.smtp_host, self.smtps_port)
+        log.info(
+            "security: trusted_networks=%s auth_users=%d starttls=%s",
+            ",".join(settings.trusted_networks) or "-",
+            len(users),
+            "on" if tls is not None else "off",
+        )
         await self._start_http()
         if self.deliverer is not None:
             self.deliverer.start()
@@ -238,6 +298,24 @@ class Relay:
         if self.providers is not None and self.providers.all_open():
             return "every provider's circuit breaker is open"
         return None
+
+    def _tls_source(self) -> TLSContextSource | None:
+        settings = self.settings
+        if settings.tls_cert_file is None or settings.tls_key_file is None:
+            return None
+        if settings.tls_min_version in ("1.0", "1.1"):
+            log.warning(
+                "TLS %s allowed (ESPRELAY_TLS_MIN_VERSION): it is obsolete and weak; "
+                "allow it only for devices that cannot do better",
+                settings.tls_min_version,
+            )
+        return TLSContextSource(
+            settings.tls_cert_file,
+            settings.tls_key_file,
+            min_version=settings.tls_min_version,
+            ciphers=settings.tls_ciphers,
+            reload_interval=settings.tls_reload_interval,
+        )
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -344,6 +422,8 @@ class Relay:
             await asyncio.sleep(0.05)
         if self.server is not None:
             self.server.close()
+        if self.smtps_server is not None:
+            self.smtps_server.close()
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.close()

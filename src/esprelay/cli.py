@@ -43,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EX_USAGE
+    if args.func is _hash_password:
+        code: int = _hash_password(args)  # needs no configuration, so no settings
+        return code
     try:
         settings = load_settings()
     except ConfigError as exc:
@@ -107,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
         " the message on stdin",
         add_help=False,
     )
+    hash_pw = commands.add_parser(
+        "hash-password",
+        help="print a scrypt hash for ESPRELAY_AUTH_FILE (password from the tty or stdin)",
+    )
+    hash_pw.add_argument("--user", help="print a whole users-file line for this user")
+    hash_pw.set_defaults(func=_hash_password)
 
     send_test = commands.add_parser("send-test", help="submit a test message to the running bridge")
     send_test.add_argument("--to", required=True, action="append", help="recipient (repeatable)")
@@ -124,6 +133,33 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         await Relay(settings).run()
 
     asyncio.run(run())
+    return 0
+
+
+def _hash_password(args: argparse.Namespace) -> int:
+    """Read a password without echo (or one line of stdin) and print its hash."""
+    import getpass
+
+    from esprelay.smtp.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("esprelay: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("esprelay: empty password", file=sys.stderr)
+        return 1
+    hashed = hash_password(password)
+    if args.user:
+        if ":" in args.user or not args.user.strip():
+            print("esprelay: a user name cannot contain ':'", file=sys.stderr)
+            return EX_USAGE
+        print(f"{args.user}:{hashed}")
+    else:
+        print(hashed)
     return 0
 
 

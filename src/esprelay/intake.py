@@ -61,6 +61,8 @@ class Client:
     address: str
     helo: str | None = None
     auth_user: str | None = None
+    #: More facts for the spooled message's metadata (tls, repairs...).
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Intake:
@@ -94,7 +96,7 @@ class Intake:
 
     async def _queue(self, parts: list[Part], raw: bytes, client: Client) -> str:
         assert self.spool is not None
-        meta: dict[str, Any] = {"client": client.address, "helo": client.helo}
+        meta: dict[str, Any] = {**client.meta, "client": client.address, "helo": client.helo}
         if client.auth_user:
             meta["auth_user"] = client.auth_user
         new_parts = [
