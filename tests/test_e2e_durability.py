@@ -96,12 +96,16 @@ def test_sigterm_finishes_message_under_way(relay_factory: type[RelayProcess]) -
     relay.wait_for_log("shutting down")
 
     # A new session is told to come back later.
-    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as late:
-        assert late.makefile("rb").readline().startswith(b"421")
+    with (
+        socket.create_connection(("127.0.0.1", relay.port), timeout=10) as late,
+        late.makefile("rb") as late_stream,
+    ):
+        assert late_stream.readline().startswith(b"421")
 
     sock.sendall(b"second half\r\n.\r\n")
     reply = stream.readline()
     assert reply.startswith(b"250 2.0.0"), reply
+    stream.close()
     sock.close()
     assert relay.proc.wait(20) == 0
 

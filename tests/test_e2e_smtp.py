@@ -145,8 +145,10 @@ def test_pipelined_transaction(relay: RelayProcess) -> None:
     """Commands sent in one write (RFC 2920) are answered in order."""
     import socket
 
-    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
-        stream = sock.makefile("rb")
+    with (
+        socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock,
+        sock.makefile("rb") as stream,
+    ):
         assert stream.readline().startswith(b"220")
         sock.sendall(b"EHLO client.test\r\n")
         while not stream.readline().startswith(b"250 "):

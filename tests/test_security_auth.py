@@ -256,9 +256,10 @@ def test_bad_users_file_names_the_line_not_the_hash(
 ) -> None:
     users = tmp_path / "users"
     users.write_text(f"ok:{hash_password('x')}\nbroken:$scrypt$garbage-hash-value\n")
-    relay = relay_factory({"ESPRELAY_AUTH_FILE": str(users)}).start()
+    relay = relay_factory({"ESPRELAY_AUTH_FILE": str(users)})
+    with pytest.raises(RuntimeError, match="did not start"):
+        relay.start()
     assert relay.proc is not None
     assert relay.proc.wait(15) == 2
-    relay.stop()
     assert "ESPRELAY_AUTH_FILE line 2" in relay.log
     assert "garbage-hash-value" not in relay.log

@@ -57,10 +57,11 @@ RAW = (
     b"--sep\r\n"
     b'Content-Type: application/octet-stream; name="blob.bin"\r\n'
     b"Content-Transfer-Encoding: binary\r\n"
-    b"\r\n" + bytes(range(256)) + b"\r\n"
+    # 8BITMIME allows any octet but a bare CR or LF (esprelay normalises those to CRLF).
+    b"\r\n" + bytes(b for b in range(256) if b not in (10, 13)) + b"\r\n"
     b"--sep--\r\n"
 )
-BLOB = bytes(range(256))
+BLOB = bytes(b for b in range(256) if b not in (10, 13))
 
 
 def provider(client: httpx.AsyncClient, url: str | None = None, **kw: Any) -> SesProvider:
