@@ -63,7 +63,13 @@ class Relay:
             follow_redirects=False,
         )
         self.provider = build_provider(settings, self.client)
-        self.spool = open_spool(settings.spool_url, exclusive=True)
+        self.spool = open_spool(
+            settings.spool_url,
+            exclusive=True,
+            owner=self.owner,
+            auto_migrate=settings.spool_auto_migrate,
+            pool_size=settings.spool_pool_size,
+        )
         await self.spool.open()
 
         self.deliverer = Deliverer(

@@ -1,0 +1,626 @@
+"""The shared spool: PostgreSQL, for several esprelay instances behind one load balancer.
+
+Same interface and semantics as the SQLite spool, with these differences that come
+from sharing:
+
+- **Leases.** Workers claim due messages with ``FOR UPDATE SKIP LOCKED``, so two
+  instances never lease the same message, and never wait on each other.  A lease
+  records its owner and expiry; when an instance dies, its messages become due again
+  once their leases expire and any other instance takes them.  Unlike SQLite, start-up
+  does not reset every ``in_flight`` message (other instances may be delivering them):
+  it takes back only the leases held under this instance's own owner id.
+- **Clock.** "Now" is the database server's clock (``now()``), so instances whose
+  clocks disagree still agree on when a lease has expired.
+- **Wake-ups.** ``put`` and ``retry_now`` send ``NOTIFY esprelay_spool`` inside their
+  transaction; PostgreSQL delivers it on commit to every instance that listens
+  (:meth:`PostgresSpool.add_listener`), so idle workers everywhere wake at once
+  instead of polling tightly.
+- **Durability.** Every write is one statement in its own transaction; it returns
+  only after PostgreSQL has committed it (``synchronous_commit`` is forced ``on`` for
+  our sessions), so ``250`` still means "committed".  PostgreSQL groups concurrent
+  commits itself.
+- **Schema.** :func:`upgrade` creates and migrates the tables (``esprelay db upgrade``,
+  or at start with ``ESPRELAY_SPOOL_AUTO_MIGRATE``), under an advisory lock so that
+  instances starting together do not race.
+
+Message bytes travel as ``bytea`` parameters and results in asyncpg's binary format:
+one copy into the wire buffer on the way in, one ``bytes`` object on the way out,
+never hex-encoded text or an intermediate copy of our own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import asyncpg
+
+from esprelay.errors import SpoolError, SpoolFull
+from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
+from esprelay.spool.base import SpoolStats, new_message_id
+
+log = logging.getLogger(__name__)
+
+#: The NOTIFY channel on which commits of due work are announced.
+CHANNEL = "esprelay_spool"
+#: A constant key for the advisory lock held while migrating the schema.
+MIGRATION_LOCK = 0x65737072656C6179  # "esprelay"
+
+CONNECT_TIMEOUT = 10.0
+#: Longest a single statement may take (a 25 MB message over a slow link included).
+COMMAND_TIMEOUT = 60.0
+#: How long a caller waits for a free pooled connection.
+ACQUIRE_TIMEOUT = 30.0
+#: How often the listening connection is checked when no notification arrives.
+LISTEN_KEEPALIVE = 30.0
+
+# Our sessions commit durably whatever the server's default: 250 means committed.
+_SERVER_SETTINGS = {"application_name": "esprelay", "synchronous_commit": "on"}
+
+_NOW = "extract(epoch FROM now())::float8"
+
+# Each entry takes the schema from version N to N+1.  Never edit a released entry:
+# append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE esprelay_messages (
+        id text PRIMARY KEY,
+        created_at double precision NOT NULL,
+        updated_at double precision NOT NULL,
+        mail_from text NOT NULL,
+        rcpt_tos text[] NOT NULL,
+        size bigint NOT NULL,
+        raw bytea,
+        state text NOT NULL
+            CHECK (state IN ('queued', 'in_flight', 'delivered', 'failed')),
+        attempts integer NOT NULL DEFAULT 0,
+        next_attempt_at double precision NOT NULL,
+        lease_owner text,
+        lease_expires_at double precision,
+        last_error text,
+        provider text NOT NULL,
+        provider_message_id text,
+        meta jsonb NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX esprelay_messages_due ON esprelay_messages (next_attempt_at)
+        WHERE state = 'queued';
+    CREATE INDEX esprelay_messages_lease ON esprelay_messages (lease_expires_at)
+        WHERE state = 'in_flight';
+    CREATE INDEX esprelay_messages_finished ON esprelay_messages (state, updated_at)
+        WHERE state IN ('delivered', 'failed');
+    CREATE INDEX esprelay_messages_created ON esprelay_messages (created_at, id);
+    CREATE TABLE esprelay_attempts (
+        message_id text NOT NULL REFERENCES esprelay_messages (id) ON DELETE CASCADE,
+        number integer NOT NULL,
+        at double precision NOT NULL,
+        provider text NOT NULL,
+        outcome text NOT NULL,
+        error text,
+        provider_message_id text,
+        PRIMARY KEY (message_id, number)
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_COLUMNS = (
+    "id, created_at, updated_at, mail_from, rcpt_tos, size, state, attempts, next_attempt_at,"
+    " lease_owner, lease_expires_at, last_error, provider, provider_message_id, meta::text"
+)
+
+_Callback = Callable[[], None]
+
+
+@contextlib.contextmanager
+def _translate_errors(action: str) -> Iterator[None]:
+    """asyncpg, socket and timeout errors become SpoolError (SMTP 451) at the boundary."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        # Class 53: insufficient resources (disk full, out of memory, too many connections).
+        if sqlstate.startswith("53") and sqlstate != "53300":
+            raise SpoolFull(f"spool storage problem while {action}: {exc}") from exc
+        raise SpoolError(f"spool error while {action}: {type(exc).__name__}: {exc}") from exc
+    except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+        raise SpoolError(f"spool error while {action}: {type(exc).__name__}: {exc}") from exc
+    except TimeoutError as exc:
+        raise SpoolError(
+            f"spool error while {action}: the database did not answer in time"
+        ) from exc
+    except OSError as exc:
+        raise SpoolError(
+            f"spool error while {action}: cannot reach the database: {exc.strerror or exc}"
+        ) from exc
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else url
+
+
+async def _current_version(conn: asyncpg.Connection) -> int:
+    exists = await conn.fetchval("SELECT to_regclass('esprelay_schema') IS NOT NULL")
+    if not exists:
+        return 0
+    version = await conn.fetchval("SELECT max(version) FROM esprelay_schema")
+    return int(version or 0)
+
+
+async def upgrade(conn: asyncpg.Connection) -> tuple[int, int]:
+    """Bring the schema to :data:`SCHEMA_VERSION`; return (version before, after).
+
+    Runs in one transaction under an advisory lock: instances starting together
+    migrate once, and a failed migration leaves the old schema untouched.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS esprelay_schema ("
+            " version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        before = await _current_version(conn)
+        if before > SCHEMA_VERSION:
+            raise SpoolError(
+                f"the spool schema is at version {before}, newer than this esprelay"
+                f" understands ({SCHEMA_VERSION}): upgrade esprelay"
+            )
+        for version in range(before + 1, SCHEMA_VERSION + 1):
+            await conn.execute(MIGRATIONS[version - 1])
+            await conn.execute("INSERT INTO esprelay_schema (version) VALUES ($1)", version)
+    return before, SCHEMA_VERSION
+
+
+async def migrate(url: str) -> tuple[int, int]:
+    """``esprelay db upgrade``: connect to ``url`` and run :func:`upgrade`."""
+    with _translate_errors("migrating the spool schema"):
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, server_settings=_SERVER_SETTINGS)
+        try:
+            return await upgrade(conn)
+        finally:
+            await conn.close()
+
+
+class PostgresSpool:
+    """A spool in a PostgreSQL database shared by any number of esprelay instances."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        owner: str | None = None,
+        auto_migrate: bool = True,
+        pool_size: int = 10,
+    ) -> None:
+        self.url = url
+        self.owner = owner
+        self.auto_migrate = auto_migrate
+        self.pool_size = max(1, pool_size)
+        self._pool: asyncpg.Pool | None = None
+        self._closed = False
+        self._callbacks: list[_Callback] = []
+        self._listen_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"PostgresSpool({redact_url(self.url)!r})"
+
+    # region lifecycle
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            self.url,
+            timeout=CONNECT_TIMEOUT,
+            command_timeout=COMMAND_TIMEOUT,
+            server_settings=_SERVER_SETTINGS,
+        )
+
+    async def open(self) -> None:
+        with _translate_errors("opening the spool"):
+            conn = await self._connect()
+            try:
+                if self.auto_migrate:
+                    before, after = await upgrade(conn)
+                    if before != after:
+                        log.info("spool: schema migrated from version %d to %d", before, after)
+                else:
+                    version = await _current_version(conn)
+                    if version != SCHEMA_VERSION:
+                        raise SpoolError(
+                            f"the spool schema is at version {version}, this esprelay needs"
+                            f" {SCHEMA_VERSION}: run `esprelay db upgrade`"
+                            " (or set ESPRELAY_SPOOL_AUTO_MIGRATE=true)"
+                        )
+                if self.owner is not None:
+                    reclaimed = await conn.execute(
+                        "UPDATE esprelay_messages SET state = 'queued', lease_owner = NULL,"
+                        f" lease_expires_at = NULL, updated_at = {_NOW}"
+                        " WHERE state = 'in_flight' AND lease_owner = $1",
+                        self.owner,
+                    )
+                    count = int(reclaimed.rsplit(" ", 1)[-1])
+                    if count:
+                        log.warning(
+                            "spool: took back %d message(s) leased by a previous run of %s",
+                            count,
+                            self.owner,
+                        )
+            finally:
+                await conn.close()
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+                server_settings=_SERVER_SETTINGS,
+                # A pooled connection idle this long is closed: after a database
+                # restart the pool reconnects instead of keeping dead sockets.
+                max_inactive_connection_lifetime=60.0,
+            )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listen_task
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), timeout=5)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self._pool.terminate()
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None or self._closed:
+            raise SpoolError("spool is not open")
+        return self._pool
+
+    async def _fetch(self, action: str, query: str, *args: Any) -> list[asyncpg.Record]:
+        pool = self._require_pool()
+        with _translate_errors(action):
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                return list(await conn.fetch(query, *args))
+
+    async def _fetchval(self, action: str, query: str, *args: Any) -> Any:
+        pool = self._require_pool()
+        with _translate_errors(action):
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                return await conn.fetchval(query, *args)
+
+    # endregion
+    # region wake-ups
+
+    def add_listener(self, callback: _Callback) -> None:
+        """Call ``callback`` whenever any instance commits new due work.
+
+        Starts one dedicated listening connection (not from the pool) that reconnects
+        by itself; after every (re)connection the callbacks run once, since
+        notifications sent while it was away are lost.
+        """
+        self._callbacks.append(callback)
+        if self._listen_task is None and not self._closed:
+            self._listen_task = asyncio.create_task(self._listen(), name="esprelay-spool-listen")
+
+    def _notify_callbacks(self, *_: object) -> None:
+        for callback in self._callbacks:
+            callback()
+
+    async def _listen(self) -> None:
+        delay = 0.5
+        while not self._closed:
+            conn: asyncpg.Connection | None = None
+            try:
+                with _translate_errors("listening for new messages"):
+                    conn = await self._connect()
+                    lost = asyncio.Event()
+                    conn.add_termination_listener(functools.partial(_set_event, lost))
+                    await conn.add_listener(CHANNEL, self._notify_callbacks)
+                    self._notify_callbacks()
+                    delay = 0.5
+                    while not lost.is_set():
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(lost.wait(), timeout=LISTEN_KEEPALIVE)
+                        if not lost.is_set():
+                            await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT)
+                log.warning("spool: lost the listening connection; reconnecting")
+            except SpoolError as exc:
+                log.warning("spool: %s; retrying in %.1fs", exc, delay)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    # endregion
+    # region operations
+
+    async def put(
+        self,
+        envelope: Envelope,
+        raw: bytes,
+        *,
+        provider: str,
+        meta: dict[str, Any] | None = None,
+    ) -> str:
+        message_id = new_message_id()
+        # One statement, so one implicit transaction: the insert and the NOTIFY commit
+        # together, and the call returns only after the commit.
+        inserted = await self._fetchval(
+            "storing a message",
+            "WITH inserted AS ("
+            " INSERT INTO esprelay_messages (id, created_at, updated_at, mail_from, rcpt_tos,"
+            " size, raw, state, next_attempt_at, provider, meta)"
+            f" VALUES ($1, {_NOW}, {_NOW}, $2, $3, $4, $5, 'queued', {_NOW}, $6, $7::jsonb)"
+            " RETURNING id)"
+            " SELECT inserted.id FROM inserted, LATERAL pg_notify($8, '') AS notified",
+            message_id,
+            envelope.mail_from,
+            list(envelope.rcpt_tos),
+            len(raw),
+            raw,
+            provider,
+            json.dumps(meta or {}),
+            CHANNEL,
+        )
+        if inserted != message_id:
+            raise SpoolError("spool error while storing a message: insert not confirmed")
+        return message_id
+
+    async def lease(self, owner: str, limit: int, lease_time: float) -> list[SpooledMessage]:
+        if limit <= 0:
+            return []
+        rows = await self._fetch(
+            "leasing messages",
+            "WITH due AS ("
+            " SELECT id FROM esprelay_messages"
+            f" WHERE (state = 'queued' AND next_attempt_at <= {_NOW})"
+            f" OR (state = 'in_flight' AND lease_expires_at <= {_NOW})"
+            " ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            " UPDATE esprelay_messages AS m SET state = 'in_flight', lease_owner = $2,"
+            f" lease_expires_at = {_NOW} + $3, updated_at = {_NOW}"
+            " FROM due WHERE m.id = due.id"
+            f" RETURNING {_qualified('m')}, m.raw",
+            limit,
+            owner,
+            float(lease_time),
+        )
+        messages = [_record_to_message(row, raw=row["raw"]) for row in rows]
+        messages.sort(key=lambda m: (m.next_attempt_at, m.id))
+        return messages
+
+    async def _finish(
+        self,
+        id: str,
+        owner: str,
+        provider: str,
+        *,
+        state: MessageState,
+        outcome: str,
+        error: str | None,
+        provider_message_id: str | None,
+        next_attempt_at: float | None,
+        drop_body: bool,
+    ) -> bool:
+        finished = await self._fetchval(
+            f"recording a {outcome} attempt",
+            "WITH finished AS ("
+            " UPDATE esprelay_messages SET state = $3, attempts = attempts + 1,"
+            f" updated_at = {_NOW}, lease_owner = NULL, lease_expires_at = NULL,"
+            " last_error = $4, provider = $5,"
+            " provider_message_id = COALESCE($6, provider_message_id),"
+            " next_attempt_at = COALESCE($7, next_attempt_at)"
+            + (", raw = NULL" if drop_body else "")
+            + " WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2"
+            " RETURNING id, attempts, updated_at)"
+            " INSERT INTO esprelay_attempts (message_id, number, at, provider, outcome, error,"
+            " provider_message_id) SELECT id, attempts, updated_at, $5, $8, $4, $6 FROM finished"
+            " ON CONFLICT (message_id, number) DO UPDATE SET at = EXCLUDED.at,"
+            " provider = EXCLUDED.provider, outcome = EXCLUDED.outcome, error = EXCLUDED.error,"
+            " provider_message_id = EXCLUDED.provider_message_id"
+            " RETURNING message_id",
+            id,
+            owner,
+            state.value,
+            error,
+            provider,
+            provider_message_id,
+            next_attempt_at,
+            outcome,
+        )
+        return finished is not None
+
+    async def mark_delivered(
+        self, id: str, *, owner: str, provider: str, provider_message_id: str | None
+    ) -> bool:
+        return await self._finish(
+            id,
+            owner,
+            provider,
+            state=MessageState.DELIVERED,
+            outcome="delivered",
+            error=None,
+            provider_message_id=provider_message_id,
+            next_attempt_at=None,
+            drop_body=True,
+        )
+
+    async def mark_retry(
+        self, id: str, *, owner: str, provider: str, error: str, next_attempt_at: float
+    ) -> bool:
+        return await self._finish(
+            id,
+            owner,
+            provider,
+            state=MessageState.QUEUED,
+            outcome="deferred",
+            error=error,
+            provider_message_id=None,
+            next_attempt_at=next_attempt_at,
+            drop_body=False,
+        )
+
+    async def mark_failed(self, id: str, *, owner: str, provider: str, error: str) -> bool:
+        return await self._finish(
+            id,
+            owner,
+            provider,
+            state=MessageState.FAILED,
+            outcome="failed",
+            error=error,
+            provider_message_id=None,
+            next_attempt_at=None,
+            drop_body=False,
+        )
+
+    async def get(self, id: str, *, with_body: bool = False) -> SpooledMessage | None:
+        pool = self._require_pool()
+        with _translate_errors("reading a message"):
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    f"SELECT {_COLUMNS}, {'raw' if with_body else 'NULL::bytea AS raw'}"
+                    " FROM esprelay_messages WHERE id = $1",
+                    id,
+                )
+                if row is None:
+                    return None
+                attempts = await conn.fetch(
+                    "SELECT number, at, provider, outcome, error, provider_message_id"
+                    " FROM esprelay_attempts WHERE message_id = $1 ORDER BY number",
+                    id,
+                )
+        history = tuple(Attempt(*attempt) for attempt in attempts)
+        return _record_to_message(row, raw=row["raw"], history=history)
+
+    async def list(
+        self, *, state: MessageState | None = None, limit: int = 100
+    ) -> list[SpooledMessage]:
+        if state is None:
+            rows = await self._fetch(
+                "listing messages",
+                f"SELECT {_COLUMNS} FROM esprelay_messages ORDER BY created_at, id LIMIT $1",
+                limit,
+            )
+        else:
+            rows = await self._fetch(
+                "listing messages",
+                f"SELECT {_COLUMNS} FROM esprelay_messages WHERE state = $1"
+                " ORDER BY created_at, id LIMIT $2",
+                state.value,
+                limit,
+            )
+        return [_record_to_message(row) for row in rows]
+
+    async def retry_now(self, id: str) -> bool:
+        updated = await self._fetchval(
+            "retrying a message",
+            "WITH updated AS ("
+            f" UPDATE esprelay_messages SET state = 'queued', next_attempt_at = {_NOW},"
+            f" updated_at = {_NOW},"
+            # A failed message retried by hand gets a fresh queue lifetime.
+            f" created_at = CASE WHEN state = 'failed' THEN {_NOW} ELSE created_at END"
+            " WHERE id = $1 AND state IN ('queued', 'failed') AND raw IS NOT NULL"
+            " RETURNING id)"
+            " SELECT updated.id FROM updated, LATERAL pg_notify($2, '') AS notified",
+            id,
+            CHANNEL,
+        )
+        return updated is not None
+
+    async def delete(self, id: str) -> bool:
+        deleted = await self._fetchval(
+            "deleting a message",
+            "DELETE FROM esprelay_messages WHERE id = $1 RETURNING id",
+            id,
+        )
+        return deleted is not None
+
+    async def stats(self) -> SpoolStats:
+        pool = self._require_pool()
+        with _translate_errors("reading spool statistics"):
+            async with (
+                pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                rows = await conn.fetch(
+                    "SELECT state, count(*) AS n FROM esprelay_messages GROUP BY state"
+                )
+                oldest = await conn.fetchval(
+                    "SELECT min(created_at) FROM esprelay_messages"
+                    " WHERE state IN ('queued', 'in_flight')"
+                )
+        counts = {MessageState(row["state"]): int(row["n"]) for row in rows}
+        return SpoolStats(counts=counts, oldest_queued_at=oldest)
+
+    async def next_due(self) -> float | None:
+        value = await self._fetchval(
+            "reading the next due time",
+            "SELECT least("
+            " (SELECT min(next_attempt_at) FROM esprelay_messages WHERE state = 'queued'),"
+            " (SELECT min(lease_expires_at) FROM esprelay_messages WHERE state = 'in_flight'))",
+        )
+        return None if value is None else float(value)
+
+    async def purge(self, *, delivered_before: float, failed_before: float) -> int:
+        removed = await self._fetchval(
+            "purging finished messages",
+            "WITH removed AS (DELETE FROM esprelay_messages"
+            " WHERE (state = 'delivered' AND updated_at < $1)"
+            " OR (state = 'failed' AND updated_at < $2) RETURNING 1)"
+            " SELECT count(*) FROM removed",
+            delivered_before,
+            failed_before,
+        )
+        return int(removed)
+
+    # endregion
+
+
+def _set_event(event: asyncio.Event, *_: object) -> None:
+    event.set()
+
+
+def _qualified(alias: str) -> str:
+    return ", ".join(f"{alias}.{column.strip()}" for column in _COLUMNS.split(","))
+
+
+def _record_to_message(
+    row: asyncpg.Record, *, raw: bytes | None = None, history: tuple[Attempt, ...] = ()
+) -> SpooledMessage:
+    return SpooledMessage(
+        id=row["id"],
+        envelope=Envelope(mail_from=row["mail_from"], rcpt_tos=tuple(row["rcpt_tos"])),
+        size=row["size"],
+        state=MessageState(row["state"]),
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        next_attempt_at=row["next_attempt_at"],
+        provider=row["provider"],
+        # asyncpg hands bytea over as one bytes object: no further copy here.
+        raw=raw,
+        last_error=row["last_error"],
+        provider_message_id=row["provider_message_id"],
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
+        updated_at=row["updated_at"],
+        history=history,
+        meta=json.loads(row["meta"]),
+    )
+
+
+__all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresSpool", "migrate", "redact_url", "upgrade"]
