@@ -11,7 +11,7 @@ import sys
 import asyncpg
 import pytest
 
-from esprelay.errors import SpoolError
+from esprelay.errors import ConfigError, SpoolError
 from esprelay.models import Envelope, MessageState
 from esprelay.spool import open_spool
 from esprelay.spool.postgres import SCHEMA_VERSION, PostgresSpool, migrate, redact_url
@@ -125,6 +125,38 @@ async def test_open_takes_back_only_its_own_leases(pg_url: str) -> None:
         assert [m.id for m in await restarted.lease("host:1", 5, 60)] == [mine]
     finally:
         await restarted.close()
+
+
+async def test_close_hands_back_its_own_leases(pg_url: str) -> None:
+    await _empty(pg_url)
+    spool = open_spool(pg_url, exclusive=True, owner="host:7")
+    await spool.open()
+    mine = await spool.put(ENVELOPE, b"1", provider="outbox")
+    theirs = await spool.put(ENVELOPE, b"2", provider="outbox")
+    await spool.lease("host:7", 1, 3600)
+    await spool.lease("host:8", 1, 3600)
+    await spool.close()
+
+    other = open_spool(pg_url)
+    await other.open()
+    try:
+        assert [m.id for m in await other.lease("host:9", 5, 60)] == [mine]
+        still = await other.get(theirs)
+        assert still is not None and still.lease_owner == "host:8"
+    finally:
+        await other.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres@127.0.0.1:notaport/x",
+        "postgresql://postgres@127.0.0.1:5432/x?sslmode=bogus",
+    ],
+)
+async def test_bad_url_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigError, match="ESPRELAY_SPOOL_URL"):
+        await PostgresSpool(url).open()
 
 
 def _closed_port() -> int:

@@ -40,7 +40,7 @@ from typing import Any
 
 import asyncpg
 
-from esprelay.errors import SpoolError, SpoolFull
+from esprelay.errors import ConfigError, SpoolError, SpoolFull
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
 from esprelay.spool.base import SpoolStats, new_message_id
 
@@ -127,6 +127,8 @@ def _translate_errors(action: str) -> Iterator[None]:
         if sqlstate.startswith("53") and sqlstate != "53300":
             raise SpoolFull(f"spool storage problem while {action}: {exc}") from exc
         raise SpoolError(f"spool error while {action}: {type(exc).__name__}: {exc}") from exc
+    except asyncpg.ClientConfigurationError:
+        raise  # a bad ESPRELAY_SPOOL_URL: open() reports it as a configuration error
     except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
         raise SpoolError(f"spool error while {action}: {type(exc).__name__}: {exc}") from exc
     except TimeoutError as exc:
@@ -213,6 +215,8 @@ class PostgresSpool:
         self._closed = False
         self._callbacks: list[_Callback] = []
         self._listen_task: asyncio.Task[None] | None = None
+        self._announcing: asyncio.Task[None] | None = None
+        self._announce_again = False
 
     def __repr__(self) -> str:
         return f"PostgresSpool({redact_url(self.url)!r})"
@@ -228,6 +232,17 @@ class PostgresSpool:
         )
 
     async def open(self) -> None:
+        try:
+            await self._open()
+        except asyncpg.ClientConfigurationError as exc:
+            raise ConfigError(f"ESPRELAY_SPOOL_URL: {exc}") from None
+        except ValueError:
+            raise ConfigError(
+                "ESPRELAY_SPOOL_URL: not a valid PostgreSQL URL"
+                " (postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?sslmode=...])"
+            ) from None
+
+    async def _open(self) -> None:
         with _translate_errors("opening the spool"):
             conn = await self._connect()
             try:
@@ -244,13 +259,7 @@ class PostgresSpool:
                             " (or set ESPRELAY_SPOOL_AUTO_MIGRATE=true)"
                         )
                 if self.owner is not None:
-                    reclaimed = await conn.execute(
-                        "UPDATE esprelay_messages SET state = 'queued', lease_owner = NULL,"
-                        f" lease_expires_at = NULL, updated_at = {_NOW}"
-                        " WHERE state = 'in_flight' AND lease_owner = $1",
-                        self.owner,
-                    )
-                    count = int(reclaimed.rsplit(" ", 1)[-1])
+                    count = await self._release_leases(conn, self.owner)
                     if count:
                         log.warning(
                             "spool: took back %d message(s) leased by a previous run of %s",
@@ -271,9 +280,34 @@ class PostgresSpool:
                 max_inactive_connection_lifetime=60.0,
             )
 
+    @staticmethod
+    async def _release_leases(executor: asyncpg.Connection | asyncpg.Pool, owner: str) -> int:
+        """Make every message leased by ``owner`` due again; return how many."""
+        with _translate_errors("handing back leases"):
+            status = await executor.execute(
+                "UPDATE esprelay_messages SET state = 'queued', lease_owner = NULL,"
+                f" lease_expires_at = NULL, updated_at = {_NOW}"
+                " WHERE state = 'in_flight' AND lease_owner = $1",
+                owner,
+            )
+        return int(status.rsplit(" ", 1)[-1])
+
     async def close(self) -> None:
         if self._closed:
             return
+        if self._announcing is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._announcing
+        if self.owner is not None and self._pool is not None:
+            # ``serve`` closes the spool after its deliveries have stopped: what this
+            # instance still holds is due again now, not only when the leases expire.
+            try:
+                released = await self._release_leases(self._pool, self.owner)
+            except SpoolError as exc:
+                log.warning("spool: could not hand back leases at shutdown: %s", exc)
+            else:
+                if released:
+                    log.info("spool: handed back %d unfinished message(s)", released)
         self._closed = True
         if self._listen_task is not None:
             self._listen_task.cancel()
@@ -359,16 +393,13 @@ class PostgresSpool:
         meta: dict[str, Any] | None = None,
     ) -> str:
         message_id = new_message_id()
-        # One statement, so one implicit transaction: the insert and the NOTIFY commit
-        # together, and the call returns only after the commit.
+        # One statement, one implicit transaction: it returns only after the commit.
         inserted = await self._fetchval(
             "storing a message",
-            "WITH inserted AS ("
-            " INSERT INTO esprelay_messages (id, created_at, updated_at, mail_from, rcpt_tos,"
+            "INSERT INTO esprelay_messages (id, created_at, updated_at, mail_from, rcpt_tos,"
             " size, raw, state, next_attempt_at, provider, meta)"
             f" VALUES ($1, {_NOW}, {_NOW}, $2, $3, $4, $5, 'queued', {_NOW}, $6, $7::jsonb)"
-            " RETURNING id)"
-            " SELECT inserted.id FROM inserted, LATERAL pg_notify($8, '') AS notified",
+            " RETURNING id",
             message_id,
             envelope.mail_from,
             list(envelope.rcpt_tos),
@@ -376,11 +407,35 @@ class PostgresSpool:
             raw,
             provider,
             json.dumps(meta or {}),
-            CHANNEL,
         )
         if inserted != message_id:
             raise SpoolError("spool error while storing a message: insert not confirmed")
+        self._announce()
         return message_id
+
+    def _announce(self) -> None:
+        """Tell the other instances, after the commit, that new work is due.
+
+        Not inside the insert's transaction: PostgreSQL serialises the commits of
+        all transactions that NOTIFY (a database-wide lock), which would put every
+        SMTP client in one line.  A burst of puts is folded into one NOTIFY per
+        round trip; a lost one costs at most a poll interval.
+        """
+        if self._announcing is not None and not self._announcing.done():
+            self._announce_again = True
+            return
+        self._announce_again = False
+        self._announcing = asyncio.create_task(self._send_notify(), name="esprelay-spool-notify")
+
+    async def _send_notify(self) -> None:
+        while True:
+            try:
+                await self._fetchval("announcing new messages", "SELECT pg_notify($1, '')", CHANNEL)
+            except SpoolError as exc:
+                log.debug("spool: %s", exc)
+            if not self._announce_again or self._closed:
+                return
+            self._announce_again = False
 
     async def lease(self, owner: str, limit: int, lease_time: float) -> list[SpooledMessage]:
         if limit <= 0:
