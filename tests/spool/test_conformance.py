@@ -14,6 +14,7 @@ import pytest
 from esprelay.errors import SpoolError
 from esprelay.models import Envelope, MessageState
 from esprelay.spool import Spool
+from esprelay.spool.postgres import BODY_CHUNK
 from tests.spool.conftest import SpoolFactory
 
 ENVELOPE = Envelope(mail_from="app@example.com", rcpt_tos=("a@example.org", "b@example.net"))
@@ -62,6 +63,21 @@ async def test_large_message_is_stored_byte_for_byte(spool: Spool) -> None:
     [leased] = await spool.lease("w1", 10, 60)
     assert leased.id == message_id
     assert leased.size == len(raw)
+    assert leased.raw == raw
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, BODY_CHUNK - 1, BODY_CHUNK, BODY_CHUNK + 1, 3 * BODY_CHUNK + 7],
+)
+async def test_body_of_any_size_round_trips(spool: Spool, size: int) -> None:
+    raw = (b"0123456789abcdef\r\n" * (size // 18 + 1))[:size]
+    message_id = await put(spool, raw)
+    fetched = await spool.get(message_id, with_body=True)
+    assert fetched is not None
+    assert fetched.raw == raw
+    assert fetched.size == size
+    [leased] = await spool.lease("w1", 1, 60)
     assert leased.raw == raw
 
 

@@ -23,9 +23,12 @@ from sharing:
   or at start with ``ESPRELAY_SPOOL_AUTO_MIGRATE``), under an advisory lock so that
   instances starting together do not race.
 
-Message bytes travel as ``bytea`` parameters and results in asyncpg's binary format:
-one copy into the wire buffer on the way in, one ``bytes`` object on the way out,
-never hex-encoded text or an intermediate copy of our own.
+Message bytes travel as ``bytea`` in asyncpg's binary format, never as hex text.  A
+body is stored in pieces of :data:`BODY_CHUNK` bytes (``esprelay_bodies``), written
+from memoryview slices of the received bytes, so storing a 25 MB message costs about
+a megabyte of buffers on top of the message itself rather than two more copies of
+it; the server joins the pieces again, and a lease receives each body as one
+``bytes`` object.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -75,7 +79,7 @@ MIGRATIONS: tuple[str, ...] = (
         mail_from text NOT NULL,
         rcpt_tos text[] NOT NULL,
         size bigint NOT NULL,
-        raw bytea,
+        has_body boolean NOT NULL DEFAULT true,
         state text NOT NULL
             CHECK (state IN ('queued', 'in_flight', 'delivered', 'failed')),
         attempts integer NOT NULL DEFAULT 0,
@@ -94,6 +98,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX esprelay_messages_finished ON esprelay_messages (state, updated_at)
         WHERE state IN ('delivered', 'failed');
     CREATE INDEX esprelay_messages_created ON esprelay_messages (created_at, id);
+    CREATE TABLE esprelay_bodies (
+        message_id text NOT NULL REFERENCES esprelay_messages (id) ON DELETE CASCADE,
+        seq integer NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (message_id, seq)
+    );
     CREATE TABLE esprelay_attempts (
         message_id text NOT NULL REFERENCES esprelay_messages (id) ON DELETE CASCADE,
         number integer NOT NULL,
@@ -112,6 +122,19 @@ _COLUMNS = (
     "id, created_at, updated_at, mail_from, rcpt_tos, size, state, attempts, next_attempt_at,"
     " lease_owner, lease_expires_at, last_error, provider, provider_message_id, meta::text"
 )
+
+#: A message body is stored as pieces of this size (see :meth:`PostgresSpool.put`).
+BODY_CHUNK = 1024 * 1024
+
+
+def _small_body(alias: str) -> str:
+    """The body of a one-piece message, inline; NULL for a large or dropped one."""
+    return (
+        f"CASE WHEN {alias}.has_body AND {alias}.size <= {BODY_CHUNK} THEN"
+        f" (SELECT b.data FROM esprelay_bodies AS b"
+        f" WHERE b.message_id = {alias}.id AND b.seq = 0) END"
+    )
+
 
 _Callback = Callable[[], None]
 
@@ -393,25 +416,58 @@ class PostgresSpool:
         meta: dict[str, Any] | None = None,
     ) -> str:
         message_id = new_message_id()
-        # One statement, one implicit transaction: it returns only after the commit.
-        inserted = await self._fetchval(
-            "storing a message",
-            "INSERT INTO esprelay_messages (id, created_at, updated_at, mail_from, rcpt_tos,"
-            " size, raw, state, next_attempt_at, provider, meta)"
-            f" VALUES ($1, {_NOW}, {_NOW}, $2, $3, $4, $5, 'queued', {_NOW}, $6, $7::jsonb)"
-            " RETURNING id",
+        row = (
             message_id,
             envelope.mail_from,
             list(envelope.rcpt_tos),
             len(raw),
-            raw,
             provider,
             json.dumps(meta or {}),
         )
+        insert_message = (
+            "INSERT INTO esprelay_messages (id, created_at, updated_at, mail_from, rcpt_tos,"
+            " size, state, next_attempt_at, provider, meta)"
+            f" VALUES ($1, {_NOW}, {_NOW}, $2, $3, $4, 'queued', {_NOW}, $5, $6::jsonb)"
+            " RETURNING id"
+        )
+        if len(raw) <= BODY_CHUNK:
+            # The common case: one statement, one implicit transaction, one round trip;
+            # it returns only after the commit.
+            inserted = await self._fetchval(
+                "storing a message",
+                f"WITH message AS ({insert_message})"
+                " INSERT INTO esprelay_bodies (message_id, seq, data)"
+                " SELECT id, 0, $7 FROM message RETURNING message_id",
+                *row,
+                raw,
+            )
+        else:
+            inserted = await self._put_large(insert_message, row, raw)
         if inserted != message_id:
             raise SpoolError("spool error while storing a message: insert not confirmed")
         self._announce()
         return message_id
+
+    async def _put_large(self, insert_message: str, row: tuple[Any, ...], raw: bytes) -> Any:
+        """Store a large body piece by piece, in one transaction.
+
+        One statement carrying 25 MB would be copied whole into asyncpg's send buffer
+        and again into asyncio's; pieces of BODY_CHUNK bytes (memoryview slices of
+        the one ``raw`` object, never copied by us) keep that to a megabyte or two.
+        """
+        pool = self._require_pool()
+        view = memoryview(raw)
+        with _translate_errors("storing a message"):
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                inserted = await conn.fetchval(insert_message, *row)
+                for seq, start in enumerate(range(0, len(view), BODY_CHUNK)):
+                    await conn.execute(
+                        "INSERT INTO esprelay_bodies (message_id, seq, data) VALUES ($1, $2, $3)",
+                        inserted,
+                        seq,
+                        view[start : start + BODY_CHUNK],
+                    )
+        return inserted
 
     def _announce(self) -> None:
         """Tell the other instances, after the commit, that new work is due.
@@ -447,17 +503,56 @@ class PostgresSpool:
             f" WHERE (state = 'queued' AND next_attempt_at <= {_NOW})"
             f" OR (state = 'in_flight' AND lease_expires_at <= {_NOW})"
             " ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            ", leased AS ("
             " UPDATE esprelay_messages AS m SET state = 'in_flight', lease_owner = $2,"
             f" lease_expires_at = {_NOW} + $3, updated_at = {_NOW}"
             " FROM due WHERE m.id = due.id"
-            f" RETURNING {_qualified('m')}, m.raw",
+            f" RETURNING {_qualified('m')}, m.has_body)"
+            f" SELECT leased.*, {_small_body('leased')} AS raw FROM leased",
             limit,
             owner,
             float(lease_time),
         )
-        messages = [_record_to_message(row, raw=row["raw"]) for row in rows]
+        messages = []
+        for row in rows:
+            raw = row["raw"]
+            if raw is None:
+                raw = await self._read_large_body(row["id"], row["size"])
+                if raw is None:
+                    continue  # deleted (esprelay queue delete) since it was leased
+            messages.append(_record_to_message(row, raw=raw))
         messages.sort(key=lambda m: (m.next_attempt_at, m.id))
         return messages
+
+    async def _read_large_body(self, id: str, size: int) -> bytes | None:
+        """Fetch a body stored in several pieces, a few pieces at a time.
+
+        The pieces go into one growing buffer whose value is then handed over
+        without a copy (``BytesIO.getvalue`` shares it when it is exactly full), so
+        a 25 MB body costs about 25 MB, where one statement returning it whole would
+        cost three times that inside the driver.
+        """
+        pool = self._require_pool()
+        buffer = io.BytesIO()
+        pieces = 0
+        with _translate_errors("reading a message body"):
+            async with (
+                pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
+                conn.transaction(readonly=True),
+            ):
+                async for row in conn.cursor(
+                    "SELECT data FROM esprelay_bodies WHERE message_id = $1 ORDER BY seq",
+                    id,
+                    prefetch=2,
+                ):
+                    buffer.write(row["data"])
+                    pieces += 1
+        if not pieces:
+            return None
+        body = buffer.getvalue()
+        if len(body) != size:
+            raise SpoolError(f"spool error: body of {id} is {len(body)} bytes, expected {size}")
+        return body
 
     async def _finish(
         self,
@@ -480,10 +575,16 @@ class PostgresSpool:
             " last_error = $4, provider = $5,"
             " provider_message_id = COALESCE($6, provider_message_id),"
             " next_attempt_at = COALESCE($7, next_attempt_at)"
-            + (", raw = NULL" if drop_body else "")
+            + (", has_body = false" if drop_body else "")
             + " WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2"
             " RETURNING id, attempts, updated_at)"
-            " INSERT INTO esprelay_attempts (message_id, number, at, provider, outcome, error,"
+            + (
+                ", dropped AS (DELETE FROM esprelay_bodies"
+                " WHERE message_id IN (SELECT id FROM finished))"
+                if drop_body
+                else ""
+            )
+            + " INSERT INTO esprelay_attempts (message_id, number, at, provider, outcome, error,"
             " provider_message_id) SELECT id, attempts, updated_at, $5, $8, $4, $6 FROM finished"
             " ON CONFLICT (message_id, number) DO UPDATE SET at = EXCLUDED.at,"
             " provider = EXCLUDED.provider, outcome = EXCLUDED.outcome, error = EXCLUDED.error,"
@@ -548,8 +649,9 @@ class PostgresSpool:
         with _translate_errors("reading a message"):
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
                 row = await conn.fetchrow(
-                    f"SELECT {_COLUMNS}, {'raw' if with_body else 'NULL::bytea AS raw'}"
-                    " FROM esprelay_messages WHERE id = $1",
+                    f"SELECT {_COLUMNS}, has_body,"
+                    f" {_small_body('m') if with_body else 'NULL::bytea'} AS raw"
+                    " FROM esprelay_messages AS m WHERE id = $1",
                     id,
                 )
                 if row is None:
@@ -559,8 +661,11 @@ class PostgresSpool:
                     " FROM esprelay_attempts WHERE message_id = $1 ORDER BY number",
                     id,
                 )
+        raw = row["raw"]
+        if with_body and raw is None and row["has_body"]:
+            raw = await self._read_large_body(id, row["size"])
         history = tuple(Attempt(*attempt) for attempt in attempts)
-        return _record_to_message(row, raw=row["raw"], history=history)
+        return _record_to_message(row, raw=raw, history=history)
 
     async def list(
         self, *, state: MessageState | None = None, limit: int = 100
@@ -589,7 +694,7 @@ class PostgresSpool:
             f" updated_at = {_NOW},"
             # A failed message retried by hand gets a fresh queue lifetime.
             f" created_at = CASE WHEN state = 'failed' THEN {_NOW} ELSE created_at END"
-            " WHERE id = $1 AND state IN ('queued', 'failed') AND raw IS NOT NULL"
+            " WHERE id = $1 AND state IN ('queued', 'failed') AND has_body"
             " RETURNING id)"
             " SELECT updated.id FROM updated, LATERAL pg_notify($2, '') AS notified",
             id,
