@@ -511,6 +511,8 @@ def test_postgres_outage_answers_451_then_recovers_by_itself(
     for spool_id, token in {**before, **after}.items():
         assert (relay.outbox / f"{spool_id}.eml").read_bytes() == message(token)
     assert "not accepted: spool error" in relay.log
+    # The LISTEN connection noticed the cut and came back by itself.
+    assert "spool: lost the listening connection; reconnecting" in relay.log
     report(
         capsys,
         "postgres outage",

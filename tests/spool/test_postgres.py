@@ -151,13 +151,16 @@ async def test_close_hands_back_its_own_leases(pg_url: str) -> None:
 @pytest.mark.parametrize(
     "url",
     [
-        "postgresql://postgres@127.0.0.1:notaport/x",
+        "postgresql://postgres:secret@127.0.0.1:notaport/x",
         "postgresql://postgres@127.0.0.1:5432/x?sslmode=bogus",
     ],
 )
 async def test_bad_url_is_a_configuration_error(url: str) -> None:
-    with pytest.raises(ConfigError, match="ESPRELAY_SPOOL_URL"):
+    with pytest.raises(ConfigError, match="ESPRELAY_SPOOL_URL") as raised:
         await PostgresSpool(url).open()
+    assert "secret" not in str(raised.value)
+    with pytest.raises(ConfigError, match="ESPRELAY_SPOOL_URL"):
+        await migrate(url)
 
 
 async def test_delivered_message_keeps_no_body_rows(pg_url: str) -> None:

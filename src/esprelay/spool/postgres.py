@@ -11,14 +11,16 @@ from sharing:
   it takes back only the leases held under this instance's own owner id.
 - **Clock.** "Now" is the database server's clock (``now()``), so instances whose
   clocks disagree still agree on when a lease has expired.
-- **Wake-ups.** ``put`` and ``retry_now`` send ``NOTIFY esprelay_spool`` inside their
-  transaction; PostgreSQL delivers it on commit to every instance that listens
+- **Wake-ups.** After ``put`` commits, and within ``retry_now``, the spool sends
+  ``NOTIFY esprelay_spool``; PostgreSQL delivers it to every instance that listens
   (:meth:`PostgresSpool.add_listener`), so idle workers everywhere wake at once
   instead of polling tightly.
-- **Durability.** Every write is one statement in its own transaction; it returns
-  only after PostgreSQL has committed it (``synchronous_commit`` is forced ``on`` for
-  our sessions), so ``250`` still means "committed".  PostgreSQL groups concurrent
-  commits itself.
+- **Durability.** Every write is one transaction (one statement, except for a large
+  body); it returns only after PostgreSQL has committed it (``synchronous_commit`` is
+  forced ``on`` for our sessions), so ``250`` still means "committed".  PostgreSQL
+  groups concurrent commits itself; there is no group commit of our own here.
+- **Shutdown.** ``close`` of a serving instance hands back the leases it still holds,
+  so a graceful stop leaves nothing waiting for a lease to expire.
 - **Schema.** :func:`upgrade` creates and migrates the tables (``esprelay db upgrade``,
   or at start with ``ESPRELAY_SPOOL_AUTO_MIGRATE``), under an advisory lock so that
   instances starting together do not race.
@@ -164,6 +166,21 @@ def _translate_errors(action: str) -> Iterator[None]:
         ) from exc
 
 
+@contextlib.contextmanager
+def _url_errors() -> Iterator[None]:
+    """A URL asyncpg cannot parse is a configuration error (exit 2), not a 451."""
+    try:
+        yield
+    except asyncpg.ClientConfigurationError as exc:
+        raise ConfigError(f"ESPRELAY_SPOOL_URL: {exc}") from None
+    except ValueError:
+        # Not the parser's message: it may quote a piece of the URL (a password).
+        raise ConfigError(
+            "ESPRELAY_SPOOL_URL: not a valid PostgreSQL URL"
+            " (postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?sslmode=...])"
+        ) from None
+
+
 def redact_url(url: str) -> str:
     """The URL without its password, for logs and error messages."""
     scheme, sep, rest = url.partition("://")
@@ -211,7 +228,7 @@ async def upgrade(conn: asyncpg.Connection) -> tuple[int, int]:
 
 async def migrate(url: str) -> tuple[int, int]:
     """``esprelay db upgrade``: connect to ``url`` and run :func:`upgrade`."""
-    with _translate_errors("migrating the spool schema"):
+    with _url_errors(), _translate_errors("migrating the spool schema"):
         conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, server_settings=_SERVER_SETTINGS)
         try:
             return await upgrade(conn)
@@ -255,15 +272,8 @@ class PostgresSpool:
         )
 
     async def open(self) -> None:
-        try:
+        with _url_errors():
             await self._open()
-        except asyncpg.ClientConfigurationError as exc:
-            raise ConfigError(f"ESPRELAY_SPOOL_URL: {exc}") from None
-        except ValueError:
-            raise ConfigError(
-                "ESPRELAY_SPOOL_URL: not a valid PostgreSQL URL"
-                " (postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?sslmode=...])"
-            ) from None
 
     async def _open(self) -> None:
         with _translate_errors("opening the spool"):
@@ -298,9 +308,6 @@ class PostgresSpool:
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
                 server_settings=_SERVER_SETTINGS,
-                # A pooled connection idle this long is closed: after a database
-                # restart the pool reconnects instead of keeping dead sockets.
-                max_inactive_connection_lifetime=60.0,
             )
 
     @staticmethod
