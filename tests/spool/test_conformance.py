@@ -13,7 +13,7 @@ import pytest
 
 from esprelay.errors import SpoolError
 from esprelay.models import Envelope, MessageState
-from esprelay.spool import Spool
+from esprelay.spool import NewPart, Spool
 from esprelay.spool.postgres import BODY_CHUNK
 from tests.spool.conftest import SpoolFactory
 
@@ -79,6 +79,41 @@ async def test_body_of_any_size_round_trips(spool: Spool, size: int) -> None:
     assert fetched.size == size
     [leased] = await spool.lease("w1", 1, 60)
     assert leased.raw == raw
+
+
+async def test_put_parts_commits_every_part_with_the_same_bytes(spool: Spool) -> None:
+    second = Envelope(mail_from="app@example.com", rcpt_tos=("c@example.com",))
+    ids = await spool.put_parts(
+        RAW,
+        [NewPart(ENVELOPE, "postmark", {"route": "a"}), NewPart(second, "ses", {"route": "b"})],
+    )
+    assert len(ids) == 2
+    assert len(set(ids)) == 2
+    stored = [await spool.get(i, with_body=True) for i in ids]
+    assert [(m.envelope, m.provider, m.meta, m.raw) for m in stored if m] == [
+        (ENVELOPE, "postmark", {"route": "a"}, RAW),
+        (second, "ses", {"route": "b"}, RAW),
+    ]
+    assert {m.id for m in await spool.lease("w1", 10, 60)} == set(ids)
+
+
+@pytest.mark.parametrize("size", [10, 2 * BODY_CHUNK + 3])
+async def test_put_parts_already_leased(spool: Spool, size: int) -> None:
+    raw = b"z" * size
+    [message_id] = await spool.put_parts(
+        raw, [NewPart(ENVELOPE, "outbox")], lease_owner="inline", lease_time=60
+    )
+    message = await spool.get(message_id, with_body=True)
+    assert message is not None
+    assert message.state is MessageState.IN_FLIGHT
+    assert message.lease_owner == "inline"
+    assert message.lease_expires_at is not None
+    assert message.lease_expires_at > time.time() + 30
+    assert message.raw == raw
+    assert await spool.lease("w1", 10, 60) == []  # nobody else may take it
+    assert await spool.mark_delivered(
+        message_id, owner="inline", provider="outbox", provider_message_id="p"
+    )
 
 
 async def test_list_orders_filters_and_limits(spool: Spool) -> None:

@@ -41,14 +41,14 @@ import functools
 import io
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import asyncpg
 
 from esprelay.errors import ConfigError, SpoolError, SpoolFull
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
-from esprelay.spool.base import SpoolStats, new_message_id
+from esprelay.spool.base import NewPart, SpoolStats, new_message_id
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,18 @@ def _small_body(alias: str) -> str:
         f" WHERE b.message_id = {alias}.id AND b.seq = 0) END"
     )
 
+
+# $1 id, $2 mail_from, $3 rcpt_tos, $4 size, $5 provider, $6 meta, $7 lease owner or
+# NULL (an entry created already leased, for an inline attempt), $8 lease time.
+_INSERT_MESSAGE = (
+    "INSERT INTO esprelay_messages (id, created_at, updated_at, mail_from, rcpt_tos, size,"
+    " state, next_attempt_at, provider, meta, lease_owner, lease_expires_at)"
+    f" VALUES ($1, {_NOW}, {_NOW}, $2, $3, $4,"
+    " CASE WHEN $7::text IS NULL THEN 'queued' ELSE 'in_flight' END,"
+    f" {_NOW}, $5, $6::jsonb, $7::text,"
+    f" CASE WHEN $7::text IS NULL THEN NULL ELSE {_NOW} + $8::float8 END)"
+    " RETURNING id"
+)
 
 _Callback = Callable[[], None]
 
@@ -422,41 +434,54 @@ class PostgresSpool:
         provider: str,
         meta: dict[str, Any] | None = None,
     ) -> str:
-        message_id = new_message_id()
-        row = (
-            message_id,
-            envelope.mail_from,
-            list(envelope.rcpt_tos),
-            len(raw),
-            provider,
-            json.dumps(meta or {}),
-        )
-        insert_message = (
-            "INSERT INTO esprelay_messages (id, created_at, updated_at, mail_from, rcpt_tos,"
-            " size, state, next_attempt_at, provider, meta)"
-            f" VALUES ($1, {_NOW}, {_NOW}, $2, $3, $4, 'queued', {_NOW}, $5, $6::jsonb)"
-            " RETURNING id"
-        )
-        if len(raw) <= BODY_CHUNK:
-            # The common case: one statement, one implicit transaction, one round trip;
-            # it returns only after the commit.
-            inserted = await self._fetchval(
-                "storing a message",
-                f"WITH message AS ({insert_message})"
-                " INSERT INTO esprelay_bodies (message_id, seq, data)"
-                " SELECT id, 0, $7 FROM message RETURNING message_id",
-                *row,
-                raw,
-            )
-        else:
-            inserted = await self._put_large(insert_message, row, raw)
-        if inserted != message_id:
-            raise SpoolError("spool error while storing a message: insert not confirmed")
-        self._announce()
+        [message_id] = await self.put_parts(raw, [NewPart(envelope, provider, meta or {})])
         return message_id
 
-    async def _put_large(self, insert_message: str, row: tuple[Any, ...], raw: bytes) -> Any:
-        """Store a large body piece by piece, in one transaction.
+    async def put_parts(
+        self,
+        raw: bytes,
+        parts: Sequence[NewPart],
+        *,
+        lease_owner: str | None = None,
+        lease_time: float = 0.0,
+    ) -> list[str]:
+        rows = [
+            (
+                new_message_id(),
+                part.envelope.mail_from,
+                list(part.envelope.rcpt_tos),
+                len(raw),
+                part.provider,
+                json.dumps(part.meta),
+                lease_owner,
+                float(lease_time),
+            )
+            for part in parts
+        ]
+        ids = [row[0] for row in rows]
+        if len(rows) == 1 and len(raw) <= BODY_CHUNK:
+            # The common case: one statement, one implicit transaction, one round trip;
+            # it returns only after the commit.
+            inserted = [
+                await self._fetchval(
+                    "storing a message",
+                    f"WITH message AS ({_INSERT_MESSAGE})"
+                    " INSERT INTO esprelay_bodies (message_id, seq, data)"
+                    " SELECT id, 0, $9 FROM message RETURNING message_id",
+                    *rows[0],
+                    raw,
+                )
+            ]
+        else:
+            inserted = await self._put_pieces(rows, raw)
+        if inserted != ids:
+            raise SpoolError("spool error while storing a message: insert not confirmed")
+        if lease_owner is None:
+            self._announce()
+        return ids
+
+    async def _put_pieces(self, rows: list[tuple[Any, ...]], raw: bytes) -> list[str]:
+        """Store several entries, or a large body piece by piece, in one transaction.
 
         One statement carrying 25 MB would be copied whole into asyncpg's send buffer
         and again into asyncio's; pieces of BODY_CHUNK bytes (memoryview slices of
@@ -464,16 +489,21 @@ class PostgresSpool:
         """
         pool = self._require_pool()
         view = memoryview(raw)
+        inserted = []
         with _translate_errors("storing a message"):
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
-                inserted = await conn.fetchval(insert_message, *row)
-                for seq, start in enumerate(range(0, len(view), BODY_CHUNK)):
-                    await conn.execute(
-                        "INSERT INTO esprelay_bodies (message_id, seq, data) VALUES ($1, $2, $3)",
-                        inserted,
-                        seq,
-                        view[start : start + BODY_CHUNK],
-                    )
+                for row in rows:
+                    message_id = await conn.fetchval(_INSERT_MESSAGE, *row)
+                    inserted.append(message_id)
+                    pieces = range(0, len(view), BODY_CHUNK) if len(view) else range(1)
+                    for seq, start in enumerate(pieces):
+                        await conn.execute(
+                            "INSERT INTO esprelay_bodies (message_id, seq, data)"
+                            " VALUES ($1, $2, $3)",
+                            message_id,
+                            seq,
+                            view[start : start + BODY_CHUNK],
+                        )
         return inserted
 
     def _announce(self) -> None:
