@@ -20,20 +20,24 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from urllib.parse import urlsplit
 
 import httpx
 
 from esprelay.backoff import RetryPolicy
-from esprelay.config import Settings
+from esprelay.config import Settings, load_settings
 from esprelay.delivery import Deliverer, Outcome, provider_chain
 from esprelay.dispatch import ProviderSet
 from esprelay.dsn import build_dsn, is_dsn, status_for
 from esprelay.errors import ConfigError, SpoolError
+from esprelay.httpapi import OpsServer, ReadinessCheck
 from esprelay.intake import Intake, IntakeState
+from esprelay.logsetup import apply_level
+from esprelay.metrics import RelayMetrics
 from esprelay.models import Envelope
 from esprelay.providers import Provider, build_provider
-from esprelay.routing import load_routing
+from esprelay.routing import RoutingTable, load_routing
 from esprelay.smtp.handler import RelayHandler
 from esprelay.smtp.server import RelaySMTP, smtp_factory
 from esprelay.spool import NewPart, Spool, open_spool
@@ -41,6 +45,15 @@ from esprelay.spool import NewPart, Spool, open_spool
 log = logging.getLogger("esprelay")
 
 PURGE_INTERVAL = 600.0
+
+#: Called on SIGHUP with freshly loaded settings; may be sync or async.  A callback
+#: that raises is logged and the others still run.
+ReloadCallback = Callable[[Settings], Awaitable[None] | None]
+
+#: Settings a SIGHUP applies at once; a change to any other is logged as needing a restart.
+RELOADABLE = frozenset(
+    {"log_level", "admin_token", "shutdown_grace", "delivered_retention", "failed_retention"}
+)
 
 
 class Relay:
@@ -60,6 +73,25 @@ class Relay:
         self._stop = asyncio.Event()
         self._purge_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.metrics = RelayMetrics()
+        self.http: OpsServer | None = None
+        #: Readiness checks for /readyz, by name; other subsystems add theirs.
+        self.readiness: list[tuple[str, ReadinessCheck]] = [
+            ("smtp", self._check_smtp),
+            ("spool", self._check_spool),
+            ("providers", self._check_providers),
+        ]
+        #: SIGHUP callbacks (see :meth:`reload`); other subsystems register theirs.
+        self.reloaders: list[ReloadCallback] = [self._reload_routes, self._reload_settings]
+        self._reloading: asyncio.Task[None] | None = None
+        # API host -> provider name, for the provider label of HTTP status metrics.
+        self._provider_hosts: dict[str, str] = {}
+
+    def add_reload_callback(self, callback: ReloadCallback) -> None:
+        self.reloaders.append(callback)
+
+    def add_readiness_check(self, name: str, check: ReadinessCheck) -> None:
+        self.readiness.append((name, check))
 
     async def start(self) -> None:
         settings = self.settings
@@ -70,6 +102,10 @@ class Relay:
                 max_keepalive_connections=max(10, settings.delivery_concurrency),
             ),
             follow_redirects=False,
+            event_hooks=self.metrics.httpx_event_hooks(self._provider_hosts),
+        )
+        self._provider_hosts.update(
+            _provider_hosts(self.routing.providers, settings.failure_webhook_url)
         )
         built: dict[str, Provider] = {}
         for name, provider_settings in self.routing.providers.items():
@@ -105,8 +141,11 @@ class Relay:
                     max_queue_lifetime=settings.max_queue_lifetime,
                 ),
                 on_failed=self._on_failed,
+                on_outcome=self.metrics.delivery_outcome,
             )
             self.intake_state.on_accepted.append(self.deliverer.wake)
+        self.intake_state.on_accepted.append(self.metrics.message_accepted)
+        self.intake_state.on_reply.append(self.metrics.smtp_reply)
         self.intake = Intake(
             mode=settings.delivery_mode,
             routing=self.routing,
@@ -145,6 +184,8 @@ class Relay:
                 f" {settings.smtp_host}:{settings.smtp_port}: {exc.strerror or exc}"
             ) from None
         self.smtp_port = self.server.sockets[0].getsockname()[1]
+        self.metrics.smtp_sessions.set_function(lambda: len(self.sessions))
+        await self._start_http()
         if self.deliverer is not None:
             self.deliverer.start()
             self._purge_task = asyncio.create_task(self._purge_loop(), name="esprelay-purge")
@@ -158,19 +199,143 @@ class Relay:
             size_limit,
         )
 
+    async def _start_http(self) -> None:
+        settings = self.settings
+        if not settings.http_enabled:
+            return
+        self.http = OpsServer(
+            spool=self.spool,
+            metrics=self.metrics,
+            admin_token=_secret(settings),
+            readiness=self.readiness,
+            on_retry=self.deliverer.wake if self.deliverer is not None else None,
+        )
+        try:
+            await self.http.start(settings.http_host, settings.http_port)
+        except OSError as exc:
+            raise ConfigError(
+                f"ESPRELAY_HTTP_HOST/ESPRELAY_HTTP_PORT: cannot listen on"
+                f" {settings.http_host}:{settings.http_port}: {exc.strerror or exc}"
+            ) from None
+        log.info(
+            "http listening on %s:%d (admin api %s)",
+            settings.http_host,
+            self.http.port,
+            "on" if self.http.admin_token else "off: no ESPRELAY_ADMIN_TOKEN",
+        )
+
+    async def _check_smtp(self) -> str | None:
+        if self.intake_state.draining:
+            return "shutting down"
+        if self.server is None or not self.server.is_serving():
+            return "not listening"
+        return None
+
+    async def _check_spool(self) -> str | None:
+        if self.spool is None:
+            return None  # passthrough mode: no spool
+        await self.spool.stats()  # raises SpoolError if unreadable
+        path = getattr(self.spool, "path", None)  # file-backed spools (SQLite)
+        if path is None:
+            return None
+        return await asyncio.to_thread(_file_writable, str(path))
+
+    async def _check_providers(self) -> str | None:
+        if self.providers is not None and self.providers.all_open():
+            return "every provider's circuit breaker is open"
+        return None
+
     def request_stop(self) -> None:
         self._stop.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload in a task, one at a time; sessions are not touched."""
+        if self._reloading is not None and not self._reloading.done():
+            log.info("reload already under way")
+            return
+        self._reloading = asyncio.create_task(self.reload(), name="esprelay-reload")
+
+    async def reload(self) -> None:
+        """Re-read the settings (environment and .env) and run every reload callback."""
+        log.info("SIGHUP: reloading configuration")
+        try:
+            fresh = await asyncio.to_thread(load_settings)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        failures = 0
+        for callback in list(self.reloaders):
+            try:
+                result = callback(fresh)
+                if result is not None:
+                    await result
+            except ConfigError as exc:
+                failures += 1
+                log.error("reload: %s", exc)
+            except Exception:
+                failures += 1
+                log.exception("reload callback %r failed", callback)
+        log.info("reload done%s", f" ({failures} callback(s) failed)" if failures else "")
+
+    def _reload_routes(self, fresh: Settings) -> None:
+        """Re-read ESPRELAY_ROUTES_FILE; routes change in place, providers need a restart.
+
+        New sessions and messages use the new routes at once; messages already in the
+        spool keep the provider chain they were accepted with.
+        """
+        if fresh.routes_file is None and self.settings.routes_file is None:
+            return
+        routing = load_routing(fresh)  # a ConfigError keeps the running routes
+        if _provider_fingerprints(routing) != _provider_fingerprints(self.routing):
+            raise ConfigError(
+                "ESPRELAY_ROUTES_FILE: providers were added, removed or changed;"
+                " the routes are kept as they were: restart to apply"
+            )
+        self.routing = routing
+        if self.intake is not None:
+            self.intake.routing = routing
+        if self.deliverer is not None:
+            self.deliverer.set_default_chain(routing.default.providers)
+        self.settings = self.settings.model_copy(update={"routes_file": fresh.routes_file})
+        log.info(
+            "routes reloaded: %d route(s), default -> %s",
+            len(routing.routes),
+            ",".join(routing.default.providers),
+        )
+
+    def _reload_settings(self, fresh: Settings) -> None:
+        current = self.settings
+        changed = [
+            name
+            for name in type(current).model_fields
+            if getattr(current, name) != getattr(fresh, name)
+        ]
+        pending = sorted(
+            f"ESPRELAY_{n.upper()}" for n in changed if n not in RELOADABLE | {"routes_file"}
+        )
+        if pending:
+            log.warning("changed but only applied after a restart: %s", ", ".join(pending))
+        self.settings = current.model_copy(
+            update={name: getattr(fresh, name) for name in RELOADABLE}
+        )
+        apply_level(self.settings.log_level)
+        if self.http is not None:
+            self.http.admin_token = _secret(self.settings)
+        applied = sorted(f"ESPRELAY_{n.upper()}" for n in changed if n in RELOADABLE)
+        if applied:
+            log.info("applied: %s", ", ".join(applied))
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then shut down gracefully."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             await self.start()
             await self._stop.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.shutdown()
 
@@ -199,6 +364,8 @@ class Relay:
             await self.deliverer.stop(grace=grace)
         if self._background:
             await asyncio.wait(set(self._background), timeout=grace or 1.0)
+        if self.http is not None:
+            await self.http.close()
         if self.providers is not None:
             for provider in self.providers.providers.values():
                 await provider.aclose()
@@ -315,3 +482,55 @@ class Relay:
             )
 
     # endregion
+
+
+def _file_writable(path: str) -> str | None:
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"spool file {path} is not writable"
+    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        return "spool directory is not writable"
+    return None
+
+
+def _secret(settings: Settings) -> str | None:
+    token = settings.admin_token
+    return None if token is None else token.get_secret_value()
+
+
+def _provider_hosts(providers: Mapping[str, Settings], webhook_url: str | None) -> dict[str, str]:
+    """API host -> provider name (as routed), for the HTTP status metrics' label."""
+    hosts: dict[str, str] = {}
+    for name, settings in providers.items():
+        kind = settings.provider
+        url: str | None = getattr(settings, f"{kind}_api_url", None)
+        if kind == "ses":
+            url = settings.ses_endpoint_url or (
+                f"https://email.{settings.ses_region}.amazonaws.com"
+                if settings.ses_region
+                else None
+            )
+        host = urlsplit(url).hostname if url else None
+        if host:
+            hosts.setdefault(host, name)
+    if webhook_url:
+        host = urlsplit(webhook_url).hostname
+        if host:
+            hosts.setdefault(host, "failure_webhook")
+    return hosts
+
+
+def _provider_fingerprints(routing: RoutingTable) -> dict[str, tuple[str, dict[str, object]]]:
+    """What defines each provider (kind and its own settings), to detect a change.
+
+    SecretStr compares by value, so a rotated key counts as a change.
+    """
+    prints: dict[str, tuple[str, dict[str, object]]] = {}
+    for name, settings in routing.providers.items():
+        kind = settings.provider
+        own: dict[str, object] = {
+            k: getattr(settings, k)
+            for k in type(settings).model_fields
+            if k.startswith(f"{kind}_") or k == "provider_timeout"
+        }
+        prints[name] = (kind, own)
+    return prints

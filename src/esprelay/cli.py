@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
+import os
 import smtplib
 import sys
 import time
@@ -32,8 +32,18 @@ EX_TEMPFAIL = 75
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # `esprelay sendmail ...`, or esprelay installed under the name "sendmail": the
+    # sendmail flags (-oi, -fuser, -t) are not argparse's, and sendmail needs only
+    # the SMTP address, not the whole configuration (see esprelay.sendmail).
+    if args_list[:1] == ["sendmail"] or (
+        argv is None and os.path.basename(sys.argv[0]) == "sendmail"
+    ):
+        from esprelay.sendmail import main as sendmail_main
+
+        return sendmail_main(args_list[1:] if args_list[:1] == ["sendmail"] else args_list)
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     if not getattr(args, "func", None):
         parser.print_help()
         return EX_USAGE
@@ -42,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"esprelay: configuration error: {exc}", file=sys.stderr)
         return EX_USAGE
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     try:
         result: int = args.func(settings, args)
     except ConfigError as exc:
@@ -56,15 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiosmtpd logs every command line at INFO ("mail.log"); keep that for DEBUG.
-    logging.getLogger("mail.log").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def setup_logging(level: str, fmt: str = "text") -> None:
+    from esprelay.logsetup import setup_logging as _setup
+
+    _setup(level, fmt, sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,6 +109,15 @@ def _parser() -> argparse.ArgumentParser:
         "upgrade", help="create the spool schema or migrate it to this version"
     )
     db_upgrade.set_defaults(func=_db_upgrade)
+
+    # Handled in main() before argparse (sendmail's flags are not argparse's); listed
+    # here so that --help shows it.
+    commands.add_parser(
+        "sendmail",
+        help="a /usr/sbin/sendmail drop-in: -t, -f SENDER, -F NAME, -i, recipients;"
+        " the message on stdin",
+        add_help=False,
+    )
 
     send_test = commands.add_parser("send-test", help="submit a test message to the running bridge")
     send_test.add_argument("--to", required=True, action="append", help="recipient (repeatable)")

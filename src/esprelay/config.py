@@ -122,6 +122,14 @@ class Settings(BaseSettings):
 
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    # Operations HTTP endpoint (/healthz, /readyz, /metrics, admin API)
+    http_enabled: bool = True
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8025, ge=0, le=65535)
+    #: Bearer token for the queue admin API and page; without it those routes are off.
+    admin_token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _check_provider_settings(self) -> Settings:
@@ -136,6 +144,8 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"ESPRELAY_{field.upper()} is required when ESPRELAY_PROVIDER={self.provider}"
                 )
+        if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 16:
+            raise ValueError("ESPRELAY_ADMIN_TOKEN must be at least 16 characters long")
         if self.retry_max < self.retry_initial:
             raise ValueError("ESPRELAY_RETRY_MAX must not be smaller than ESPRELAY_RETRY_INITIAL")
         return self
@@ -160,3 +170,23 @@ def _describe(exc: ValidationError) -> str:
         else:
             parts.append(message)
     return "; ".join(parts)
+
+
+class SendmailSettings(BaseSettings):
+    """What ``esprelay sendmail`` reads: the bridge's address, never its secrets.
+
+    Separate from :class:`Settings` so that a program calling sendmail needs neither
+    the provider's keys nor a complete, valid bridge configuration.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="ESPRELAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        hide_input_in_errors=True,
+    )
+
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(default=2525, ge=1, le=65535)
+    sendmail_from: str | None = None

@@ -50,6 +50,8 @@ class IntakeState:
     draining: bool = False
     accepted: int = 0
     on_accepted: list[Callable[[], None]] = field(default_factory=list)
+    #: Called with (stage, reply) for every reply to MAIL, RCPT and DATA (metrics).
+    on_reply: list[Callable[[str, str], None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,15 @@ class Intake:
                 len(part.envelope.rcpt_tos),
                 part.route,
                 ",".join(part.providers),
+                extra={
+                    "event": "accepted",
+                    "message_id": message_id,
+                    "client": client.address,
+                    "size": len(raw),
+                    "rcpts": len(part.envelope.rcpt_tos),
+                    "route": part.route,
+                    "provider": part.providers[0],
+                },
             )
         for callback in self.state.on_accepted:
             callback()
@@ -185,6 +196,13 @@ class Intake:
                     result.provider,
                     elapsed,
                     result.result.provider_message_id,
+                    extra={
+                        "event": "delivered",
+                        "message_id": message_id,
+                        "mode": "passthrough",
+                        "provider": result.provider,
+                        "provider_message_id": result.result.provider_message_id,
+                    },
                 )
             else:
                 log.warning(
@@ -195,6 +213,12 @@ class Intake:
                     len(part.envelope.rcpt_tos),
                     elapsed,
                     result,
+                    extra={
+                        "event": "rejected" if result.permanent else "deferred",
+                        "message_id": message_id,
+                        "mode": "passthrough",
+                        "error": str(result),
+                    },
                 )
         permanent = [e for e in errors if isinstance(e, PermanentDeliveryError)]
         if permanent:

@@ -41,6 +41,34 @@ class RelaySMTP(SMTP):
             return
         await super()._handle_client()
 
+    # region reply observation (metrics): which transaction stage a reply answers
+    _stage: str | None = None
+
+    async def push(self, status: Any) -> None:
+        if self._stage is not None and self.intake.on_reply:
+            text = status if isinstance(status, str) else bytes(status).decode(errors="replace")
+            for callback in self.intake.on_reply:
+                callback(self._stage, text)
+        await super().push(status)
+
+    async def _in_stage(self, stage: str, command: Any, arg: str | None) -> None:
+        self._stage = stage
+        try:
+            await command(arg)
+        finally:
+            self._stage = None
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await self._in_stage("mail", super().smtp_MAIL, arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await self._in_stage("rcpt", super().smtp_RCPT, arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        await self._in_stage("data", super().smtp_DATA, arg)
+
+    # endregion
+
     @property
     def in_transaction(self) -> bool:
         envelope = self.envelope
