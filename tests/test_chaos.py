@@ -22,8 +22,9 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -103,7 +104,7 @@ class Load:
     Every 250 is recorded with its spool id; ``accepted_event`` fires on each one.
     """
 
-    def __init__(self, target: callable, threads: int = 3, limit: int = 10_000) -> None:  # type: ignore[valid-type]
+    def __init__(self, target: Callable[[], int], threads: int = 3, limit: int = 10_000) -> None:
         self.target = target
         self.accepted: dict[str, str] = {}  # spool id -> token
         self.replies: collections.Counter[int] = collections.Counter()
@@ -414,7 +415,7 @@ class TcpProxy:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
-        self._transports: set[asyncio.BaseTransport] = set()
+        self._transports: set[asyncio.WriteTransport] = set()
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
@@ -430,8 +431,8 @@ class TcpProxy:
         self._thread.join(5)
         self.loop.close()
 
-    def _call(self, coro: object) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)  # type: ignore[arg-type]
+    def _call(self, coro: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
 
     def restore(self) -> None:
         self._call(self._listen())
