@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 APT_TOOLS := swaks chromium systemd
 LINT_DIRS := $(wildcard src tests bench)
 
-.PHONY: all setup tools run test lint typecheck pytest bench clean
+.PHONY: all setup tools postgres run test lint typecheck pytest bench clean
 
 all: test
 
@@ -36,6 +36,19 @@ tools:
 	  fi; \
 	fi
 
+# The PostgreSQL spool tests use the local server on 127.0.0.1:5432 (they create and
+# drop databases of their own). Started here when installed but not running; without
+# it they skip, and under CI=true they fail.
+postgres:
+	@if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432; then \
+	  if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then \
+	    for v in $$(ls /etc/postgresql); do \
+	      echo "starting PostgreSQL $$v"; \
+	      pg_ctlcluster --skip-systemctl-redirect $$v main start || true; \
+	    done; \
+	  fi; \
+	fi
+
 run: setup
 	$(BIN)/esprelay serve
 
@@ -46,7 +59,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy src
 
-pytest: setup tools
+pytest: setup tools postgres
 	$(BIN)/pytest
 
 test: lint typecheck pytest

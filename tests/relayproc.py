@@ -115,6 +115,23 @@ class RelayProcess:
             self.proc.wait(10)
             self._pump_thread.join(5)
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the running process (SIGSTOP/SIGCONT/SIGKILL...), if it still runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def deliveries(self) -> list[str]:
+        """Spool ids in the order the outbox wrote them; an id twice is a duplicate."""
+        log = self.outbox / "deliveries.log"
+        if not log.exists():
+            return []
+        return [line.split()[0] for line in log.read_text().splitlines() if line.strip()]
+
     def delivered_ids(self) -> list[str]:
         """Ids whose .json (written last) is in the outbox."""
         if not self.outbox.exists():

@@ -130,7 +130,13 @@ class Relay:
             breaker_cooldown=settings.breaker_cooldown,
         )
         if settings.delivery_mode == "queue":
-            self.spool = open_spool(settings.spool_url, exclusive=True)
+            self.spool = open_spool(
+                settings.spool_url,
+                exclusive=True,
+                owner=self.owner,
+                auto_migrate=settings.spool_auto_migrate,
+                pool_size=settings.spool_pool_size,
+            )
             await self.spool.open()
             self.deliverer = Deliverer(
                 self.spool,

@@ -17,11 +17,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
+from typing import TYPE_CHECKING
 
 from esprelay import __version__
 from esprelay.config import Settings, load_settings
 from esprelay.errors import ConfigError, SpoolError
 from esprelay.models import MessageState, SpooledMessage
+
+if TYPE_CHECKING:
+    from esprelay.spool import Spool
 
 EX_USAGE = 2
 EX_TEMPFAIL = 75
@@ -102,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     q_delete.add_argument("ids", nargs="+", metavar="id")
     q_delete.set_defaults(func=_queue_delete)
 
+    db = commands.add_parser("db", help="manage the spool's database schema")
+    db_commands = db.add_subparsers(title="db commands", required=True)
+    db_upgrade = db_commands.add_parser(
+        "upgrade", help="create the spool schema or migrate it to this version"
+    )
+    db_upgrade.set_defaults(func=_db_upgrade)
+
     # Handled in main() before argparse (sendmail's flags are not argparse's); listed
     # here so that --help shows it.
     commands.add_parser(
@@ -163,6 +174,36 @@ def _hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_spool(settings: Settings) -> Spool:
+    from esprelay.spool import open_spool
+
+    return open_spool(settings.spool_url, auto_migrate=settings.spool_auto_migrate, pool_size=2)
+
+
+def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    scheme = settings.spool_url.split(":", 1)[0].lower()
+    if scheme in ("postgresql", "postgres"):
+        from esprelay.spool.postgres import migrate
+
+        before, after = asyncio.run(migrate(settings.spool_url))
+        if before == after:
+            print(f"spool schema is up to date (version {after})")
+        else:
+            print(f"spool schema migrated from version {before} to {after}")
+        return 0
+
+    async def run() -> None:
+        from esprelay.spool import open_spool
+
+        spool = open_spool(settings.spool_url)  # SQLite creates its schema on open
+        await spool.open()
+        await spool.close()
+
+    asyncio.run(run())
+    print("spool schema is up to date")
+    return 0
+
+
 def _fmt_time(value: float | None) -> str:
     if value is None:
         return "-"
@@ -186,10 +227,8 @@ def _summary(message: SpooledMessage) -> dict[str, object]:
 
 
 def _queue_list(settings: Settings, args: argparse.Namespace) -> int:
-    from esprelay.spool import open_spool
-
     async def run() -> list[SpooledMessage]:
-        spool = open_spool(settings.spool_url)
+        spool = _admin_spool(settings)
         await spool.open()
         try:
             state = MessageState(args.state) if args.state else None
@@ -213,10 +252,8 @@ def _queue_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _queue_show(settings: Settings, args: argparse.Namespace) -> int:
-    from esprelay.spool import open_spool
-
     async def run() -> SpooledMessage | None:
-        spool = open_spool(settings.spool_url)
+        spool = _admin_spool(settings)
         await spool.open()
         try:
             return await spool.get(args.id, with_body=args.body)
@@ -253,14 +290,12 @@ def _queue_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _queue_retry(settings: Settings, args: argparse.Namespace) -> int:
-    from esprelay.spool import open_spool
-
     if not args.ids and not args.all_failed:
         print("esprelay: give message ids or --all-failed", file=sys.stderr)
         return EX_USAGE
 
     async def run() -> tuple[int, list[str]]:
-        spool = open_spool(settings.spool_url)
+        spool = _admin_spool(settings)
         await spool.open()
         try:
             ids = list(args.ids)
@@ -286,10 +321,8 @@ def _queue_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _queue_delete(settings: Settings, args: argparse.Namespace) -> int:
-    from esprelay.spool import open_spool
-
     async def run() -> list[str]:
-        spool = open_spool(settings.spool_url)
+        spool = _admin_spool(settings)
         await spool.open()
         try:
             return [i for i in args.ids if not await spool.delete(i)]

@@ -155,6 +155,9 @@ class Settings(BaseSettings):
 
     # Spool and delivery
     spool_url: str = "sqlite:///esprelay-data/spool.db"
+    # PostgreSQL spool only: create/migrate the schema at start, and connections per instance
+    spool_auto_migrate: bool = True
+    spool_pool_size: int = Field(default=10, ge=1, le=1000)
     delivery_concurrency: int = Field(default=50, ge=0, le=10000)
     retry_initial: Seconds = 15.0
     retry_max: Seconds = 3600.0

@@ -119,6 +119,8 @@ class Deliverer:
 
     def start(self) -> None:
         if self._concurrency > 0:
+            # Work committed by other instances sharing the spool wakes us too.
+            self._spool.add_listener(self.wake)
             self._loop_task = asyncio.create_task(self._run(), name="esprelay-delivery")
         else:
             log.warning(

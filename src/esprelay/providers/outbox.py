@@ -5,6 +5,10 @@ envelope and ids).  Both are written to a hidden temporary name, fsynced and ren
 so no half-written file is ever visible.  The JSON is renamed last: its presence
 means the .eml is complete.  Delivering the same spool id twice rewrites the same
 two files, so a retry after a crash never duplicates a message here.
+
+Every completed write also appends one line, ``<id> <unix time> <pid>``, to
+``deliveries.log``: an audit trail in which a message delivered twice (a kill
+between the write and the spool update) shows up twice, as it would at an ESP.
 """
 
 from __future__ import annotations
@@ -54,11 +58,27 @@ class OutboxProvider(Provider):
                 json.dumps(record, indent=2).encode() + b"\n",
             )
             _fsync_dir(self.directory)
+            _append_line(
+                self.directory / DELIVERY_LOG,
+                f"{message.id} {record['delivered_at']:.6f} {os.getpid()}\n".encode(),
+            )
         except OSError as exc:
             raise ProviderConfigError(
                 f"cannot write to outbox {self.directory}: {exc.strerror}", provider=self.name
             ) from exc
         return SendResult(provider_message_id=provider_id)
+
+
+DELIVERY_LOG = "deliveries.log"
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    # One write() on an O_APPEND descriptor: lines from several processes never mix.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -105,6 +105,14 @@ class Spool(Protocol):
 
     async def purge(self, *, delivered_before: float, failed_before: float) -> int:
         """Forget delivered and failed messages older than the given times."""
+        ...
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop) when new due work may have been
+        committed by *another* process sharing this spool, so idle workers wake
+        without polling.  A spool only one process writes may ignore it: that
+        process's own SMTP intake wakes its workers directly.
+        """
         ...
 
 

@@ -536,6 +536,11 @@ class SqliteSpool:
 
         return await self._run(remove)
 
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Nothing to do: one ``serve`` process owns an SQLite spool, and its own
+        intake wakes its workers (``IntakeState.on_accepted``)."""
+        del callback
+
     @staticmethod
     def _recover(conn: sqlite3.Connection) -> int:
         cursor = conn.execute(

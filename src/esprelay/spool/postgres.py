@@ -1,0 +1,823 @@
+"""The shared spool: PostgreSQL, for several esprelay instances behind one load balancer.
+
+Same interface and semantics as the SQLite spool, with these differences that come
+from sharing:
+
+- **Leases.** Workers claim due messages with ``FOR UPDATE SKIP LOCKED``, so two
+  instances never lease the same message, and never wait on each other.  A lease
+  records its owner and expiry; when an instance dies, its messages become due again
+  once their leases expire and any other instance takes them.  Unlike SQLite, start-up
+  does not reset every ``in_flight`` message (other instances may be delivering them):
+  it takes back only the leases held under this instance's own owner id.
+- **Clock.** "Now" is the database server's clock (``now()``), so instances whose
+  clocks disagree still agree on when a lease has expired.
+- **Wake-ups.** After ``put`` commits, and within ``retry_now``, the spool sends
+  ``NOTIFY esprelay_spool``; PostgreSQL delivers it to every instance that listens
+  (:meth:`PostgresSpool.add_listener`), so idle workers everywhere wake at once
+  instead of polling tightly.
+- **Durability.** Every write is one transaction (one statement, except for a large
+  body); it returns only after PostgreSQL has committed it (``synchronous_commit`` is
+  forced ``on`` for our sessions), so ``250`` still means "committed".  PostgreSQL
+  groups concurrent commits itself; there is no group commit of our own here.
+- **Shutdown.** ``close`` of a serving instance hands back the leases it still holds,
+  so a graceful stop leaves nothing waiting for a lease to expire.
+- **Schema.** :func:`upgrade` creates and migrates the tables (``esprelay db upgrade``,
+  or at start with ``ESPRELAY_SPOOL_AUTO_MIGRATE``), under an advisory lock so that
+  instances starting together do not race.
+
+Message bytes travel as ``bytea`` in asyncpg's binary format, never as hex text.  A
+body is stored in pieces of :data:`BODY_CHUNK` bytes (``esprelay_bodies``), written
+from memoryview slices of the received bytes, so storing a 25 MB message costs about
+a megabyte of buffers on top of the message itself rather than two more copies of
+it; the server joins the pieces again, and a lease receives each body as one
+``bytes`` object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import asyncpg
+
+from esprelay.errors import ConfigError, SpoolError, SpoolFull
+from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
+from esprelay.spool.base import NewPart, SpoolStats, new_message_id
+
+log = logging.getLogger(__name__)
+
+#: The NOTIFY channel on which commits of due work are announced.
+CHANNEL = "esprelay_spool"
+#: A constant key for the advisory lock held while migrating the schema.
+MIGRATION_LOCK = 0x65737072656C6179  # "esprelay"
+
+CONNECT_TIMEOUT = 10.0
+#: Longest a single statement may take (a 25 MB message over a slow link included).
+COMMAND_TIMEOUT = 60.0
+#: How long a caller waits for a free pooled connection.
+ACQUIRE_TIMEOUT = 30.0
+#: How often the listening connection is checked when no notification arrives.
+LISTEN_KEEPALIVE = 30.0
+
+# Our sessions commit durably whatever the server's default: 250 means committed.
+_SERVER_SETTINGS = {"application_name": "esprelay", "synchronous_commit": "on"}
+
+_NOW = "extract(epoch FROM now())::float8"
+
+# Each entry takes the schema from version N to N+1.  Never edit a released entry:
+# append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE esprelay_messages (
+        id text PRIMARY KEY,
+        created_at double precision NOT NULL,
+        updated_at double precision NOT NULL,
+        mail_from text NOT NULL,
+        rcpt_tos text[] NOT NULL,
+        size bigint NOT NULL,
+        has_body boolean NOT NULL DEFAULT true,
+        state text NOT NULL
+            CHECK (state IN ('queued', 'in_flight', 'delivered', 'failed')),
+        attempts integer NOT NULL DEFAULT 0,
+        next_attempt_at double precision NOT NULL,
+        lease_owner text,
+        lease_expires_at double precision,
+        last_error text,
+        provider text NOT NULL,
+        provider_message_id text,
+        meta jsonb NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX esprelay_messages_due ON esprelay_messages (next_attempt_at)
+        WHERE state = 'queued';
+    CREATE INDEX esprelay_messages_lease ON esprelay_messages (lease_expires_at)
+        WHERE state = 'in_flight';
+    CREATE INDEX esprelay_messages_finished ON esprelay_messages (state, updated_at)
+        WHERE state IN ('delivered', 'failed');
+    CREATE INDEX esprelay_messages_created ON esprelay_messages (created_at, id);
+    CREATE TABLE esprelay_bodies (
+        message_id text NOT NULL REFERENCES esprelay_messages (id) ON DELETE CASCADE,
+        seq integer NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (message_id, seq)
+    );
+    CREATE TABLE esprelay_attempts (
+        message_id text NOT NULL REFERENCES esprelay_messages (id) ON DELETE CASCADE,
+        number integer NOT NULL,
+        at double precision NOT NULL,
+        provider text NOT NULL,
+        outcome text NOT NULL,
+        error text,
+        provider_message_id text,
+        PRIMARY KEY (message_id, number)
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_COLUMNS = (
+    "id, created_at, updated_at, mail_from, rcpt_tos, size, state, attempts, next_attempt_at,"
+    " lease_owner, lease_expires_at, last_error, provider, provider_message_id, meta::text"
+)
+
+#: A message body is stored as pieces of this size (see :meth:`PostgresSpool.put`).
+BODY_CHUNK = 1024 * 1024
+
+
+def _small_body(alias: str) -> str:
+    """The body of a one-piece message, inline; NULL for a large or dropped one."""
+    return (
+        f"CASE WHEN {alias}.has_body AND {alias}.size <= {BODY_CHUNK} THEN"
+        f" (SELECT b.data FROM esprelay_bodies AS b"
+        f" WHERE b.message_id = {alias}.id AND b.seq = 0) END"
+    )
+
+
+# $1 id, $2 mail_from, $3 rcpt_tos, $4 size, $5 provider, $6 meta, $7 lease owner or
+# NULL (an entry created already leased, for an inline attempt), $8 lease time.
+_INSERT_MESSAGE = (
+    "INSERT INTO esprelay_messages (id, created_at, updated_at, mail_from, rcpt_tos, size,"
+    " state, next_attempt_at, provider, meta, lease_owner, lease_expires_at)"
+    f" VALUES ($1, {_NOW}, {_NOW}, $2, $3, $4,"
+    " CASE WHEN $7::text IS NULL THEN 'queued' ELSE 'in_flight' END,"
+    f" {_NOW}, $5, $6::jsonb, $7::text,"
+    f" CASE WHEN $7::text IS NULL THEN NULL ELSE {_NOW} + $8::float8 END)"
+    " RETURNING id"
+)
+
+_Callback = Callable[[], None]
+
+
+@contextlib.contextmanager
+def _translate_errors(action: str) -> Iterator[None]:
+    """asyncpg, socket and timeout errors become SpoolError (SMTP 451) at the boundary."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        # Class 53: insufficient resources (disk full, out of memory, too many connections).
+        if sqlstate.startswith("53") and sqlstate != "53300":
+            raise SpoolFull(f"spool storage problem while {action}: {exc}") from exc
+        raise SpoolError(f"spool error while {action}: {type(exc).__name__}: {exc}") from exc
+    except asyncpg.ClientConfigurationError:
+        raise  # a bad ESPRELAY_SPOOL_URL: open() reports it as a configuration error
+    except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+        raise SpoolError(f"spool error while {action}: {type(exc).__name__}: {exc}") from exc
+    except TimeoutError as exc:
+        raise SpoolError(
+            f"spool error while {action}: the database did not answer in time"
+        ) from exc
+    except OSError as exc:
+        raise SpoolError(
+            f"spool error while {action}: cannot reach the database: {exc.strerror or exc}"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _url_errors() -> Iterator[None]:
+    """A URL asyncpg cannot parse is a configuration error (exit 2), not a 451."""
+    try:
+        yield
+    except asyncpg.ClientConfigurationError as exc:
+        raise ConfigError(f"ESPRELAY_SPOOL_URL: {exc}") from None
+    except ValueError:
+        # Not the parser's message: it may quote a piece of the URL (a password).
+        raise ConfigError(
+            "ESPRELAY_SPOOL_URL: not a valid PostgreSQL URL"
+            " (postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?sslmode=...])"
+        ) from None
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else url
+
+
+async def _current_version(conn: asyncpg.Connection) -> int:
+    exists = await conn.fetchval("SELECT to_regclass('esprelay_schema') IS NOT NULL")
+    if not exists:
+        return 0
+    version = await conn.fetchval("SELECT max(version) FROM esprelay_schema")
+    return int(version or 0)
+
+
+async def upgrade(conn: asyncpg.Connection) -> tuple[int, int]:
+    """Bring the schema to :data:`SCHEMA_VERSION`; return (version before, after).
+
+    Runs in one transaction under an advisory lock: instances starting together
+    migrate once, and a failed migration leaves the old schema untouched.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS esprelay_schema ("
+            " version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        before = await _current_version(conn)
+        if before > SCHEMA_VERSION:
+            raise SpoolError(
+                f"the spool schema is at version {before}, newer than this esprelay"
+                f" understands ({SCHEMA_VERSION}): upgrade esprelay"
+            )
+        for version in range(before + 1, SCHEMA_VERSION + 1):
+            await conn.execute(MIGRATIONS[version - 1])
+            await conn.execute("INSERT INTO esprelay_schema (version) VALUES ($1)", version)
+    return before, SCHEMA_VERSION
+
+
+async def migrate(url: str) -> tuple[int, int]:
+    """``esprelay db upgrade``: connect to ``url`` and run :func:`upgrade`."""
+    with _url_errors(), _translate_errors("migrating the spool schema"):
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, server_settings=_SERVER_SETTINGS)
+        try:
+            return await upgrade(conn)
+        finally:
+            await conn.close()
+
+
+class PostgresSpool:
+    """A spool in a PostgreSQL database shared by any number of esprelay instances."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        owner: str | None = None,
+        auto_migrate: bool = True,
+        pool_size: int = 10,
+    ) -> None:
+        self.url = url
+        self.owner = owner
+        self.auto_migrate = auto_migrate
+        self.pool_size = max(1, pool_size)
+        self._pool: asyncpg.Pool | None = None
+        self._closed = False
+        self._callbacks: list[_Callback] = []
+        self._listen_task: asyncio.Task[None] | None = None
+        self._announcing: asyncio.Task[None] | None = None
+        self._announce_again = False
+
+    def __repr__(self) -> str:
+        return f"PostgresSpool({redact_url(self.url)!r})"
+
+    # region lifecycle
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            self.url,
+            timeout=CONNECT_TIMEOUT,
+            command_timeout=COMMAND_TIMEOUT,
+            server_settings=_SERVER_SETTINGS,
+        )
+
+    async def open(self) -> None:
+        with _url_errors():
+            await self._open()
+
+    async def _open(self) -> None:
+        with _translate_errors("opening the spool"):
+            conn = await self._connect()
+            try:
+                if self.auto_migrate:
+                    before, after = await upgrade(conn)
+                    if before != after:
+                        log.info("spool: schema migrated from version %d to %d", before, after)
+                else:
+                    version = await _current_version(conn)
+                    if version != SCHEMA_VERSION:
+                        raise SpoolError(
+                            f"the spool schema is at version {version}, this esprelay needs"
+                            f" {SCHEMA_VERSION}: run `esprelay db upgrade`"
+                            " (or set ESPRELAY_SPOOL_AUTO_MIGRATE=true)"
+                        )
+                if self.owner is not None:
+                    count = await self._release_leases(conn, self.owner)
+                    if count:
+                        log.warning(
+                            "spool: took back %d message(s) leased by a previous run of %s",
+                            count,
+                            self.owner,
+                        )
+            finally:
+                await conn.close()
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+                server_settings=_SERVER_SETTINGS,
+            )
+
+    @staticmethod
+    async def _release_leases(executor: asyncpg.Connection | asyncpg.Pool, owner: str) -> int:
+        """Make every message leased by ``owner`` due again; return how many."""
+        with _translate_errors("handing back leases"):
+            status = await executor.execute(
+                "UPDATE esprelay_messages SET state = 'queued', lease_owner = NULL,"
+                f" lease_expires_at = NULL, updated_at = {_NOW}"
+                " WHERE state = 'in_flight' AND lease_owner = $1",
+                owner,
+            )
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        if self._announcing is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._announcing
+        if self.owner is not None and self._pool is not None:
+            # ``serve`` closes the spool after its deliveries have stopped: what this
+            # instance still holds is due again now, not only when the leases expire.
+            try:
+                released = await self._release_leases(self._pool, self.owner)
+            except SpoolError as exc:
+                log.warning("spool: could not hand back leases at shutdown: %s", exc)
+            else:
+                if released:
+                    log.info("spool: handed back %d unfinished message(s)", released)
+        self._closed = True
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listen_task
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), timeout=5)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self._pool.terminate()
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None or self._closed:
+            raise SpoolError("spool is not open")
+        return self._pool
+
+    async def _fetch(self, action: str, query: str, *args: Any) -> list[asyncpg.Record]:
+        pool = self._require_pool()
+        with _translate_errors(action):
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                return list(await conn.fetch(query, *args))
+
+    async def _fetchval(self, action: str, query: str, *args: Any) -> Any:
+        pool = self._require_pool()
+        with _translate_errors(action):
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                return await conn.fetchval(query, *args)
+
+    # endregion
+    # region wake-ups
+
+    def add_listener(self, callback: _Callback) -> None:
+        """Call ``callback`` whenever any instance commits new due work.
+
+        Starts one dedicated listening connection (not from the pool) that reconnects
+        by itself; after every (re)connection the callbacks run once, since
+        notifications sent while it was away are lost.
+        """
+        self._callbacks.append(callback)
+        if self._listen_task is None and not self._closed:
+            self._listen_task = asyncio.create_task(self._listen(), name="esprelay-spool-listen")
+
+    def _notify_callbacks(self, *_: object) -> None:
+        for callback in self._callbacks:
+            callback()
+
+    async def _listen(self) -> None:
+        delay = 0.5
+        while not self._closed:
+            conn: asyncpg.Connection | None = None
+            try:
+                with _translate_errors("listening for new messages"):
+                    conn = await self._connect()
+                    lost = asyncio.Event()
+                    conn.add_termination_listener(functools.partial(_set_event, lost))
+                    await conn.add_listener(CHANNEL, self._notify_callbacks)
+                    self._notify_callbacks()
+                    delay = 0.5
+                    while not lost.is_set():
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(lost.wait(), timeout=LISTEN_KEEPALIVE)
+                        if not lost.is_set():
+                            await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT)
+                log.warning("spool: lost the listening connection; reconnecting")
+            except SpoolError as exc:
+                log.warning("spool: %s; retrying in %.1fs", exc, delay)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    # endregion
+    # region operations
+
+    async def put(
+        self,
+        envelope: Envelope,
+        raw: bytes,
+        *,
+        provider: str,
+        meta: dict[str, Any] | None = None,
+    ) -> str:
+        [message_id] = await self.put_parts(raw, [NewPart(envelope, provider, meta or {})])
+        return message_id
+
+    async def put_parts(
+        self,
+        raw: bytes,
+        parts: Sequence[NewPart],
+        *,
+        lease_owner: str | None = None,
+        lease_time: float = 0.0,
+    ) -> list[str]:
+        rows = [
+            (
+                new_message_id(),
+                part.envelope.mail_from,
+                list(part.envelope.rcpt_tos),
+                len(raw),
+                part.provider,
+                json.dumps(part.meta),
+                lease_owner,
+                float(lease_time),
+            )
+            for part in parts
+        ]
+        ids = [row[0] for row in rows]
+        if len(rows) == 1 and len(raw) <= BODY_CHUNK:
+            # The common case: one statement, one implicit transaction, one round trip;
+            # it returns only after the commit.
+            inserted = [
+                await self._fetchval(
+                    "storing a message",
+                    f"WITH message AS ({_INSERT_MESSAGE})"
+                    " INSERT INTO esprelay_bodies (message_id, seq, data)"
+                    " SELECT id, 0, $9 FROM message RETURNING message_id",
+                    *rows[0],
+                    raw,
+                )
+            ]
+        else:
+            inserted = await self._put_pieces(rows, raw)
+        if inserted != ids:
+            raise SpoolError("spool error while storing a message: insert not confirmed")
+        if lease_owner is None:
+            self._announce()
+        return ids
+
+    async def _put_pieces(self, rows: list[tuple[Any, ...]], raw: bytes) -> list[str]:
+        """Store several entries, or a large body piece by piece, in one transaction.
+
+        One statement carrying 25 MB would be copied whole into asyncpg's send buffer
+        and again into asyncio's; pieces of BODY_CHUNK bytes (memoryview slices of
+        the one ``raw`` object, never copied by us) keep that to a megabyte or two.
+        """
+        pool = self._require_pool()
+        view = memoryview(raw)
+        inserted = []
+        with _translate_errors("storing a message"):
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                for row in rows:
+                    message_id = await conn.fetchval(_INSERT_MESSAGE, *row)
+                    inserted.append(message_id)
+                    pieces = range(0, len(view), BODY_CHUNK) if len(view) else range(1)
+                    for seq, start in enumerate(pieces):
+                        await conn.execute(
+                            "INSERT INTO esprelay_bodies (message_id, seq, data)"
+                            " VALUES ($1, $2, $3)",
+                            message_id,
+                            seq,
+                            view[start : start + BODY_CHUNK],
+                        )
+        return inserted
+
+    def _announce(self) -> None:
+        """Tell the other instances, after the commit, that new work is due.
+
+        Not inside the insert's transaction: PostgreSQL serialises the commits of
+        all transactions that NOTIFY (a database-wide lock), which would put every
+        SMTP client in one line.  A burst of puts is folded into one NOTIFY per
+        round trip; a lost one costs at most a poll interval.
+        """
+        if self._announcing is not None and not self._announcing.done():
+            self._announce_again = True
+            return
+        self._announce_again = False
+        self._announcing = asyncio.create_task(self._send_notify(), name="esprelay-spool-notify")
+
+    async def _send_notify(self) -> None:
+        while True:
+            try:
+                await self._fetchval("announcing new messages", "SELECT pg_notify($1, '')", CHANNEL)
+            except SpoolError as exc:
+                log.debug("spool: %s", exc)
+            if not self._announce_again or self._closed:
+                return
+            self._announce_again = False
+
+    async def lease(self, owner: str, limit: int, lease_time: float) -> list[SpooledMessage]:
+        if limit <= 0:
+            return []
+        rows = await self._fetch(
+            "leasing messages",
+            "WITH due AS ("
+            " SELECT id FROM esprelay_messages"
+            f" WHERE (state = 'queued' AND next_attempt_at <= {_NOW})"
+            f" OR (state = 'in_flight' AND lease_expires_at <= {_NOW})"
+            " ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            ", leased AS ("
+            " UPDATE esprelay_messages AS m SET state = 'in_flight', lease_owner = $2,"
+            f" lease_expires_at = {_NOW} + $3, updated_at = {_NOW}"
+            " FROM due WHERE m.id = due.id"
+            f" RETURNING {_qualified('m')}, m.has_body)"
+            f" SELECT leased.*, {_small_body('leased')} AS raw FROM leased",
+            limit,
+            owner,
+            float(lease_time),
+        )
+        messages = []
+        for row in rows:
+            raw = row["raw"]
+            if raw is None:
+                raw = await self._read_large_body(row["id"], row["size"])
+                if raw is None:
+                    continue  # deleted (esprelay queue delete) since it was leased
+            messages.append(_record_to_message(row, raw=raw))
+        messages.sort(key=lambda m: (m.next_attempt_at, m.id))
+        return messages
+
+    async def _read_large_body(self, id: str, size: int) -> bytes | None:
+        """Fetch a body stored in several pieces, a few pieces at a time.
+
+        The pieces go into one growing buffer whose value is then handed over
+        without a copy (``BytesIO.getvalue`` shares it when it is exactly full), so
+        a 25 MB body costs about 25 MB, where one statement returning it whole would
+        cost three times that inside the driver.
+        """
+        pool = self._require_pool()
+        buffer = io.BytesIO()
+        pieces = 0
+        with _translate_errors("reading a message body"):
+            async with (
+                pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
+                conn.transaction(readonly=True),
+            ):
+                async for row in conn.cursor(
+                    "SELECT data FROM esprelay_bodies WHERE message_id = $1 ORDER BY seq",
+                    id,
+                    prefetch=2,
+                ):
+                    buffer.write(row["data"])
+                    pieces += 1
+        if not pieces:
+            return None
+        body = buffer.getvalue()
+        if len(body) != size:
+            raise SpoolError(f"spool error: body of {id} is {len(body)} bytes, expected {size}")
+        return body
+
+    async def _finish(
+        self,
+        id: str,
+        owner: str,
+        provider: str,
+        *,
+        state: MessageState,
+        outcome: str,
+        error: str | None,
+        provider_message_id: str | None,
+        next_attempt_at: float | None,
+        drop_body: bool,
+    ) -> bool:
+        finished = await self._fetchval(
+            f"recording a {outcome} attempt",
+            "WITH finished AS ("
+            " UPDATE esprelay_messages SET state = $3, attempts = attempts + 1,"
+            f" updated_at = {_NOW}, lease_owner = NULL, lease_expires_at = NULL,"
+            " last_error = $4, provider = $5,"
+            " provider_message_id = COALESCE($6, provider_message_id),"
+            " next_attempt_at = COALESCE($7, next_attempt_at)"
+            + (", has_body = false" if drop_body else "")
+            + " WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2"
+            " RETURNING id, attempts, updated_at)"
+            + (
+                ", dropped AS (DELETE FROM esprelay_bodies"
+                " WHERE message_id IN (SELECT id FROM finished))"
+                if drop_body
+                else ""
+            )
+            + " INSERT INTO esprelay_attempts (message_id, number, at, provider, outcome, error,"
+            " provider_message_id) SELECT id, attempts, updated_at, $5, $8, $4, $6 FROM finished"
+            " ON CONFLICT (message_id, number) DO UPDATE SET at = EXCLUDED.at,"
+            " provider = EXCLUDED.provider, outcome = EXCLUDED.outcome, error = EXCLUDED.error,"
+            " provider_message_id = EXCLUDED.provider_message_id"
+            " RETURNING message_id",
+            id,
+            owner,
+            state.value,
+            error,
+            provider,
+            provider_message_id,
+            next_attempt_at,
+            outcome,
+        )
+        return finished is not None
+
+    async def mark_delivered(
+        self, id: str, *, owner: str, provider: str, provider_message_id: str | None
+    ) -> bool:
+        return await self._finish(
+            id,
+            owner,
+            provider,
+            state=MessageState.DELIVERED,
+            outcome="delivered",
+            error=None,
+            provider_message_id=provider_message_id,
+            next_attempt_at=None,
+            drop_body=True,
+        )
+
+    async def mark_retry(
+        self, id: str, *, owner: str, provider: str, error: str, next_attempt_at: float
+    ) -> bool:
+        return await self._finish(
+            id,
+            owner,
+            provider,
+            state=MessageState.QUEUED,
+            outcome="deferred",
+            error=error,
+            provider_message_id=None,
+            next_attempt_at=next_attempt_at,
+            drop_body=False,
+        )
+
+    async def mark_failed(self, id: str, *, owner: str, provider: str, error: str) -> bool:
+        return await self._finish(
+            id,
+            owner,
+            provider,
+            state=MessageState.FAILED,
+            outcome="failed",
+            error=error,
+            provider_message_id=None,
+            next_attempt_at=None,
+            drop_body=False,
+        )
+
+    async def get(self, id: str, *, with_body: bool = False) -> SpooledMessage | None:
+        pool = self._require_pool()
+        with _translate_errors("reading a message"):
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    f"SELECT {_COLUMNS}, has_body,"
+                    f" {_small_body('m') if with_body else 'NULL::bytea'} AS raw"
+                    " FROM esprelay_messages AS m WHERE id = $1",
+                    id,
+                )
+                if row is None:
+                    return None
+                attempts = await conn.fetch(
+                    "SELECT number, at, provider, outcome, error, provider_message_id"
+                    " FROM esprelay_attempts WHERE message_id = $1 ORDER BY number",
+                    id,
+                )
+        raw = row["raw"]
+        if with_body and raw is None and row["has_body"]:
+            raw = await self._read_large_body(id, row["size"])
+        history = tuple(Attempt(*attempt) for attempt in attempts)
+        return _record_to_message(row, raw=raw, history=history)
+
+    async def list(
+        self, *, state: MessageState | None = None, limit: int = 100
+    ) -> list[SpooledMessage]:
+        if state is None:
+            rows = await self._fetch(
+                "listing messages",
+                f"SELECT {_COLUMNS} FROM esprelay_messages ORDER BY created_at, id LIMIT $1",
+                limit,
+            )
+        else:
+            rows = await self._fetch(
+                "listing messages",
+                f"SELECT {_COLUMNS} FROM esprelay_messages WHERE state = $1"
+                " ORDER BY created_at, id LIMIT $2",
+                state.value,
+                limit,
+            )
+        return [_record_to_message(row) for row in rows]
+
+    async def retry_now(self, id: str) -> bool:
+        updated = await self._fetchval(
+            "retrying a message",
+            "WITH updated AS ("
+            f" UPDATE esprelay_messages SET state = 'queued', next_attempt_at = {_NOW},"
+            f" updated_at = {_NOW},"
+            # A failed message retried by hand gets a fresh queue lifetime.
+            f" created_at = CASE WHEN state = 'failed' THEN {_NOW} ELSE created_at END"
+            " WHERE id = $1 AND state IN ('queued', 'failed') AND has_body"
+            " RETURNING id)"
+            " SELECT updated.id FROM updated, LATERAL pg_notify($2, '') AS notified",
+            id,
+            CHANNEL,
+        )
+        return updated is not None
+
+    async def delete(self, id: str) -> bool:
+        deleted = await self._fetchval(
+            "deleting a message",
+            "DELETE FROM esprelay_messages WHERE id = $1 RETURNING id",
+            id,
+        )
+        return deleted is not None
+
+    async def stats(self) -> SpoolStats:
+        pool = self._require_pool()
+        with _translate_errors("reading spool statistics"):
+            async with (
+                pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                rows = await conn.fetch(
+                    "SELECT state, count(*) AS n FROM esprelay_messages GROUP BY state"
+                )
+                oldest = await conn.fetchval(
+                    "SELECT min(created_at) FROM esprelay_messages"
+                    " WHERE state IN ('queued', 'in_flight')"
+                )
+        counts = {MessageState(row["state"]): int(row["n"]) for row in rows}
+        return SpoolStats(counts=counts, oldest_queued_at=oldest)
+
+    async def next_due(self) -> float | None:
+        value = await self._fetchval(
+            "reading the next due time",
+            "SELECT least("
+            " (SELECT min(next_attempt_at) FROM esprelay_messages WHERE state = 'queued'),"
+            " (SELECT min(lease_expires_at) FROM esprelay_messages WHERE state = 'in_flight'))",
+        )
+        return None if value is None else float(value)
+
+    async def purge(self, *, delivered_before: float, failed_before: float) -> int:
+        removed = await self._fetchval(
+            "purging finished messages",
+            "WITH removed AS (DELETE FROM esprelay_messages"
+            " WHERE (state = 'delivered' AND updated_at < $1)"
+            " OR (state = 'failed' AND updated_at < $2) RETURNING 1)"
+            " SELECT count(*) FROM removed",
+            delivered_before,
+            failed_before,
+        )
+        return int(removed)
+
+    # endregion
+
+
+def _set_event(event: asyncio.Event, *_: object) -> None:
+    event.set()
+
+
+def _qualified(alias: str) -> str:
+    return ", ".join(f"{alias}.{column.strip()}" for column in _COLUMNS.split(","))
+
+
+def _record_to_message(
+    row: asyncpg.Record, *, raw: bytes | None = None, history: tuple[Attempt, ...] = ()
+) -> SpooledMessage:
+    return SpooledMessage(
+        id=row["id"],
+        envelope=Envelope(mail_from=row["mail_from"], rcpt_tos=tuple(row["rcpt_tos"])),
+        size=row["size"],
+        state=MessageState(row["state"]),
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        next_attempt_at=row["next_attempt_at"],
+        provider=row["provider"],
+        # asyncpg hands bytea over as one bytes object: no further copy here.
+        raw=raw,
+        last_error=row["last_error"],
+        provider_message_id=row["provider_message_id"],
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
+        updated_at=row["updated_at"],
+        history=history,
+        meta=json.loads(row["meta"]),
+    )
+
+
+__all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresSpool", "migrate", "redact_url", "upgrade"]
