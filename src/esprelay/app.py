@@ -87,7 +87,14 @@ class Relay:
             ("providers", self._check_providers),
         ]
         #: SIGHUP callbacks (see :meth:`reload`); other subsystems register theirs.
-        self.reloaders: list[ReloadCallback] = [self._reload_routes, self._reload_settings]
+        self.reloaders: list[ReloadCallback] = [
+            self._reload_routes,
+            self._reload_users,
+            self._reload_certificates,
+            self._reload_settings,
+        ]
+        self.users: UserDB | None = None
+        self.tls: TLSContextSource | None = None
         self._reloading: asyncio.Task[None] | None = None
         # API host -> provider name, for the provider label of HTTP status metrics.
         self._provider_hosts: dict[str, str] = {}
@@ -107,6 +114,8 @@ class Relay:
             settings.auth_user,
             settings.auth_password.get_secret_value() if settings.auth_password else None,
         )
+        self.users = users
+        self.tls = tls
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.provider_timeout),
             limits=httpx.Limits(
@@ -381,6 +390,27 @@ class Relay:
             ",".join(routing.default.providers),
         )
 
+    def _reload_users(self, fresh: Settings) -> None:
+        """Re-read ESPRELAY_AUTH_FILE (or the AUTH_USER pair); open sessions keep theirs."""
+        if self.users is None:
+            return
+        users = UserDB.load(  # a ConfigError keeps the running users
+            fresh.auth_file,
+            fresh.auth_user,
+            fresh.auth_password.get_secret_value() if fresh.auth_password else None,
+        )
+        self.users.replace_with(users)
+        self.settings = self.settings.model_copy(
+            update={n: getattr(fresh, n) for n in ("auth_file", "auth_user", "auth_password")}
+        )
+        log.info("AUTH users reloaded: %d user(s)", len(users))
+
+    def _reload_certificates(self, fresh: Settings) -> None:
+        """Pick up rotated certificate files now rather than at the next check."""
+        del fresh  # the certificate paths themselves need a restart
+        if self.tls is not None:
+            self.tls.check_now()
+
     def _reload_settings(self, fresh: Settings) -> None:
         current = self.settings
         changed = [
@@ -389,7 +419,9 @@ class Relay:
             if getattr(current, name) != getattr(fresh, name)
         ]
         pending = sorted(
-            f"ESPRELAY_{n.upper()}" for n in changed if n not in RELOADABLE | {"routes_file"}
+            f"ESPRELAY_{n.upper()}"
+            for n in changed
+            if n not in RELOADABLE | {"routes_file", "auth_file", "auth_user", "auth_password"}
         )
         if pending:
             log.warning("changed but only applied after a restart: %s", ", ".join(pending))

@@ -119,6 +119,10 @@ class UserDB:
     def __repr__(self) -> str:
         return f"UserDB(users={len(self._users)})"
 
+    def replace_with(self, other: UserDB) -> None:
+        """Take ``other``'s users (a reload); listeners sharing this object see them at once."""
+        self._users = dict(other._users)
+
     def known(self, name: bytes) -> bool:
         return name.decode("utf-8", "replace") in self._users
 

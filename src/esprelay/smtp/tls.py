@@ -97,6 +97,11 @@ class TLSContextSource:
             self._maybe_reload()
         return self._context
 
+    def check_now(self) -> None:
+        """Re-read the certificate files now if they changed (SIGHUP)."""
+        self._checked = time.monotonic()
+        self._maybe_reload()
+
     def _maybe_reload(self) -> None:
         try:
             stamp = _stamp(self.cert_file, self.key_file)
