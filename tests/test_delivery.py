@@ -11,6 +11,7 @@ import pytest
 
 from esprelay.backoff import RetryPolicy
 from esprelay.delivery import Deliverer
+from esprelay.dispatch import ProviderSet
 from esprelay.errors import (
     MessageRejected,
     ProviderConfigError,
@@ -53,8 +54,8 @@ def make_deliverer(
 ) -> Deliverer:
     return Deliverer(
         spool,
-        {provider.name: provider},
-        default_provider=provider.name,
+        ProviderSet({provider.name: provider}, breaker_threshold=1000),
+        default_chain=(provider.name,),
         owner="test",
         concurrency=4,
         lease_time=30,

@@ -92,6 +92,18 @@ class Settings(BaseSettings):
     ses_endpoint_url: str | None = None
     ses_configuration_set: str | None = None
 
+    # Routing, failover and delivery modes
+    routes_file: Path | None = None
+    delivery_mode: Literal["queue", "passthrough"] = "queue"
+    inline_attempt_seconds: Seconds = 0.0
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown: Seconds = 30.0
+
+    # Bounces and failure reports
+    bounce_mode: str = Field(default="sender", pattern=r"^(sender|off|address:.+@.+)$")
+    bounce_from: str | None = None
+    failure_webhook_url: str | None = None
+
     # Spool and delivery
     spool_url: str = "sqlite:///esprelay-data/spool.db"
     delivery_concurrency: int = Field(default=50, ge=0, le=10000)

@@ -1,14 +1,17 @@
-"""Delivery workers: lease due messages, hand them to a provider, record the outcome.
+"""Delivery workers: lease due messages, send them along their route, record the outcome.
 
 The mapping from an outcome to what happens next lives in one place,
 :meth:`Deliverer._record`:
 
 - success                 -> delivered, with the provider's message id
-- PermanentDeliveryError  -> failed, never retried
+- PermanentDeliveryError  -> failed, never retried (and a bounce, see app.py)
 - TransientDeliveryError  -> queued again after a backoff delay, or failed once the
                              message is older than the maximum queue lifetime
 - ProviderConfigError     -> as transient, but slow, and logged as an operator problem
 - anything unexpected     -> as transient (a bug must not lose mail), logged with a trace
+
+Each message carries its route's provider chain (``meta["providers"]``); failover
+along it and the circuit breakers live in :mod:`esprelay.dispatch`.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from esprelay.backoff import RetryPolicy, expired, next_delay
+from esprelay.dispatch import ProviderSet, Sent
 from esprelay.errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -27,15 +32,34 @@ from esprelay.errors import (
     SpoolError,
     TransientDeliveryError,
 )
-from esprelay.models import OutboundMessage, SendResult, SpooledMessage
-from esprelay.providers.base import Provider
+from esprelay.models import OutboundMessage, SpooledMessage
 from esprelay.spool.base import Spool
 
 log = logging.getLogger("esprelay.delivery")
 
-#: Called after every attempt with (message, provider name, outcome, error or None,
-#: seconds the attempt took).  ``outcome`` is delivered, deferred or failed.
-OutcomeHook = Callable[[SpooledMessage, str, str, DeliveryError | None, float], None]
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt came to: delivered, deferred or failed."""
+
+    message: SpooledMessage
+    provider: str
+    outcome: str
+    error: DeliveryError | None
+    elapsed: float
+    expired: bool = False
+
+
+#: Called after every recorded attempt.
+OutcomeHook = Callable[[Outcome], None]
+
+
+def provider_chain(message: SpooledMessage, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The providers to try for ``message``, in order."""
+    chain = message.meta.get("providers")
+    if isinstance(chain, list) and chain:
+        return tuple(str(name) for name in chain)
+    return (message.provider,) if message.provider else default
 
 
 class Deliverer:
@@ -44,29 +68,42 @@ class Deliverer:
     def __init__(
         self,
         spool: Spool,
-        providers: Mapping[str, Provider],
+        providers: ProviderSet,
         *,
-        default_provider: str,
+        default_chain: tuple[str, ...],
         owner: str,
         concurrency: int,
         lease_time: float,
         poll_interval: float,
         policy: RetryPolicy,
         on_outcome: OutcomeHook | None = None,
+        on_failed: OutcomeHook | None = None,
     ) -> None:
         self._spool = spool
         self._providers = providers
-        self._default = default_provider
+        self._default_chain = default_chain
         self._owner = owner
         self._concurrency = concurrency
         self._lease_time = lease_time
         self._poll_interval = poll_interval
         self._policy = policy
         self._on_outcome = on_outcome
+        self._on_failed = on_failed
         self._wake = asyncio.Event()
         self._stopping = False
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Task[Outcome | None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        # Ids whose SMTP client is still waiting for an inline attempt: a permanent
+        # failure is then told to the client (5xx) instead of bounced.
+        self._client_waiting: set[str] = set()
+
+    @property
+    def owner(self) -> str:
+        return self._owner
+
+    @property
+    def lease_time(self) -> float:
+        return self._lease_time
 
     @property
     def inflight(self) -> int:
@@ -81,7 +118,7 @@ class Deliverer:
             self._loop_task = asyncio.create_task(self._run(), name="esprelay-delivery")
         else:
             log.warning(
-                "delivery paused: ESPRELAY_DELIVERY_CONCURRENCY=0, messages are only queued"
+                "delivery paused (ESPRELAY_DELIVERY_CONCURRENCY=0): messages are only queued"
             )
 
     async def stop(self, grace: float) -> None:
@@ -105,6 +142,26 @@ class Deliverer:
                     "%d delivery(ies) cut short by shutdown; they will be retried", len(pending)
                 )
 
+    async def attempt_inline(self, message: SpooledMessage, timeout: float) -> Outcome | None:
+        """Deliver ``message`` (already leased to us) while its SMTP client waits.
+
+        Returns the outcome if it came within ``timeout``, else None; the delivery
+        then goes on in the background like any other.
+        """
+        self._client_waiting.add(message.id)
+        task = self._spawn(message)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        finally:
+            self._client_waiting.discard(message.id)
+        return task.result() if task in done else None
+
+    def _spawn(self, message: SpooledMessage) -> asyncio.Task[Outcome | None]:
+        task = asyncio.create_task(self._deliver(message), name=f"deliver-{message.id}")
+        self._inflight.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
     async def _run(self) -> None:
         while not self._stopping:
             free = self._concurrency - len(self._inflight)
@@ -115,61 +172,77 @@ class Deliverer:
                 except SpoolError as exc:
                     log.error("cannot lease from spool: %s", exc)
             for message in leased:
-                task = asyncio.create_task(self._deliver(message), name=f"deliver-{message.id}")
-                self._inflight.add(task)
-                task.add_done_callback(self._task_done)
+                self._spawn(message)
             if leased and len(leased) == free:
                 continue  # there may be more due work; look again at once
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: asyncio.Task[Outcome | None]) -> None:
         self._inflight.discard(task)
         self._wake.set()
 
-    async def _deliver(self, message: SpooledMessage) -> None:
-        provider = self._providers.get(message.provider) or self._providers[self._default]
+    async def _deliver(self, message: SpooledMessage) -> Outcome | None:
+        chain = tuple(
+            name for name in provider_chain(message, self._default_chain) if name in self._providers
+        )
+        if not chain:
+            log.warning(
+                "id=%s names no configured provider (%s); using the default route",
+                message.id,
+                ",".join(provider_chain(message, ())),
+            )
+            chain = self._default_chain
         assert message.raw is not None
         outbound = OutboundMessage(message.id, message.envelope, message.raw)
         started = time.monotonic()
         error: DeliveryError | None = None
-        result: SendResult | None = None
+        sent: Sent | None = None
         try:
-            result = await provider.send(outbound)
+            sent = await self._providers.send(outbound, chain)
         except DeliveryError as exc:
             error = exc
         except Exception as exc:
-            log.exception("unexpected error delivering id=%s via %s", message.id, provider.name)
-            error = TransientDeliveryError(
-                f"internal error: {type(exc).__name__}", provider=provider.name
-            )
+            log.exception("unexpected error delivering id=%s", message.id)
+            error = TransientDeliveryError(f"internal error: {type(exc).__name__}")
         elapsed = time.monotonic() - started
+        provider = (
+            sent.provider if sent else (error.provider if error and error.provider else chain[0])
+        )
         try:
-            outcome = await self._record(message, provider, result, error, elapsed)
+            outcome = await self._record(message, provider, sent, error, elapsed)
         except SpoolError as exc:
             # The lease will expire and the message will be tried again.
             log.error("cannot record outcome of id=%s: %s", message.id, exc)
-            return
+            return None
         if self._on_outcome is not None:
-            self._on_outcome(message, provider.name, outcome, error, elapsed)
+            self._on_outcome(outcome)
+        if (
+            outcome.outcome == "failed"
+            and self._on_failed is not None
+            and message.id not in self._client_waiting
+        ):
+            self._on_failed(outcome)
+        return outcome
 
     async def _record(
         self,
         message: SpooledMessage,
-        provider: Provider,
-        result: SendResult | None,
+        provider: str,
+        sent: Sent | None,
         error: DeliveryError | None,
         elapsed: float,
-    ) -> str:
+    ) -> Outcome:
         attempt = message.attempts + 1
-        common = (message.id, provider.name, attempt, elapsed * 1000)
+        common = (message.id, provider, attempt, elapsed * 1000)
         if error is None:
-            assert result is not None
-            await self._spool.mark_delivered(
+            assert sent is not None
+            result = sent.result
+            recorded = await self._spool.mark_delivered(
                 message.id,
                 owner=self._owner,
-                provider=provider.name,
+                provider=provider,
                 provider_message_id=result.provider_message_id,
             )
             log.info(
@@ -178,24 +251,27 @@ class Deliverer:
                 len(message.envelope.rcpt_tos),
                 result.provider_message_id,
             )
+            if not recorded:
+                log.warning("id=%s: lease was lost before the outcome was recorded", message.id)
             for warning in result.warnings:
                 log.warning(
-                    "id=%s provider=%s changed the message: %s", message.id, provider.name, warning
+                    "id=%s provider=%s changed the message: %s", message.id, provider, warning
                 )
-            return "delivered"
+            return Outcome(message, provider, "delivered", None, elapsed)
 
         now = time.time()
-        if isinstance(error, PermanentDeliveryError) or expired(
+        too_old = not isinstance(error, PermanentDeliveryError) and expired(
             self._policy, message.created_at, now
-        ):
+        )
+        if isinstance(error, PermanentDeliveryError) or too_old:
             reason = str(error)
-            if not isinstance(error, PermanentDeliveryError):
+            if too_old:
                 reason = f"expired after {attempt} attempt(s) in the queue: {reason}"
             await self._spool.mark_failed(
-                message.id, owner=self._owner, provider=provider.name, error=reason
+                message.id, owner=self._owner, provider=provider, error=reason
             )
             log.warning("failed id=%s provider=%s attempt=%d ms=%.0f error=%s", *common, reason)
-            return "failed"
+            return Outcome(message, provider, "failed", error, elapsed, expired=too_old)
 
         delay = next_delay(
             self._policy,
@@ -206,7 +282,7 @@ class Deliverer:
         await self._spool.mark_retry(
             message.id,
             owner=self._owner,
-            provider=provider.name,
+            provider=provider,
             error=str(error),
             next_attempt_at=now + delay,
         )
@@ -221,4 +297,4 @@ class Deliverer:
             if isinstance(error, ProviderConfigError)
             else "",
         )
-        return "deferred"
+        return Outcome(message, provider, "deferred", error, elapsed)

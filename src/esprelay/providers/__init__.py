@@ -22,6 +22,10 @@ __all__ = ["PROVIDERS", "HttpProvider", "Provider", "build_provider"]
 
 PROVIDERS: dict[str, str] = {
     "outbox": "esprelay.providers.outbox:from_settings",
+    "postmark": "esprelay.providers.postmark:from_settings",
+    "sendgrid": "esprelay.providers.sendgrid:from_settings",
+    "mailgun": "esprelay.providers.mailgun:from_settings",
+    "ses": "esprelay.providers.ses:from_settings",
 }
 
 

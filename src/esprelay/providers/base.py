@@ -17,6 +17,7 @@ HTTP adapters subclass :class:`HttpProvider` and fill in three hooks::
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import email.utils
 import time
@@ -86,7 +87,9 @@ class HttpProvider(Provider):
         return classify_status(response, provider=self.name)
 
     async def send(self, message: OutboundMessage) -> SendResult:
-        request = self.build_request(message)
+        # Building may parse the MIME (JSON providers): seconds of CPU for a huge or
+        # deeply nested message, so it runs off the event loop that serves SMTP.
+        request = await asyncio.to_thread(self.build_request, message)
         with map_transport_errors(self.name):
             response = await self._client.send(request)
             await response.aread()

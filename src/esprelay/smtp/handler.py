@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from esprelay.errors import ShuttingDown, SpoolError
+from esprelay.errors import ShuttingDown
+from esprelay.intake import Client, Intake
 from esprelay.models import Envelope
-from esprelay.spool.base import Spool
 
 log = logging.getLogger("esprelay.smtp")
 
@@ -36,15 +34,6 @@ MAILBOX = re.compile(
 MAX_ADDRESS_LENGTH = 254
 
 
-@dataclass
-class IntakeState:
-    """Shared, mutable facts about the listener that hooks consult."""
-
-    draining: bool = False
-    accepted: int = 0
-    on_accepted: list[Callable[[], None]] = field(default_factory=list)
-
-
 def check_address(address: str, *, allow_null: bool) -> str | None:
     """An SMTP error reply if ``address`` cannot be used, else None."""
     if address == "":
@@ -55,18 +44,10 @@ def check_address(address: str, *, allow_null: bool) -> str | None:
 
 
 class RelayHandler:
-    def __init__(
-        self,
-        spool: Spool,
-        *,
-        provider: str,
-        max_recipients: int,
-        state: IntakeState,
-    ) -> None:
-        self._spool = spool
-        self._provider = provider
+    def __init__(self, intake: Intake, *, max_recipients: int) -> None:
+        self._intake = intake
+        self._state = intake.state
         self._max_recipients = max_recipients
-        self._state = state
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -109,30 +90,23 @@ class RelayHandler:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         raw: bytes = envelope.original_content
         mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
-        message_envelope = Envelope(mail_from=mail_from, rcpt_tos=tuple(envelope.rcpt_tos))
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        meta = {"client": peer, "helo": session.host_name}
-        try:
-            message_id = await self._spool.put(
-                message_envelope, raw, provider=self._provider, meta=meta
-            )
-        except SpoolError as exc:
-            log.error("not accepted: spool error from client=%s: %s", peer, exc)
-            return exc.smtp_reply
-        self._state.accepted += 1
-        log.info(
-            "accepted id=%s client=%s from=<%s> size=%d rcpts=%d provider=%s",
-            message_id,
-            peer,
-            mail_from,
-            len(raw),
-            len(message_envelope.rcpt_tos),
-            self._provider,
+        client = Client(address=peer, helo=session.host_name, auth_user=auth_user(session))
+        return await self._intake.accept(
+            Envelope(mail_from=mail_from, rcpt_tos=tuple(envelope.rcpt_tos)), raw, client
         )
-        for callback in self._state.on_accepted:
-            callback()
-        return f"250 2.0.0 Ok: queued as {message_id}"
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("SMTP session error")
         return "451 4.3.0 Requested action aborted: local error in processing"
+
+
+def auth_user(session: Any) -> str | None:
+    """The authenticated SMTP user of a session, if any."""
+    if not getattr(session, "authenticated", False):
+        return None
+    data = getattr(session, "auth_data", None)
+    login = getattr(data, "login", data)
+    if isinstance(login, bytes):
+        return login.decode("utf-8", "replace")
+    return login if isinstance(login, str) else None

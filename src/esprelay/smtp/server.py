@@ -9,7 +9,8 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from esprelay.errors import ShuttingDown
-from esprelay.smtp.handler import IntakeState, RelayHandler
+from esprelay.intake import IntakeState
+from esprelay.smtp.handler import RelayHandler
 
 log = logging.getLogger("esprelay.smtp")
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from esprelay.errors import ConfigError
-from esprelay.spool.base import Spool, SpoolStats, new_message_id
+from esprelay.spool.base import NewPart, Spool, SpoolStats, new_message_id
 
-__all__ = ["Spool", "SpoolStats", "new_message_id", "open_spool"]
+__all__ = ["NewPart", "Spool", "SpoolStats", "new_message_id", "open_spool"]
 
 
 def open_spool(url: str, *, exclusive: bool = False) -> Spool:

@@ -11,10 +11,20 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from esprelay.models import Envelope, MessageState, SpooledMessage
+
+
+@dataclass(frozen=True, slots=True)
+class NewPart:
+    """One spool entry to create: who receives it and how it is to be delivered."""
+
+    envelope: Envelope
+    provider: str
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +54,21 @@ class Spool(Protocol):
         meta: dict[str, Any] | None = None,
     ) -> str:
         """Store a message; return its id only once it is committed to stable storage."""
+        ...
+
+    async def put_parts(
+        self,
+        raw: bytes,
+        parts: Sequence[NewPart],
+        *,
+        lease_owner: str | None = None,
+        lease_time: float = 0.0,
+    ) -> list[str]:
+        """Store one message as several entries (a split by route) in one commit.
+
+        With ``lease_owner`` the entries are created already leased to it, so the
+        caller may deliver them at once (an inline attempt) without a second write.
+        """
         ...
 
     async def lease(self, owner: str, limit: int, lease_time: float) -> list[SpooledMessage]:

@@ -23,14 +23,14 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
 from esprelay.errors import SpoolError, SpoolFull
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
-from esprelay.spool.base import SpoolStats, new_message_id
+from esprelay.spool.base import NewPart, SpoolStats, new_message_id
 
 log = logging.getLogger(__name__)
 
@@ -245,30 +245,48 @@ class SqliteSpool:
         provider: str,
         meta: dict[str, Any] | None = None,
     ) -> str:
-        now = time.time()
-        message_id = new_message_id(now)
-        row = (
-            message_id,
-            now,
-            now,
-            envelope.mail_from,
-            json.dumps(list(envelope.rcpt_tos)),
-            len(raw),
-            raw,
-            MessageState.QUEUED.value,
-            now,
-            provider,
-            json.dumps(meta or {}),
-        )
+        [message_id] = await self.put_parts(raw, [NewPart(envelope, provider, meta or {})])
+        return message_id
 
-        def insert(conn: sqlite3.Connection) -> str:
-            conn.execute(
-                "INSERT INTO messages (id, created_at, updated_at, mail_from, rcpt_tos, size,"
-                " raw, state, next_attempt_at, provider, meta)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
+    async def put_parts(
+        self,
+        raw: bytes,
+        parts: Sequence[NewPart],
+        *,
+        lease_owner: str | None = None,
+        lease_time: float = 0.0,
+    ) -> list[str]:
+        now = time.time()
+        state = MessageState.IN_FLIGHT if lease_owner else MessageState.QUEUED
+        expires = now + lease_time if lease_owner else None
+        rows = []
+        for part in parts:
+            rows.append(
+                (
+                    new_message_id(now),
+                    now,
+                    now,
+                    part.envelope.mail_from,
+                    json.dumps(list(part.envelope.rcpt_tos)),
+                    len(raw),
+                    raw,
+                    state.value,
+                    now,
+                    lease_owner,
+                    expires,
+                    part.provider,
+                    json.dumps(part.meta),
+                )
             )
-            return message_id
+
+        def insert(conn: sqlite3.Connection) -> list[str]:
+            conn.executemany(
+                "INSERT INTO messages (id, created_at, updated_at, mail_from, rcpt_tos, size,"
+                " raw, state, next_attempt_at, lease_owner, lease_expires_at, provider, meta)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            return [row[0] for row in rows]
 
         return await self._run(insert)
 

@@ -1,0 +1,105 @@
+"""Send one message through a route's providers in order: failover with breakers.
+
+Used by both delivery modes: the queue workers and passthrough.
+
+- A provider whose breaker is open is skipped.
+- A transient error (timeout, 5xx, 429, bad credentials...) moves on to the next
+  provider of the route.
+- A permanent rejection is final: the next ESP would reject the same message.
+- If every provider was skipped or failed transiently, the last error is raised
+  (a TransientDeliveryError), and the spool schedules a retry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from esprelay.breaker import CircuitBreaker
+from esprelay.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    ProviderUnavailable,
+    TransientDeliveryError,
+)
+from esprelay.models import OutboundMessage, SendResult
+from esprelay.providers.base import Provider
+
+log = logging.getLogger("esprelay.delivery")
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    provider: str
+    result: SendResult
+
+
+class ProviderSet:
+    """The configured providers by name, each with its circuit breaker."""
+
+    def __init__(
+        self,
+        providers: Mapping[str, Provider],
+        *,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 30.0,
+    ) -> None:
+        self.providers = dict(providers)
+        self.breakers = {
+            name: CircuitBreaker(name, threshold=breaker_threshold, cooldown=breaker_cooldown)
+            for name in self.providers
+        }
+
+    def __getitem__(self, name: str) -> Provider:
+        return self.providers[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.providers
+
+    def all_open(self) -> bool:
+        """True when no provider would take a call now (for readiness checks)."""
+        return all(b.state.value == "open" for b in self.breakers.values())
+
+    async def send(self, message: OutboundMessage, chain: Iterable[str]) -> Sent:
+        """Deliver through the first provider of ``chain`` that takes it."""
+        last_error: DeliveryError | None = None
+        skipped: list[CircuitBreaker] = []
+        for name in chain:
+            provider = self.providers[name]
+            breaker = self.breakers[name]
+            if not breaker.allow():
+                skipped.append(breaker)
+                continue
+            try:
+                result = await provider.send(message)
+            except PermanentDeliveryError:
+                breaker.record_neutral()
+                raise
+            except TransientDeliveryError as exc:
+                breaker.record_failure()
+                last_error = exc
+                log.warning(
+                    "id=%s provider=%s transient failure, trying the next provider if any: %s",
+                    message.id,
+                    name,
+                    exc,
+                )
+                continue
+            except Exception as exc:
+                breaker.record_neutral()
+                log.exception("unexpected error delivering id=%s via %s", message.id, name)
+                last_error = TransientDeliveryError(
+                    f"internal error: {type(exc).__name__}", provider=name
+                )
+                continue
+            breaker.record_success()
+            return Sent(name, result)
+        if last_error is not None:
+            raise last_error
+        wait = min((b.retry_in() for b in skipped), default=0.0)
+        raise ProviderUnavailable(
+            "every provider of the route is unavailable (circuit open)",
+            provider=",".join(b.name for b in skipped),
+            retry_after=wait or None,
+        )

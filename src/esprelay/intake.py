@@ -1,0 +1,206 @@
+"""What happens to a message once its DATA is complete, in each delivery mode.
+
+``queue`` (the default)
+    The message is split by route and committed to the spool; only then is it
+    answered ``250``.  Delivery happens in the background.  With
+    ``ESPRELAY_INLINE_ATTEMPT_SECONDS`` the first attempt is made while the client
+    waits: a permanent rejection within that time is answered ``554`` (and the
+    spooled copy is marked failed, with no bounce); anything else is ``250``.
+``passthrough``
+    No spool: the DATA reply is the ESP's answer.  ``250`` with the provider's
+    message id, ``451`` for a transient failure (the client retries), ``554`` with
+    the ESP's reason for a permanent one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from esprelay.delivery import Deliverer
+from esprelay.dispatch import ProviderSet, Sent
+from esprelay.errors import DeliveryError, PermanentDeliveryError, SpoolError
+from esprelay.models import Envelope, MessageState, OutboundMessage, SpooledMessage
+from esprelay.routing import Part, RoutingTable
+from esprelay.spool.base import NewPart, Spool, new_message_id
+
+log = logging.getLogger("esprelay.smtp")
+
+_UNSAFE = re.compile(r"[^\x20-\x7e]+")
+REPLY_TEXT_LIMIT = 400
+
+
+def reply_text(text: str) -> str:
+    """Make an ESP's reason safe for one SMTP reply line (ASCII, no CR/LF, bounded)."""
+    cleaned = _UNSAFE.sub(" ", text).strip()
+    if len(cleaned) > REPLY_TEXT_LIMIT:
+        cleaned = cleaned[: REPLY_TEXT_LIMIT - 3] + "..."
+    return cleaned
+
+
+@dataclass
+class IntakeState:
+    """Shared, mutable facts about the listener that hooks consult."""
+
+    draining: bool = False
+    accepted: int = 0
+    on_accepted: list[Callable[[], None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Who handed us the message."""
+
+    address: str
+    helo: str | None = None
+    auth_user: str | None = None
+
+
+class Intake:
+    def __init__(
+        self,
+        *,
+        mode: Literal["queue", "passthrough"],
+        routing: RoutingTable,
+        providers: ProviderSet,
+        state: IntakeState,
+        spool: Spool | None = None,
+        deliverer: Deliverer | None = None,
+        inline_seconds: float = 0.0,
+    ) -> None:
+        if mode == "queue" and spool is None:
+            raise ValueError("queue mode needs a spool")
+        self.mode = mode
+        self.routing = routing
+        self.providers = providers
+        self.state = state
+        self.spool = spool
+        self.deliverer = deliverer
+        self.inline_seconds = inline_seconds
+
+    async def accept(self, envelope: Envelope, raw: bytes, client: Client) -> str:
+        """Take responsibility for the message, or refuse it; return the DATA reply."""
+        parts = self.routing.plan(envelope, client.auth_user)
+        if self.mode == "passthrough":
+            return await self._passthrough(parts, raw, client)
+        return await self._queue(parts, raw, client)
+
+    async def _queue(self, parts: list[Part], raw: bytes, client: Client) -> str:
+        assert self.spool is not None
+        meta: dict[str, Any] = {"client": client.address, "helo": client.helo}
+        if client.auth_user:
+            meta["auth_user"] = client.auth_user
+        new_parts = [
+            NewPart(
+                part.envelope,
+                part.providers[0],
+                {**meta, "route": part.route, "providers": list(part.providers)},
+            )
+            for part in parts
+        ]
+        inline = self.inline_seconds > 0 and len(parts) == 1 and self.deliverer is not None
+        try:
+            if inline:
+                assert self.deliverer is not None
+                ids = await self.spool.put_parts(
+                    raw,
+                    new_parts,
+                    lease_owner=self.deliverer.owner,
+                    lease_time=self.deliverer.lease_time,
+                )
+            else:
+                ids = await self.spool.put_parts(raw, new_parts)
+        except SpoolError as exc:
+            log.error("not accepted: spool error from client=%s: %s", client.address, exc)
+            return exc.smtp_reply
+        self.state.accepted += 1
+        for message_id, part in zip(ids, parts, strict=True):
+            log.info(
+                "accepted id=%s client=%s from=<%s> size=%d rcpts=%d route=%s provider=%s",
+                message_id,
+                client.address,
+                part.envelope.mail_from,
+                len(raw),
+                len(part.envelope.rcpt_tos),
+                part.route,
+                ",".join(part.providers),
+            )
+        for callback in self.state.on_accepted:
+            callback()
+        queued = f"250 2.0.0 Ok: queued as {','.join(ids)}"
+        if not inline:
+            return queued
+
+        assert self.deliverer is not None
+        now = time.time()
+        message = SpooledMessage(
+            id=ids[0],
+            envelope=parts[0].envelope,
+            size=len(raw),
+            state=MessageState.IN_FLIGHT,
+            attempts=0,
+            created_at=now,
+            next_attempt_at=now,
+            provider=new_parts[0].provider,
+            raw=raw,
+            meta=new_parts[0].meta,
+        )
+        outcome = await self.deliverer.attempt_inline(message, self.inline_seconds)
+        if outcome is not None and outcome.outcome == "failed" and not outcome.expired:
+            reason = reply_text(str(outcome.error))
+            return f"554 5.0.0 Delivery failed permanently: {reason}"
+        return queued
+
+    async def _passthrough(self, parts: list[Part], raw: bytes, client: Client) -> str:
+        message_id = new_message_id()
+        started = time.monotonic()
+
+        async def send(index: int, part: Part) -> Sent | DeliveryError:
+            part_id = message_id if len(parts) == 1 else f"{message_id}-{index}"
+            try:
+                return await self.providers.send(
+                    OutboundMessage(part_id, part.envelope, raw), part.providers
+                )
+            except DeliveryError as exc:
+                return exc
+
+        results = await asyncio.gather(*(send(i, p) for i, p in enumerate(parts)))
+        elapsed = (time.monotonic() - started) * 1000
+        errors = [r for r in results if isinstance(r, DeliveryError)]
+        for part, result in zip(parts, results, strict=True):
+            if isinstance(result, Sent):
+                log.info(
+                    "delivered id=%s mode=passthrough client=%s from=<%s> size=%d rcpts=%d"
+                    " provider=%s ms=%.0f provider_id=%s",
+                    message_id,
+                    client.address,
+                    part.envelope.mail_from,
+                    len(raw),
+                    len(part.envelope.rcpt_tos),
+                    result.provider,
+                    elapsed,
+                    result.result.provider_message_id,
+                )
+            else:
+                log.warning(
+                    "%s id=%s mode=passthrough client=%s rcpts=%d ms=%.0f error=%s",
+                    "rejected" if result.permanent else "deferred",
+                    message_id,
+                    client.address,
+                    len(part.envelope.rcpt_tos),
+                    elapsed,
+                    result,
+                )
+        permanent = [e for e in errors if isinstance(e, PermanentDeliveryError)]
+        if permanent:
+            return f"554 5.0.0 Rejected by the provider: {reply_text(str(permanent[0]))}"
+        if errors:
+            return f"451 4.4.0 Provider unavailable, try again later: {reply_text(str(errors[0]))}"
+        sent = [r for r in results if isinstance(r, Sent)]
+        ids = ",".join(f"{s.provider}:{s.result.provider_message_id or '-'}" for s in sent)
+        return f"250 2.0.0 Ok: delivered as {message_id} ({reply_text(ids)})"

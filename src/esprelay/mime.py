@@ -1,0 +1,436 @@
+"""A pure, parsed view of a raw message, for providers that take JSON fields.
+
+:func:`parse` turns the bytes received over SMTP (and their envelope) into a
+:class:`ParsedMessage`: decoded subject, addresses, the first text and HTML bodies,
+every attachment and inline part with its bytes, threading headers and the other
+headers an API may carry.  It uses the standard library's ``email`` package with
+``policy.default`` and never raises on broken MIME: whatever it cannot carry over
+is named in ``ParsedMessage.warnings``, so nothing is dropped silently.
+
+Recipients follow the envelope, which is authoritative (RFC 5321): a To or Cc
+address that is also an envelope recipient is sent as To or Cc; every other envelope
+recipient becomes Bcc; header addresses outside the envelope are not sent.  So the
+union of recipients sent equals the envelope, no more, no less.  A Bcc header is
+never carried as a visible header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.policy
+import mimetypes
+import re
+from dataclasses import dataclass, field
+from email.header import decode_header, make_header
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.utils import getaddresses
+
+from esprelay.models import Envelope
+
+#: Headers the parsed view maps to fields of its own, or blind ones that must never
+#: become visible (Bcc, Resent-Bcc); none is passed on as a header.
+MAPPED_HEADERS = frozenset({"from", "to", "cc", "bcc", "resent-bcc", "reply-to", "subject"})
+#: MIME structure; the ESP writes its own.
+STRUCTURAL_HEADERS = frozenset(
+    {
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "content-disposition",
+        "content-id",
+        "content-length",
+    }
+)
+MAX_DEPTH = 20
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # printable ASCII without ":" (RFC 5322 ftext)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_FOLD = re.compile(r"\s*[\r\n]+\s*")
+_PARSER = BytesParser(policy=email.policy.default)
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    name: str
+    addr: str
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A non-body part: an attachment, or an inline part (``inline``) such as a cid image."""
+
+    content: bytes
+    content_type: str
+    filename: str | None
+    content_id: str | None
+    inline: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Recipients:
+    """Who receives the message, reconciled with the envelope."""
+
+    to: tuple[Mailbox, ...]
+    cc: tuple[Mailbox, ...]
+    bcc: tuple[Mailbox, ...]
+
+    def all(self) -> tuple[Mailbox, ...]:
+        return self.to + self.cc + self.bcc
+
+
+@dataclass(frozen=True)
+class ParsedMessage:
+    subject: str | None
+    from_: Mailbox | None
+    reply_to: tuple[Mailbox, ...]
+    #: The To and Cc headers as written (for reference; send ``recipients``).
+    to: tuple[Mailbox, ...]
+    cc: tuple[Mailbox, ...]
+    recipients: Recipients
+    text: str | None
+    html: str | None
+    attachments: tuple[Attachment, ...]
+    message_id: str | None
+    in_reply_to: str | None
+    references: str | None
+    date: str | None
+    #: Every header not mapped to a field and not MIME structure, in order, decoded
+    #: (Date, Message-ID, In-Reply-To, References, X-*, List-*, Received, ...).
+    headers: tuple[tuple[str, str], ...]
+    warnings: tuple[str, ...] = field(default=())
+
+
+def parse(raw: bytes, envelope: Envelope) -> ParsedMessage:
+    """The parsed view of ``raw``; never raises on malformed input."""
+    warnings: list[str] = []
+    try:
+        msg = _PARSER.parsebytes(raw)
+    except Exception as exc:  # the parser is lenient; this is a last resort
+        warnings.append(f"message could not be parsed ({type(exc).__name__}); sent as plain text")
+        msg = EmailMessage()
+        msg.set_content(raw.decode("utf-8", "replace"))
+
+    subject = _single(msg, "subject", warnings)
+    from_ = _from_address(msg, envelope, warnings)
+    reply_to = _addresses(msg, "reply-to", warnings)
+    to = _addresses(msg, "to", warnings)
+    cc = _addresses(msg, "cc", warnings)
+    recipients = reconcile(to, cc, envelope.rcpt_tos, warnings)
+
+    walker = _Walker(warnings)
+    walker.walk(msg, 0)
+
+    headers = _other_headers(msg, warnings)
+    lookup = {name.lower(): value for name, value in reversed(headers)}
+    return ParsedMessage(
+        subject=subject,
+        from_=from_,
+        reply_to=reply_to,
+        to=to,
+        cc=cc,
+        recipients=recipients,
+        text=walker.text,
+        html=walker.html,
+        attachments=tuple(walker.attachments),
+        message_id=lookup.get("message-id"),
+        in_reply_to=lookup.get("in-reply-to"),
+        references=lookup.get("references"),
+        date=lookup.get("date"),
+        headers=headers,
+        warnings=tuple(warnings),
+    )
+
+
+# --- recipients -----------------------------------------------------------------
+
+
+def address_key(addr: str) -> str:
+    """Addresses compare exactly on the local part and case-insensitively on the domain."""
+    local, at, domain = addr.rpartition("@")
+    return f"{local}@{domain.lower()}" if at else addr
+
+
+def reconcile(
+    to: tuple[Mailbox, ...],
+    cc: tuple[Mailbox, ...],
+    rcpt_tos: tuple[str, ...],
+    warnings: list[str],
+) -> Recipients:
+    """To/Cc as far as the envelope allows; every other envelope recipient as Bcc."""
+    remaining: dict[str, str] = {}
+    for rcpt in rcpt_tos:
+        remaining.setdefault(address_key(rcpt), rcpt)
+    seen: set[str] = set()
+    outside = 0
+
+    def take(box: Mailbox) -> Mailbox | None:
+        nonlocal outside
+        key = address_key(box.addr)
+        if key in seen:
+            return None  # the same address twice in the headers
+        if key not in remaining:
+            # An envelope that lower-cased the whole address still matches, if unambiguous.
+            matches = [k for k in remaining if k.lower() == key.lower()]
+            if len(matches) != 1:
+                outside += 1
+                return None
+            key = matches[0]
+        seen.add(key)
+        return Mailbox(box.name, remaining.pop(key))
+
+    sent_to = tuple(m for m in map(take, to) if m is not None)
+    sent_cc = tuple(m for m in map(take, cc) if m is not None)
+    bcc = tuple(Mailbox("", addr) for addr in remaining.values())
+    if outside:
+        warnings.append(
+            f"{outside} To/Cc header address(es) are not envelope recipients:"
+            " not sent and not shown (the envelope decides who receives)"
+        )
+    return Recipients(sent_to, sent_cc, bcc)
+
+
+# --- headers --------------------------------------------------------------------
+
+
+def clean(value: str) -> str:
+    """One line: folds and CR/LF become a space, other control characters go."""
+    return _CONTROL.sub("", _FOLD.sub(" ", value)).strip()
+
+
+def _decode_raw(name: str, raw: str) -> str:
+    """A header's decoded value, tolerating legacy 8-bit (non-UTF-8) bytes."""
+    value: str | None
+    try:
+        value = str(email.policy.default.header_fetch_parse(name, raw))
+    except Exception:
+        value = None
+    if value is None or ("\ufffd" in value and raw != raw.encode("utf-8", "replace").decode()):
+        data = raw.encode("utf-8", "surrogateescape")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = data.decode("cp1252", "replace")
+        if value is None and "=?" in text:
+            with contextlib.suppress(Exception):
+                text = str(make_header(decode_header(text)))
+        value = text
+    return clean(value)
+
+
+def _raw_values(msg: Message, name: str) -> list[str]:
+    return [v for k, v in msg.raw_items() if k.lower() == name]
+
+
+def _single(msg: Message, name: str, warnings: list[str]) -> str | None:
+    values = _raw_values(msg, name)
+    if not values:
+        return None
+    if len(values) > 1:
+        warnings.append(f"{len(values)} {name.title()} headers; the first one is used")
+    return _decode_raw(name, values[0])
+
+
+def _addresses(msg: Message, name: str, warnings: list[str]) -> tuple[Mailbox, ...]:
+    boxes: list[Mailbox] = []
+    for raw in _raw_values(msg, name):
+        try:
+            header = email.policy.default.header_fetch_parse(name, raw)
+            pairs = [(a.display_name, a.addr_spec) for a in header.addresses if a.username]
+        except Exception:
+            pairs = getaddresses([_decode_raw("x-address", raw)])
+        for display, addr in pairs:
+            addr = clean(addr)
+            if addr and addr != "<>":
+                boxes.append(Mailbox(clean(display), addr))
+    return tuple(boxes)
+
+
+def _from_address(msg: Message, envelope: Envelope, warnings: list[str]) -> Mailbox | None:
+    boxes = [b for b in _addresses(msg, "from", warnings) if "@" in b.addr]
+    if len(boxes) > 1:
+        warnings.append(f"{len(boxes)} From addresses; only the first one is sent")
+    if boxes:
+        return boxes[0]
+    if envelope.mail_from:
+        warnings.append("no usable From header; the envelope sender is used as From")
+        return Mailbox("", envelope.mail_from)
+    return None
+
+
+def _other_headers(msg: Message, warnings: list[str]) -> tuple[tuple[str, str], ...]:
+    out: list[tuple[str, str]] = []
+    bad = 0
+    for name, raw in msg.raw_items():
+        lname = name.lower()
+        if lname in MAPPED_HEADERS or lname in STRUCTURAL_HEADERS:
+            continue
+        if not _HEADER_NAME.match(name):
+            bad += 1
+            continue
+        out.append((name, _decode_raw(name, raw)))
+    if bad:
+        warnings.append(f"{bad} header(s) with an invalid name dropped")
+    return tuple(out)
+
+
+# --- bodies and attachments -----------------------------------------------------
+
+
+class _Walker:
+    def __init__(self, warnings: list[str]) -> None:
+        self.warnings = warnings
+        self.text: str | None = None
+        self.html: str | None = None
+        self.attachments: list[Attachment] = []
+
+    def walk(self, part: Message, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            self.warnings.append(f"MIME nested deeper than {MAX_DEPTH} levels; the rest dropped")
+            return
+        maintype = part.get_content_maintype()
+        if part.is_multipart():
+            if maintype == "message":  # an attached message (rfc822, delivery-status...)
+                self._attach(part, _message_bytes(part, self.warnings))
+                return
+            payload = part.get_payload()
+            assert isinstance(payload, list)
+            for sub in payload:
+                if isinstance(sub, Message):
+                    self.walk(sub, depth + 1)
+            return
+        if maintype == "multipart":
+            self.warnings.append("multipart part without a usable boundary; sent as plain text")
+            self._body("text/plain", _text(part, self.warnings))
+            return
+        ctype = part.get_content_type()
+        disposition = _disposition(part)
+        if (
+            ctype in ("text/plain", "text/html")
+            and disposition != "attachment"
+            and not _filename(part)
+        ):
+            if (ctype == "text/plain" and self.text is None) or (
+                ctype == "text/html" and self.html is None
+            ):
+                self._body(ctype, _text(part, self.warnings))
+                return
+            self.warnings.append(f"a second {ctype} body is sent as an attachment")
+        self._attach(part, _payload(part))
+
+    def _body(self, ctype: str, text: str) -> None:
+        if ctype == "text/html":
+            self.html = text
+        else:
+            self.text = text
+
+    def _attach(self, part: Message, content: bytes) -> None:
+        cid = _content_id(part)
+        disposition = _disposition(part)
+        inline = disposition == "inline" or (disposition is None and cid is not None)
+        self.attachments.append(
+            Attachment(
+                content=content,
+                content_type=part.get_content_type(),
+                filename=_filename(part),
+                content_id=cid,
+                inline=inline,
+            )
+        )
+
+
+def _disposition(part: Message) -> str | None:
+    try:
+        return part.get_content_disposition()
+    except Exception:
+        return None
+
+
+def _filename(part: Message) -> str | None:
+    try:
+        name = part.get_filename()
+    except Exception:
+        name = None
+    if not name:
+        return None
+    if "=?" in name:  # RFC 2047 inside a parameter: wrong, but common
+        with contextlib.suppress(Exception):
+            name = str(make_header(decode_header(name)))
+    return clean(name) or None
+
+
+def _content_id(part: Message) -> str | None:
+    values = _raw_values(part, "content-id")
+    if not values:
+        return None
+    cid = _decode_raw("content-id", values[0]).strip().strip("<>").strip()
+    return cid or None
+
+
+def _payload(part: Message) -> bytes:
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:
+        data = None
+    if isinstance(data, bytes):
+        return data
+    payload = part.get_payload()
+    if isinstance(payload, str):
+        return payload.encode("utf-8", "surrogateescape")
+    return b""
+
+
+def _message_bytes(part: Message, warnings: list[str]) -> bytes:
+    """The body of a message/* part (an attached message), serialised."""
+    try:
+        data = part.as_bytes(policy=email.policy.default.clone(linesep="\r\n"))
+    except Exception:
+        warnings.append("an attached message could not be re-serialised; sent empty")
+        return b""
+    _head, sep, body = data.partition(b"\r\n\r\n")
+    return body if sep else b""
+
+
+def _text(part: Message, warnings: list[str]) -> str:
+    data = _payload(part)
+    charset = None
+    with contextlib.suppress(Exception):
+        charset = part.get_content_charset()
+    if charset:
+        try:
+            return data.decode(charset)
+        except LookupError:
+            warnings.append(f"unknown charset {clean(charset)[:40]!r} in a text part")
+            charset = None
+        except UnicodeDecodeError:
+            pass
+    try:
+        text = data.decode("utf-8")
+        if charset:
+            warnings.append(f"a text part declared {charset} is UTF-8; decoded as UTF-8")
+        return text
+    except UnicodeDecodeError:
+        pass
+    if charset:
+        warnings.append(f"a text part is not valid {charset}; bad bytes replaced")
+        return data.decode(charset, "replace")
+    warnings.append("a text part with 8-bit bytes and no charset decoded as windows-1252")
+    return data.decode("cp1252", "replace")
+
+
+def fallback_filename(attachment: Attachment, index: int) -> str:
+    """A filename for a part that has none (``attachment-3.pdf``)."""
+    if attachment.content_type == "message/rfc822":
+        ext = ".eml"
+    else:
+        ext = mimetypes.guess_extension(attachment.content_type, strict=False) or ".dat"
+    if ext in (".bin", ".exe", ".bat", ".com"):
+        ext = ".dat"  # never invent a name that an ESP's executable filter refuses
+    return f"attachment-{index}{ext}"
+
+
+def summarize(names: list[str]) -> str:
+    """``Received x3, DKIM-Signature`` for a list of header names."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(n if c == 1 else f"{n} x{c}" for n, c in counts.items())
