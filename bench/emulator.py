@@ -25,6 +25,7 @@ import itertools
 import json
 import sys
 import uuid
+from typing import cast
 
 _counter = itertools.count(1)
 
@@ -76,8 +77,7 @@ class EmulatorProtocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.stats.connections += 1
 
     def data_received(self, data: bytes) -> None:

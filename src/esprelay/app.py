@@ -30,6 +30,7 @@ from esprelay.delivery import Deliverer, Outcome, provider_chain
 from esprelay.dispatch import ProviderSet
 from esprelay.dsn import build_dsn, is_dsn, status_for
 from esprelay.errors import ConfigError, SpoolError
+from esprelay.httpclient import make_client
 from esprelay.intake import Intake, IntakeState
 from esprelay.models import Envelope
 from esprelay.providers import Provider, build_provider
@@ -63,14 +64,12 @@ class Relay:
 
     async def start(self) -> None:
         settings = self.settings
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.provider_timeout),
-            limits=httpx.Limits(
-                max_connections=max(10, settings.delivery_concurrency),
-                max_keepalive_connections=max(10, settings.delivery_concurrency),
-            ),
-            follow_redirects=False,
+        self.client, transport = make_client(
+            timeout=settings.provider_timeout,
+            max_connections=max(10, settings.delivery_concurrency),
+            transport=settings.http_transport,
         )
+        log.info("http transport: %s", transport)
         built: dict[str, Provider] = {}
         for name, provider_settings in self.routing.providers.items():
             provider = build_provider(provider_settings, self.client)

@@ -14,6 +14,7 @@ from typing import Any
 from esprelay.errors import ShuttingDown
 from esprelay.intake import Client, Intake
 from esprelay.models import Envelope
+from esprelay.smtp.hooks import HookDirCache
 
 log = logging.getLogger("esprelay.smtp")
 
@@ -43,7 +44,7 @@ def check_address(address: str, *, allow_null: bool) -> str | None:
     return None
 
 
-class RelayHandler:
+class RelayHandler(HookDirCache):
     def __init__(self, intake: Intake, *, max_recipients: int) -> None:
         self._intake = intake
         self._state = intake.state

@@ -6,18 +6,18 @@ import asyncio
 import logging
 from typing import Any
 
-from aiosmtpd.smtp import SMTP
-
 from esprelay.errors import ShuttingDown
 from esprelay.intake import IntakeState
+from esprelay.smtp.data import CompactDataSMTP
 from esprelay.smtp.handler import RelayHandler
+from esprelay.smtp.hooks import HookDirCache
 
 log = logging.getLogger("esprelay.smtp")
 
 IDENT = "esprelay ESMTP"
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(HookDirCache, CompactDataSMTP):
     """aiosmtpd's SMTP with session tracking and a polite 421 while draining."""
 
     intake: IntakeState
