@@ -323,7 +323,7 @@ def measure(
         delivered_per_s=(delivered / deliver_seconds) if deliver_seconds else None,
         p50_ms=p50 * 1000 if p50 is not None else None,
         p99_ms=p99 * 1000 if p99 is not None else None,
-        cpu_ms_per_msg=cpu_used * 1000 / max(1, load.sent),
+        cpu_ms_per_msg=cpu_used * 1000 / max(1, load.sent or count),
         peak_rss_mb=rss,
         error_samples=load.error_samples,
     )
