@@ -42,6 +42,10 @@ from esprelay.spool import NewPart, Spool, open_spool
 log = logging.getLogger("esprelay")
 
 PURGE_INTERVAL = 600.0
+# asyncio's default listen backlog is 100: a burst of more new connections than that
+# (200 sessions of a batch job) overflows it and the kernel drops SYNs, which clients
+# retry only after a second. The kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
 
 
 class Relay:
@@ -130,7 +134,11 @@ class Relay:
         loop = asyncio.get_running_loop()
         try:
             self.server = await loop.create_server(
-                factory, host=settings.smtp_host, port=settings.smtp_port, reuse_address=True
+                factory,
+                host=settings.smtp_host,
+                port=settings.smtp_port,
+                reuse_address=True,
+                backlog=LISTEN_BACKLOG,
             )
         except OSError as exc:
             raise ConfigError(
