@@ -4,7 +4,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_TOOLS := swaks
+APT_TOOLS := swaks chromium systemd
 LINT_DIRS := $(wildcard src tests bench)
 
 .PHONY: all setup tools run test lint typecheck pytest bench clean

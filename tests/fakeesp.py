@@ -80,7 +80,7 @@ class FakeESP:
             self.script.extend(replies)
         return self
 
-    def wait_for(self, count: int, timeout: float = 20.0) -> list[Recorded]:
+    def wait_for(self, count: int, timeout: float = 60.0) -> list[Recorded]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:

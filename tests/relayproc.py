@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 LISTENING = re.compile(rb"smtp listening on [^:]+:(\d+)")
+HTTP_LISTENING = re.compile(rb"http listening on [^:]+:(\d+)")
 
 
 class RelayProcess:
@@ -30,10 +31,16 @@ class RelayProcess:
             "ESPRELAY_SPOOL_URL": f"sqlite:///{workdir / 'data' / 'spool.db'}",
             "ESPRELAY_POLL_INTERVAL": "0.2",
             "ESPRELAY_SHUTDOWN_GRACE": "5",
+            "ESPRELAY_HTTP_PORT": "0",
+            # Header repair (on in production) adds Date/Message-ID to the many test
+            # messages without them; tests of the pipeline compare exact bytes, so it is
+            # off here and tests/test_security_repair.py turns it on.
+            "ESPRELAY_REPAIR_HEADERS": "false",
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.port: int = int(self.env["ESPRELAY_SMTP_PORT"])
+        self.http_port: int = 0
         self._lines: list[bytes] = []
         self._lock = threading.Lock()
 
@@ -46,7 +53,7 @@ class RelayProcess:
         with self._lock:
             return b"".join(self._lines).decode(errors="replace")
 
-    def start(self, timeout: float = 20.0) -> RelayProcess:
+    def start(self, timeout: float = 60.0) -> RelayProcess:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
         environ.update(self.env)
         with self._lock:
@@ -76,13 +83,16 @@ class RelayProcess:
             for line in proc.stdout:
                 with self._lock:
                     self._lines.append(line)
+                http = HTTP_LISTENING.search(line)
+                if http:
+                    self.http_port = int(http.group(1))
                 match = LISTENING.search(line)
                 if match:
                     self.port = int(match.group(1))
                     ready.set()
         ready.set()  # process ended; start() reports it
 
-    def wait_for_log(self, pattern: str, timeout: float = 10.0, count: int = 1) -> None:
+    def wait_for_log(self, pattern: str, timeout: float = 30.0, count: int = 1) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if len(re.findall(pattern, self.log)) >= count:
@@ -90,7 +100,7 @@ class RelayProcess:
             time.sleep(0.05)
         raise AssertionError(f"{pattern!r} x{count} not in log within {timeout}s:\n{self.log}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -111,7 +121,7 @@ class RelayProcess:
             return []
         return sorted(p.stem for p in self.outbox.glob("*.json"))
 
-    def wait_delivered(self, count: int, timeout: float = 20.0) -> list[str]:
+    def wait_delivered(self, count: int, timeout: float = 60.0) -> list[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ids = self.delivered_ids()

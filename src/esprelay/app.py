@@ -20,23 +20,30 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from urllib.parse import urlsplit
 
 import httpx
 
 from esprelay.backoff import RetryPolicy
-from esprelay.config import Settings
+from esprelay.config import Settings, load_settings
 from esprelay.delivery import Deliverer, Outcome, provider_chain
 from esprelay.dispatch import ProviderSet
 from esprelay.dsn import build_dsn, is_dsn, status_for
 from esprelay.errors import ConfigError, SpoolError
+from esprelay.httpapi import OpsServer, ReadinessCheck
 from esprelay.httpclient import make_client
 from esprelay.intake import Intake, IntakeState
+from esprelay.logsetup import apply_level
+from esprelay.metrics import RelayMetrics
 from esprelay.models import Envelope
 from esprelay.providers import Provider, build_provider
-from esprelay.routing import load_routing
+from esprelay.routing import RoutingTable, load_routing
+from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.handler import RelayHandler
-from esprelay.smtp.server import RelaySMTP, smtp_factory
+from esprelay.smtp.policy import RelayPolicy, parse_networks
+from esprelay.smtp.server import Guards, RelaySMTP, smtp_factory
+from esprelay.smtp.tls import TLSContextSource
 from esprelay.spool import NewPart, Spool, open_spool
 
 log = logging.getLogger("esprelay")
@@ -46,6 +53,15 @@ PURGE_INTERVAL = 600.0
 # (200 sessions of a batch job) overflows it and the kernel drops SYNs, which clients
 # retry only after a second. The kernel caps this at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
+
+#: Called on SIGHUP with freshly loaded settings; may be sync or async.  A callback
+#: that raises is logged and the others still run.
+ReloadCallback = Callable[[Settings], Awaitable[None] | None]
+
+#: Settings a SIGHUP applies at once; a change to any other is logged as needing a restart.
+RELOADABLE = frozenset(
+    {"log_level", "admin_token", "shutdown_grace", "delivered_retention", "failed_retention"}
+)
 
 
 class Relay:
@@ -62,18 +78,50 @@ class Relay:
         self.server: asyncio.Server | None = None
         self.sessions: set[RelaySMTP] = set()
         self.smtp_port: int | None = None
+        self.smtps_server: asyncio.Server | None = None
+        self.smtps_port: int | None = None
         self._stop = asyncio.Event()
         self._purge_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.metrics = RelayMetrics()
+        self.http: OpsServer | None = None
+        #: Readiness checks for /readyz, by name; other subsystems add theirs.
+        self.readiness: list[tuple[str, ReadinessCheck]] = [
+            ("smtp", self._check_smtp),
+            ("spool", self._check_spool),
+            ("providers", self._check_providers),
+        ]
+        #: SIGHUP callbacks (see :meth:`reload`); other subsystems register theirs.
+        self.reloaders: list[ReloadCallback] = [self._reload_routes, self._reload_settings]
+        self._reloading: asyncio.Task[None] | None = None
+        # API host -> provider name, for the provider label of HTTP status metrics.
+        self._provider_hosts: dict[str, str] = {}
+
+    def add_reload_callback(self, callback: ReloadCallback) -> None:
+        self.reloaders.append(callback)
+
+    def add_readiness_check(self, name: str, check: ReadinessCheck) -> None:
+        self.readiness.append((name, check))
 
     async def start(self) -> None:
         settings = self.settings
+        # Certificates and users first: a mistake there stops start-up before anything runs.
+        tls = self._tls_source()
+        users = UserDB.load(
+            settings.auth_file,
+            settings.auth_user,
+            settings.auth_password.get_secret_value() if settings.auth_password else None,
+        )
         self.client, transport = make_client(
             timeout=settings.provider_timeout,
             max_connections=max(10, settings.delivery_concurrency),
             transport=settings.http_transport,
+            event_hooks=self.metrics.httpx_event_hooks(self._provider_hosts),
         )
         log.info("http transport: %s", transport)
+        self._provider_hosts.update(
+            _provider_hosts(self.routing.providers, settings.failure_webhook_url)
+        )
         built: dict[str, Provider] = {}
         for name, provider_settings in self.routing.providers.items():
             provider = build_provider(provider_settings, self.client)
@@ -102,8 +150,11 @@ class Relay:
                     max_queue_lifetime=settings.max_queue_lifetime,
                 ),
                 on_failed=self._on_failed,
+                on_outcome=self.metrics.delivery_outcome,
             )
             self.intake_state.on_accepted.append(self.deliverer.wake)
+        self.intake_state.on_accepted.append(self.metrics.message_accepted)
+        self.intake_state.on_reply.append(self.metrics.smtp_reply)
         self.intake = Intake(
             mode=settings.delivery_mode,
             routing=self.routing,
@@ -122,15 +173,39 @@ class Relay:
             [settings.max_recipients]
             + [p.max_recipients for p in built.values() if p.max_recipients]
         )
-        handler = RelayHandler(self.intake, max_recipients=max_recipients)
-        factory, self.sessions = smtp_factory(
-            handler,
-            self.intake_state,
-            hostname=settings.hostname,
-            data_size_limit=size_limit,
-            line_length_limit=settings.max_line_length,
-            timeout=settings.smtp_timeout,
+        policy = RelayPolicy(
+            trusted_networks=parse_networks(settings.trusted_networks),
+            plaintext_auth_networks=parse_networks(settings.plaintext_auth_networks),
+            allowed_sender_domains=tuple(
+                d.lower().lstrip("@") for d in settings.allowed_sender_domains
+            ),
         )
+        handler = RelayHandler(
+            self.intake,
+            max_recipients=max_recipients,
+            policy=policy,
+            hostname=settings.hostname,
+            repair_headers=settings.repair_headers,
+            force_from=settings.force_from,
+        )
+        listener_options = {
+            "hostname": settings.hostname,
+            "data_size_limit": size_limit,
+            "line_length_limit": settings.max_line_length,
+            "timeout": settings.smtp_timeout,
+            "policy": policy,
+            "users": users,
+            "limiter": FailureLimiter(settings.auth_max_failures, settings.auth_failure_window),
+            "guards": Guards(
+                max_connections=settings.max_connections,
+                max_connections_per_client=settings.max_connections_per_client,
+                max_errors=settings.max_errors,
+                data_timeout=settings.data_timeout,
+            ),
+            "tls": tls,
+            "command_size_limit": settings.max_command_length,
+        }
+        factory, self.sessions = smtp_factory(handler, self.intake_state, **listener_options)  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         try:
             self.server = await loop.create_server(
@@ -146,6 +221,33 @@ class Relay:
                 f" {settings.smtp_host}:{settings.smtp_port}: {exc.strerror or exc}"
             ) from None
         self.smtp_port = self.server.sockets[0].getsockname()[1]
+        self.metrics.smtp_sessions.set_function(lambda: len(self.sessions))
+        if tls is not None and settings.smtps_port is not None:
+            smtps_factory, _ = smtp_factory(
+                handler,
+                self.intake_state,
+                **listener_options,  # type: ignore[arg-type]
+                implicit_tls=True,
+                sessions=self.sessions,
+            )
+            self.smtps_server = await loop.create_server(
+                smtps_factory,
+                host=settings.smtp_host,
+                port=settings.smtps_port,
+                reuse_address=True,
+                backlog=LISTEN_BACKLOG,
+                ssl=tls.listener_context(),
+                ssl_handshake_timeout=min(60.0, settings.smtp_timeout or 60.0),
+            )
+            self.smtps_port = self.smtps_server.sockets[0].getsockname()[1]
+            log.info("smtps listening on %s:%d", settings.smtp_host, self.smtps_port)
+        log.info(
+            "security: trusted_networks=%s auth_users=%d starttls=%s",
+            ",".join(settings.trusted_networks) or "-",
+            len(users),
+            "on" if tls is not None else "off",
+        )
+        await self._start_http()
         if self.deliverer is not None:
             self.deliverer.start()
             self._purge_task = asyncio.create_task(self._purge_loop(), name="esprelay-purge")
@@ -159,19 +261,161 @@ class Relay:
             size_limit,
         )
 
+    async def _start_http(self) -> None:
+        settings = self.settings
+        if not settings.http_enabled:
+            return
+        self.http = OpsServer(
+            spool=self.spool,
+            metrics=self.metrics,
+            admin_token=_secret(settings),
+            readiness=self.readiness,
+            on_retry=self.deliverer.wake if self.deliverer is not None else None,
+        )
+        try:
+            await self.http.start(settings.http_host, settings.http_port)
+        except OSError as exc:
+            raise ConfigError(
+                f"ESPRELAY_HTTP_HOST/ESPRELAY_HTTP_PORT: cannot listen on"
+                f" {settings.http_host}:{settings.http_port}: {exc.strerror or exc}"
+            ) from None
+        log.info(
+            "http listening on %s:%d (admin api %s)",
+            settings.http_host,
+            self.http.port,
+            "on" if self.http.admin_token else "off: no ESPRELAY_ADMIN_TOKEN",
+        )
+
+    async def _check_smtp(self) -> str | None:
+        if self.intake_state.draining:
+            return "shutting down"
+        if self.server is None or not self.server.is_serving():
+            return "not listening"
+        return None
+
+    async def _check_spool(self) -> str | None:
+        if self.spool is None:
+            return None  # passthrough mode: no spool
+        await self.spool.stats()  # raises SpoolError if unreadable
+        path = getattr(self.spool, "path", None)  # file-backed spools (SQLite)
+        if path is None:
+            return None
+        return await asyncio.to_thread(_file_writable, str(path))
+
+    async def _check_providers(self) -> str | None:
+        if self.providers is not None and self.providers.all_open():
+            return "every provider's circuit breaker is open"
+        return None
+
+    def _tls_source(self) -> TLSContextSource | None:
+        settings = self.settings
+        if settings.tls_cert_file is None or settings.tls_key_file is None:
+            return None
+        if settings.tls_min_version in ("1.0", "1.1"):
+            log.warning(
+                "TLS %s allowed (ESPRELAY_TLS_MIN_VERSION): it is obsolete and weak; "
+                "allow it only for devices that cannot do better",
+                settings.tls_min_version,
+            )
+        return TLSContextSource(
+            settings.tls_cert_file,
+            settings.tls_key_file,
+            min_version=settings.tls_min_version,
+            ciphers=settings.tls_ciphers,
+            reload_interval=settings.tls_reload_interval,
+        )
+
     def request_stop(self) -> None:
         self._stop.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload in a task, one at a time; sessions are not touched."""
+        if self._reloading is not None and not self._reloading.done():
+            log.info("reload already under way")
+            return
+        self._reloading = asyncio.create_task(self.reload(), name="esprelay-reload")
+
+    async def reload(self) -> None:
+        """Re-read the settings (environment and .env) and run every reload callback."""
+        log.info("SIGHUP: reloading configuration")
+        try:
+            fresh = await asyncio.to_thread(load_settings)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        failures = 0
+        for callback in list(self.reloaders):
+            try:
+                result = callback(fresh)
+                if result is not None:
+                    await result
+            except ConfigError as exc:
+                failures += 1
+                log.error("reload: %s", exc)
+            except Exception:
+                failures += 1
+                log.exception("reload callback %r failed", callback)
+        log.info("reload done%s", f" ({failures} callback(s) failed)" if failures else "")
+
+    def _reload_routes(self, fresh: Settings) -> None:
+        """Re-read ESPRELAY_ROUTES_FILE; routes change in place, providers need a restart.
+
+        New sessions and messages use the new routes at once; messages already in the
+        spool keep the provider chain they were accepted with.
+        """
+        if fresh.routes_file is None and self.settings.routes_file is None:
+            return
+        routing = load_routing(fresh)  # a ConfigError keeps the running routes
+        if _provider_fingerprints(routing) != _provider_fingerprints(self.routing):
+            raise ConfigError(
+                "ESPRELAY_ROUTES_FILE: providers were added, removed or changed;"
+                " the routes are kept as they were: restart to apply"
+            )
+        self.routing = routing
+        if self.intake is not None:
+            self.intake.routing = routing
+        if self.deliverer is not None:
+            self.deliverer.set_default_chain(routing.default.providers)
+        self.settings = self.settings.model_copy(update={"routes_file": fresh.routes_file})
+        log.info(
+            "routes reloaded: %d route(s), default -> %s",
+            len(routing.routes),
+            ",".join(routing.default.providers),
+        )
+
+    def _reload_settings(self, fresh: Settings) -> None:
+        current = self.settings
+        changed = [
+            name
+            for name in type(current).model_fields
+            if getattr(current, name) != getattr(fresh, name)
+        ]
+        pending = sorted(
+            f"ESPRELAY_{n.upper()}" for n in changed if n not in RELOADABLE | {"routes_file"}
+        )
+        if pending:
+            log.warning("changed but only applied after a restart: %s", ", ".join(pending))
+        self.settings = current.model_copy(
+            update={name: getattr(fresh, name) for name in RELOADABLE}
+        )
+        apply_level(self.settings.log_level)
+        if self.http is not None:
+            self.http.admin_token = _secret(self.settings)
+        applied = sorted(f"ESPRELAY_{n.upper()}" for n in changed if n in RELOADABLE)
+        if applied:
+            log.info("applied: %s", ", ".join(applied))
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then shut down gracefully."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             await self.start()
             await self._stop.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.shutdown()
 
@@ -186,6 +430,8 @@ class Relay:
             await asyncio.sleep(0.05)
         if self.server is not None:
             self.server.close()
+        if self.smtps_server is not None:
+            self.smtps_server.close()
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.close()
@@ -200,6 +446,8 @@ class Relay:
             await self.deliverer.stop(grace=grace)
         if self._background:
             await asyncio.wait(set(self._background), timeout=grace or 1.0)
+        if self.http is not None:
+            await self.http.close()
         if self.providers is not None:
             for provider in self.providers.providers.values():
                 await provider.aclose()
@@ -316,3 +564,55 @@ class Relay:
             )
 
     # endregion
+
+
+def _file_writable(path: str) -> str | None:
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"spool file {path} is not writable"
+    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        return "spool directory is not writable"
+    return None
+
+
+def _secret(settings: Settings) -> str | None:
+    token = settings.admin_token
+    return None if token is None else token.get_secret_value()
+
+
+def _provider_hosts(providers: Mapping[str, Settings], webhook_url: str | None) -> dict[str, str]:
+    """API host -> provider name (as routed), for the HTTP status metrics' label."""
+    hosts: dict[str, str] = {}
+    for name, settings in providers.items():
+        kind = settings.provider
+        url: str | None = getattr(settings, f"{kind}_api_url", None)
+        if kind == "ses":
+            url = settings.ses_endpoint_url or (
+                f"https://email.{settings.ses_region}.amazonaws.com"
+                if settings.ses_region
+                else None
+            )
+        host = urlsplit(url).hostname if url else None
+        if host:
+            hosts.setdefault(host, name)
+    if webhook_url:
+        host = urlsplit(webhook_url).hostname
+        if host:
+            hosts.setdefault(host, "failure_webhook")
+    return hosts
+
+
+def _provider_fingerprints(routing: RoutingTable) -> dict[str, tuple[str, dict[str, object]]]:
+    """What defines each provider (kind and its own settings), to detect a change.
+
+    SecretStr compares by value, so a rotated key counts as a change.
+    """
+    prints: dict[str, tuple[str, dict[str, object]]] = {}
+    for name, settings in routing.providers.items():
+        kind = settings.provider
+        own: dict[str, object] = {
+            k: getattr(settings, k)
+            for k in type(settings).model_fields
+            if k.startswith(f"{kind}_") or k == "provider_timeout"
+        }
+        prints[name] = (kind, own)
+    return prints

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import smtplib
 import sys
 import time
@@ -28,17 +29,30 @@ EX_TEMPFAIL = 75
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # `esprelay sendmail ...`, or esprelay installed under the name "sendmail": the
+    # sendmail flags (-oi, -fuser, -t) are not argparse's, and sendmail needs only
+    # the SMTP address, not the whole configuration (see esprelay.sendmail).
+    if args_list[:1] == ["sendmail"] or (
+        argv is None and os.path.basename(sys.argv[0]) == "sendmail"
+    ):
+        from esprelay.sendmail import main as sendmail_main
+
+        return sendmail_main(args_list[1:] if args_list[:1] == ["sendmail"] else args_list)
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     if not getattr(args, "func", None):
         parser.print_help()
         return EX_USAGE
+    if args.func is _hash_password:
+        code: int = _hash_password(args)  # needs no configuration, so no settings
+        return code
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"esprelay: configuration error: {exc}", file=sys.stderr)
         return EX_USAGE
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     try:
         result: int = args.func(settings, args)
     except ConfigError as exc:
@@ -52,15 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiosmtpd logs every command line at INFO ("mail.log"); keep that for DEBUG.
-    logging.getLogger("mail.log").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def setup_logging(level: str, fmt: str = "text") -> None:
+    from esprelay.logsetup import setup_logging as _setup
+
+    _setup(level, fmt, sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,6 +102,21 @@ def _parser() -> argparse.ArgumentParser:
     q_delete = queue_commands.add_parser("delete", help="delete messages from the spool")
     q_delete.add_argument("ids", nargs="+", metavar="id")
     q_delete.set_defaults(func=_queue_delete)
+
+    # Handled in main() before argparse (sendmail's flags are not argparse's); listed
+    # here so that --help shows it.
+    commands.add_parser(
+        "sendmail",
+        help="a /usr/sbin/sendmail drop-in: -t, -f SENDER, -F NAME, -i, recipients;"
+        " the message on stdin",
+        add_help=False,
+    )
+    hash_pw = commands.add_parser(
+        "hash-password",
+        help="print a scrypt hash for ESPRELAY_AUTH_FILE (password from the tty or stdin)",
+    )
+    hash_pw.add_argument("--user", help="print a whole users-file line for this user")
+    hash_pw.set_defaults(func=_hash_password)
 
     send_test = commands.add_parser("send-test", help="submit a test message to the running bridge")
     send_test.add_argument("--to", required=True, action="append", help="recipient (repeatable)")
@@ -131,6 +155,33 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
             )
         return None
     return uvloop.new_event_loop
+
+
+def _hash_password(args: argparse.Namespace) -> int:
+    """Read a password without echo (or one line of stdin) and print its hash."""
+    import getpass
+
+    from esprelay.smtp.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("esprelay: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("esprelay: empty password", file=sys.stderr)
+        return 1
+    hashed = hash_password(password)
+    if args.user:
+        if ":" in args.user or not args.user.strip():
+            print("esprelay: a user name cannot contain ':'", file=sys.stderr)
+            return EX_USAGE
+        print(f"{args.user}:{hashed}")
+    else:
+        print(hashed)
+    return 0
 
 
 def _fmt_time(value: float | None) -> str:

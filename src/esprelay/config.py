@@ -8,12 +8,20 @@ line that names the variable, and the CLI turns that into exit status 2.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from esprelay.errors import ConfigError
 
@@ -46,8 +54,26 @@ def _parse_size(value: object) -> object:
     return value
 
 
+def _parse_list(value: object) -> object:
+    """Accept ``a, b c`` (commas and/or spaces) as well as a real list."""
+    if isinstance(value, str):
+        return tuple(item for item in re.split(r"[\s,]+", value) if item)
+    return value
+
+
+def _check_networks(value: tuple[str, ...]) -> tuple[str, ...]:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a network such as 10.0.0.0/8 or ::1") from None
+    return value
+
+
 Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
 Bytes = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
+StrList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_parse_list)]
+Networks = Annotated[StrList, AfterValidator(_check_networks)]
 
 
 class Settings(BaseSettings):
@@ -70,6 +96,29 @@ class Settings(BaseSettings):
     max_recipients: int = Field(default=100, ge=1)
     max_line_length: int = Field(default=65536, ge=1001)
     smtp_timeout: Seconds = 300.0
+
+    # Security (issue 5): TLS, AUTH, who may relay, limits, legacy devices
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    smtps_port: int | None = Field(default=None, ge=0, le=65535)
+    tls_min_version: Literal["1.0", "1.1", "1.2", "1.3"] = "1.2"
+    tls_ciphers: str | None = None
+    tls_reload_interval: Seconds = 60.0
+    auth_file: Path | None = None
+    auth_user: str | None = None
+    auth_password: SecretStr | None = None
+    trusted_networks: Networks = ("127.0.0.0/8", "::1/128")
+    plaintext_auth_networks: Networks = ()
+    allowed_sender_domains: StrList = ()
+    auth_max_failures: int = Field(default=5, ge=1)
+    auth_failure_window: Seconds = 300.0
+    max_connections: int = Field(default=200, ge=1)
+    max_connections_per_client: int = Field(default=20, ge=1)
+    max_command_length: int = Field(default=512, ge=64, le=65536)
+    max_errors: int = Field(default=10, ge=1)
+    data_timeout: Seconds = Field(default=600.0, gt=0)
+    repair_headers: bool = True
+    force_from: str | None = None
 
     # Provider selection
     provider: ProviderName = "outbox"
@@ -123,6 +172,14 @@ class Settings(BaseSettings):
 
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    # Operations HTTP endpoint (/healthz, /readyz, /metrics, admin API)
+    http_enabled: bool = True
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8025, ge=0, le=65535)
+    #: Bearer token for the queue admin API and page; without it those routes are off.
+    admin_token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _check_provider_settings(self) -> Settings:
@@ -137,6 +194,18 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"ESPRELAY_{field.upper()} is required when ESPRELAY_PROVIDER={self.provider}"
                 )
+        if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 16:
+            raise ValueError("ESPRELAY_ADMIN_TOKEN must be at least 16 characters long")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("ESPRELAY_TLS_CERT_FILE and ESPRELAY_TLS_KEY_FILE go together")
+        if self.smtps_port is not None and self.tls_cert_file is None:
+            raise ValueError("ESPRELAY_SMTPS_PORT needs ESPRELAY_TLS_CERT_FILE and _KEY_FILE")
+        if (self.auth_user is None) != (self.auth_password is None):
+            raise ValueError("ESPRELAY_AUTH_USER and ESPRELAY_AUTH_PASSWORD go together")
+        if self.auth_user is not None and ":" in self.auth_user:
+            raise ValueError("ESPRELAY_AUTH_USER must not contain ':'")
+        if self.force_from is not None and "@" not in self.force_from:
+            raise ValueError("ESPRELAY_FORCE_FROM must be an address such as relay@example.com")
         if self.retry_max < self.retry_initial:
             raise ValueError("ESPRELAY_RETRY_MAX must not be smaller than ESPRELAY_RETRY_INITIAL")
         return self
@@ -161,3 +230,23 @@ def _describe(exc: ValidationError) -> str:
         else:
             parts.append(message)
     return "; ".join(parts)
+
+
+class SendmailSettings(BaseSettings):
+    """What ``esprelay sendmail`` reads: the bridge's address, never its secrets.
+
+    Separate from :class:`Settings` so that a program calling sendmail needs neither
+    the provider's keys nor a complete, valid bridge configuration.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="ESPRELAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        hide_input_in_errors=True,
+    )
+
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(default=2525, ge=1, le=65535)
+    sendmail_from: str | None = None

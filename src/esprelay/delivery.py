@@ -105,6 +105,10 @@ class Deliverer:
     def lease_time(self) -> float:
         return self._lease_time
 
+    def set_default_chain(self, chain: tuple[str, ...]) -> None:
+        """The providers for messages spooled without a chain (a routes reload)."""
+        self._default_chain = chain
+
     @property
     def inflight(self) -> int:
         return len(self._inflight)
@@ -236,6 +240,12 @@ class Deliverer:
     ) -> Outcome:
         attempt = message.attempts + 1
         common = (message.id, provider, attempt, elapsed * 1000)
+        fields = {
+            "message_id": message.id,
+            "provider": provider,
+            "attempt": attempt,
+            "ms": round(elapsed * 1000),
+        }
         if error is None:
             assert sent is not None
             result = sent.result
@@ -250,6 +260,11 @@ class Deliverer:
                 *common,
                 len(message.envelope.rcpt_tos),
                 result.provider_message_id,
+                extra={
+                    **fields,
+                    "event": "delivered",
+                    "provider_message_id": result.provider_message_id,
+                },
             )
             if not recorded:
                 log.warning("id=%s: lease was lost before the outcome was recorded", message.id)
@@ -270,7 +285,12 @@ class Deliverer:
             await self._spool.mark_failed(
                 message.id, owner=self._owner, provider=provider, error=reason
             )
-            log.warning("failed id=%s provider=%s attempt=%d ms=%.0f error=%s", *common, reason)
+            log.warning(
+                "failed id=%s provider=%s attempt=%d ms=%.0f error=%s",
+                *common,
+                reason,
+                extra={**fields, "event": "failed", "error": reason},
+            )
             return Outcome(message, provider, "failed", error, elapsed, expired=too_old)
 
         delay = next_delay(
@@ -296,5 +316,6 @@ class Deliverer:
             " (configuration problem: operator action needed)"
             if isinstance(error, ProviderConfigError)
             else "",
+            extra={**fields, "event": "deferred", "retry_in": round(delay), "error": str(error)},
         )
         return Outcome(message, provider, "deferred", error, elapsed)

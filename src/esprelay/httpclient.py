@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 import httpx
 
@@ -54,8 +55,15 @@ def _aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
     return Transport(limits=limits)
 
 
+EventHooks = dict[str, list[Callable[[Any], Awaitable[None]]]]
+
+
 def make_client(
-    *, timeout: float, max_connections: int, transport: TransportName = "auto"
+    *,
+    timeout: float,
+    max_connections: int,
+    transport: TransportName = "auto",
+    event_hooks: EventHooks | None = None,
 ) -> tuple[httpx.AsyncClient, str]:
     """The shared ``httpx.AsyncClient`` and the name of the transport it uses."""
     limits = httpx.Limits(
@@ -79,5 +87,6 @@ def make_client(
         limits=limits,
         transport=chosen,
         follow_redirects=False,
+        event_hooks=event_hooks,
     )
     return client, name

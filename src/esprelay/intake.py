@@ -50,6 +50,8 @@ class IntakeState:
     draining: bool = False
     accepted: int = 0
     on_accepted: list[Callable[[], None]] = field(default_factory=list)
+    #: Called with (stage, reply) for every reply to MAIL, RCPT and DATA (metrics).
+    on_reply: list[Callable[[str, str], None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,8 @@ class Client:
     address: str
     helo: str | None = None
     auth_user: str | None = None
+    #: More facts for the spooled message's metadata (tls, repairs...).
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Intake:
@@ -92,7 +96,7 @@ class Intake:
 
     async def _queue(self, parts: list[Part], raw: bytes, client: Client) -> str:
         assert self.spool is not None
-        meta: dict[str, Any] = {"client": client.address, "helo": client.helo}
+        meta: dict[str, Any] = {**client.meta, "client": client.address, "helo": client.helo}
         if client.auth_user:
             meta["auth_user"] = client.auth_user
         new_parts = [
@@ -129,6 +133,15 @@ class Intake:
                 len(part.envelope.rcpt_tos),
                 part.route,
                 ",".join(part.providers),
+                extra={
+                    "event": "accepted",
+                    "message_id": message_id,
+                    "client": client.address,
+                    "size": len(raw),
+                    "rcpts": len(part.envelope.rcpt_tos),
+                    "route": part.route,
+                    "provider": part.providers[0],
+                },
             )
         for callback in self.state.on_accepted:
             callback()
@@ -185,6 +198,13 @@ class Intake:
                     result.provider,
                     elapsed,
                     result.result.provider_message_id,
+                    extra={
+                        "event": "delivered",
+                        "message_id": message_id,
+                        "mode": "passthrough",
+                        "provider": result.provider,
+                        "provider_message_id": result.result.provider_message_id,
+                    },
                 )
             else:
                 log.warning(
@@ -195,6 +215,12 @@ class Intake:
                     len(part.envelope.rcpt_tos),
                     elapsed,
                     result,
+                    extra={
+                        "event": "rejected" if result.permanent else "deferred",
+                        "message_id": message_id,
+                        "mode": "passthrough",
+                        "error": str(result),
+                    },
                 )
         permanent = [e for e in errors if isinstance(e, PermanentDeliveryError)]
         if permanent:

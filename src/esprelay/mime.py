@@ -204,7 +204,8 @@ def _decode_raw(name: str, raw: str) -> str:
         value = str(email.policy.default.header_fetch_parse(name, raw))
     except Exception:
         value = None
-    if value is None or ("\ufffd" in value and raw != raw.encode("utf-8", "replace").decode()):
+    legacy_8bit = any("\udc80" <= c <= "\udcff" for c in raw)  # undecodable raw bytes
+    if value is None or ("\ufffd" in value and legacy_8bit):
         data = raw.encode("utf-8", "surrogateescape")
         try:
             text = data.decode("utf-8")
@@ -259,17 +260,21 @@ def _from_address(msg: Message, envelope: Envelope, warnings: list[str]) -> Mail
 
 def _other_headers(msg: Message, warnings: list[str]) -> tuple[tuple[str, str], ...]:
     out: list[tuple[str, str]] = []
-    bad = 0
+    bad: list[str] = []
     for name, raw in msg.raw_items():
         lname = name.lower()
         if lname in MAPPED_HEADERS or lname in STRUCTURAL_HEADERS:
             continue
         if not _HEADER_NAME.match(name):
-            bad += 1
+            bad.append("a header with an invalid name")
             continue
-        out.append((name, _decode_raw(name, raw)))
+        value = _decode_raw(name, raw)
+        if not value:
+            bad.append(f"empty {name}")
+            continue
+        out.append((name, value))
     if bad:
-        warnings.append(f"{bad} header(s) with an invalid name dropped")
+        warnings.append(f"headers dropped: {summarize(bad)}")
     return tuple(out)
 
 

@@ -109,13 +109,17 @@ def to_7bit(raw: bytes) -> Rewritten:
     if raw.isascii():
         return Rewritten(raw)
     warnings: list[str] = []
+    reencoder = _Reencoder(warnings)
     try:
-        result = _Reencoder(warnings).entity(raw, "message", 0)
+        result = reencoder.entity(raw, "message", 0)
     except Exception as exc:  # a bug here must not lose the message: send it as it is
         log.exception("cannot re-encode a message to 7bit")
         return Rewritten(
             raw, (f"could not re-encode 8-bit content ({type(exc).__name__}); sent unchanged",)
         )
+    if reencoder.parts:
+        done = ", ".join(f"{n} as {cte}" for cte, n in sorted(reencoder.parts.items()))
+        warnings.insert(0, f"re-encoded 8-bit parts for 7bit transport: {done}")
     if not result.isascii():
         warnings.append("some 8-bit bytes could not be re-encoded and were sent as they are")
     return Rewritten(result, tuple(warnings))
@@ -124,6 +128,8 @@ def to_7bit(raw: bytes) -> Rewritten:
 class _Reencoder:
     def __init__(self, warnings: list[str]) -> None:
         self.warnings = warnings
+        #: How many leaf parts were re-encoded, by their new transfer encoding.
+        self.parts: dict[str, int] = {}
 
     def warn(self, text: str) -> None:
         if text not in self.warnings:
@@ -193,6 +199,7 @@ class _Reencoder:
         else:
             new = b"base64"
             encoded = base64.encodebytes(data).replace(b"\n", newline)
+        self.parts[new.decode()] = self.parts.get(new.decode(), 0) + 1
         fields = _set_encoding(fields, header, new, newline, only_if_8bit=False)
         return b"".join(f.raw for f in fields) + separator + encoded
 

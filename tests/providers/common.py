@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import smtplib
 import subprocess
 import sys
-import time
 from typing import Any
 
 from tests.messages import Case
@@ -28,30 +28,15 @@ def send_case(relay: RelayProcess, case: Case) -> str:
 
 
 def queue(relay: RelayProcess, state: str) -> list[dict[str, Any]]:
-    """``esprelay queue list --state STATE --json`` against the relay's spool."""
-    environ = {**relay.env}
+    """``esprelay queue list --state STATE --json`` against the running relay's spool."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
     result = subprocess.run(
         [sys.executable, "-m", "esprelay", "queue", "list", "--state", state, "--json"],
         cwd=relay.workdir,
-        env={**_base_env(), **environ},
+        env={**environ, **relay.env},
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
     )
     return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-
-
-def _base_env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
-
-
-def wait_until(predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout}s")

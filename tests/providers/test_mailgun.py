@@ -19,7 +19,10 @@ from esprelay.errors import MessageRejected, ProviderConfigError, ProviderUnavai
 from esprelay.models import Envelope, OutboundMessage
 from esprelay.providers.mailgun import MailgunProvider
 from tests.fakeesp import FakeESP, Recorded, Reply
+from tests.messages import corpus
+from tests.providers.common import send_case
 from tests.providers.errorcases import Cases, case_message
+from tests.providers.rawcheck import assert_arrived_as_meant, parse, without_bcc
 from tests.relayproc import RelayProcess
 from tests.test_e2e_smtp import queued_id, send_raw
 
@@ -273,3 +276,26 @@ def test_error_mapping_end_to_end(relay_factory: type[RelayProcess]) -> None:
         relay.log,
     )
     assert len(re.findall(rf"delivered id=({'|'.join(ids.values())})", relay.log)) == 3
+
+
+def test_message_corpus_arrives_as_meant(relay_factory: type[RelayProcess]) -> None:
+    """Every case of tests.messages: `to` is the envelope, the MIME is the message as
+    sent minus its Bcc header, byte for byte, and reads as the case expects."""
+    cases = corpus()
+    with FakeESP(mailgun) as esp:
+        relay = relay_factory(mailgun_env(esp.url)).start()
+        for case in cases:
+            send_case(relay, case)
+        requests = esp.wait_for(len(cases))
+    by_case: dict[str, tuple[list[str], bytes]] = {}
+    for request in requests:
+        fields = form_fields(request)
+        message = next(v for name, _, v in fields if name == "message")
+        to = [v.decode() for name, _, v in fields if name == "to"]
+        by_case[str(parse(message)["X-Case"])] = (to, message)
+    assert sorted(by_case) == sorted(case.id for case in cases)
+    for case in cases:
+        to, message = by_case[case.id]
+        assert to == list(case.rcpts), case.id
+        assert message == without_bcc(case.raw), case.id
+        assert_arrived_as_meant(case, message)

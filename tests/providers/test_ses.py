@@ -28,7 +28,10 @@ from esprelay.errors import (
 from esprelay.models import Envelope, OutboundMessage
 from esprelay.providers.ses import MAX_ENCODED_SIZE, MAX_MESSAGE_SIZE, MAX_RECIPIENTS, SesProvider
 from tests.fakeesp import FakeESP, Recorded, Reply
+from tests.messages import corpus
+from tests.providers.common import send_case
 from tests.providers.errorcases import Cases, case_message
+from tests.providers.rawcheck import assert_arrived_as_meant, without_bcc
 from tests.relayproc import RelayProcess
 from tests.test_e2e_smtp import queued_id, send_raw
 
@@ -267,7 +270,9 @@ def moto() -> Iterator[Moto]:
         iam.put_user_policy(
             UserName="esprelay", PolicyName="send", PolicyDocument=json.dumps(policy)
         )
-        session.create_client("sesv2", **setup).create_email_identity(EmailIdentity=SENDER)
+        sesv2 = session.create_client("sesv2", **setup)
+        sesv2.create_email_identity(EmailIdentity=SENDER)  # one address...
+        sesv2.create_email_identity(EmailIdentity="example.com")  # ...and a whole domain
         moto_settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on: SigV4 or 403
         yield Moto(url, key["AccessKeyId"], key["SecretAccessKey"])
     finally:
@@ -305,12 +310,16 @@ def test_smtp_to_moto_ses(moto: Moto, relay_factory: type[RelayProcess], tmp_pat
     assert stored["source"] == SENDER
     assert_faithful(stored["raw_data"].encode("ascii"))
     relay.wait_for_log(rf"id={message_id} provider=ses changed the message: removed 1 Bcc")
+    relay.wait_for_log(
+        rf"id={message_id} provider=ses changed the message: re-encoded 8-bit parts for 7bit"
+        " transport: 1 as base64, 1 as quoted-printable"
+    )
 
     # A sender SES has not verified: a configuration problem, retried slowly.
-    other = queued_id(send_raw(relay, "stranger@example.com", ["ops@example.org"], RAW))
+    other = queued_id(send_raw(relay, "stranger@unverified.example", ["ops@example.org"], RAW))
     relay.wait_for_log(
         rf"deferred id={other} provider=ses attempt=1 .*retry_in=\d+s .*MessageRejected.*"
-        r"stranger@example.com.*configuration problem"
+        r"stranger@unverified.example.*configuration problem"
     )
     assert moto.secret not in relay.log
 
@@ -393,3 +402,26 @@ def test_error_mapping_end_to_end(relay_factory: type[RelayProcess], tmp_path: P
         relay.log,
     )
     assert FAKE_SECRET not in relay.log
+
+
+def test_message_corpus_arrives_as_meant(
+    moto: Moto, relay_factory: type[RelayProcess], tmp_path: Path
+) -> None:
+    """Every case of tests.messages through moto: Destination is the envelope, the
+    MIME is 7bit, without Bcc, and decodes to exactly what was sent."""
+    cases = corpus()
+    assert all(case.mail_from.endswith("@example.com") for case in cases)  # verified
+    relay = relay_factory(ses_env(moto.url, moto.key_id, moto.secret, tmp_path)).start()
+    ids = {send_case(relay, case): case for case in cases}
+    for message_id in ids:
+        relay.wait_for_log(rf"delivered id={message_id} provider=ses attempt=1")
+    for message_id, case in ids.items():
+        found = re.search(rf"delivered id={message_id} .* provider_id=(\S+)", relay.log)
+        assert found
+        (stored,) = [m for m in moto.sent() if m["id"] == found.group(1)]
+        assert stored["destinations"][: len(case.rcpts)] == list(case.rcpts), case.id
+        assert stored["source"] == case.mail_from
+        sent = stored["raw_data"].encode("ascii")
+        if case.raw.isascii():
+            assert sent == without_bcc(case.raw), case.id
+        assert_arrived_as_meant(case, sent)

@@ -69,6 +69,9 @@ CONFIGURATION = frozenset(
         "MailFromDomainNotVerifiedException",
         "AccountSuspendedException",
         "SendingPausedException",
+        "AccountSendingPausedException",
+        "ConfigurationSetSendingPausedException",
+        "ConfigurationSetDoesNotExistException",
         "NotFoundException",
         "AccessDeniedException",
         "AccessDenied",
@@ -168,7 +171,8 @@ class SesProvider(HttpProvider):
     # -- sending --------------------------------------------------------------------
 
     async def send(self, message: OutboundMessage) -> SendResult:
-        request, warnings = self._build(message)
+        # Re-encoding a large 8-bit message is CPU work: keep it off the SMTP loop.
+        request, warnings = await asyncio.to_thread(self._build, message)
         credentials = await asyncio.to_thread(self._frozen_credentials)
         sign(request, credentials, self.region)
         with map_transport_errors(self.name):

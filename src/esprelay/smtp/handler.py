@@ -1,8 +1,11 @@
-"""The aiosmtpd handler: envelope checks at MAIL/RCPT, durable spooling at DATA.
+"""The aiosmtpd handler: relay and envelope checks at MAIL/RCPT, spooling at DATA.
 
-Hooks return SMTP reply strings (aiosmtpd's contract).  The message bytes are kept
-exactly as received (``decode_data=False``); nothing is added to the headers, so an
-envelope-only recipient (Bcc) never shows up in them.
+Hooks return SMTP reply strings (aiosmtpd's contract).  Only an authenticated client
+or one in the trusted networks may relay (530 otherwise, at MAIL, RCPT and DATA).  The
+message bytes are kept as received (``decode_data=False``) except for the repairs in
+:mod:`esprelay.smtp.repair`: bare CR/LF become CRLF, and with ``repair`` missing
+Date/Message-ID/From are prepended.  An envelope-only recipient (Bcc) never shows up
+in the headers.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from esprelay.errors import ShuttingDown
 from esprelay.intake import Client, Intake
 from esprelay.models import Envelope
 from esprelay.smtp.hooks import HookDirCache
+from esprelay.smtp.policy import RelayPolicy
+from esprelay.smtp.repair import from_addresses, normalize_line_endings, repair_message
 
 log = logging.getLogger("esprelay.smtp")
 
@@ -35,25 +40,67 @@ MAILBOX = re.compile(
 MAX_ADDRESS_LENGTH = 254
 
 
+def client_address(peer: Any) -> str:
+    """The client's IP address from aiosmtpd's ``session.peer``."""
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer)
+
+
 def check_address(address: str, *, allow_null: bool) -> str | None:
     """An SMTP error reply if ``address`` cannot be used, else None."""
     if address == "":
         return None if allow_null else "553 5.1.3 Error: null address not allowed here"
+    if address.startswith("@") or "%" in address or "!" in address.rpartition("@")[0]:
+        # Source routes (<@a:b@c>), percent hacks and UUCP bang paths ask us to forward.
+        return "553 5.7.1 Error: source routes and % or ! relaying are not supported"
     if len(address) > MAX_ADDRESS_LENGTH or not MAILBOX.fullmatch(address):
         return "553 5.1.3 Error: malformed address (expected local-part@domain)"
     return None
 
 
 class RelayHandler(HookDirCache):
-    def __init__(self, intake: Intake, *, max_recipients: int) -> None:
+    def __init__(
+        self,
+        intake: Intake,
+        *,
+        max_recipients: int,
+        policy: RelayPolicy | None = None,
+        hostname: str = "esprelay",
+        repair_headers: bool = False,
+        force_from: str | None = None,
+    ) -> None:
         self._intake = intake
         self._state = intake.state
         self._max_recipients = max_recipients
+        self._policy = policy if policy is not None else RelayPolicy.loopback()
+        self._hostname = hostname
+        self._repair = repair_headers
+        self._force_from = force_from
+
+    def _relay_refusal(self, server: Any, session: Any) -> str | None:
+        """530 unless the client authenticated or is on a trusted network."""
+        if session.authenticated or self._policy.trusted(client_address(session.peer)):
+            return None
+        if (
+            getattr(server, "_auth_require_tls", True)
+            and getattr(server, "tls_context", None) is not None
+            and not _tls(server, session)
+        ):
+            return "530 5.7.0 Must issue a STARTTLS command and authenticate first"
+        return "530 5.7.0 Authentication required"
+
+    @staticmethod
+    def _user_rules(session: Any) -> tuple[str, ...] | None:
+        user = session.auth_data if session.authenticated else None
+        return getattr(user, "allowed_senders", None)
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
+        if not getattr(server, "users", None):
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
         # aiosmtpd processes pipelined commands in order but does not say so.
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
@@ -63,11 +110,20 @@ class RelayHandler(HookDirCache):
         if self._state.draining:
             server.transport.close()
             return ShuttingDown.smtp_reply
+        refusal = self._relay_refusal(server, session)
+        if refusal:
+            log.warning("relay refused: client=%s not trusted, not authenticated", _peer(session))
+            return refusal
         if address == "<>":
             address = ""
         error = check_address(address, allow_null=True)
         if error:
             return error
+        if address:
+            why = self._policy.sender_error(address, self._user_rules(session))
+            if why:
+                log.warning("sender refused: client=%s from=<%s>: %s", _peer(session), address, why)
+                return f"553 5.7.1 Sender address not allowed: {why}"
         # aiosmtpd treats an empty mail_from as "no MAIL yet"; keep "<>" for the null
         # sender while in the session and translate at DATA.
         envelope.mail_from = address or "<>"
@@ -77,6 +133,9 @@ class RelayHandler(HookDirCache):
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
+        refusal = self._relay_refusal(server, session)
+        if refusal:
+            return refusal
         error = check_address(address, allow_null=False)
         if error:
             return error
@@ -89,25 +148,71 @@ class RelayHandler(HookDirCache):
         return "250 2.1.5 Recipient OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        refusal = self._relay_refusal(server, session)
+        if refusal:
+            return refusal
         raw: bytes = envelope.original_content
         mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
-        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        client = Client(address=peer, helo=session.host_name, auth_user=auth_user(session))
-        return await self._intake.accept(
-            Envelope(mail_from=mail_from, rcpt_tos=tuple(envelope.rcpt_tos)), raw, client
+        message_envelope = Envelope(mail_from=mail_from, rcpt_tos=tuple(envelope.rcpt_tos))
+        peer = client_address(session.peer)
+        meta: dict[str, Any] = {"client": peer, "helo": session.host_name}
+        if session.authenticated and session.auth_data is not None:
+            meta["auth_user"] = getattr(session.auth_data, "name", None)
+        if _tls(server, session):
+            meta["tls"] = True
+
+        normalized = normalize_line_endings(raw)
+        if normalized is not raw:
+            meta["repairs"] = ["bare CR/LF normalised to CRLF"]
+            raw = normalized
+        refusal = self._check_from_header(raw, session)
+        if refusal:
+            log.warning("not accepted: client=%s: %s", peer, refusal)
+            return refusal
+        if self._repair or self._force_from:
+            repaired = repair_message(
+                raw,
+                mail_from=mail_from,
+                hostname=self._hostname,
+                repair=self._repair,
+                force_from=self._force_from,
+            )
+            if repaired.changes:
+                meta.setdefault("repairs", []).extend(repaired.changes)
+                raw = repaired.raw
+        client = Client(
+            address=peer,
+            helo=session.host_name,
+            auth_user=meta.get("auth_user"),
+            meta=meta,
         )
+        return await self._intake.accept(message_envelope, raw, client)
+
+    def _check_from_header(self, raw: bytes, session: Any) -> str | None:
+        user_rules = self._user_rules(session)
+        if self._force_from or (not user_rules and not self._policy.allowed_sender_domains):
+            # With ESPRELAY_FORCE_FROM every From is replaced by the verified address (the
+            # original only survives as Reply-To), so only the envelope sender is checked.
+            return None
+        addresses = from_addresses(raw)
+        if addresses is None:
+            return None  # no From: repair adds the (already checked) envelope sender
+        if not addresses:
+            return "550 5.7.1 From header not understood"
+        for address in addresses:
+            why = self._policy.sender_error(address, user_rules)
+            if why:
+                return f"550 5.7.1 From address not allowed: {why}"
+        return None
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("SMTP session error")
         return "451 4.3.0 Requested action aborted: local error in processing"
 
 
-def auth_user(session: Any) -> str | None:
-    """The authenticated SMTP user of a session, if any."""
-    if not getattr(session, "authenticated", False):
-        return None
-    data = getattr(session, "auth_data", None)
-    login = getattr(data, "login", data)
-    if isinstance(login, bytes):
-        return login.decode("utf-8", "replace")
-    return login if isinstance(login, str) else None
+def _peer(session: Any) -> str:
+    return client_address(session.peer)
+
+
+def _tls(server: Any, session: Any) -> bool:
+    return bool(session.ssl) or getattr(server, "_tls_protocol", None) is not None

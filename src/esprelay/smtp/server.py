@@ -1,50 +1,346 @@
-"""The SMTP listener: aiosmtpd's protocol on our own event loop."""
+"""The SMTP listener: aiosmtpd's protocol on our own event loop, with our guards.
+
+On top of aiosmtpd, :class:`RelaySMTP` adds: connection limits (in total and per
+client address, ``421`` beyond them), an error budget per session (``421`` and close
+after ``max_errors`` 5xx replies), a total deadline for the DATA phase, ``421`` on
+timeouts, case-insensitive AUTH mechanism names, failed-login rate limiting and AUTH
+over plaintext only from allowlisted networks.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import collections
 import logging
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import AuthResult, syntax
 
 from esprelay.errors import ShuttingDown
 from esprelay.intake import IntakeState
+from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.data import CompactDataSMTP
-from esprelay.smtp.handler import RelayHandler
+from esprelay.smtp.handler import RelayHandler, client_address
 from esprelay.smtp.hooks import HookDirCache
+from esprelay.smtp.policy import RelayPolicy
+from esprelay.smtp.tls import TLSContextSource
 
 log = logging.getLogger("esprelay.smtp")
 
 IDENT = "esprelay ESMTP"
+# Password checks (scrypt, tens to hundreds of ms of CPU) run in threads, this many at
+# once: a burst of logins from many addresses cannot stall the listener or the machine.
+VERIFY_CONCURRENCY = 2
+
+
+KNOWN_COMMANDS = frozenset(
+    {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP"}
+    | {"AUTH", "STARTTLS"}
+)
+_NOT_LOGGED = b"<not a command: not logged>"
+
+
+def _known_command(line: object) -> bool:
+    if not isinstance(line, bytes):
+        return True
+    verb = line.strip().split(b" ", 1)[0].upper()
+    return verb.decode("ascii", "replace") in KNOWN_COMMANDS
+
+
+class _HideAuthDetails(logging.Filter):
+    """Keep secrets out of aiosmtpd's log records, and drop noise.
+
+    At DEBUG aiosmtpd logs every line a client sends and every line of message content.
+    A client that sends its base64 credentials after AUTH was refused (454, 503, 538)
+    makes them "unrecognised commands": a line whose first word is not an SMTP command
+    is therefore never logged, nor is an undecodable AUTH reply or message content.
+    """
+
+    _DROP = ("can't decode base64", "login_data is deprecated", "DATA readline")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if any(text in message for text in self._DROP):
+            return False
+        args = record.args
+        if isinstance(args, tuple) and args:
+            if message in ("_handle_client readline: %r", "%r >> %r"):
+                if not _known_command(args[-1]):
+                    record.args = (*args[:-1], _NOT_LOGGED)
+            elif message == "%r unrecognised: %s":
+                record.args = (*args[:-1], _NOT_LOGGED.decode())
+            elif (
+                message == "%r << %r"
+                and isinstance(args[-1], bytes)
+                and b"not recognized" in args[-1]
+            ):
+                record.args = (*args[:-1], b"500 (reply not logged)")
+        return True
+
+
+_filter = _HideAuthDetails()
+
+
+@dataclass
+class Guards:
+    """Limits and shared counters of one bridge (all listeners together)."""
+
+    max_connections: int = 200
+    max_connections_per_client: int = 20
+    max_errors: int = 10
+    data_timeout: float = 600.0
+    total: int = 0
+    per_client: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 class RelaySMTP(HookDirCache, CompactDataSMTP):
-    """aiosmtpd's SMTP with session tracking and a polite 421 while draining."""
+    """aiosmtpd's SMTP with session tracking, limits and a polite 421 while draining."""
 
     intake: IntakeState
     sessions: set[RelaySMTP]
+    guards: Guards
+    policy: RelayPolicy
+    users: UserDB
+    limiter: FailureLimiter
+    verify_slots: asyncio.Semaphore
+    implicit_tls: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # aiosmtpd keeps these in a class-wide dict that every EHLO grows; keep our own.
+        self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
+        self._counted_client: str | None = None
+        self._refused = False
+        self._errors = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self._original_transport is None and self.transport is None
         super().connection_made(transport)
+        if not first:
+            return  # the same connection after STARTTLS
+        assert self.session is not None
         self.sessions.add(self)
+        client = client_address(self.session.peer)
+        guards = self.guards
+        if (
+            guards.total >= guards.max_connections
+            or guards.per_client[client] >= guards.max_connections_per_client
+        ):
+            log.warning("too many connections: refusing client=%s", client)
+            self._refused = True
+            return
+        guards.total += 1
+        guards.per_client[client] += 1
+        self._counted_client = client
+        if self.implicit_tls:
+            self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
+        self._auth_require_tls = not (
+            self.implicit_tls or self.policy.plaintext_auth_allowed(client)
+        )
+
+    def _release(self) -> None:
+        """Free this session's connection slot (idempotent).
+
+        Called from connection_lost and when the session's coroutine ends: after a
+        STARTTLS whose handshake never completed, asyncio never calls connection_lost.
+        """
+        self.sessions.discard(self)
+        client = self._counted_client
+        if client is not None:
+            self._counted_client = None
+            self.guards.total -= 1
+            self.guards.per_client[client] -= 1
+            if self.guards.per_client[client] <= 0:
+                del self.guards.per_client[client]
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.sessions.discard(self)
+        self._release()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
-        # New sessions during shutdown get a 421 greeting instead of a refused
-        # connection, so the client knows to come back (RFC 5321 3.8).
-        if self.intake.draining:
-            await self.push(ShuttingDown.smtp_reply)
-            assert self.transport is not None
-            self.transport.close()
+        try:
+            if self._refused:
+                await self._say_goodbye("421 4.7.0 Too many connections, try again later")
+                return
+            # New sessions during shutdown get a 421 greeting instead of a refused
+            # connection, so the client knows to come back (RFC 5321 3.8).
+            if self.intake.draining:
+                await self._say_goodbye(ShuttingDown.smtp_reply)
+                return
+            await super()._handle_client()
+        finally:
+            self._release()
+
+    def _handshake_started(self) -> bool:
+        return self._tls_protocol is not None
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 TLS already active")
             return
-        await super()._handle_client()
+        await super().smtp_STARTTLS(arg)
+        assert self.session is not None
+        if self._handshake_started() and self.session.ssl is None:
+            # The handshake ended without TLS (timeout, garbage): aiosmtpd would go on
+            # reading the plaintext the client sent after STARTTLS. Close instead.
+            log.info(
+                "TLS handshake not completed: closing client=%s",
+                client_address(self.session.peer),
+            )
+            # Discard what the client pipelined (aiosmtpd does so only after success).
+            self._reader._buffer.clear()  # type: ignore[attr-defined]
+            if isinstance(self._original_transport, asyncio.Transport):
+                self._original_transport.abort()
+            if self.transport is not None:
+                self.transport.close()
+            assert self._handler_coroutine is not None
+            self._handler_coroutine.cancel()
+
+    # region reply observation (metrics): which transaction stage a reply answers
+    _stage: str | None = None
+
+    def _observe(self, status: Any) -> None:
+        if self._stage is not None and self.intake.on_reply:
+            text = status if isinstance(status, str) else bytes(status).decode(errors="replace")
+            for callback in self.intake.on_reply:
+                callback(self._stage, text)
+
+    async def _in_stage(self, stage: str, command: Any, arg: str | None) -> None:
+        self._stage = stage
+        try:
+            await command(arg)
+        finally:
+            self._stage = None
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await self._in_stage("mail", super().smtp_MAIL, arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await self._in_stage("rcpt", super().smtp_RCPT, arg)
+
+    # endregion
 
     @property
     def in_transaction(self) -> bool:
         envelope = self.envelope
         return envelope is not None and bool(envelope.mail_from)
+
+    async def _say_goodbye(self, reply: str) -> None:
+        await self.push(reply)
+        if self.transport is not None:
+            self.transport.close()
+
+    async def push(self, status: AnyStr) -> None:
+        self._observe(status)
+        if isinstance(status, str):
+            if status.startswith('500 Error: command "'):
+                # aiosmtpd echoes the unknown line back; it may be a credential.
+                status = "500 5.5.2 Error: command not recognized"
+            # Undecodable client bytes (kept as surrogates) must not make the reply fail.
+            await super().push(status.encode("utf-8", "surrogateescape"))
+        else:
+            await super().push(status)
+        code = status[:1] if isinstance(status, bytes) else status[:1].encode()
+        if code == b"5":
+            self._errors += 1
+            if self._errors >= self.guards.max_errors and self.transport is not None:
+                assert self.session is not None
+                log.warning("too many errors: closing client=%s", client_address(self.session.peer))
+                await super().push("421 4.7.0 Too many errors, closing connection")
+                self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        assert self.session is not None
+        log.info("timeout: closing client=%s", client_address(self.session.peer))
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(b"421 4.4.2 Timeout exceeded, closing connection\r\n")
+            self.transport.close()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd resets the idle timer per command only, so this is a deadline for the
+        # whole DATA phase: a client trickling its message (slowloris) is cut off with 421.
+        self._reset_timeout(self.guards.data_timeout)
+        try:
+            await self._in_stage("data", super().smtp_DATA, arg)
+        finally:
+            if self.transport is not None:
+                self._reset_timeout()
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        # Never confirm or deny an address (RFC 5321 3.5.3 allows 252), never echo it.
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
+        await self.push("252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery")
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        assert self.session is not None
+        if not self.users:
+            await self.push("502 5.5.1 AUTH not available")
+            return
+        client = client_address(self.session.peer)
+        if self.limiter.blocked(client):
+            log.warning("AUTH refused: too many failures from client=%s", client)
+            await self.push("454 4.7.0 Too many failed logins, try again later")
+            return
+        if arg:
+            # Some devices send "auth login": mechanism names are case-insensitive.
+            mechanism, _, rest = arg.partition(" ")
+            arg = f"{mechanism.upper()} {rest}".rstrip()
+        await super().smtp_AUTH(arg)
+
+    # aiosmtpd's own PLAIN/LOGIN check passwords synchronously; ours await a thread.
+    # AuthResult(handled=True) means the reply (501...) was already sent.
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        blob = await self._client_blob(args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._check_login("PLAIN", parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        login = await self._client_blob(args, self.AuthLoginUsernameChallenge)
+        if login is None:
+            return AuthResult(success=False, handled=True)
+        password = await self._client_blob([], self.AuthLoginPasswordChallenge)
+        if password is None:
+            return AuthResult(success=False, handled=True)
+        return await self._check_login("LOGIN", login, password)
+
+    async def _client_blob(self, args: list[str], challenge: str) -> bytes | None:
+        """The initial response in ``args`` or the answer to a 334 challenge, decoded."""
+        if len(args) > 1:
+            return await self._decode_initial(args[1])
+        answer = await self.challenge_auth(challenge)
+        return answer if isinstance(answer, bytes) else None
+
+    async def _decode_initial(self, text: str) -> bytes | None:
+        try:
+            return base64.b64decode(text.encode("utf-8", "surrogateescape"), validate=True)
+        except (binascii.Error, ValueError):
+            await self.push("501 5.5.2 Can't decode base64")
+            return None
+
+    async def _check_login(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        assert self.session is not None
+        client = client_address(self.session.peer)
+        async with self.verify_slots:
+            user = await asyncio.to_thread(self.users.authenticate, login, password)
+        # A name we do not know may be a password typed into the wrong field: not logged.
+        shown = login.decode("utf-8", "replace") if self.users.known(login) else "(unknown)"
+        if user is None:
+            self.limiter.record(client)
+            log.warning("AUTH failed: user=%r client=%s mechanism=%s", shown, client, mechanism)
+            return AuthResult(success=False, handled=False)  # aiosmtpd answers 535
+        log.info("AUTH ok: user=%r client=%s mechanism=%s", user.name, client, mechanism)
+        return AuthResult(success=True, auth_data=user)
 
 
 def smtp_factory(
@@ -55,15 +351,45 @@ def smtp_factory(
     data_size_limit: int,
     line_length_limit: int,
     timeout: float,
+    policy: RelayPolicy | None = None,
+    users: UserDB | None = None,
+    limiter: FailureLimiter | None = None,
+    guards: Guards | None = None,
+    tls: TLSContextSource | None = None,
+    implicit_tls: bool = False,
+    command_size_limit: int = 512,
+    sessions: set[RelaySMTP] | None = None,
 ) -> tuple[Any, set[RelaySMTP]]:
-    """A protocol factory for ``loop.create_server`` and the set of live sessions."""
-    sessions: set[RelaySMTP] = set()
+    """A protocol factory for ``loop.create_server`` and the set of live sessions.
+
+    With ``implicit_tls`` the listener itself is TLS (SMTPS, the caller passes ``ssl=``):
+    AUTH is offered at once and STARTTLS is not.  Otherwise ``tls`` enables STARTTLS.
+    """
+    if sessions is None:
+        sessions = set()
+    users = users if users is not None else UserDB()
+    limiter = limiter if limiter is not None else FailureLimiter(5, 300.0)
+    mail_log = logging.getLogger("mail.log")
+    if _filter not in mail_log.filters:
+        mail_log.addFilter(_filter)
     # A subclass per listener carries the limits, rather than mutating aiosmtpd's class.
     protocol = type(
         "RelaySMTPListener",
         (RelaySMTP,),
-        {"line_length_limit": line_length_limit, "intake": intake, "sessions": sessions},
+        {
+            "line_length_limit": line_length_limit,
+            "command_size_limit": command_size_limit,
+            "intake": intake,
+            "sessions": sessions,
+            "guards": guards if guards is not None else Guards(),
+            "policy": policy if policy is not None else RelayPolicy.loopback(),
+            "users": users,
+            "limiter": limiter,
+            "implicit_tls": implicit_tls,
+            "verify_slots": asyncio.Semaphore(VERIFY_CONCURRENCY),
+        },
     )
+    tls_context = None if (tls is None or implicit_tls) else tls.listener_context()
 
     def factory() -> RelaySMTP:
         smtp: RelaySMTP = protocol(
@@ -74,6 +400,7 @@ def smtp_factory(
             enable_SMTPUTF8=True,
             decode_data=False,
             timeout=timeout,
+            tls_context=tls_context,
         )
         return smtp
 

@@ -1,0 +1,286 @@
+"""``esprelay sendmail``: a drop-in for ``/usr/sbin/sendmail`` that submits to the bridge.
+
+Legacy software (PHP's ``mail()``, cron, monitoring scripts) pipes a message into
+``sendmail -t -i`` or ``sendmail -f sender rcpt...``.  This reads the message from
+standard input and submits it over SMTP to the running bridge at
+``ESPRELAY_SMTP_HOST:ESPRELAY_SMTP_PORT``; the bridge spools and delivers it.
+
+Flags (as Postfix's and Sendmail's)::
+
+    -t          recipients from To, Cc and Bcc (added to any on the command line);
+                the Bcc header is removed
+    -f SENDER   envelope sender (also -fSENDER, -r SENDER); default
+                ESPRELAY_SENDMAIL_FROM, else user@host
+    -F NAME     full name for a From header added when the message has none
+    -i, -oi     a line with a single dot does not end the message
+    -o...       other -o options (-oem, -odb, -oQ dir...) are accepted and ignored
+    -bm         deliver (the default); other -b modes are refused
+    -B, -C, -N, -R, -V, -X, -h, -L take a value and are ignored; -v, -U, -m, -n too
+
+Exit codes (sysexits.h, as sendmail): 0 submitted; 64 EX_USAGE bad flags or no
+recipient; 65 EX_DATAERR the bridge refused the message or sender for good; 67
+EX_NOUSER a recipient was refused for good (the others still got the message); 75
+EX_TEMPFAIL the bridge is unreachable or answered 4xx: try again later; 78
+EX_CONFIG bad ESPRELAY_* values.
+
+Only the SMTP address settings are read (never the provider's keys), so the calling
+user needs no access to the bridge's secrets.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import getpass
+import re
+import smtplib
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.headerregistry import Address
+from email.parser import BytesHeaderParser
+from email.utils import formataddr, formatdate, getaddresses, make_msgid
+from typing import BinaryIO
+
+from pydantic import ValidationError
+
+from esprelay.config import SendmailSettings
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOUSER = 67
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+SMTP_TIMEOUT = 60.0
+
+# Flags that take a value (attached or as the next argument) and are ignored.
+_IGNORED_WITH_VALUE = frozenset("BCNRVXhLO")
+_IGNORED_BARE = frozenset("vUmnGde")
+
+
+class UsageError(Exception):
+    pass
+
+
+@dataclass
+class Options:
+    sender: str | None = None
+    full_name: str | None = None
+    extract: bool = False
+    ignore_dots: bool = False
+    recipients: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    opts = Options()
+    args = list(argv)
+    i = 0
+
+    def value(flag: str, rest: str) -> str:
+        nonlocal i
+        if rest:
+            return rest
+        i += 1
+        if i >= len(args):
+            raise UsageError(f"option -{flag} requires an argument")
+        return args[i]
+
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            opts.recipients.extend(args[i + 1 :])
+            break
+        if not arg.startswith("-") or arg == "-":
+            opts.recipients.append(arg)
+            i += 1
+            continue
+        flag, rest = arg[1], arg[2:]
+        if flag in ("f", "r"):
+            opts.sender = value(flag, rest)
+        elif flag == "F":
+            opts.full_name = value(flag, rest)
+        elif flag == "t" and not rest:
+            opts.extract = True
+        elif flag == "i" and not rest:
+            opts.ignore_dots = True
+        elif flag == "o":
+            if rest == "i":
+                opts.ignore_dots = True
+            elif not rest:
+                value(flag, rest)  # "-o option" with a separate value
+            # every other -oXvalue (-oem, -odb, -oQ/dir...) is a harmless tweak: ignored
+        elif flag == "b":
+            if rest not in ("m", ""):
+                raise UsageError(f"-b{rest} is not supported (only -bm, deliver a message)")
+        elif flag in _IGNORED_WITH_VALUE:
+            value(flag, rest)
+        elif flag in _IGNORED_BARE:
+            pass
+        elif flag == "q":
+            raise UsageError("-q (queue runs) is not supported: the bridge runs its own queue")
+        else:
+            raise UsageError(f"unknown option {arg}")
+        i += 1
+    return opts
+
+
+def read_message(stream: BinaryIO, *, ignore_dots: bool) -> bytes:
+    """Read stdin; without -i a line with a single dot ends the message."""
+    if ignore_dots:
+        data = stream.read()
+    else:
+        lines = []
+        for line in stream:
+            if line.rstrip(b"\r\n") == b".":
+                break
+            lines.append(line)
+        data = b"".join(lines)
+    # SMTP wants CRLF; smtplib does not convert bytes.  Bare LF and CRLF both become CRLF.
+    return re.sub(rb"\r?\n", b"\r\n", data)
+
+
+def _split(raw: bytes) -> tuple[bytes, bytes]:
+    """Header block (with its final CRLF) and the rest (blank line and body)."""
+    if raw.startswith(b"\r\n"):
+        return b"", raw
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        return raw if raw.endswith(b"\r\n") or not raw else raw + b"\r\n", b""
+    return raw[: end + 2], raw[end + 2 :]
+
+
+def _drop_headers(head: bytes, names: set[str]) -> bytes:
+    """Remove the named headers (with their continuation lines) from a header block."""
+    out: list[bytes] = []
+    dropping = False
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                out.append(line)
+            continue
+        name = line.split(b":", 1)[0].strip().lower().decode("latin-1")
+        dropping = name in names
+        if not dropping:
+            out.append(line)
+    return b"".join(out)
+
+
+def prepare(raw: bytes, opts: Options, sender: str) -> tuple[bytes, list[str]]:
+    """The bytes to submit and the envelope recipients."""
+    head, rest = _split(raw)
+    headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(head + b"\r\n")
+    recipients = list(opts.recipients)
+    if opts.extract:
+        values = [str(v) for name in ("to", "cc", "bcc") for v in headers.get_all(name, [])]
+        for _, address in getaddresses(values):
+            if address and address not in recipients:
+                recipients.append(address)
+        head = _drop_headers(head, {"bcc"})
+    added = []
+    if headers.get("from") is None:
+        added.append(f"From: {formataddr((opts.full_name or '', sender))}")
+    if headers.get("date") is None:
+        added.append(f"Date: {formatdate(localtime=True)}")
+    if headers.get("message-id") is None:
+        domain = sender.rpartition("@")[2] or socket.getfqdn()
+        added.append(f"Message-ID: {make_msgid(domain=domain)}")
+    prefix = "".join(f"{line}\r\n" for line in added).encode("utf-8")
+    if not rest:
+        rest = b"\r\n"
+    return prefix + head + rest, recipients
+
+
+def default_sender(settings: SendmailSettings) -> str:
+    if settings.sendmail_from:
+        return settings.sendmail_from
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "nobody"
+    return str(Address(username=user, domain=socket.getfqdn() or "localhost"))
+
+
+def _text(reply: bytes | str) -> str:
+    return reply.decode(errors="replace") if isinstance(reply, bytes) else reply
+
+
+def submit(
+    host: str, port: int, sender: str, recipients: list[str], data: bytes
+) -> tuple[int, list[str]]:
+    """Submit over SMTP; return an exit code and the problems to print."""
+    problems: list[str] = []
+    temporary = False
+    eight_bit = any(b > 127 for b in data)
+    utf8 = not (sender + "".join(recipients)).isascii()
+    try:
+        with smtplib.SMTP(host, port, timeout=SMTP_TIMEOUT) as smtp:
+            smtp.ehlo_or_helo_if_needed()
+            options = []
+            if eight_bit and smtp.has_extn("8bitmime"):
+                options.append("BODY=8BITMIME")
+            if utf8 and smtp.has_extn("smtputf8"):
+                options.append("SMTPUTF8")
+            if smtp.has_extn("size"):
+                options.append(f"SIZE={len(data)}")
+            code, reply = smtp.mail(sender, options)
+            if code != 250:
+                smtp.rset()
+                problems.append(f"sender <{sender}> refused: {code} {_text(reply)}")
+                return (EX_TEMPFAIL if 400 <= code < 500 else EX_DATAERR), problems
+            accepted = []
+            for rcpt in recipients:
+                code, reply = smtp.rcpt(rcpt)
+                if code in (250, 251):
+                    accepted.append(rcpt)
+                else:
+                    temporary = temporary or 400 <= code < 500
+                    problems.append(f"recipient <{rcpt}> refused: {code} {_text(reply)}")
+            if not accepted:
+                smtp.rset()
+                return (EX_TEMPFAIL if temporary else EX_NOUSER), problems
+            code, reply = smtp.data(data)
+            if code != 250:
+                problems.append(f"message refused: {code} {_text(reply)}")
+                return (EX_TEMPFAIL if 400 <= code < 500 else EX_DATAERR), problems
+    except smtplib.SMTPResponseException as exc:
+        problems.append(f"refused: {exc.smtp_code} {_text(exc.smtp_error)}")
+        return (EX_TEMPFAIL if 400 <= exc.smtp_code < 500 else EX_DATAERR), problems
+    except (OSError, smtplib.SMTPException) as exc:
+        problems.append(f"cannot reach the mail bridge at {host}:{port}: {exc}")
+        return EX_TEMPFAIL, problems
+    if problems:
+        # The others received it; say so, and fail like sendmail does for a bad user.
+        return (EX_TEMPFAIL if temporary else EX_NOUSER), problems
+    return EX_OK, problems
+
+
+def main(argv: Sequence[str], stdin: BinaryIO | None = None) -> int:
+    try:
+        opts = parse_args(argv)
+    except UsageError as exc:
+        print(f"sendmail: {exc}", file=sys.stderr)
+        return EX_USAGE
+    try:
+        settings = SendmailSettings()
+    except ValidationError as exc:
+        fields = ", ".join(f"ESPRELAY_{str(e['loc'][0]).upper()}" for e in exc.errors() if e["loc"])
+        print(f"sendmail: configuration error: {fields or exc}", file=sys.stderr)
+        return EX_CONFIG
+    raw = read_message(stdin or sys.stdin.buffer, ignore_dots=opts.ignore_dots)
+    sender = opts.sender if opts.sender is not None else default_sender(settings)
+    if sender == "<>":
+        sender = ""
+    data, recipients = prepare(raw, opts, sender or "MAILER-DAEMON")
+    if not recipients:
+        print("sendmail: no recipients (give them as arguments, or use -t)", file=sys.stderr)
+        return EX_USAGE
+    host = settings.smtp_host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    code, problems = submit(host, settings.smtp_port, sender, recipients, data)
+    for problem in problems:
+        print(f"sendmail: {problem}", file=sys.stderr)
+    return code

@@ -1,0 +1,219 @@
+"""SMTP AUTH users: scrypt password hashes, the users file, failed-login limits.
+
+A hash looks like ``$scrypt$ln=15,r=8,p=1$<salt>$<key>`` (salt and key in base64), made
+by ``esprelay hash-password``.  The users file has one ``user:hash[:allowed_senders]``
+a line; ``allowed_senders`` is a comma-separated list of addresses (``app@example.com``)
+and domains (``example.com`` or ``@example.com``) this user may send as.
+
+Nothing here ever puts a password or a hash into an exception message or a repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from esprelay.errors import ConfigError
+
+# scrypt with N=2**15, r=8, p=1 takes ~32 MiB and tens of milliseconds: OWASP's minimum
+# recommendation is N=2**17 for interactive logins, but AUTH runs on the event loop and is
+# rate limited per client, so a cheaper default keeps the listener responsive.
+DEFAULT_LOG_N = 15
+_R = 8
+_P = 1
+_MAXMEM = 256 * 1024 * 1024
+_HASH = re.compile(
+    r"^\$scrypt\$ln=(?P<ln>\d{1,2}),r=(?P<r>\d{1,2}),p=(?P<p>\d{1,2})"
+    r"\$(?P<salt>[A-Za-z0-9+/=]+)\$(?P<key>[A-Za-z0-9+/=]+)$"
+)
+_USER = re.compile(r"^[^\s:\x00-\x1f\x7f]{1,256}$")
+
+
+def hash_password(password: str, *, log_n: int = DEFAULT_LOG_N) -> str:
+    """A new salted scrypt hash of ``password`` in the users-file format."""
+    salt = secrets.token_bytes(16)
+    key = hashlib.scrypt(
+        password.encode(), salt=salt, n=2**log_n, r=_R, p=_P, maxmem=_MAXMEM, dklen=32
+    )
+    b64 = base64.b64encode
+    return f"$scrypt$ln={log_n},r={_R},p={_P}${b64(salt).decode()}${b64(key).decode()}"
+
+
+def _valid_hash(encoded: str) -> bool:
+    match = _HASH.match(encoded)
+    return match is not None and 1 <= int(match["ln"]) <= 20
+
+
+def verify_password(password: bytes, encoded: str) -> bool:
+    """True if ``password`` matches the scrypt hash ``encoded`` (constant-time compare)."""
+    match = _HASH.match(encoded)
+    if match is None:
+        return False
+    try:
+        salt = base64.b64decode(match["salt"], validate=True)
+        key = base64.b64decode(match["key"], validate=True)
+        derived = hashlib.scrypt(
+            password,
+            salt=salt,
+            n=2 ** int(match["ln"]),
+            r=int(match["r"]),
+            p=int(match["p"]),
+            maxmem=_MAXMEM,
+            dklen=len(key),
+        )
+    except ValueError:
+        return False
+    return hmac.compare_digest(derived, key)
+
+
+def parse_sender_rules(text: str) -> tuple[str, ...]:
+    """``a@example.com, example.org, @example.net`` -> lower-cased rules."""
+    rules = []
+    for item in re.split(r"[\s,]+", text):
+        if not item:
+            continue
+        item = item.lower()
+        if item.startswith("@"):
+            item = item[1:]
+        if not item or item.count("@") > 1 or item.endswith("@"):
+            raise ValueError("allowed senders must be addresses or domains")
+        rules.append(item)
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class User:
+    """An AUTH user.  The secret never shows in repr or str."""
+
+    name: str
+    allowed_senders: tuple[str, ...] = ()
+    _hash: str | None = field(default=None, repr=False, compare=False)
+    _password: bytes | None = field(default=None, repr=False, compare=False)
+
+    def check(self, password: bytes) -> bool:
+        if self._hash is not None:
+            return verify_password(password, self._hash)
+        if self._password is not None:
+            return hmac.compare_digest(password, self._password)
+        return False
+
+
+class UserDB:
+    """The users esprelay knows; empty means AUTH is not offered."""
+
+    def __init__(self, users: Iterable[User] = ()) -> None:
+        self._users = {user.name: user for user in users}
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def __repr__(self) -> str:
+        return f"UserDB(users={len(self._users)})"
+
+    def known(self, name: bytes) -> bool:
+        return name.decode("utf-8", "replace") in self._users
+
+    def authenticate(self, name: bytes, password: bytes) -> User | None:
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        user = self._users.get(text)
+        if user is None:
+            # Spend the same time as for a real user, so timing does not reveal names.
+            verify_password(password, _dummy_hash())
+            return None
+        return user if user.check(password) else None
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | None,
+        single_user: str | None = None,
+        single_password: str | None = None,
+    ) -> UserDB:
+        users: list[User] = []
+        if path is not None:
+            users.extend(_read_users_file(path))
+        if single_user is not None and single_password is not None:
+            if not _USER.match(single_user):
+                raise ConfigError("ESPRELAY_AUTH_USER: not a valid user name")
+            users.append(User(single_user, _password=single_password.encode()))
+        names = [u.name for u in users]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"AUTH user(s) defined twice: {', '.join(duplicates)}")
+        return cls(users)
+
+
+def _read_users_file(path: Path) -> list[User]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise ConfigError(f"ESPRELAY_AUTH_FILE: cannot read {path}: {reason}") from None
+    users = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        # Errors name the line, never echo it: it holds a hash.
+        name, _, rest = line.partition(":")
+        hashed, _, senders = rest.partition(":")
+        if not _USER.match(name):
+            raise ConfigError(f"ESPRELAY_AUTH_FILE line {number}: not a valid user name")
+        if not _valid_hash(hashed):
+            raise ConfigError(
+                f"ESPRELAY_AUTH_FILE line {number}: expected user:$scrypt$... "
+                "(make one with `esprelay hash-password`)"
+            )
+        try:
+            rules = parse_sender_rules(senders)
+        except ValueError as exc:
+            raise ConfigError(f"ESPRELAY_AUTH_FILE line {number}: {exc}") from None
+        users.append(User(name, rules, _hash=hashed))
+    return users
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_password("esprelay-dummy")
+
+
+class FailureLimiter:
+    """Counts failed logins per client address in a sliding window."""
+
+    def __init__(self, max_failures: int, window: float) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, client: str, now: float) -> deque[float]:
+        times = self._failures.get(client)
+        if times is None:
+            return deque()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[client]
+        return times
+
+    def blocked(self, client: str) -> bool:
+        return len(self._recent(client, time.monotonic())) >= self.max_failures
+
+    def record(self, client: str) -> None:
+        now = time.monotonic()
+        self._recent(client, now)
+        self._failures.setdefault(client, deque()).append(now)
+        if len(self._failures) > 10000:  # bound memory under a spray from many addresses
+            oldest = min(self._failures, key=lambda c: self._failures[c][-1])
+            del self._failures[oldest]
