@@ -49,6 +49,7 @@ async def _exchange(protocol: type[SMTP], body: bytes) -> tuple[list[bytes], lis
         writer.write(b"QUIT\r\n")
         await reader.readline()
         writer.close()
+        await writer.wait_closed()
     finally:
         server.close()
         await server.wait_closed()
