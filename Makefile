@@ -64,5 +64,10 @@ pytest: setup tools postgres
 
 test: lint typecheck pytest
 
+# The performance benchmark (bench/README.md). Takes several minutes; pass options with
+# BENCH_ARGS, e.g. make bench BENCH_ARGS="--sizes 2K --sessions 20,200 --repeats 5".
+bench: setup
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

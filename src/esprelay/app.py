@@ -32,6 +32,7 @@ from esprelay.dispatch import ProviderSet
 from esprelay.dsn import build_dsn, is_dsn, status_for
 from esprelay.errors import ConfigError, SpoolError
 from esprelay.httpapi import OpsServer, ReadinessCheck
+from esprelay.httpclient import make_client
 from esprelay.intake import Intake, IntakeState
 from esprelay.logsetup import apply_level
 from esprelay.metrics import RelayMetrics
@@ -48,6 +49,10 @@ from esprelay.spool import NewPart, Spool, open_spool
 log = logging.getLogger("esprelay")
 
 PURGE_INTERVAL = 600.0
+# asyncio's default listen backlog is 100: a burst of more new connections than that
+# (200 sessions of a batch job) overflows it and the kernel drops SYNs, which clients
+# retry only after a second. The kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
 
 #: Called on SIGHUP with freshly loaded settings; may be sync or async.  A callback
 #: that raises is logged and the others still run.
@@ -116,15 +121,13 @@ class Relay:
         )
         self.users = users
         self.tls = tls
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.provider_timeout),
-            limits=httpx.Limits(
-                max_connections=max(10, settings.delivery_concurrency),
-                max_keepalive_connections=max(10, settings.delivery_concurrency),
-            ),
-            follow_redirects=False,
+        self.client, transport = make_client(
+            timeout=settings.provider_timeout,
+            max_connections=max(10, settings.delivery_concurrency),
+            transport=settings.http_transport,
             event_hooks=self.metrics.httpx_event_hooks(self._provider_hosts),
         )
+        log.info("http transport: %s", transport)
         self._provider_hosts.update(
             _provider_hosts(self.routing.providers, settings.failure_webhook_url)
         )
@@ -221,7 +224,11 @@ class Relay:
         loop = asyncio.get_running_loop()
         try:
             self.server = await loop.create_server(
-                factory, host=settings.smtp_host, port=settings.smtp_port, reuse_address=True
+                factory,
+                host=settings.smtp_host,
+                port=settings.smtp_port,
+                reuse_address=True,
+                backlog=LISTEN_BACKLOG,
             )
         except OSError as exc:
             raise ConfigError(
@@ -243,6 +250,7 @@ class Relay:
                 host=settings.smtp_host,
                 port=settings.smtps_port,
                 reuse_address=True,
+                backlog=LISTEN_BACKLOG,
                 ssl=tls.listener_context(),
                 ssl_handshake_timeout=min(60.0, settings.smtp_timeout or 60.0),
             )

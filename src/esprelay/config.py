@@ -169,6 +169,10 @@ class Settings(BaseSettings):
     failed_retention: Seconds = 7 * 86400.0
     shutdown_grace: Seconds = 20.0
 
+    # Performance (bench/README.md)
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    http_transport: Literal["auto", "aiohttp", "httpx"] = "auto"
+
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

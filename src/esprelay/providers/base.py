@@ -39,6 +39,8 @@ from esprelay.errors import (
 from esprelay.models import OutboundMessage, SendResult
 
 EXCERPT_LIMIT = 300
+#: Messages up to this size (raw bytes) are turned into requests on the event loop.
+INLINE_BUILD_LIMIT = 64 * 1024
 
 
 class Provider(abc.ABC):
@@ -88,8 +90,13 @@ class HttpProvider(Provider):
 
     async def send(self, message: OutboundMessage) -> SendResult:
         # Building may parse the MIME (JSON providers): seconds of CPU for a huge or
-        # deeply nested message, so it runs off the event loop that serves SMTP.
-        request = await asyncio.to_thread(self.build_request, message)
+        # deeply nested message, so it runs off the event loop that serves SMTP. A small
+        # message parses in well under a millisecond, less than the hop to a thread
+        # costs (bench/README.md), so it is built in place.
+        if len(message.raw) <= INLINE_BUILD_LIMIT:
+            request = self.build_request(message)
+        else:
+            request = await asyncio.to_thread(self.build_request, message)
         with map_transport_errors(self.name):
             response = await self._client.send(request)
             await response.aread()

@@ -17,6 +17,7 @@ from typing import Any
 from esprelay.errors import ShuttingDown
 from esprelay.intake import Client, Intake
 from esprelay.models import Envelope
+from esprelay.smtp.hooks import HookDirCache
 from esprelay.smtp.policy import RelayPolicy
 from esprelay.smtp.repair import from_addresses, normalize_line_endings, repair_message
 
@@ -58,7 +59,7 @@ def check_address(address: str, *, allow_null: bool) -> str | None:
     return None
 
 
-class RelayHandler:
+class RelayHandler(HookDirCache):
     def __init__(
         self,
         intake: Intake,

@@ -17,12 +17,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, AuthResult, syntax
+from aiosmtpd.smtp import AuthResult, syntax
 
 from esprelay.errors import ShuttingDown
 from esprelay.intake import IntakeState
 from esprelay.smtp.auth import FailureLimiter, UserDB
+from esprelay.smtp.data import CompactDataSMTP
 from esprelay.smtp.handler import RelayHandler, client_address
+from esprelay.smtp.hooks import HookDirCache
 from esprelay.smtp.policy import RelayPolicy
 from esprelay.smtp.tls import TLSContextSource
 
@@ -94,7 +96,7 @@ class Guards:
     per_client: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(HookDirCache, CompactDataSMTP):
     """aiosmtpd's SMTP with session tracking, limits and a polite 421 while draining."""
 
     intake: IntakeState

@@ -1,0 +1,262 @@
+"""``python -m bench``: run the benchmark matrix and write a table and a JSON file.
+
+For every scenario (size x sessions x API latency) and every repeat, the aiosmtpd sink
+and esprelay run back to back in fresh processes under the same load; the headline is
+the ratio esprelay delivered msg/s / sink accepted msg/s, the median of the per-repeat
+ratios.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.harness import HTTP_PROVIDERS, Measurement, measure, smtp_source_available
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Message counts per (size, sessions): enough for a stable rate, bounded in time.
+_COUNTS = {
+    2 * 1024: {1: 300, 20: 2000, 200: 3000},
+    100 * 1024: {1: 150, 20: 600, 200: 1000},
+    5 * 1024 * 1024: {1: 10, 20: 40, 200: 200},
+}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    for suffix, factor in (("K", 1024), ("M", 1024**2), ("G", 1024**3)):
+        if text.endswith(suffix):
+            return int(float(text[:-1]) * factor)
+    return int(text)
+
+
+def human(size: int) -> str:
+    for suffix, factor in (("M", 1024**2), ("K", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{suffix}"
+    return str(size)
+
+
+def default_count(size: int, sessions: int) -> int:
+    if size in _COUNTS and sessions in _COUNTS[size]:
+        return _COUNTS[size][sessions]
+    # About 200 MB of traffic, at least 2 messages per session, at most 3000.
+    return max(2 * sessions, min(3000, (200 * 1024**2) // max(size, 1)))
+
+
+def median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarise(runs: list[tuple[Measurement, Measurement | None]]) -> dict[str, Any]:
+    relay = [r for r, _ in runs]
+    sinks = [s for _, s in runs if s is not None]
+    ratios = [
+        r.delivered_per_s / s.accepted_per_s
+        for r, s in runs
+        if s is not None and r.delivered_per_s and s.accepted_per_s
+    ]
+    cpu_ratios = [
+        r.cpu_ms_per_msg / s.cpu_ms_per_msg for r, s in runs if s is not None and s.cpu_ms_per_msg
+    ]
+    return {
+        "esprelay": {
+            "accepted_per_s": median([r.accepted_per_s for r in relay]),
+            "delivered_per_s": median([r.delivered_per_s for r in relay]),
+            "p50_ms": median([r.p50_ms for r in relay]),
+            "p99_ms": median([r.p99_ms for r in relay]),
+            "cpu_ms_per_msg": median([r.cpu_ms_per_msg for r in relay]),
+            "peak_rss_mb": max(r.peak_rss_mb for r in relay),
+            "errors": sum(r.errors for r in relay),
+            "undelivered": sum(r.sent - r.delivered for r in relay),
+        },
+        "sink": {
+            "accepted_per_s": median([s.accepted_per_s for s in sinks]),
+            "p50_ms": median([s.p50_ms for s in sinks]),
+            "p99_ms": median([s.p99_ms for s in sinks]),
+            "cpu_ms_per_msg": median([s.cpu_ms_per_msg for s in sinks]),
+            "peak_rss_mb": max((s.peak_rss_mb for s in sinks), default=None),
+        }
+        if sinks
+        else None,
+        "ratio_delivered_vs_sink": median(list(ratios)),
+        "ratio_cpu_vs_sink": median(list(cpu_ratios)),
+    }
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| size | sessions | API ms | esprelay accepted/s | delivered/s | p50 ms | p99 ms |"
+        " CPU ms/msg | peak RSS MB | sink msg/s | sink CPU ms/msg | ratio (delivered/sink) |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for row in rows:
+        e, s = row["summary"]["esprelay"], row["summary"]["sink"] or {}
+        lines.append(
+            f"| {human(row['size'])} | {row['sessions']} | {_fmt(row['latency_ms'])} |"
+            f" {_fmt(e['accepted_per_s'])} | {_fmt(e['delivered_per_s'])} |"
+            f" {_fmt(e['p50_ms'], 2)} | {_fmt(e['p99_ms'], 2)} | {_fmt(e['cpu_ms_per_msg'], 2)} |"
+            f" {_fmt(e['peak_rss_mb'])} | {_fmt(s.get('accepted_per_s'))} |"
+            f" {_fmt(s.get('cpu_ms_per_msg'), 2)} |"
+            f" {_fmt(row['summary']['ratio_delivered_vs_sink'], 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--sizes", default="2K,100K,5M", help="comma-separated, e.g. 2K,100K,5M")
+    parser.add_argument("--sessions", default="1,20,200")
+    parser.add_argument(
+        "--latencies",
+        default="0",
+        help="API latencies in ms for every scenario (comma-separated)",
+    )
+    parser.add_argument(
+        "--extra",
+        default="2K:20:100,2K:200:100",
+        help="extra SIZE:SESSIONS:LATENCY_MS scenarios ('' for none)",
+    )
+    parser.add_argument("--count", type=int, help="messages per run (default: by size/sessions)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply default counts")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--provider",
+        default="auto",
+        help="esprelay provider: outbox, postmark, sendgrid, or auto (an HTTP adapter if present)",
+    )
+    parser.add_argument(
+        "--loadgen",
+        choices=("python", "smtp-source"),
+        default="python",
+        help="python measures latency too; smtp-source (Postfix) is a cheaper C client",
+    )
+    parser.add_argument("--no-sink", action="store_true", help="skip the baseline")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--env", action="append", default=[], help="extra ESPRELAY_X=Y for esprelay"
+    )
+    parser.add_argument("--output", type=Path, help="JSON file (default: bench/results/...)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+
+    provider = args.provider
+    if provider == "auto":
+        provider = _available_http_provider() or "outbox"
+    if args.loadgen == "smtp-source" and not smtp_source_available():
+        parser.error("smtp-source is not installed (Debian package postfix)")
+
+    scenarios: list[tuple[int, int, float]] = []
+    for size in (parse_size(s) for s in args.sizes.split(",") if s):
+        for sessions in (int(n) for n in args.sessions.split(",") if n):
+            for latency in (float(x) for x in args.latencies.split(",") if x):
+                scenarios.append((size, sessions, latency))
+    for spec in (s for s in args.extra.split(",") if s):
+        size_text, sessions_text, latency_text = spec.split(":")
+        item = (parse_size(size_text), int(sessions_text), float(latency_text))
+        if item not in scenarios:
+            scenarios.append(item)
+
+    cpus = os.sched_getaffinity(0)
+    server_cpus = helper_cpus = None
+    if not args.no_pin and len(cpus) >= 2:
+        ordered = sorted(cpus)
+        server_cpus, helper_cpus = {ordered[-1]}, set(ordered[:-1])
+    extra_env = dict(item.split("=", 1) for item in args.env)
+
+    rows: list[dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
+    for size, sessions, latency in scenarios:
+        count = args.count or max(1, round(default_count(size, sessions) * args.scale))
+        runs: list[tuple[Measurement, Measurement | None]] = []
+        for repeat in range(args.repeats):
+            common = {
+                "size": size,
+                "sessions": sessions,
+                "count": count,
+                "latency_ms": latency,
+                "loadgen": args.loadgen,
+                "server_cpus": server_cpus,
+                "helper_cpus": helper_cpus,
+            }
+            sink = None if args.no_sink else measure("sink", **common)  # type: ignore[arg-type]
+            relay = measure("esprelay", provider=provider, extra_env=extra_env, **common)  # type: ignore[arg-type]
+            runs.append((relay, sink))
+            raw.extend(m.to_json() for m in (sink, relay) if m is not None)
+            if not args.quiet:
+                print(
+                    f"{human(size):>4} x{sessions:<3} api={latency:g}ms run {repeat + 1}:"
+                    f" esprelay {relay.delivered_per_s or 0:.0f} delivered/s"
+                    f" ({relay.cpu_ms_per_msg:.2f} ms CPU/msg, p50 {relay.p50_ms or 0:.1f} ms)"
+                    + (
+                        f"  sink {sink.accepted_per_s:.0f}/s ({sink.cpu_ms_per_msg:.2f} ms CPU/msg)"
+                        if sink
+                        else ""
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
+        rows.append(
+            {
+                "size": size,
+                "sessions": sessions,
+                "latency_ms": latency,
+                "count": count,
+                "summary": summarise(runs),
+            }
+        )
+
+    report = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": {
+            "cpus": os.cpu_count(),
+            "loadavg": os.getloadavg(),
+            "python": platform.python_version(),
+            "pinned": {"server": sorted(server_cpus or []), "helpers": sorted(helper_cpus or [])},
+        },
+        "provider": provider,
+        "loadgen": args.loadgen,
+        "repeats": args.repeats,
+        "scenarios": rows,
+        "runs": raw,
+    }
+    output = args.output
+    if output is None:
+        RESULTS.mkdir(exist_ok=True)
+        output = RESULTS / f"bench-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(table(rows))
+    print(f"\nprovider={provider} loadgen={args.loadgen} repeats={args.repeats}; JSON: {output}")
+    return 0
+
+
+def _available_http_provider() -> str | None:
+    """The first HTTP adapter for which the emulator has a flavour, if esprelay has one."""
+    try:
+        from esprelay.providers import PROVIDERS
+    except ImportError:
+        return None
+    for name in HTTP_PROVIDERS:
+        if name in PROVIDERS:
+            return name
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Start the pieces of one benchmark scenario, drive them, and measure.
+
+A scenario is (message size, sessions, API latency, target).  Targets:
+
+- ``sink``: the bare aiosmtpd sink (``bench.sink``), the in-run baseline;
+- ``esprelay``: ``python -m esprelay serve`` in queue mode with the real SQLite spool
+  in a temporary directory, delivering through ``provider`` (``outbox`` writes files;
+  ``sendgrid``/``postmark`` POST every message to the ESP emulator).
+
+Every process is fresh per scenario, so VmHWM is that scenario's peak RSS and the
+CPU time (utime + stime from ``/proc/<pid>/stat``) is that scenario's cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.loadgen import LoadResult, run_load
+
+ROOT = Path(__file__).resolve().parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+HTTP_PROVIDERS = {"sendgrid": "sendgrid", "postmark": "postmark"}
+
+
+@dataclass
+class Measurement:
+    target: str
+    provider: str
+    size: int
+    sessions: int
+    latency_ms: float
+    count: int
+    loadgen: str
+    sent: int
+    errors: int
+    accept_seconds: float
+    deliver_seconds: float | None
+    delivered: int
+    accepted_per_s: float
+    delivered_per_s: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    cpu_ms_per_msg: float
+    peak_rss_mb: float
+    error_samples: list[str]
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pin(pid: int, cpus: set[int] | None) -> None:
+    if cpus:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, cpus)
+
+
+class Service:
+    """A child process that announces ``listening on HOST:PORT`` in its output."""
+
+    def __init__(
+        self, argv: list[str], *, env: dict[str, str], cwd: Path, log: Path, pattern: str
+    ) -> None:
+        self.log = log
+        self._out = log.open("wb")
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+        self.port = self._wait_port(re.compile(pattern))
+
+    def _wait_port(self, pattern: re.Pattern[str], timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = pattern.search(self.log.read_text(errors="replace"))
+            if match:
+                return int(match.group(1))
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"{self.proc.args} did not start:\n{self.log.read_text()[-3000:]}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._out.close()
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), str(ROOT / "src"), env.get("PYTHONPATH", "")) if p
+    )
+    return env
+
+
+@contextlib.contextmanager
+def emulator(
+    workdir: Path, *, latency_ms: float, flavour: str, cpus: set[int] | None
+) -> Iterator[Service]:
+    service = Service(
+        [
+            sys.executable,
+            "-m",
+            "bench.emulator",
+            "--latency-ms",
+            str(latency_ms),
+            "--flavour",
+            flavour,
+        ],
+        env=_base_env(),
+        cwd=ROOT,
+        log=workdir / "emulator.log",
+        pattern=r"emulator listening on [^:]+:(\d+)",
+    )
+    pin(service.pid, cpus)
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def emulator_requests(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/__stats", timeout=5) as response:
+        return int(json.load(response)["requests"])
+
+
+def start_target(
+    target: str,
+    workdir: Path,
+    *,
+    provider: str,
+    emulator_port: int | None,
+    cpus: set[int] | None,
+    extra_env: dict[str, str] | None = None,
+) -> Service:
+    env = _base_env()
+    if target == "sink":
+        argv = [sys.executable, "-m", "bench.sink"]
+        pattern = r"sink listening on [^:]+:(\d+)"
+    elif target == "esprelay":
+        argv = [sys.executable, "-m", "esprelay", "serve"]
+        pattern = r"smtp listening on [^:]+:(\d+)"
+        env.update(
+            {
+                "ESPRELAY_SMTP_HOST": "127.0.0.1",
+                "ESPRELAY_SMTP_PORT": "0",
+                "ESPRELAY_SPOOL_URL": f"sqlite:///{workdir / 'spool' / 'spool.db'}",
+                "ESPRELAY_OUTBOX_DIR": str(workdir / "outbox"),
+                "ESPRELAY_PROVIDER": provider,
+                "ESPRELAY_MAX_MESSAGE_SIZE": str(30 * 1024 * 1024),
+                "ESPRELAY_DELIVERY_CONCURRENCY": "200",
+                "ESPRELAY_SHUTDOWN_GRACE": "5",
+            }
+        )
+        if provider in HTTP_PROVIDERS:
+            assert emulator_port is not None
+            url = f"http://127.0.0.1:{emulator_port}"
+            if provider == "sendgrid":
+                env["ESPRELAY_SENDGRID_API_KEY"] = "bench-key"
+                env["ESPRELAY_SENDGRID_API_URL"] = url
+            else:
+                env["ESPRELAY_POSTMARK_SERVER_TOKEN"] = "bench-token"
+                env["ESPRELAY_POSTMARK_API_URL"] = url
+        env.update(extra_env or {})
+    else:
+        raise ValueError(f"unknown target {target!r}")
+    service = Service(argv, env=env, cwd=workdir, log=workdir / f"{target}.log", pattern=pattern)
+    pin(service.pid, cpus)
+    return service
+
+
+def _delivered(target: str, provider: str, workdir: Path, emulator_port: int | None) -> int:
+    if provider in HTTP_PROVIDERS:
+        assert emulator_port is not None
+        return emulator_requests(emulator_port)
+    outbox = workdir / "outbox"
+    if not outbox.exists():
+        return 0
+    return sum(1 for entry in os.scandir(outbox) if entry.name.endswith(".json"))
+
+
+def _smtp_source(port: int, *, sessions: int, count: int, size: int) -> LoadResult:
+    tool = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [
+            tool,
+            "-s", str(sessions),
+            "-m", str(count),
+            "-l", str(size),
+            "-f", "bench@example.com",
+            "-t", "sink@example.org",
+            f"127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        timeout=600,
+        check=False,
+    )  # fmt: skip
+    result = LoadResult(seconds=time.perf_counter() - started)
+    if completed.returncode == 0:
+        result.sent = count
+    else:
+        result.errors = count
+        result.error_samples.append(completed.stderr.decode(errors="replace")[-500:])
+    return result
+
+
+def smtp_source_available() -> bool:
+    return shutil.which("smtp-source") is not None or Path("/usr/sbin/smtp-source").exists()
+
+
+def measure(
+    target: str,
+    *,
+    size: int,
+    sessions: int,
+    count: int,
+    latency_ms: float = 0.0,
+    provider: str = "outbox",
+    loadgen: str = "python",
+    server_cpus: set[int] | None = None,
+    helper_cpus: set[int] | None = None,
+    deliver_timeout: float = 300.0,
+    extra_env: dict[str, str] | None = None,
+) -> Measurement:
+    """Run one scenario against one target in fresh processes and return its figures."""
+    flavour = HTTP_PROVIDERS.get(provider, "generic")
+    with tempfile.TemporaryDirectory(prefix="esprelay-bench-") as tmp:
+        workdir = Path(tmp)
+        with emulator(workdir, latency_ms=latency_ms, flavour=flavour, cpus=helper_cpus) as emu:
+            server = start_target(
+                target,
+                workdir,
+                provider=provider,
+                emulator_port=emu.port,
+                cpus=server_cpus,
+                extra_env=extra_env,
+            )
+            try:
+                pin(os.getpid(), helper_cpus)
+                cpu_before = cpu_seconds(server.pid)
+                started = time.perf_counter()
+                if loadgen == "smtp-source":
+                    load = _smtp_source(server.port, sessions=sessions, count=count, size=size)
+                else:
+                    load = asyncio.run(
+                        run_load(
+                            "127.0.0.1", server.port, sessions=sessions, count=count, size=size
+                        )
+                    )
+                delivered = load.sent
+                deliver_seconds: float | None = load.seconds
+                if target == "esprelay":
+                    deadline = time.monotonic() + deliver_timeout
+                    while True:
+                        delivered = _delivered(target, provider, workdir, emu.port)
+                        if delivered >= load.sent or time.monotonic() > deadline:
+                            break
+                        time.sleep(0.005)
+                    deliver_seconds = (
+                        time.perf_counter() - started if delivered >= load.sent else None
+                    )
+                cpu_used = cpu_seconds(server.pid) - cpu_before
+                rss = peak_rss_mb(server.pid)
+            finally:
+                server.stop()
+    p50, p99 = load.percentile(50), load.percentile(99)
+    return Measurement(
+        target=target,
+        provider=provider if target == "esprelay" else "-",
+        size=size,
+        sessions=sessions,
+        latency_ms=latency_ms,
+        count=count,
+        loadgen=loadgen,
+        sent=load.sent,
+        errors=load.errors,
+        accept_seconds=load.seconds,
+        deliver_seconds=deliver_seconds,
+        delivered=delivered,
+        accepted_per_s=load.sent / load.seconds if load.seconds else 0.0,
+        delivered_per_s=(delivered / deliver_seconds) if deliver_seconds else None,
+        p50_ms=p50 * 1000 if p50 is not None else None,
+        p99_ms=p99 * 1000 if p99 is not None else None,
+        cpu_ms_per_msg=cpu_used * 1000 / max(1, load.sent or count),
+        peak_rss_mb=rss,
+        error_samples=load.error_samples,
+    )
