@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from collections.abc import Iterator
@@ -42,3 +43,11 @@ def relay_factory(tmp_path: Path) -> Iterator[type[RelayProcess]]:
 def relay(relay_factory: type[RelayProcess]) -> RelayProcess:
     """A running esprelay with the outbox provider."""
     return relay_factory().start()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """Collect garbage after every test, so a leaked socket or file is reported by the
+    test that leaked it (filterwarnings=error) rather than by whichever test runs next."""
+    yield
+    gc.collect()
