@@ -96,6 +96,8 @@ class Deliverer:
         # Ids whose SMTP client is still waiting for an inline attempt: a permanent
         # failure is then told to the client (5xx) instead of bounced.
         self._client_waiting: set[str] = set()
+        # Worker slots promised to messages being spooled for a direct hand-off.
+        self._reserved = 0
 
     @property
     def owner(self) -> str:
@@ -162,6 +164,29 @@ class Deliverer:
             self._client_waiting.discard(message.id)
         return task.result() if task in done else None
 
+    def reserve(self, count: int) -> bool:
+        """Hold ``count`` worker slots for messages about to be spooled already leased.
+
+        False when the pool is stopped, paused or has no room: spool them as usual.
+        """
+        if self._stopping or self._loop_task is None:
+            return False
+        if self._concurrency - len(self._inflight) - self._reserved < count:
+            return False
+        self._reserved += count
+        return True
+
+    def release(self, count: int) -> None:
+        """Give back reserved slots whose messages were not spooled."""
+        self._reserved = max(0, self._reserved - count)
+
+    def dispatch_reserved(self, message: SpooledMessage) -> None:
+        """Deliver a message spooled already leased to us, in a slot reserved for it."""
+        self.release(1)
+        if self._stopping:
+            return  # stays leased in the spool: recovered at the next start
+        self._spawn(message)
+
     def _spawn(self, message: SpooledMessage) -> asyncio.Task[Outcome | None]:
         task = asyncio.create_task(self._deliver(message), name=f"deliver-{message.id}")
         self._inflight.add(task)
@@ -170,7 +195,7 @@ class Deliverer:
 
     async def _run(self) -> None:
         while not self._stopping:
-            free = self._concurrency - len(self._inflight)
+            free = self._concurrency - len(self._inflight) - self._reserved
             leased: list[SpooledMessage] = []
             if free > 0:
                 try:

@@ -107,19 +107,21 @@ class Intake:
             )
             for part in parts
         ]
-        inline = self.inline_seconds > 0 and len(parts) == 1 and self.deliverer is not None
+        deliverer = self.deliverer
+        inline = self.inline_seconds > 0 and len(parts) == 1 and deliverer is not None
+        # With idle workers, the message is spooled already leased to this instance and
+        # handed to them directly: no lease query has to read it back from the spool.
+        handoff = not inline and deliverer is not None and deliverer.reserve(len(parts))
         try:
-            if inline:
-                assert self.deliverer is not None
+            if deliverer is not None and (inline or handoff):
                 ids = await self.spool.put_parts(
-                    raw,
-                    new_parts,
-                    lease_owner=self.deliverer.owner,
-                    lease_time=self.deliverer.lease_time,
+                    raw, new_parts, lease_owner=deliverer.owner, lease_time=deliverer.lease_time
                 )
             else:
                 ids = await self.spool.put_parts(raw, new_parts)
         except SpoolError as exc:
+            if handoff and deliverer is not None:
+                deliverer.release(len(parts))
             log.error("not accepted: spool error from client=%s: %s", client.address, exc)
             return exc.smtp_reply
         self.state.accepted += 1
@@ -146,24 +148,29 @@ class Intake:
         for callback in self.state.on_accepted:
             callback()
         queued = f"250 2.0.0 Ok: queued as {','.join(ids)}"
-        if not inline:
+        if deliverer is None or not (inline or handoff):
             return queued
-
-        assert self.deliverer is not None
         now = time.time()
-        message = SpooledMessage(
-            id=ids[0],
-            envelope=parts[0].envelope,
-            size=len(raw),
-            state=MessageState.IN_FLIGHT,
-            attempts=0,
-            created_at=now,
-            next_attempt_at=now,
-            provider=new_parts[0].provider,
-            raw=raw,
-            meta=new_parts[0].meta,
-        )
-        outcome = await self.deliverer.attempt_inline(message, self.inline_seconds)
+        leased = [
+            SpooledMessage(
+                id=message_id,
+                envelope=part.envelope,
+                size=len(raw),
+                state=MessageState.IN_FLIGHT,
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now,
+                provider=new_part.provider,
+                raw=raw,
+                meta=new_part.meta,
+            )
+            for message_id, part, new_part in zip(ids, parts, new_parts, strict=True)
+        ]
+        if handoff:
+            for message in leased:
+                deliverer.dispatch_reserved(message)
+            return queued
+        outcome = await deliverer.attempt_inline(leased[0], self.inline_seconds)
         if outcome is not None and outcome.outcome == "failed" and not outcome.expired:
             reason = reply_text(str(outcome.error))
             return f"554 5.0.0 Delivery failed permanently: {reason}"
