@@ -194,7 +194,7 @@ def test_per_user_allowed_senders(authrelay: RelayProcess, certs: Certs) -> None
         # A domain rule: anyone at example.net.
         smtp.sendmail("x@example.net", ["b@example.org"], crlf("From: Y <y@example.net>\n\nok\n"))
     authrelay.wait_delivered(1)
-    assert [m["from"] for m in spooled(authrelay)].count("x@example.net") == 1
+    assert [m["mail_from"] for m in spooled(authrelay)].count("x@example.net") == 1
 
 
 def test_swaks_auth_over_starttls(authrelay: RelayProcess, certs: Certs) -> None:

@@ -71,7 +71,7 @@ def test_smuggling_variant_stays_one_message(relay: RelayProcess, fake_end: byte
     message_id = first.decode().rsplit(" ", 1)[1].strip()
     messages = spooled(relay)
     assert len(messages) == before + 1
-    assert all(m["from"] != "smuggled@evil.example" for m in messages)
+    assert all(m["mail_from"] != "smuggled@evil.example" for m in messages)
     relay.wait_for_log(rf"delivered id={message_id}")
     eml = (relay.outbox / f"{message_id}.eml").read_bytes()
     assert b"first part" in eml and b"MAIL FROM:<smuggled@evil.example>" in eml

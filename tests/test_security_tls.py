@@ -86,7 +86,7 @@ def test_smtps_implicit_tls(tls_relay: tuple[RelayProcess, int], certs: Certs) -
         smtp.login("app", PASSWORD)
         smtp.sendmail("a@example.com", ["b@example.org"], crlf("Subject: smtps\n\nx\n"))
     relay.wait_delivered(1)
-    assert spooled(relay)[0]["from"] == "a@example.com"
+    assert spooled(relay)[0]["mail_from"] == "a@example.com"
 
 
 def test_client_pinned_to_tls13(tls_relay: tuple[RelayProcess, int], certs: Certs) -> None:

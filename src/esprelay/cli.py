@@ -15,7 +15,6 @@ import smtplib
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from esprelay import __version__
 from esprelay.config import Settings, load_settings
 from esprelay.errors import ConfigError, SpoolError
 from esprelay.models import MessageState, SpooledMessage
+from esprelay.queueview import detail, summary, table_time
 
 if TYPE_CHECKING:
     from esprelay.spool import Spool
@@ -225,28 +225,6 @@ def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt_time(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _summary(message: SpooledMessage) -> dict[str, object]:
-    return {
-        "id": message.id,
-        "state": message.state.value,
-        "from": message.envelope.mail_from,
-        "rcpts": list(message.envelope.rcpt_tos),
-        "size": message.size,
-        "attempts": message.attempts,
-        "created_at": _fmt_time(message.created_at),
-        "next_attempt_at": _fmt_time(message.next_attempt_at),
-        "provider": message.provider,
-        "provider_message_id": message.provider_message_id,
-        "last_error": message.last_error,
-    }
-
-
 def _queue_list(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> list[SpooledMessage]:
         spool = _admin_spool(settings)
@@ -260,13 +238,14 @@ def _queue_list(settings: Settings, args: argparse.Namespace) -> int:
     messages = asyncio.run(run())
     if args.json:
         for message in messages:
-            print(json.dumps(_summary(message)))
+            print(json.dumps(summary(message)))
         return 0
     print(f"{'ID':21}  {'STATE':9}  {'ATT':>3}  {'SIZE':>9}  {'CREATED (UTC)':19}  RCPTS  FROM")
     for m in messages:
         print(
             f"{m.id:21}  {m.state.value:9}  {m.attempts:>3}  {m.size:>9}  "
-            f"{_fmt_time(m.created_at):19}  {len(m.envelope.rcpt_tos):>5}  <{m.envelope.mail_from}>"
+            f"{table_time(m.created_at):19}  {len(m.envelope.rcpt_tos):>5}"
+            f"  <{m.envelope.mail_from}>"
         )
     print(f"{len(messages)} message(s)")
     return 0
@@ -285,20 +264,7 @@ def _queue_show(settings: Settings, args: argparse.Namespace) -> int:
     if message is None:
         print(f"esprelay: no message {args.id}", file=sys.stderr)
         return 1
-    summary = _summary(message)
-    summary["attempt_history"] = [
-        {
-            "number": a.number,
-            "at": _fmt_time(a.at),
-            "provider": a.provider,
-            "outcome": a.outcome,
-            "error": a.error,
-            "provider_message_id": a.provider_message_id,
-        }
-        for a in message.history
-    ]
-    summary["meta"] = message.meta
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(detail(message, with_body=False), indent=2))
     if args.body:
         print()
         if message.raw is None:

@@ -29,7 +29,6 @@ can never be used to retry or delete anything.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hmac
 import html
@@ -37,7 +36,6 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -45,6 +43,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from esprelay.errors import SpoolError
 from esprelay.metrics import CONTENT_TYPE, RelayMetrics
 from esprelay.models import MessageState, SpooledMessage
+from esprelay.queueview import detail, summary, table_time
 from esprelay.spool.base import Spool
 
 log = logging.getLogger("esprelay.http")
@@ -394,56 +393,6 @@ def _encode(response: Response, *, head_only: bool = False) -> bytes:
 # region views shared by the JSON API and the page
 
 
-def _iso(value: float | None) -> str | None:
-    if value is None:
-        return None
-    return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds")
-
-
-def _cell_time(value: float | None) -> str:
-    if value is None:
-        return ""
-    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def summary(message: SpooledMessage) -> dict[str, Any]:
-    return {
-        "id": message.id,
-        "state": message.state.value,
-        "mail_from": message.envelope.mail_from,
-        "rcpt_tos": list(message.envelope.rcpt_tos),
-        "size": message.size,
-        "attempts": message.attempts,
-        "created_at": _iso(message.created_at),
-        "next_attempt_at": _iso(message.next_attempt_at),
-        "provider": message.provider,
-        "provider_message_id": message.provider_message_id,
-        "last_error": message.last_error,
-    }
-
-
-def detail(message: SpooledMessage, *, with_body: bool) -> dict[str, Any]:
-    data = summary(message)
-    data["attempt_history"] = [
-        {
-            "number": a.number,
-            "at": _iso(a.at),
-            "provider": a.provider,
-            "outcome": a.outcome,
-            "error": a.error,
-            "provider_message_id": a.provider_message_id,
-        }
-        for a in message.history
-    ]
-    data["meta"] = message.meta
-    if with_body:
-        # Base64 keeps the exact bytes (8bit, odd encodings) through JSON.
-        data["body_base64"] = (
-            None if message.raw is None else base64.b64encode(message.raw).decode("ascii")
-        )
-    return data
-
-
 _PAGE_STYLE = """
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;width:100%}
@@ -466,12 +415,12 @@ def render_queue_page(
     )
     rows = []
     for m in messages:
-        due = _cell_time(m.next_attempt_at) if m.state is MessageState.QUEUED else ""
+        due = table_time(m.next_attempt_at) if m.state is MessageState.QUEUED else ""
         rows.append(
             "<tr>"
             f'<td class="id"><code>{e(m.id)}</code></td>'
             f'<td class="state-{e(m.state.value)}">{e(m.state.value)}</td>'
-            f'<td class="t">{e(_cell_time(m.created_at))}</td>'
+            f'<td class="t">{e(table_time(m.created_at))}</td>'
             f"<td>{e('<' + m.envelope.mail_from + '>')}</td>"
             f"<td>{'<br>'.join(e(r) for r in m.envelope.rcpt_tos)}</td>"
             f"<td>{m.size}</td><td>{m.attempts}</td>"
