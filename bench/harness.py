@@ -190,6 +190,8 @@ def start_target(
                 "ESPRELAY_PROVIDER": provider,
                 "ESPRELAY_MAX_MESSAGE_SIZE": str(30 * 1024 * 1024),
                 "ESPRELAY_DELIVERY_CONCURRENCY": "200",
+                # 200 sessions reconnecting per message briefly overlap the total limit.
+                "ESPRELAY_MAX_CONNECTIONS": "1000",
                 "ESPRELAY_SHUTDOWN_GRACE": "5",
             }
         )

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.relayproc import RelayProcess
-from tests.securitykit import Dialog, crlf, spool_show, spooled
+from tests.securitykit import ONLY_LOCALHOST, UNTRUSTED, Dialog, crlf, spool_show, spooled
 
 SMUGGLED = (
     b"MAIL FROM:<smuggled@evil.example>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
@@ -153,26 +153,41 @@ def greet(port: int, source: str = "127.0.0.1") -> tuple[Dialog, bytes]:
 
 
 def test_connections_per_client_limited(relay_factory: type[RelayProcess]) -> None:
-    relay = relay_factory({"ESPRELAY_MAX_CONNECTIONS_PER_CLIENT": "2"}).start()
-    first, reply1 = greet(relay.port)
-    second, reply2 = greet(relay.port)
+    # Trusted networks are exempt (like Postfix's $mynetworks), so limit 127.0.0.2/.3.
+    relay = relay_factory({"ESPRELAY_MAX_CONNECTIONS_PER_CLIENT": "2", **ONLY_LOCALHOST}).start()
+    first, reply1 = greet(relay.port, source=UNTRUSTED)
+    second, reply2 = greet(relay.port, source=UNTRUSTED)
     assert reply1.startswith(b"220") and reply2.startswith(b"220")
-    third, reply3 = greet(relay.port)
+    third, reply3 = greet(relay.port, source=UNTRUSTED)
     assert reply3.startswith(b"421 4.7.0 Too many connections"), reply3
     assert third.closed()
-    other, reply4 = greet(relay.port, source="127.0.0.2")  # another client is not affected
+    other, reply4 = greet(relay.port, source="127.0.0.3")  # another client is not affected
     assert reply4.startswith(b"220")
     first.command(b"QUIT")
     first.close()
     deadline = time.monotonic() + 10
     while True:  # the slot frees once the server has seen the close
-        again, reply5 = greet(relay.port)
+        again, reply5 = greet(relay.port, source=UNTRUSTED)
         again.close()
         if reply5.startswith(b"220") or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert reply5.startswith(b"220")
     for dialog in (second, third, other):
+        dialog.close()
+
+
+def test_trusted_clients_exempt_from_per_client_limit(relay_factory: type[RelayProcess]) -> None:
+    """A local app on a trusted network may open more sessions than the per-client limit
+    (Postfix exempts $mynetworks the same way); the total limit still applies."""
+    relay = relay_factory(
+        {"ESPRELAY_MAX_CONNECTIONS_PER_CLIENT": "2", "ESPRELAY_MAX_CONNECTIONS": "4"}
+    ).start()
+    held = [greet(relay.port) for _ in range(4)]
+    assert all(reply.startswith(b"220") for _, reply in held), held
+    refused, reply = greet(relay.port)
+    assert reply.startswith(b"421"), reply
+    for dialog in [*(d for d, _ in held), refused]:
         dialog.close()
 
 

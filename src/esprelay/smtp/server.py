@@ -125,9 +125,12 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         self.sessions.add(self)
         client = client_address(self.session.peer)
         guards = self.guards
-        if (
-            guards.total >= guards.max_connections
-            or guards.per_client[client] >= guards.max_connections_per_client
+        # Like Postfix (smtpd_client_connection_limit_exceptions = $mynetworks), trusted
+        # networks are exempt from the per-client limit: a local app or a load balancer
+        # legitimately opens many sessions from one address.  The total limit still holds.
+        if guards.total >= guards.max_connections or (
+            guards.per_client[client] >= guards.max_connections_per_client
+            and not self.policy.trusted(client)
         ):
             log.warning("too many connections: refusing client=%s", client)
             self._refused = True
