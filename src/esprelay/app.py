@@ -31,6 +31,7 @@ from esprelay.delivery import Deliverer, Outcome, provider_chain
 from esprelay.dispatch import ProviderSet
 from esprelay.dsn import build_dsn, is_dsn, status_for
 from esprelay.errors import ConfigError, SpoolError
+from esprelay.gctune import tune_for_serving
 from esprelay.httpapi import OpsServer, ReadinessCheck
 from esprelay.httpclient import make_client
 from esprelay.intake import Intake, IntakeState
@@ -451,6 +452,7 @@ class Relay:
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             await self.start()
+            tune_for_serving()
             await self._stop.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
