@@ -185,6 +185,8 @@ def start_target(
             {
                 "ESPRELAY_SMTP_HOST": "127.0.0.1",
                 "ESPRELAY_SMTP_PORT": "0",
+                # The ops HTTP listener on a free port, so concurrent runs do not collide.
+                "ESPRELAY_HTTP_PORT": "0",
                 "ESPRELAY_SPOOL_URL": f"sqlite:///{workdir / 'spool' / 'spool.db'}",
                 "ESPRELAY_OUTBOX_DIR": str(workdir / "outbox"),
                 "ESPRELAY_PROVIDER": provider,
