@@ -3,7 +3,10 @@
 For every scenario (size x sessions x API latency) and every repeat, the aiosmtpd sink
 and esprelay run back to back in fresh processes under the same load; the headline is
 the ratio esprelay delivered msg/s / sink accepted msg/s, the median of the per-repeat
-ratios.  See bench/README.md.
+ratios.  When Postfix is installed (``--postfix auto``, the default), a throw-away
+Postfix relay into ``smtp-sink`` runs third in every repeat of the 0 ms scenarios, and
+the table adds the ratio esprelay delivered msg/s / Postfix delivered msg/s.  See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import HTTP_PROVIDERS, Measurement, measure, smtp_source_available
+from bench.postfix import unavailable_reason as postfix_unavailable_reason
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -57,18 +61,19 @@ def median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def summarise(runs: list[tuple[Measurement, Measurement | None]]) -> dict[str, Any]:
-    relay = [r for r, _ in runs]
-    sinks = [s for _, s in runs if s is not None]
-    ratios = [
-        r.delivered_per_s / s.accepted_per_s
-        for r, s in runs
-        if s is not None and r.delivered_per_s and s.accepted_per_s
-    ]
-    cpu_ratios = [
-        r.cpu_ms_per_msg / s.cpu_ms_per_msg for r, s in runs if s is not None and s.cpu_ms_per_msg
-    ]
-    return {
+# One repeat of a scenario: (esprelay, sink or None, Postfix or None).
+Run = tuple[Measurement, Measurement | None, Measurement | None]
+
+
+def _ratios(pairs: list[tuple[float | None, float | None]]) -> float | None:
+    return median([a / b for a, b in pairs if a and b])
+
+
+def summarise(runs: list[Run]) -> dict[str, Any]:
+    relay = [r for r, _, _ in runs]
+    sinks = [s for _, s, _ in runs if s is not None]
+    postfixes = [p for _, _, p in runs if p is not None]
+    summary: dict[str, Any] = {
         "esprelay": {
             "accepted_per_s": median([r.accepted_per_s for r in relay]),
             "delivered_per_s": median([r.delivered_per_s for r in relay]),
@@ -88,9 +93,34 @@ def summarise(runs: list[tuple[Measurement, Measurement | None]]) -> dict[str, A
         }
         if sinks
         else None,
-        "ratio_delivered_vs_sink": median(list(ratios)),
-        "ratio_cpu_vs_sink": median(list(cpu_ratios)),
+        "ratio_delivered_vs_sink": _ratios(
+            [(r.delivered_per_s, s.accepted_per_s) for r, s, _ in runs if s is not None]
+        ),
+        "ratio_cpu_vs_sink": _ratios(
+            [(r.cpu_ms_per_msg, s.cpu_ms_per_msg) for r, s, _ in runs if s is not None]
+        ),
+        "postfix": {
+            "accepted_per_s": median([p.accepted_per_s for p in postfixes]),
+            "delivered_per_s": median([p.delivered_per_s for p in postfixes]),
+            "p50_ms": median([p.p50_ms for p in postfixes]),
+            "p99_ms": median([p.p99_ms for p in postfixes]),
+            "cpu_ms_per_msg": median([p.cpu_ms_per_msg for p in postfixes]),
+            "cpu_accounting": sorted({p.cpu_accounting for p in postfixes}),
+            "peak_rss_mb": max(p.peak_rss_mb for p in postfixes),
+            "errors": sum(p.errors for p in postfixes),
+            "undelivered": sum(p.sent - p.delivered for p in postfixes),
+        }
+        if postfixes
+        else None,
+        # esprelay delivered msg/s / Postfix delivered msg/s (issue 8: >= 2x at 2K x 20).
+        "ratio_delivered_vs_postfix": _ratios(
+            [(r.delivered_per_s, p.delivered_per_s) for r, _, p in runs if p is not None]
+        ),
+        "ratio_cpu_vs_postfix": _ratios(
+            [(r.cpu_ms_per_msg, p.cpu_ms_per_msg) for r, _, p in runs if p is not None]
+        ),
     }
+    return summary
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:
@@ -100,21 +130,34 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    with_postfix = any(row["summary"].get("postfix") for row in rows)
     head = (
         "| size | sessions | API ms | esprelay accepted/s | delivered/s | p50 ms | p99 ms |"
         " CPU ms/msg | peak RSS MB | sink msg/s | sink CPU ms/msg | ratio (delivered/sink) |"
     )
-    lines = [head, "|" + "---|" * 12]
+    columns = 12
+    if with_postfix:
+        head += " Postfix delivered/s | Postfix CPU ms/msg | ratio (delivered/Postfix) |"
+        columns += 3
+    lines = [head, "|" + "---|" * columns]
     for row in rows:
-        e, s = row["summary"]["esprelay"], row["summary"]["sink"] or {}
-        lines.append(
+        summary = row["summary"]
+        e, s = summary["esprelay"], summary["sink"] or {}
+        line = (
             f"| {human(row['size'])} | {row['sessions']} | {_fmt(row['latency_ms'])} |"
             f" {_fmt(e['accepted_per_s'])} | {_fmt(e['delivered_per_s'])} |"
             f" {_fmt(e['p50_ms'], 2)} | {_fmt(e['p99_ms'], 2)} | {_fmt(e['cpu_ms_per_msg'], 2)} |"
             f" {_fmt(e['peak_rss_mb'])} | {_fmt(s.get('accepted_per_s'))} |"
             f" {_fmt(s.get('cpu_ms_per_msg'), 2)} |"
-            f" {_fmt(row['summary']['ratio_delivered_vs_sink'], 2)} |"
+            f" {_fmt(summary['ratio_delivered_vs_sink'], 2)} |"
         )
+        if with_postfix:
+            p = summary.get("postfix") or {}
+            line += (
+                f" {_fmt(p.get('delivered_per_s'))} | {_fmt(p.get('cpu_ms_per_msg'), 2)} |"
+                f" {_fmt(summary.get('ratio_delivered_vs_postfix'), 2)} |"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -147,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         help="python measures latency too; smtp-source (Postfix) is a cheaper C client",
     )
     parser.add_argument("--no-sink", action="store_true", help="skip the baseline")
+    parser.add_argument(
+        "--postfix",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also measure Postfix as relay into smtp-sink, at 0 ms API latency only"
+        " (auto: when Postfix is installed and we are root)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
         "--env", action="append", default=[], help="extra ESPRELAY_X=Y for esprelay"
@@ -160,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         provider = _available_http_provider() or "outbox"
     if args.loadgen == "smtp-source" and not smtp_source_available():
         parser.error("smtp-source is not installed (Debian package postfix)")
+    postfix_reason = None if args.postfix == "off" else postfix_unavailable_reason()
+    if args.postfix == "on" and postfix_reason:
+        parser.error(f"--postfix on: {postfix_reason}")
+    with_postfix = args.postfix != "off" and postfix_reason is None
 
     scenarios: list[tuple[int, int, float]] = []
     for size in (parse_size(s) for s in args.sizes.split(",") if s):
@@ -183,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     raw: list[dict[str, Any]] = []
     for size, sessions, latency in scenarios:
         count = args.count or max(1, round(default_count(size, sessions) * args.scale))
-        runs: list[tuple[Measurement, Measurement | None]] = []
+        runs: list[Run] = []
         for repeat in range(args.repeats):
             common = {
                 "size": size,
@@ -196,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             sink = None if args.no_sink else measure("sink", **common)  # type: ignore[arg-type]
             relay = measure("esprelay", provider=provider, extra_env=extra_env, **common)  # type: ignore[arg-type]
-            runs.append((relay, sink))
-            raw.extend(m.to_json() for m in (sink, relay) if m is not None)
+            # smtp-sink cannot wait less than a second: Postfix runs at 0 ms only.
+            postfix = measure("postfix", **common) if with_postfix and latency == 0 else None
+            runs.append((relay, sink, postfix))
+            raw.extend(m.to_json() for m in (sink, relay, postfix) if m is not None)
             if not args.quiet:
                 print(
                     f"{human(size):>4} x{sessions:<3} api={latency:g}ms run {repeat + 1}:"
@@ -206,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
                     + (
                         f"  sink {sink.accepted_per_s:.0f}/s ({sink.cpu_ms_per_msg:.2f} ms CPU/msg)"
                         if sink
+                        else ""
+                    )
+                    + (
+                        f"  postfix {postfix.delivered_per_s or 0:.0f} delivered/s"
+                        f" ({postfix.cpu_ms_per_msg:.2f} ms CPU/msg, {postfix.cpu_accounting})"
+                        if postfix
                         else ""
                     ),
                     file=sys.stderr,
@@ -231,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         },
         "provider": provider,
         "loadgen": args.loadgen,
+        "postfix": {
+            "mode": args.postfix,
+            "enabled": with_postfix,
+            "unavailable": postfix_reason,
+        },
         "repeats": args.repeats,
         "scenarios": rows,
         "runs": raw,
@@ -242,7 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(table(rows))
-    print(f"\nprovider={provider} loadgen={args.loadgen} repeats={args.repeats}; JSON: {output}")
+    postfix_note = "on" if with_postfix else f"off ({postfix_reason or '--postfix off'})"
+    print(
+        f"\nprovider={provider} loadgen={args.loadgen} repeats={args.repeats}"
+        f" postfix={postfix_note}; JSON: {output}"
+    )
     return 0
 
 

@@ -5,10 +5,14 @@ A scenario is (message size, sessions, API latency, target).  Targets:
 - ``sink``: the bare aiosmtpd sink (``bench.sink``), the in-run baseline;
 - ``esprelay``: ``python -m esprelay serve`` in queue mode with the real SQLite spool
   in a temporary directory, delivering through ``provider`` (``outbox`` writes files;
-  ``sendgrid``/``postmark`` POST every message to the ESP emulator).
+  ``sendgrid``/``postmark`` POST every message to the ESP emulator);
+- ``postfix``: a throw-away Postfix instance relaying into ``smtp-sink``
+  (``bench.postfix``), when Postfix is installed and we are root.
 
 Every process is fresh per scenario, so VmHWM is that scenario's peak RSS and the
-CPU time (utime + stime from ``/proc/<pid>/stat``) is that scenario's cost.
+CPU time (utime + stime from ``/proc/<pid>/stat``) is that scenario's cost.  Postfix is
+many processes: its CPU is read from a cgroup holding all of them (``cpu_accounting``
+says how it was counted).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.loadgen import LoadResult, run_load
+from bench.postfix import PostfixRelay
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -55,8 +60,12 @@ class Measurement:
     p50_ms: float | None
     p99_ms: float | None
     cpu_ms_per_msg: float
+    # VmHWM of the server process; for Postfix, the Pss of all its processes at the end.
     peak_rss_mb: float
     error_samples: list[str]
+    # How cpu_ms_per_msg was counted: "process" (/proc/<pid>/stat of the one server
+    # process), "cgroup-v2"/"cgroup-v1" or "proc-tree" (every process of Postfix).
+    cpu_accounting: str = "process"
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -185,6 +194,8 @@ def start_target(
             {
                 "ESPRELAY_SMTP_HOST": "127.0.0.1",
                 "ESPRELAY_SMTP_PORT": "0",
+                # The ops HTTP listener on a free port, so concurrent runs do not collide.
+                "ESPRELAY_HTTP_PORT": "0",
                 "ESPRELAY_SPOOL_URL": f"sqlite:///{workdir / 'spool' / 'spool.db'}",
                 "ESPRELAY_OUTBOX_DIR": str(workdir / "outbox"),
                 "ESPRELAY_PROVIDER": provider,
@@ -248,6 +259,12 @@ def _smtp_source(port: int, *, sessions: int, count: int, size: int) -> LoadResu
     return result
 
 
+def _drive_load(port: int, *, loadgen: str, sessions: int, count: int, size: int) -> LoadResult:
+    if loadgen == "smtp-source":
+        return _smtp_source(port, sessions=sessions, count=count, size=size)
+    return asyncio.run(run_load("127.0.0.1", port, sessions=sessions, count=count, size=size))
+
+
 def smtp_source_available() -> bool:
     return shutil.which("smtp-source") is not None or Path("/usr/sbin/smtp-source").exists()
 
@@ -267,6 +284,17 @@ def measure(
     extra_env: dict[str, str] | None = None,
 ) -> Measurement:
     """Run one scenario against one target in fresh processes and return its figures."""
+    if target == "postfix":
+        return measure_postfix(
+            size=size,
+            sessions=sessions,
+            count=count,
+            latency_ms=latency_ms,
+            loadgen=loadgen,
+            server_cpus=server_cpus,
+            helper_cpus=helper_cpus,
+            deliver_timeout=deliver_timeout,
+        )
     flavour = HTTP_PROVIDERS.get(provider, "generic")
     with tempfile.TemporaryDirectory(prefix="esprelay-bench-") as tmp:
         workdir = Path(tmp)
@@ -283,14 +311,9 @@ def measure(
                 pin(os.getpid(), helper_cpus)
                 cpu_before = cpu_seconds(server.pid)
                 started = time.perf_counter()
-                if loadgen == "smtp-source":
-                    load = _smtp_source(server.port, sessions=sessions, count=count, size=size)
-                else:
-                    load = asyncio.run(
-                        run_load(
-                            "127.0.0.1", server.port, sessions=sessions, count=count, size=size
-                        )
-                    )
+                load = _drive_load(
+                    server.port, loadgen=loadgen, sessions=sessions, count=count, size=size
+                )
                 delivered = load.sent
                 deliver_seconds: float | None = load.seconds
                 if target == "esprelay":
@@ -307,10 +330,42 @@ def measure(
                 rss = peak_rss_mb(server.pid)
             finally:
                 server.stop()
+    return _result(
+        target,
+        provider=provider if target == "esprelay" else "-",
+        size=size,
+        sessions=sessions,
+        latency_ms=latency_ms,
+        count=count,
+        loadgen=loadgen,
+        load=load,
+        delivered=delivered,
+        deliver_seconds=deliver_seconds,
+        cpu_used=cpu_used,
+        rss=rss,
+    )
+
+
+def _result(
+    target: str,
+    *,
+    provider: str,
+    size: int,
+    sessions: int,
+    latency_ms: float,
+    count: int,
+    loadgen: str,
+    load: LoadResult,
+    delivered: int,
+    deliver_seconds: float | None,
+    cpu_used: float,
+    rss: float,
+    cpu_accounting: str = "process",
+) -> Measurement:
     p50, p99 = load.percentile(50), load.percentile(99)
     return Measurement(
         target=target,
-        provider=provider if target == "esprelay" else "-",
+        provider=provider,
         size=size,
         sessions=sessions,
         latency_ms=latency_ms,
@@ -328,4 +383,57 @@ def measure(
         cpu_ms_per_msg=cpu_used * 1000 / max(1, load.sent or count),
         peak_rss_mb=rss,
         error_samples=load.error_samples,
+        cpu_accounting=cpu_accounting,
+    )
+
+
+def measure_postfix(
+    *,
+    size: int,
+    sessions: int,
+    count: int,
+    latency_ms: float = 0.0,
+    loadgen: str = "python",
+    server_cpus: set[int] | None = None,
+    helper_cpus: set[int] | None = None,
+    deliver_timeout: float = 300.0,
+) -> Measurement:
+    """Postfix as relay (fsync'd queue) into smtp-sink, end to end, in a fresh instance.
+
+    smtp-sink answers at once: ``latency_ms`` is recorded, not emulated (smtp-sink's
+    delays are whole seconds), so the harness runs this target at 0 ms only.
+    """
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="esprelay-bench-postfix-"))
+        relay = stack.enter_context(
+            PostfixRelay(Path(tmp), server_cpus=server_cpus, helper_cpus=helper_cpus)
+        )
+        pin(os.getpid(), helper_cpus)
+        cpu_before = relay.cpu_seconds()
+        started = time.perf_counter()
+        load = _drive_load(relay.port, loadgen=loadgen, sessions=sessions, count=count, size=size)
+        deadline = time.monotonic() + deliver_timeout
+        while True:
+            delivered = relay.delivered()
+            if delivered >= load.sent or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
+        deliver_seconds = time.perf_counter() - started if delivered >= load.sent else None
+        cpu_used = relay.cpu_seconds() - cpu_before
+        rss = relay.memory_mb()
+        accounting = relay.cpu_method
+    return _result(
+        "postfix",
+        provider="-",
+        size=size,
+        sessions=sessions,
+        latency_ms=latency_ms,
+        count=count,
+        loadgen=loadgen,
+        load=load,
+        delivered=delivered,
+        deliver_seconds=deliver_seconds,
+        cpu_used=cpu_used,
+        rss=rss,
+        cpu_accounting=accounting,
     )

@@ -24,6 +24,7 @@ def test_cli_writes_table_and_json(tmp_path: Path, capsys: object) -> None:
         [
             "--sizes", "2K", "--sessions", "2", "--extra", "", "--count", "4",
             "--repeats", "1", "--output", str(output), "--quiet", "--no-pin",
+            "--postfix", "off",
         ]
     )  # fmt: skip
     assert code == 0
@@ -32,3 +33,4 @@ def test_cli_writes_table_and_json(tmp_path: Path, capsys: object) -> None:
     assert scenario["summary"]["esprelay"]["undelivered"] == 0
     assert scenario["summary"]["ratio_delivered_vs_sink"] is not None
     assert {run["target"] for run in report["runs"]} == {"sink", "esprelay"}
+    assert report["postfix"]["enabled"] is False
