@@ -13,17 +13,33 @@ import asyncio
 import base64
 import binascii
 import collections
+import functools
+import inspect
 import logging
+import socket
+import ssl
+import types
+import warnings
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import AuthResult, syntax
+import aiosmtpd
+import aiosmtpd.smtp
+from aiosmtpd.smtp import (
+    DATA_SIZE_DEFAULT,
+    AuthResult,
+    login_always_fail,
+    make_loop,
+    syntax,
+)
 
 from esprelay.errors import ShuttingDown
 from esprelay.intake import IntakeState
 from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.data import CompactDataSMTP
-from esprelay.smtp.handler import RelayHandler, client_address
+from esprelay.smtp.handler import RelayHandler, client_address, simple_path
 from esprelay.smtp.hooks import HookDirCache
 from esprelay.smtp.policy import RelayPolicy
 from esprelay.smtp.tls import TLSContextSource
@@ -83,6 +99,81 @@ class _HideAuthDetails(logging.Filter):
 
 _filter = _HideAuthDetails()
 
+# region per-listener setup that aiosmtpd's SMTP.__init__ repeats on every connection
+# RelaySMTP.__init__ sets exactly the attributes aiosmtpd 1.4.6's SMTP.__init__ sets
+# (tests/test_smtp_fast.py compares the two), from what it learnt about the class once.
+_MIRRORED_AIOSMTPD = aiosmtpd.__version__ == "1.4.6"
+_mail_log = aiosmtpd.smtp.log
+_AuthMechAttr = aiosmtpd.smtp._AuthMechAttr
+
+
+@dataclass(frozen=True)
+class _HookNames:
+    """One protocol class's hook names, as (key, attribute) pairs in aiosmtpd's order."""
+
+    smtp: tuple[tuple[str, str], ...]
+    auth: tuple[str, ...]
+
+
+# Weak keys: a listener makes its own subclass, and tests make many listeners.
+_hook_names: weakref.WeakKeyDictionary[type, _HookNames] = weakref.WeakKeyDictionary()
+_handler_hooks: weakref.WeakKeyDictionary[
+    type, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
+] = weakref.WeakKeyDictionary()
+_new_style_ehlo: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+
+
+def _names_of(cls: type, obj: object) -> _HookNames:
+    names = _hook_names.get(cls)
+    if names is None:
+        found = dir(obj)  # HookDirCache: the hook names only, sorted
+        names = _HookNames(
+            smtp=tuple((m.replace("smtp_", ""), m) for m in found if m.startswith("smtp_")),
+            auth=tuple(m for m in found if m.startswith("auth_")),
+        )
+        _hook_names[cls] = names
+    return names
+
+
+def _handler_names(handler: Any) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """(auth_* names, (key, handle_* name) pairs) of ``handler``, sorted like dir()."""
+    cls = type(handler)
+    cacheable = isinstance(handler, HookDirCache)  # its dir() is per class, not per object
+    names = _handler_hooks.get(cls) if cacheable else None
+    if names is None:
+        found = sorted(dir(handler))
+        names = (
+            tuple(m for m in found if m.startswith("auth_")),
+            tuple((m.replace("handle_", ""), m) for m in found if m.startswith("handle_")),
+        )
+        if cacheable:
+            _handler_hooks[cls] = names
+    return names
+
+
+def _ehlo_hook_version(hook: Any) -> str:
+    function = hook.__func__ if isinstance(hook, types.MethodType) else None
+    if function is not None and function in _new_style_ehlo:
+        return "new"
+    parameters = inspect.signature(hook).parameters
+    if len(parameters) == 4:
+        warnings.warn(
+            "Use the 5-argument handle_EHLO() hook instead of the 4-argument handle_EHLO()"
+            " hook; support for the 4-argument handle_EHLO() hook will be removed in"
+            " version 2.0",
+            DeprecationWarning,
+            stacklevel=1,
+        )
+        return "old"
+    if len(parameters) == 5:
+        if function is not None:
+            _new_style_ehlo.add(function)
+        return "new"
+    raise RuntimeError("Unsupported EHLO Hook")
+
+
+# endregion
+
 
 @dataclass
 class Guards:
@@ -103,13 +194,55 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
     sessions: set[RelaySMTP]
     guards: Guards
     policy: RelayPolicy
+    #: policy.trusted and policy.plaintext_auth_allowed, remembered per client address
+    trusted: Callable[[str], bool]
+    plaintext_auth_allowed: Callable[[str], bool]
     users: UserDB
     limiter: FailureLimiter
     verify_slots: asyncio.Semaphore
     implicit_tls: bool = False
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        data_size_limit: int | None = DATA_SIZE_DEFAULT,
+        enable_SMTPUTF8: bool = False,
+        decode_data: bool = False,
+        hostname: str | None = None,
+        ident: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        require_starttls: bool = False,
+        timeout: float = 300,
+        **options: Any,
+    ) -> None:
+        if options or not _MIRRORED_AIOSMTPD:
+            # Options smtp_factory never passes (AUTH callbacks, PROXY, call limits...):
+            # aiosmtpd's own constructor.
+            super().__init__(
+                handler,
+                data_size_limit=data_size_limit,
+                enable_SMTPUTF8=enable_SMTPUTF8,
+                decode_data=decode_data,
+                hostname=hostname,
+                ident=ident,
+                tls_context=tls_context,
+                require_starttls=require_starttls,
+                timeout=timeout,
+                **options,
+            )
+        else:
+            self._setup(
+                handler,
+                data_size_limit,
+                enable_SMTPUTF8,
+                decode_data,
+                hostname,
+                ident,
+                tls_context,
+                require_starttls,
+                timeout,
+            )
         # aiosmtpd keeps these in a class-wide dict that every EHLO grows; keep our own.
         # (The default is bound to a local, not to self: no reference cycle.)
         default_limit = self.command_size_limit
@@ -118,6 +251,98 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         self._refused = False
         self._errors = 0
         self._ends = 0
+
+    def _setup(
+        self,
+        handler: Any,
+        data_size_limit: int | None,
+        enable_SMTPUTF8: bool,
+        decode_data: bool,
+        hostname: str | None,
+        ident: str | None,
+        tls_context: ssl.SSLContext | None,
+        require_starttls: bool,
+        timeout: float,
+    ) -> None:
+        """aiosmtpd 1.4.6's ``SMTP.__init__`` with its other options left at their defaults.
+
+        The same attributes with the same values, minus the per-connection costs:
+        ``inspect.getmembers`` and ``dir()`` (hook names are learnt once per class),
+        ``inspect.signature`` of the EHLO hook (once per function), ``make_loop()`` and
+        its ``warnings.catch_warnings`` (the running loop is the one it would find),
+        and the AUTH log line built when nobody logs it.  aiosmtpd's clearing of its
+        class-wide ``command_size_limits`` is left out: we keep our own per session.
+        """
+        self.__ident__ = ident or aiosmtpd.smtp.__ident__
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = make_loop()
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self.event_handler = handler
+        assert data_size_limit is None or isinstance(data_size_limit, int)
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self._decode_data = decode_data
+        self.hostname = hostname if hostname else socket.getfqdn()
+        self.tls_context = tls_context
+        if tls_context:
+            if tls_context.verify_mode not in {ssl.CERT_NONE, ssl.CERT_OPTIONAL}:
+                _mail_log.warning(
+                    "tls_context.verify_mode not in {CERT_NONE, CERT_OPTIONAL}; "
+                    "this might cause client connection problems"
+                )
+            elif tls_context.check_hostname:
+                _mail_log.warning(
+                    "tls_context.check_hostname == True; this might cause client "
+                    "connection problems"
+                )
+        self.require_starttls = tls_context and require_starttls
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = False
+
+        names = _names_of(type(self), self)
+        handler_auth, handler_hooks = _handler_names(handler)
+        auth_methods: dict[str, Any] = {}
+        for obj, auth_names in ((self, names.auth), (handler, handler_auth)):
+            for name in auth_names:
+                method = getattr(obj, name)
+                mechanism = getattr(
+                    method, "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-")
+                )
+                auth_methods[mechanism] = _AuthMechAttr(method, obj is self)
+        self._auth_methods = auth_methods
+        if _mail_log.isEnabledFor(logging.INFO):
+            _mail_log.info(
+                "Available AUTH mechanisms: "
+                + " ".join(
+                    m + "(builtin)" if impl.is_builtin else m
+                    for m, impl in sorted(auth_methods.items())
+                )
+            )
+        self._handle_hooks = {key: getattr(handler, name) for key, name in handler_hooks}
+        ehlo_hook = self._handle_hooks.get("EHLO")
+        self._ehlo_hook_ver = None if ehlo_hook is None else _ehlo_hook_version(ehlo_hook)
+        self._smtp_methods = {key: getattr(self, name) for key, name in names.smtp}
+        self._enforce_call_limit = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self._original_transport is None and self.transport is None
@@ -133,7 +358,7 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         # legitimately opens many sessions from one address.  The total limit still holds.
         if guards.total >= guards.max_connections or (
             guards.per_client[client] >= guards.max_connections_per_client
-            and not self.policy.trusted(client)
+            and not self.trusted(client)
         ):
             log.warning("too many connections: refusing client=%s", client)
             self._refused = True
@@ -143,9 +368,7 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         self._counted_client = client
         if self.implicit_tls:
             self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
-        self._auth_require_tls = not (
-            self.implicit_tls or self.policy.plaintext_auth_allowed(client)
-        )
+        self._auth_require_tls = not (self.implicit_tls or self.plaintext_auth_allowed(client))
 
     def _release(self) -> None:
         """Free this session's connection slot (idempotent).
@@ -231,26 +454,37 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
     # region reply observation (metrics): which transaction stage a reply answers
     _stage: str | None = None
 
-    def _observe(self, status: Any) -> None:
-        if self._stage is not None and self.intake.on_reply:
+    def _observe(self, stage: str, status: Any) -> None:
+        if self.intake.on_reply:
             text = status if isinstance(status, str) else bytes(status).decode(errors="replace")
             for callback in self.intake.on_reply:
-                callback(self._stage, text)
+                callback(stage, text)
 
-    async def _in_stage(self, stage: str, command: Any, arg: str | None) -> None:
-        self._stage = stage
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._stage = "mail"
         try:
-            await command(arg)
+            await super().smtp_MAIL(arg)
         finally:
             self._stage = None
 
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        await self._in_stage("mail", super().smtp_MAIL, arg)
-
     async def smtp_RCPT(self, arg: str | None) -> None:
-        await self._in_stage("rcpt", super().smtp_RCPT, arg)
+        self._stage = "rcpt"
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._stage = None
 
     # endregion
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # The common "<local@domain>" without the email package's parser; the result
+        # is the same (see simple_path), the RFC 5321 checks come after, in the handler.
+        path = simple_path(arg)
+        if path is None:
+            return super()._getaddr(arg)
+        if self.local_part_limit and len(path[0].rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return path
 
     @property
     def in_transaction(self) -> bool:
@@ -262,24 +496,49 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         if self.transport is not None:
             self.transport.close()
 
+    _pending: bytes = b""  # the first lines of a multi-line reply, not yet written
+
     async def push(self, status: AnyStr) -> None:
-        self._observe(status)
+        # aiosmtpd's push (encode, write, debug log, drain) and our checks in one call,
+        # and a multi-line reply (EHLO) in one write: the client acts on the last line.
+        if self._stage is not None:
+            self._observe(self._stage, status)
         if isinstance(status, str):
             if status.startswith('500 Error: command "'):
                 # aiosmtpd echoes the unknown line back; it may be a credential.
                 status = "500 5.5.2 Error: command not recognized"
             # Undecodable client bytes (kept as surrogates) must not make the reply fail.
-            await super().push(status.encode("utf-8", "surrogateescape"))
+            response = status.encode("utf-8", "surrogateescape")
         else:
-            await super().push(status)
-        code = status[:1] if isinstance(status, bytes) else status[:1].encode()
-        if code == b"5":
+            response = status
+        if response[3:4] == b"-":
+            self._pending += response + b"\r\n"
+            self._log_reply(response)
+        else:
+            await self._write_reply(response)
+        if response[:1] == b"5":
             self._errors += 1
             if self._errors >= self.guards.max_errors and self.transport is not None:
                 assert self.session is not None
                 log.warning("too many errors: closing client=%s", client_address(self.session.peer))
-                await super().push("421 4.7.0 Too many errors, closing connection")
+                await self._write_reply(b"421 4.7.0 Too many errors, closing connection")
                 self.transport.close()
+
+    def _log_reply(self, response: bytes) -> None:
+        if _mail_log.isEnabledFor(logging.DEBUG):
+            assert self.session is not None
+            _mail_log.debug("%r << %r", self.session.peer, response)
+
+    async def _write_reply(self, response: bytes) -> None:
+        """Write one reply line (after the pending lines of its reply) and drain."""
+        pending = self._pending
+        if pending:
+            self._pending = b""
+            self._writer.write(pending + response + b"\r\n")
+        else:
+            self._writer.write(response + b"\r\n")
+        self._log_reply(response)
+        await self._writer.drain()
 
     def _timeout_cb(self) -> None:
         assert self.session is not None
@@ -292,9 +551,11 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         # aiosmtpd resets the idle timer per command only, so this is a deadline for the
         # whole DATA phase: a client trickling its message (slowloris) is cut off with 421.
         self._reset_timeout(self.guards.data_timeout)
+        self._stage = "data"
         try:
-            await self._in_stage("data", super().smtp_DATA, arg)
+            await super().smtp_DATA(arg)
         finally:
+            self._stage = None
             if self.transport is not None:
                 self._reset_timeout()
 
@@ -401,6 +662,7 @@ def smtp_factory(
     mail_log = logging.getLogger("mail.log")
     if _filter not in mail_log.filters:
         mail_log.addFilter(_filter)
+    policy = policy if policy is not None else RelayPolicy.loopback()
     # A subclass per listener carries the limits, rather than mutating aiosmtpd's class.
     protocol = type(
         "RelaySMTPListener",
@@ -411,7 +673,11 @@ def smtp_factory(
             "intake": intake,
             "sessions": sessions,
             "guards": guards if guards is not None else Guards(),
-            "policy": policy if policy is not None else RelayPolicy.loopback(),
+            "policy": policy,
+            "trusted": staticmethod(functools.lru_cache(maxsize=1024)(policy.trusted)),
+            "plaintext_auth_allowed": staticmethod(
+                functools.lru_cache(maxsize=1024)(policy.plaintext_auth_allowed)
+            ),
             "users": users,
             "limiter": limiter,
             "implicit_tls": implicit_tls,
