@@ -1,10 +1,15 @@
 """The embedded spool: one SQLite file in WAL mode with ``synchronous=FULL``.
 
 Every operation goes to one writer thread.  The thread takes whatever operations are
-waiting, runs them in one transaction (each inside its own SAVEPOINT, so one bad
-operation does not spoil its neighbours), commits once and only then resolves their
-futures: *group commit*.  Twenty sessions finishing DATA at the same moment cost one
-fsync, and still no ``250`` is sent before the message is on disk.
+waiting, runs them in one transaction, commits once and only then resolves their
+futures (with one wake-up of the event loop per batch): *group commit*.  Twenty
+sessions finishing DATA at the same moment cost one fsync, and still no ``250`` is sent
+before the message is on disk.
+
+One bad operation does not spoil its neighbours: when one raises, the transaction is
+rolled back and the batch runs again with each operation inside its own SAVEPOINT, so
+the others commit and only that one fails.  A SAVEPOINT per operation on every batch
+cost more than the operations themselves; failures are rare, so only they pay for it.
 
 An SQLite spool belongs to one ``serve`` process at a time (an exclusive lock file
 beside the database), so on start any message left ``in_flight`` by a killed process
@@ -36,6 +41,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
+# An operation, the future its caller awaits and that caller's event loop.
+_Item = tuple[Operation, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 SCHEMA_VERSION = 1
 MAX_BATCH = 256
@@ -100,11 +107,72 @@ def _translate_errors() -> Any:
         raise SpoolError(f"spool error: {exc}") from exc
 
 
+def _spool_error(exc: BaseException) -> Exception:
+    """``exc`` as the SpoolError a caller sees (the same mapping as ``_translate_errors``)."""
+    if isinstance(exc, SpoolError):
+        return exc
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        if "full" in text or "disk i/o" in text:
+            error: Exception = SpoolFull(f"spool storage problem: {exc}")
+        else:
+            error = SpoolError(f"spool error: {exc}")
+    else:
+        error = SpoolError(f"spool error: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # An I/O error or a full disk may have rolled the transaction back already.
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")
+
+
+class _Failed:
+    """An operation's outcome when it raised: ``error`` goes to its caller."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _settle(batch: list[_Item], outcomes: list[Any]) -> None:
+    """From the writer thread: hand a committed batch's outcomes to their futures with one
+    ``call_soon_threadsafe`` per event loop (each one is a wake-up write)."""
+    loop = batch[0][2]
+    if all(item[2] is loop for item in batch):
+        groups = [(loop, batch, outcomes)]
+    else:  # spools used from several loops (tests): one wake-up for each
+        by_loop: dict[asyncio.AbstractEventLoop, tuple[list[_Item], list[Any]]] = {}
+        for item, outcome in zip(batch, outcomes, strict=True):
+            items, values = by_loop.setdefault(item[2], ([], []))
+            items.append(item)
+            values.append(outcome)
+        groups = [(loop, items, values) for loop, (items, values) in by_loop.items()]
+    for loop, items, values in groups:
+        # A loop closed meanwhile has nobody left waiting.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_resolve, items, values)
+
+
+def _resolve(batch: list[_Item], outcomes: list[Any]) -> None:
+    """On the event loop: set each future (unless its caller gave up on it)."""
+    for (_, future, _), outcome in zip(batch, outcomes, strict=True):
+        if future.done():
+            continue
+        if type(outcome) is _Failed:
+            future.set_exception(outcome.error)
+        else:
+            future.set_result(outcome)
+
+
 class SqliteSpool:
     def __init__(self, path: str | Path, *, exclusive: bool = False) -> None:
         self.path = Path(path)
         self.exclusive = exclusive
-        self._queue: queue.SimpleQueue[tuple[Operation, Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
         self._closed = False
@@ -174,65 +242,88 @@ class SqliteSpool:
             ready.set_exception(SpoolError(f"cannot open spool {self.path}: {exc}"))
             return
         ready.set_result(None)
+        get, get_nowait = self._queue.get, self._queue.get_nowait
         stop = False
         while not stop:
-            item = self._queue.get()
+            item = get()
             if item is None:
                 break
             batch = [item]
             while len(batch) < MAX_BATCH:
                 try:
-                    more = self._queue.get_nowait()
+                    more = get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
                     stop = True
                     break
                 batch.append(more)
-            self._run_batch(conn, batch)
+            try:
+                outcomes = self._run_batch(conn, batch)
+            except Exception as exc:  # a bug here must not leave callers waiting forever
+                log.exception("spool: writer failed a batch")
+                outcomes = [_Failed(SpoolError(f"spool error: {exc}"))] * len(batch)
+            _settle(batch, outcomes)
         conn.close()
 
-    def _run_batch(
-        self, conn: sqlite3.Connection, batch: list[tuple[Operation, Future[Any]]]
-    ) -> None:
-        results: list[tuple[Future[Any], Any, Exception | None]] = []
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[Any]:
+        """Run ``batch`` in one transaction; return each operation's outcome (a value, or
+        ``_Failed``), all committed."""
+        execute = conn.execute
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for number, (operation, future) in enumerate(batch):
-                savepoint = f"op{number}"
-                conn.execute(f"SAVEPOINT {savepoint}")
+            execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            return [_Failed(_spool_error(exc))] * len(batch)
+        try:
+            outcomes = [operation(conn) for operation, _, _ in batch]
+        except Exception:  # noqa: BLE001 - one operation failed: isolate it (see the module doc)
+            _rollback(conn)
+            return self._run_batch_isolated(conn, batch)
+        try:
+            execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            return [_Failed(_spool_error(exc))] * len(batch)
+        return outcomes
+
+    def _run_batch_isolated(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[Any]:
+        """Like ``_run_batch``, each operation in a SAVEPOINT: one that fails is undone
+        alone, and the others commit."""
+        execute = conn.execute
+        outcomes: list[Any] = []
+        try:
+            execute("BEGIN IMMEDIATE")
+            for operation, _, _ in batch:
+                execute("SAVEPOINT op")
                 try:
                     with _translate_errors():
                         value = operation(conn)
                 except Exception as exc:  # noqa: BLE001 - handed to the caller's future
-                    conn.execute(f"ROLLBACK TO {savepoint}")
-                    conn.execute(f"RELEASE {savepoint}")
-                    results.append((future, None, exc))
+                    execute("ROLLBACK TO op")
+                    execute("RELEASE op")
+                    outcomes.append(_Failed(exc))
                 else:
-                    conn.execute(f"RELEASE {savepoint}")
-                    results.append((future, value, None))
-            with _translate_errors():
-                conn.execute("COMMIT")
+                    execute("RELEASE op")
+                    outcomes.append(value)
+            execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            failure = exc if isinstance(exc, SpoolError) else SpoolError(f"spool error: {exc}")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(failure)
-            return
-        for future, value, error in results:
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(value)
+            _rollback(conn)
+            return [_Failed(_spool_error(exc))] * len(batch)
+        return outcomes
 
     async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``operation`` on the writer thread, in the next batch; return its value
+        once its batch is committed.
+
+        An operation may run twice (its batch again, when another one in it fails): it
+        must not act beyond the connection, and only the committed run's value counts.
+        """
         if self._thread is None or self._closed:
             raise SpoolError("spool is not open")
-        future: Future[T] = Future()
-        self._queue.put((operation, future))
-        return await asyncio.wrap_future(future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put((operation, future, loop))
+        return await future
 
     # endregion
     # region operations
