@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -85,6 +86,81 @@ _COLUMNS = (
     "id, created_at, updated_at, mail_from, rcpt_tos, size, state, attempts, next_attempt_at,"
     " lease_owner, lease_expires_at, last_error, provider, provider_message_id, meta"
 )
+
+# The statements every message goes through, built once.  Constants are written into
+# the SQL and NULLs too, not bound: the sqlite3 module binds None (and anything but
+# int, float and str) through its adaptation protocol, two failed attribute lookups
+# each, which cost more than the rest of the binding.
+_INSERT = (
+    "INSERT INTO messages (id, created_at, updated_at, mail_from, rcpt_tos, size, raw, state,"
+    " next_attempt_at, lease_owner, lease_expires_at, provider, meta)"
+    " VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, {})"
+)
+# ... (id, now, mail_from, rcpt_tos, size, raw, provider, meta)
+_INSERT_QUEUED = _INSERT.format("'queued', ?2, NULL, NULL, ?7, ?8")
+# ... (id, now, mail_from, rcpt_tos, size, raw, lease_owner, lease_expires_at, provider, meta)
+_INSERT_LEASED = _INSERT.format("'in_flight', ?2, ?7, ?8, ?9, ?10")
+_CLAIM = (
+    "UPDATE messages SET state = 'in_flight', lease_owner = ?, lease_expires_at = ?,"
+    " updated_at = ? WHERE id IN (SELECT id FROM messages"
+    " WHERE (state = 'queued' AND next_attempt_at <= ?)"
+    " OR (state = 'in_flight' AND lease_expires_at <= ?)"
+    f" ORDER BY next_attempt_at LIMIT ?) RETURNING {_COLUMNS}, raw"
+)
+
+
+@functools.cache
+def _finish_statements(
+    state: MessageState,
+    outcome: str,
+    *,
+    error: bool,
+    provider_message_id: bool,
+    next_attempt_at: bool,
+    drop_body: bool,
+) -> tuple[str, str]:
+    """The UPDATE recording an outcome, for (id, now, provider, owner, *given), and the
+    INSERT of its attempt row, for (id, now, provider, *recorded): ``recorded`` are the
+    error and the provider message id that are not None, ``given`` the same and then the
+    next attempt time if it is not None.
+
+    The UPDATE checks the lease and counts the attempt; the INSERT reads the count back
+    (no SELECT first, and no RETURNING: SQLite runs RETURNING through a temporary
+    table, which costs more than a second statement).
+    """
+    update = [
+        f"UPDATE messages SET state = '{state.value}', attempts = attempts + 1,"
+        " updated_at = ?2, lease_owner = NULL, lease_expires_at = NULL, provider = ?3"
+    ]
+    attempt = [f"'{outcome}'"]
+    number = 4
+    if error:
+        number += 1
+        update.append(f"last_error = ?{number}")
+        attempt.append(f"?{number - 1}")
+    else:
+        update.append("last_error = NULL")
+        attempt.append("NULL")
+    if provider_message_id:
+        number += 1
+        update.append(f"provider_message_id = ?{number}")
+        attempt.append(f"?{number - 1}")
+    else:
+        attempt.append("NULL")
+    if next_attempt_at:
+        number += 1
+        update.append(f"next_attempt_at = ?{number}")
+    if drop_body:
+        update.append("raw = NULL")
+    return (
+        ", ".join(update) + " WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?4",
+        "INSERT OR REPLACE INTO attempts (message_id, number, at, provider, outcome, error,"
+        f" provider_message_id) SELECT ?1, attempts, ?2, ?3, {', '.join(attempt)}"
+        " FROM messages WHERE id = ?1",
+    )
+
+
+_STATES = {state.value: state for state in MessageState}
 
 
 def path_from_url(url: str) -> Path:
@@ -176,6 +252,10 @@ class SqliteSpool:
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
         self._closed = False
+        # The writer thread's cursor for the statements every message goes through (a
+        # new cursor per statement, as ``conn.execute`` makes, costs about as much as
+        # the statement).  Used by operations only, which run on that thread.
+        self._cursor: sqlite3.Cursor
 
     # region lifecycle
 
@@ -241,6 +321,7 @@ class SqliteSpool:
         except sqlite3.Error as exc:
             ready.set_exception(SpoolError(f"cannot open spool {self.path}: {exc}"))
             return
+        self._cursor = conn.cursor()
         ready.set_result(None)
         get, get_nowait = self._queue.get, self._queue.get_nowait
         stop = False
@@ -348,36 +429,46 @@ class SqliteSpool:
         lease_time: float = 0.0,
     ) -> list[str]:
         now = time.time()
-        state = MessageState.IN_FLIGHT if lease_owner else MessageState.QUEUED
-        expires = now + lease_time if lease_owner else None
-        rows = []
-        for part in parts:
-            rows.append(
+        size = len(raw)
+        rows: list[tuple[Any, ...]]
+        if lease_owner:
+            sql = _INSERT_LEASED
+            expires = now + lease_time
+            rows = [
                 (
                     new_message_id(now),
                     now,
-                    now,
                     part.envelope.mail_from,
                     json.dumps(list(part.envelope.rcpt_tos)),
-                    len(raw),
+                    size,
                     raw,
-                    state.value,
-                    now,
                     lease_owner,
                     expires,
                     part.provider,
                     json.dumps(part.meta),
                 )
-            )
+                for part in parts
+            ]
+        else:
+            sql = _INSERT_QUEUED
+            rows = [
+                (
+                    new_message_id(now),
+                    now,
+                    part.envelope.mail_from,
+                    json.dumps(list(part.envelope.rcpt_tos)),
+                    size,
+                    raw,
+                    part.provider,
+                    json.dumps(part.meta),
+                )
+                for part in parts
+            ]
+        ids = [row[0] for row in rows]
 
         def insert(conn: sqlite3.Connection) -> list[str]:
-            conn.executemany(
-                "INSERT INTO messages (id, created_at, updated_at, mail_from, rcpt_tos, size,"
-                " raw, state, next_attempt_at, lease_owner, lease_expires_at, provider, meta)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            return [row[0] for row in rows]
+            self._cursor.executemany(sql, rows)
+            return ids
 
         return await self._run(insert)
 
@@ -387,24 +478,7 @@ class SqliteSpool:
 
         def claim(conn: sqlite3.Connection) -> list[SpooledMessage]:
             now = time.time()
-            rows = conn.execute(
-                f"UPDATE messages SET state = ?, lease_owner = ?, lease_expires_at = ?,"
-                f" updated_at = ? WHERE id IN (SELECT id FROM messages"
-                f" WHERE (state = ? AND next_attempt_at <= ?)"
-                f" OR (state = ? AND lease_expires_at <= ?)"
-                f" ORDER BY next_attempt_at LIMIT ?) RETURNING {_COLUMNS}, raw",
-                (
-                    MessageState.IN_FLIGHT.value,
-                    owner,
-                    now + lease_time,
-                    now,
-                    MessageState.QUEUED.value,
-                    now,
-                    MessageState.IN_FLIGHT.value,
-                    now,
-                    limit,
-                ),
-            ).fetchall()
+            rows = conn.execute(_CLAIM, (owner, now + lease_time, now, now, now, limit))
             messages = [_row_to_message(row[:-1], raw=row[-1]) for row in rows]
             messages.sort(key=lambda m: (m.next_attempt_at, m.id))
             return messages
@@ -424,38 +498,24 @@ class SqliteSpool:
         next_attempt_at: float | None,
         drop_body: bool,
     ) -> Operation:
+        update_sql, attempt_sql = _finish_statements(
+            state,
+            outcome,
+            error=error is not None,
+            provider_message_id=provider_message_id is not None,
+            next_attempt_at=next_attempt_at is not None,
+            drop_body=drop_body,
+        )
+        recorded = tuple(value for value in (error, provider_message_id) if value is not None)
+        given = recorded if next_attempt_at is None else (*recorded, next_attempt_at)
+
         def update(conn: sqlite3.Connection) -> bool:
             now = time.time()
-            row = conn.execute(
-                "SELECT attempts FROM messages WHERE id = ? AND state = ? AND lease_owner = ?",
-                (id, MessageState.IN_FLIGHT.value, owner),
-            ).fetchone()
-            if row is None:
+            cursor = self._cursor
+            cursor.execute(update_sql, (id, now, provider, owner, *given))
+            if cursor.rowcount != 1:
                 return False
-            attempts = row[0] + 1
-            conn.execute(
-                "UPDATE messages SET state = ?, attempts = ?, updated_at = ?, lease_owner = NULL,"
-                " lease_expires_at = NULL, last_error = ?, provider = ?,"
-                " provider_message_id = COALESCE(?, provider_message_id),"
-                " next_attempt_at = COALESCE(?, next_attempt_at)"
-                + (", raw = NULL" if drop_body else "")
-                + " WHERE id = ?",
-                (
-                    state.value,
-                    attempts,
-                    now,
-                    error,
-                    provider,
-                    provider_message_id,
-                    next_attempt_at,
-                    id,
-                ),
-            )
-            conn.execute(
-                "INSERT OR REPLACE INTO attempts (message_id, number, at, provider, outcome,"
-                " error, provider_message_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (id, attempts, now, provider, outcome, error, provider_message_id),
-            )
+            cursor.execute(attempt_sql, (id, now, provider, *recorded))
             return True
 
         return update
@@ -668,7 +728,7 @@ def _row_to_message(
         id=id,
         envelope=Envelope(mail_from=mail_from, rcpt_tos=tuple(json.loads(rcpt_tos))),
         size=size,
-        state=MessageState(state),
+        state=_STATES[state],
         attempts=attempts,
         created_at=created_at,
         next_attempt_at=next_attempt_at,
