@@ -113,6 +113,7 @@ async def _run(
         body = leased if workload == "leased" else via_lease
         writer_before = _thread_cpu(spool._thread)
         cpu_before = time.process_time()
+        times_before = os.times()
         wall_before = time.perf_counter()
         await asyncio.gather(*(body(n) for n in per_task))
         while delivered < count:  # "lease": what a task's lease left to another
@@ -126,6 +127,7 @@ async def _run(
                     delivered += 1
         wall = time.perf_counter() - wall_before
         cpu = time.process_time() - cpu_before
+        system = os.times().system - times_before.system
         writer = _thread_cpu(spool._thread) - writer_before
         await spool.close()
     if delivered != count:
@@ -134,6 +136,7 @@ async def _run(
         "count": count,
         "cpu": cpu,
         "writer_cpu": writer,
+        "system_cpu": system,
         "wall": wall,
         "batches": batches[0],
         "operations": batches[1],
@@ -179,12 +182,13 @@ def _line(label: str, runs: list[dict[str, Any]]) -> str:
     count = runs[0]["count"]
     cpu = statistics.median(r["cpu"] for r in runs) / count * 1e6
     writer = statistics.median(r["writer_cpu"] for r in runs) / count * 1e6
+    system = statistics.median(r["system_cpu"] for r in runs) / count * 1e6
     best = min(r["cpu"] for r in runs) / count * 1e6
     best_writer = min(r["writer_cpu"] for r in runs) / count * 1e6
     wall = statistics.median(r["wall"] for r in runs)
     batch = statistics.median(r["operations"] / r["batches"] for r in runs)
     return (
-        f"{label:>12}: {cpu:6.1f} us CPU/msg (writer thread {writer:5.1f}),"
+        f"{label:>12}: {cpu:6.1f} us CPU/msg (writer thread {writer:5.1f}, kernel {system:5.1f}),"
         f" min {best:6.1f} (writer {best_writer:5.1f}); wall {wall:5.2f} s,"
         f" {count / wall:5.0f} msg/s; {batch:4.1f} ops/batch  [median of {len(runs)}]"
     )

@@ -166,3 +166,16 @@ async def test_every_queued_operation_runs_before_close(tmp_path: Path) -> None:
     await asyncio.sleep(0)
     await spool.close()
     assert len(set(await asyncio.gather(*puts))) == 50
+
+
+async def test_new_spools_get_larger_pages_and_old_ones_keep_theirs(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "old.db") as conn:
+        conn.execute("CREATE TABLE placeholder (x)")  # a 4 KiB-page file made earlier
+    for name, expected in (("new.db", 8192), ("old.db", 4096)):
+        spool = SqliteSpool(tmp_path / name)
+        await spool.open()
+        await spool.put(ENVELOPE, b"x" * 3000, provider="p")
+        await spool.close()
+        with sqlite3.connect(tmp_path / name) as conn:
+            assert conn.execute("PRAGMA page_size").fetchone()[0] == expected
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
