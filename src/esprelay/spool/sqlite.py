@@ -101,12 +101,17 @@ _INSERT = (
 _INSERT_QUEUED = _INSERT.format("'queued', ?2, NULL, NULL, ?7, ?8")
 # ... (id, now, mail_from, rcpt_tos, size, raw, lease_owner, lease_expires_at, provider, meta)
 _INSERT_LEASED = _INSERT.format("'in_flight', ?2, ?7, ?8, ?9, ?10")
+# Claiming is a SELECT of the due messages, then an UPDATE of each (UPDATE ...
+# RETURNING would copy every body through SQLite's temporary table).
+_DUE = (
+    f"SELECT {_COLUMNS}, raw FROM messages"
+    " WHERE (state = 'queued' AND next_attempt_at <= ?1)"
+    " OR (state = 'in_flight' AND lease_expires_at <= ?1)"
+    " ORDER BY next_attempt_at, id LIMIT ?2"
+)
 _CLAIM = (
-    "UPDATE messages SET state = 'in_flight', lease_owner = ?, lease_expires_at = ?,"
-    " updated_at = ? WHERE id IN (SELECT id FROM messages"
-    " WHERE (state = 'queued' AND next_attempt_at <= ?)"
-    " OR (state = 'in_flight' AND lease_expires_at <= ?)"
-    f" ORDER BY next_attempt_at LIMIT ?) RETURNING {_COLUMNS}, raw"
+    "UPDATE messages SET state = 'in_flight', lease_owner = ?2, lease_expires_at = ?3,"
+    " updated_at = ?4 WHERE id = ?1"
 )
 
 
@@ -483,10 +488,18 @@ class SqliteSpool:
 
         def claim(conn: sqlite3.Connection) -> list[SpooledMessage]:
             now = time.time()
-            rows = conn.execute(_CLAIM, (owner, now + lease_time, now, now, now, limit))
-            messages = [_row_to_message(row[:-1], raw=row[-1]) for row in rows]
-            messages.sort(key=lambda m: (m.next_attempt_at, m.id))
-            return messages
+            expires = now + lease_time
+            rows = conn.execute(_DUE, (now, limit)).fetchall()
+            if rows:
+                self._cursor.executemany(_CLAIM, [(row[0], owner, expires, now) for row in rows])
+            # The rows as the UPDATE left them (what ``get`` would now return).
+            return [
+                _row_to_message(
+                    (*row[:2], now, *row[3:6], "in_flight", *row[7:9], owner, expires, *row[11:15]),
+                    raw=row[15],
+                )
+                for row in rows
+            ]
 
         return await self._run(claim)
 
