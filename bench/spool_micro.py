@@ -3,7 +3,8 @@
 ``python -m bench.spool_micro [--count 5000] [--tasks 20] [--size 2K] [--workload leased]``
 runs ``--count`` messages through a fresh spool from ``--tasks`` concurrent asyncio
 tasks and prints the process CPU time per message (``time.process_time``: the event
-loop and the spool's writer thread), the writer thread's own share, and the wall time.
+loop and the spool's writer thread), the writer thread's own share, the process's
+kernel time, the wall time and how many operations the writer committed per batch.
 
 Workloads (each one message's trip through the spool, as ``serve`` does it):
 
@@ -14,7 +15,8 @@ Workloads (each one message's trip through the spool, as ``serve`` does it):
 ``--compare REF`` also runs ``src/esprelay/spool/sqlite.py`` as it is at git ``REF``
 (the rest of the package from the working tree), each run in a fresh process,
 alternating the two, so "before" and "after" share the same moment of a busy box.
-Medians over ``--repeats`` are printed.
+Medians over ``--repeats`` are printed, and the best run (the least disturbed on a
+shared box).
 """
 
 from __future__ import annotations
