@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from esprelay.errors import SpoolError
 from esprelay.models import Envelope, MessageState
+from esprelay.spool.base import NewPart
 from esprelay.spool.sqlite import SqliteSpool
 
 ENVELOPE = Envelope("a@example.com", ("b@example.org",))
@@ -77,3 +81,101 @@ async def test_closed_spool_refuses_work(tmp_path: Path) -> None:
     await spool.close()
     with pytest.raises(SpoolError):
         await spool.put(ENVELOPE, b"x", provider="p")
+
+
+@contextlib.asynccontextmanager
+async def _one_batch(spool: SqliteSpool) -> AsyncIterator[None]:
+    """Hold the writer thread in an operation while the block runs, so the operations
+    queued in it run together as one batch when it ends."""
+    entered, release = threading.Event(), threading.Event()
+
+    def block(conn: sqlite3.Connection) -> None:
+        entered.set()
+        release.wait(10)
+
+    blocker = asyncio.ensure_future(spool._run(block))
+    await asyncio.to_thread(entered.wait, 10)
+    try:
+        yield
+        await asyncio.sleep(0.05)  # let the queued operations reach the writer's queue
+    finally:
+        release.set()
+        await blocker
+
+
+async def test_a_failing_operation_fails_alone_in_its_batch(tmp_path: Path) -> None:
+    spool = SqliteSpool(tmp_path / "s.db")
+    await spool.open()
+    [leased] = await spool.put_parts(b"x", [NewPart(ENVELOPE, "p")], lease_owner="w")
+
+    def half_done_then_python_error(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE messages SET provider = 'changed'")
+        raise ValueError("boom")
+
+    def half_done_then_sqlite_error(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE messages SET provider = 'changed'")
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    async with _one_batch(spool):
+        tasks = [
+            asyncio.ensure_future(spool.put(ENVELOPE, b"first", provider="p")),
+            asyncio.ensure_future(spool._run(half_done_then_python_error)),
+            asyncio.ensure_future(
+                spool.mark_delivered(leased, owner="w", provider="p", provider_message_id="pm")
+            ),
+            asyncio.ensure_future(spool._run(half_done_then_sqlite_error)),
+            asyncio.ensure_future(spool.put(ENVELOPE, b"last", provider="p")),
+        ]
+    first, python_error, delivered, sqlite_error, last = await asyncio.gather(
+        *tasks, return_exceptions=True
+    )
+    assert isinstance(python_error, ValueError)
+    assert isinstance(sqlite_error, SpoolError) and "no_such_table" in str(sqlite_error)
+    assert delivered is True
+    assert isinstance(first, str) and isinstance(last, str)
+    for message_id in (first, last, leased):
+        message = await spool.get(message_id, with_body=True)
+        assert message is not None and message.provider == "p"  # no half-done update
+    message = await spool.get(leased)
+    assert message is not None and message.state == MessageState.DELIVERED
+    assert [a.outcome for a in message.history] == ["delivered"]
+    await spool.close()
+
+
+async def test_a_caller_that_gives_up_does_not_stop_the_writer(tmp_path: Path) -> None:
+    spool = SqliteSpool(tmp_path / "s.db")
+    await spool.open()
+    async with _one_batch(spool):
+        abandoned = asyncio.ensure_future(spool.put(ENVELOPE, b"abandoned", provider="p"))
+        kept = asyncio.ensure_future(spool.put(ENVELOPE, b"kept", provider="p"))
+        await asyncio.sleep(0.05)
+        abandoned.cancel()
+    message_id = await asyncio.wait_for(kept, 10)
+    assert await asyncio.wait_for(spool.put(ENVELOPE, b"after", provider="p"), 10)
+    assert (await spool.get(message_id)) is not None
+    # The operation itself was already queued: it ran, its caller just no longer waits.
+    stats = await spool.stats()
+    assert stats.counts[MessageState.QUEUED] == 3
+    await spool.close()
+
+
+async def test_every_queued_operation_runs_before_close(tmp_path: Path) -> None:
+    spool = SqliteSpool(tmp_path / "s.db")
+    await spool.open()
+    puts = [asyncio.ensure_future(spool.put(ENVELOPE, b"x", provider="p")) for _ in range(50)]
+    await asyncio.sleep(0)
+    await spool.close()
+    assert len(set(await asyncio.gather(*puts))) == 50
+
+
+async def test_new_spools_get_larger_pages_and_old_ones_keep_theirs(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "old.db") as conn:
+        conn.execute("CREATE TABLE placeholder (x)")  # a 4 KiB-page file made earlier
+    for name, expected in (("new.db", 8192), ("old.db", 4096)):
+        spool = SqliteSpool(tmp_path / name)
+        await spool.open()
+        await spool.put(ENVELOPE, b"x" * 3000, provider="p")
+        await spool.close()
+        with sqlite3.connect(tmp_path / name) as conn:
+            assert conn.execute("PRAGMA page_size").fetchone()[0] == expected
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
