@@ -3,13 +3,15 @@
 ``policy.default`` turns every header it is asked for into an object: a class made
 for the occasion by the ``HeaderRegistry`` and a full RFC 5322 parse of the value.
 That is most of the CPU :mod:`esprelay.mime` spends on a small message.  For the values
-real mail is made of (plain ASCII, no encoded word, a simple ``type/subtype;
-name="value"`` or ``Name <a@b>``) the answer is known without the parse: the value
-itself, with line breaks removed.  This module gives that answer when a strict pattern
-says the value is of such a form and otherwise asks ``policy.default`` (through a cached
-class, which is what its registry would build anyway), so the result is always the one
-``policy.default`` gives, exceptions included.  ``tests/test_mime_fast.py`` checks this
-against the real thing on corpora and generated values.
+real mail is made of (plain ASCII without encoded words: a Subject or Received line, a
+simple ``type/subtype; name=value``, ``<id@host>``, a date, ``Name <a@b>``) the answer
+is known without the parse: the value itself once unfolded, the parameters re-quoted
+the way the parser writes them, the date in its canonical form.  This module gives
+that answer when a strict pattern says the value is of such a form and otherwise asks
+``policy.default`` (through a cached class, which is what its registry would build
+anyway), so the result is always the one ``policy.default`` gives, exceptions included.
+``tests/test_mime_fast.py`` checks this against the real thing on corpora and on
+generated values.
 """
 
 from __future__ import annotations
