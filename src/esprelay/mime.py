@@ -7,6 +7,13 @@ headers an API may carry.  It uses the standard library's ``email`` package with
 ``policy.default`` and never raises on broken MIME: whatever it cannot carry over
 is named in ``ParsedMessage.warnings``, so nothing is dropped silently.
 
+By default the message is parsed with :data:`esprelay.fastheaders.cheap`, which keeps
+raw string headers and answers each header lookup with what ``policy.default`` would
+give, computing it only when a value is not of a plain form; the result is the same
+``ParsedMessage`` as ``parse(raw, envelope, exact=True)``, the original all-
+``policy.default`` path, which stays as the reference (``tests/test_mime_fast.py``
+compares the two) and takes over whenever the cheap path meets anything unexpected.
+
 Recipients follow the envelope, which is authoritative (RFC 5321): a To or Cc
 address that is also an envelope recipient is sent as To or Cc; every other envelope
 recipient becomes Bcc; header addresses outside the envelope are not sent.  So the
@@ -26,6 +33,7 @@ from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import getaddresses
 
+from esprelay import fastheaders
 from esprelay.models import Envelope
 
 #: Headers the parsed view maps to fields of its own, or blind ones that must never
@@ -47,6 +55,7 @@ _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # printable ASCII without ":" (RFC 53
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _FOLD = re.compile(r"\s*[\r\n]+\s*")
 _PARSER = BytesParser(policy=email.policy.default)
+_CHEAP_PARSER = BytesParser(policy=fastheaders.cheap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,27 +109,45 @@ class ParsedMessage:
     warnings: tuple[str, ...] = field(default=())
 
 
-def parse(raw: bytes, envelope: Envelope) -> ParsedMessage:
-    """The parsed view of ``raw``; never raises on malformed input."""
-    warnings: list[str] = []
-    try:
-        msg = _PARSER.parsebytes(raw)
-    except Exception as exc:  # the parser is lenient; this is a last resort
-        warnings.append(f"message could not be parsed ({type(exc).__name__}); sent as plain text")
-        msg = EmailMessage()
-        msg.set_content(raw.decode("utf-8", "replace"))
+def parse(raw: bytes, envelope: Envelope, *, exact: bool = False) -> ParsedMessage:
+    """The parsed view of ``raw``; never raises on malformed input.
 
-    subject = _single(msg, "subject", warnings)
-    from_ = _from_address(msg, envelope, warnings)
-    reply_to = _addresses(msg, "reply-to", warnings)
-    to = _addresses(msg, "to", warnings)
-    cc = _addresses(msg, "cc", warnings)
+    ``exact=True`` takes the reference path (every header through ``policy.default``);
+    the default path gives the same result for less CPU.
+    """
+    if not exact:
+        try:
+            return _parse(raw, envelope, fast=True)
+        except Exception:  # the reference path decides, and reports
+            pass
+    return _parse(raw, envelope, fast=False)
+
+
+def _parse(raw: bytes, envelope: Envelope, *, fast: bool) -> ParsedMessage:
+    warnings: list[str] = []
+    if fast:
+        msg = _CHEAP_PARSER.parsebytes(raw)  # a failure here goes to the reference path
+    else:
+        try:
+            msg = _PARSER.parsebytes(raw)
+        except Exception as exc:  # the parser is lenient; this is a last resort
+            warnings.append(
+                f"message could not be parsed ({type(exc).__name__}); sent as plain text"
+            )
+            msg = EmailMessage()
+            msg.set_content(raw.decode("utf-8", "replace"))
+
+    subject = _single(msg, "subject", warnings, fast)
+    from_ = _from_address(msg, envelope, warnings, fast)
+    reply_to = _addresses(msg, "reply-to", warnings, fast)
+    to = _addresses(msg, "to", warnings, fast)
+    cc = _addresses(msg, "cc", warnings, fast)
     recipients = reconcile(to, cc, envelope.rcpt_tos, warnings)
 
-    walker = _Walker(warnings)
+    walker = _Walker(warnings, fast)
     walker.walk(msg, 0)
 
-    headers = _other_headers(msg, warnings)
+    headers = _other_headers(msg, warnings, fast)
     lookup = {name.lower(): value for name, value in reversed(headers)}
     return ParsedMessage(
         subject=subject,
@@ -197,11 +224,16 @@ def clean(value: str) -> str:
     return _CONTROL.sub("", _FOLD.sub(" ", value)).strip()
 
 
-def _decode_raw(name: str, raw: str) -> str:
+def _decode_raw(name: str, raw: str, fast: bool = False) -> str:
     """A header's decoded value, tolerating legacy 8-bit (non-UTF-8) bytes."""
     value: str | None
     try:
-        value = str(email.policy.default.header_fetch_parse(name, raw))
+        if fast:
+            value = fastheaders.header_str(name, raw)
+            if raw.isascii():  # no undecodable bytes (surrogates): no legacy repair
+                return clean(value)
+        else:
+            value = str(email.policy.default.header_fetch_parse(name, raw))
     except Exception:
         value = None
     legacy_8bit = any("\udc80" <= c <= "\udcff" for c in raw)  # undecodable raw bytes
@@ -222,23 +254,30 @@ def _raw_values(msg: Message, name: str) -> list[str]:
     return [v for k, v in msg.raw_items() if k.lower() == name]
 
 
-def _single(msg: Message, name: str, warnings: list[str]) -> str | None:
+def _single(msg: Message, name: str, warnings: list[str], fast: bool) -> str | None:
     values = _raw_values(msg, name)
     if not values:
         return None
     if len(values) > 1:
         warnings.append(f"{len(values)} {name.title()} headers; the first one is used")
-    return _decode_raw(name, values[0])
+    return _decode_raw(name, values[0], fast)
 
 
-def _addresses(msg: Message, name: str, warnings: list[str]) -> tuple[Mailbox, ...]:
+def _addresses(msg: Message, name: str, warnings: list[str], fast: bool) -> tuple[Mailbox, ...]:
     boxes: list[Mailbox] = []
     for raw in _raw_values(msg, name):
-        try:
-            header = email.policy.default.header_fetch_parse(name, raw)
-            pairs = [(a.display_name, a.addr_spec) for a in header.addresses if a.username]
-        except Exception:
-            pairs = getaddresses([_decode_raw("x-address", raw)])
+        simple = fastheaders.simple_addresses(raw) if fast else None
+        if simple is not None:
+            pairs = simple
+        else:
+            try:
+                if fast:
+                    header = fastheaders.exact_header(name, raw)
+                else:
+                    header = email.policy.default.header_fetch_parse(name, raw)
+                pairs = [(a.display_name, a.addr_spec) for a in header.addresses if a.username]
+            except Exception:
+                pairs = getaddresses([_decode_raw("x-address", raw, fast)])
         for display, addr in pairs:
             addr = clean(addr)
             if addr and addr != "<>":
@@ -246,8 +285,10 @@ def _addresses(msg: Message, name: str, warnings: list[str]) -> tuple[Mailbox, .
     return tuple(boxes)
 
 
-def _from_address(msg: Message, envelope: Envelope, warnings: list[str]) -> Mailbox | None:
-    boxes = [b for b in _addresses(msg, "from", warnings) if "@" in b.addr]
+def _from_address(
+    msg: Message, envelope: Envelope, warnings: list[str], fast: bool
+) -> Mailbox | None:
+    boxes = [b for b in _addresses(msg, "from", warnings, fast) if "@" in b.addr]
     if len(boxes) > 1:
         warnings.append(f"{len(boxes)} From addresses; only the first one is sent")
     if boxes:
@@ -258,7 +299,7 @@ def _from_address(msg: Message, envelope: Envelope, warnings: list[str]) -> Mail
     return None
 
 
-def _other_headers(msg: Message, warnings: list[str]) -> tuple[tuple[str, str], ...]:
+def _other_headers(msg: Message, warnings: list[str], fast: bool) -> tuple[tuple[str, str], ...]:
     out: list[tuple[str, str]] = []
     bad: list[str] = []
     for name, raw in msg.raw_items():
@@ -268,7 +309,7 @@ def _other_headers(msg: Message, warnings: list[str]) -> tuple[tuple[str, str], 
         if not _HEADER_NAME.match(name):
             bad.append("a header with an invalid name")
             continue
-        value = _decode_raw(name, raw)
+        value = _decode_raw(name, raw, fast)
         if not value:
             bad.append(f"empty {name}")
             continue
@@ -282,8 +323,9 @@ def _other_headers(msg: Message, warnings: list[str]) -> tuple[tuple[str, str], 
 
 
 class _Walker:
-    def __init__(self, warnings: list[str]) -> None:
+    def __init__(self, warnings: list[str], fast: bool) -> None:
         self.warnings = warnings
+        self.fast = fast
         self.text: str | None = None
         self.html: str | None = None
         self.attachments: list[Attachment] = []
@@ -329,7 +371,7 @@ class _Walker:
             self.text = text
 
     def _attach(self, part: Message, content: bytes) -> None:
-        cid = _content_id(part)
+        cid = _content_id(part, self.fast)
         disposition = _disposition(part)
         inline = disposition == "inline" or (disposition is None and cid is not None)
         self.attachments.append(
@@ -363,11 +405,11 @@ def _filename(part: Message) -> str | None:
     return clean(name) or None
 
 
-def _content_id(part: Message) -> str | None:
+def _content_id(part: Message, fast: bool) -> str | None:
     values = _raw_values(part, "content-id")
     if not values:
         return None
-    cid = _decode_raw("content-id", values[0]).strip().strip("<>").strip()
+    cid = _decode_raw("content-id", values[0], fast).strip().strip("<>").strip()
     return cid or None
 
 

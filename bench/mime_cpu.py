@@ -1,0 +1,167 @@
+"""CPU cost of ``esprelay.mime.parse`` and of the JSON adapters' ``build_request``.
+
+``python -m bench.mime_cpu [--loops 2000]`` parses a few representative messages in a
+loop and prints the CPU time (``time.process_time``) per call, for the default path
+and the exact reference path (``exact=True``), so both are measured in the same go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Iterator
+from types import ModuleType
+
+import httpx
+from pydantic import SecretStr
+
+from bench.loadgen import make_message
+from esprelay import mime
+from esprelay.models import Envelope, OutboundMessage
+from esprelay.providers import postmark, sendgrid
+from esprelay.providers.base import HttpProvider
+from esprelay.providers.postmark import PostmarkProvider
+from esprelay.providers.sendgrid import SendGridProvider
+
+SENDER = "bench-sender@esprelay.invalid"
+RCPT = "bench-rcpt@esprelay.invalid"
+ENVELOPE = Envelope(SENDER, (RCPT,))
+
+
+def _crlf(text: str) -> bytes:
+    return text.replace("\n", "\r\n").encode()
+
+
+def bench_message() -> bytes:
+    return make_message(2048, sender=SENDER, recipient=RCPT)
+
+
+def alternative_with_attachment() -> bytes:
+    pdf = base64.encodebytes(bytes(range(256)) * 40).decode()  # ~10 KB
+    return _crlf(
+        """From: "Billing Team" <billing@example.com>
+To: Jane Doe <bench-rcpt@esprelay.invalid>
+Subject: Your invoice 2024-0042
+Date: Tue, 01 Oct 2024 10:00:00 +0000
+Message-ID: <invoice-2024-0042@example.com>
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="=_mixed_1"
+
+--=_mixed_1
+Content-Type: multipart/alternative; boundary="=_alt_1"
+
+--=_alt_1
+Content-Type: text/plain; charset="utf-8"
+Content-Transfer-Encoding: quoted-printable
+
+Hello Jane,
+
+your invoice is attached. Total: 42.00 EUR.
+--=_alt_1
+Content-Type: text/html; charset="utf-8"
+Content-Transfer-Encoding: quoted-printable
+
+<html><body><p>Hello Jane,</p><p>your invoice is attached. Total: <b>42.00 EUR</b>.</p>=
+</body></html>
+--=_alt_1--
+--=_mixed_1
+Content-Type: application/pdf; name="invoice-2024-0042.pdf"
+Content-Disposition: attachment; filename="invoice-2024-0042.pdf"
+Content-Transfer-Encoding: base64
+
+"""
+        + pdf
+        + "--=_mixed_1--\n"
+    )
+
+
+def many_headers() -> bytes:
+    received = "".join(
+        f"Received: from host{i}.example.net (host{i}.example.net [192.0.2.{i}])\n"
+        f"\tby mx{i}.example.com (Postfix) with ESMTPS id 4XyZ{i}abc\n"
+        f"\tfor <bench-rcpt@esprelay.invalid>; Tue, 01 Oct 2024 10:00:0{i % 10} +0000\n"
+        for i in range(6)
+    )
+    xheaders = "".join(f"X-App-Header-{i}: value number {i} for tracing\n" for i in range(6))
+    head = (
+        received
+        + "From: App <app@example.com>\nTo: bench-rcpt@esprelay.invalid\n"
+        + "Subject: plenty of headers\nDate: Tue, 01 Oct 2024 10:00:00 +0000\n"
+        + "Message-ID: <many@example.com>\n"
+        + xheaders
+        + "List-Unsubscribe: <mailto:unsub@example.com>\nMIME-Version: 1.0\n"
+        + "Content-Type: text/plain; charset=us-ascii\n\n"
+    )
+    return _crlf(head + "A short body.\n" * 20)
+
+
+SAMPLES: dict[str, Callable[[], bytes]] = {
+    "bench 2K plain": bench_message,
+    "alternative+pdf": alternative_with_attachment,
+    "12 Received/X-": many_headers,
+}
+
+
+def cpu_per_call(fn: Callable[[], object], loops: int) -> float:
+    """Milliseconds of CPU per call (best of three rounds)."""
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        for _ in range(loops):
+            fn()
+        best = min(best, time.process_time() - start)
+    return best / loops * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--loops", type=int, default=2000)
+    args = ap.parse_args()
+    print(f"{'sample':18} {'reference ms':>13} {'parse ms':>9} {'ratio':>6}")
+    for name, make in SAMPLES.items():
+        raw = make()
+        fast = cpu_per_call(functools.partial(mime.parse, raw, ENVELOPE), args.loops)
+        ref = cpu_per_call(functools.partial(mime.parse, raw, ENVELOPE, exact=True), args.loops)
+        print(f"{name:18} {ref:13.4f} {fast:9.4f} {ref / fast:6.2f}")
+    message = OutboundMessage("m1", ENVELOPE, bench_message())
+    client = httpx.AsyncClient()
+    providers: list[tuple[str, ModuleType, HttpProvider]] = [
+        (
+            "sendgrid",
+            sendgrid,
+            SendGridProvider(client, SecretStr("SG.x"), "https://api.sendgrid.com"),
+        ),
+        (
+            "postmark",
+            postmark,
+            PostmarkProvider(client, SecretStr("token"), "https://api.postmarkapp.com", None),
+        ),
+    ]
+    for kind, module, provider in providers:
+        build = functools.partial(provider.build_request, message)
+        ms = cpu_per_call(build, args.loops)
+        with _exact_parse(module):
+            ref = cpu_per_call(build, args.loops)
+        print(
+            f"{kind} build_request (bench 2K): {ref:.4f} ms CPU with exact=True,"
+            f" {ms:.4f} ms by default ({ref / ms:.2f}x)"
+        )
+
+
+@contextlib.contextmanager
+def _exact_parse(module: ModuleType) -> Iterator[None]:
+    """The adapter ``module`` parses with ``exact=True`` (the reference path) meanwhile."""
+    saved = getattr(module, "parse")  # noqa: B009 - a module's attribute, swapped
+    setattr(module, "parse", functools.partial(mime.parse, exact=True))  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(module, "parse", saved)  # noqa: B010
+
+
+if __name__ == "__main__":
+    main()
