@@ -74,3 +74,13 @@ def test_tune_for_serving_freezes_start_up_objects() -> None:
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_large_blocks_get_their_own_mappings_on_glibc() -> None:
+    import platform
+
+    from esprelay.gctune import return_large_blocks_to_the_system
+
+    applied = return_large_blocks_to_the_system()
+    if platform.libc_ver()[0] == "glibc":
+        assert applied

@@ -31,7 +31,7 @@ from esprelay.delivery import Deliverer, Outcome, provider_chain
 from esprelay.dispatch import ProviderSet
 from esprelay.dsn import build_dsn, is_dsn, status_for
 from esprelay.errors import ConfigError, SpoolError
-from esprelay.gctune import tune_for_serving
+from esprelay.gctune import return_large_blocks_to_the_system, tune_for_serving
 from esprelay.httpapi import OpsServer, ReadinessCheck
 from esprelay.httpclient import make_client
 from esprelay.intake import Intake, IntakeState
@@ -453,6 +453,7 @@ class Relay:
         try:
             await self.start()
             tune_for_serving()
+            return_large_blocks_to_the_system()
             await self._stop.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import httpx
 
+from esprelay.budget import LARGE_MESSAGE_BUDGET, ByteBudget
 from esprelay.errors import (
     DeliveryError,
     MessageRejected,
@@ -75,6 +76,8 @@ class HttpProvider(Provider):
     def __init__(self, client: httpx.AsyncClient, name: str | None = None) -> None:
         super().__init__(name)
         self._client = client
+        #: Large messages are built and sent a few at a time (esprelay.budget).
+        self.large_messages = ByteBudget(LARGE_MESSAGE_BUDGET)
 
     @abc.abstractmethod
     def build_request(self, message: OutboundMessage) -> httpx.Request:
@@ -95,14 +98,21 @@ class HttpProvider(Provider):
         # costs (bench/README.md), so it is built in place.
         if len(message.raw) <= INLINE_BUILD_LIMIT:
             request = self.build_request(message)
+            response = await self._exchange(request)
         else:
-            request = await asyncio.to_thread(self.build_request, message)
-        with map_transport_errors(self.name):
-            response = await self._client.send(request)
-            await response.aread()
+            async with self.large_messages.hold(len(message.raw)):
+                request = await asyncio.to_thread(self.build_request, message)
+                response = await self._exchange(request)
+                del request
         if not response.is_success:
             raise self.classify_error(response)
         return self.parse_response(response, message)
+
+    async def _exchange(self, request: httpx.Request) -> httpx.Response:
+        with map_transport_errors(self.name):
+            response = await self._client.send(request)
+            await response.aread()
+        return response
 
 
 @contextlib.contextmanager

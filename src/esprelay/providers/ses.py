@@ -45,7 +45,6 @@ from esprelay.providers.base import (
     HttpProvider,
     classify_status,
     excerpt,
-    map_transport_errors,
     parse_retry_after,
 )
 from esprelay.rawmime import strip_bcc, to_7bit
@@ -172,12 +171,12 @@ class SesProvider(HttpProvider):
 
     async def send(self, message: OutboundMessage) -> SendResult:
         # Re-encoding a large 8-bit message is CPU work: keep it off the SMTP loop.
-        request, warnings = await asyncio.to_thread(self._build, message)
-        credentials = await asyncio.to_thread(self._frozen_credentials)
-        sign(request, credentials, self.region)
-        with map_transport_errors(self.name):
-            response = await self._client.send(request)
-            await response.aread()
+        async with self.large_messages.hold(len(message.raw)):
+            request, warnings = await asyncio.to_thread(self._build, message)
+            credentials = await asyncio.to_thread(self._frozen_credentials)
+            sign(request, credentials, self.region)
+            response = await self._exchange(request)
+            del request
         if not response.is_success:
             raise self.classify_error(response)
         result = self.parse_response(response, message)

@@ -146,10 +146,10 @@ class CompactDataSMTP(SMTP):
         if not ended:
             return  # the connection went away before the final dot: nothing to accept
 
-        original_content = bytes(content)
+        # No local keeps the bytes: the handler takes them from the envelope and drops
+        # them there, so a repaired copy does not live beside the original.
+        self.envelope.content = self.envelope.original_content = bytes(content)
         del content
-        self.envelope.content = original_content
-        self.envelope.original_content = original_content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
