@@ -309,6 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(table(rows))
+    for row in rows:
+        relay = row["summary"]["esprelay"]
+        if relay["errors"] or relay["undelivered"]:
+            # A refused or failed session makes the figures meaningless: say so loudly.
+            print(
+                f"WARNING {human(row['size'])} x{row['sessions']} api={row['latency_ms']:g}ms:"
+                f" {relay['errors']} load errors, {relay['undelivered']} undelivered"
+            )
     postfix_note = "on" if with_postfix else f"off ({postfix_reason or '--postfix off'})"
     print(
         f"\nprovider={provider} loadgen={args.loadgen} repeats={args.repeats}"
