@@ -120,3 +120,28 @@ def new_message_id(now: float | None = None) -> str:
     """A unique, time-ordered id: 11 hex digits of milliseconds, 10 random."""
     millis = int((time.time() if now is None else now) * 1000)
     return f"{millis:011x}{secrets.token_hex(5)}"
+
+
+class OnePartPut:
+    """``Spool.put`` as a one-part ``put_parts``, shared by the backends."""
+
+    async def put_parts(
+        self,
+        raw: bytes,
+        parts: Sequence[NewPart],
+        *,
+        lease_owner: str | None = None,
+        lease_time: float = 0.0,
+    ) -> list[str]:
+        raise NotImplementedError
+
+    async def put(
+        self,
+        envelope: Envelope,
+        raw: bytes,
+        *,
+        provider: str,
+        meta: dict[str, Any] | None = None,
+    ) -> str:
+        [message_id] = await self.put_parts(raw, [NewPart(envelope, provider, meta or {})])
+        return message_id

@@ -48,7 +48,7 @@ import asyncpg
 
 from esprelay.errors import ConfigError, SpoolError, SpoolFull
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
-from esprelay.spool.base import NewPart, SpoolStats, new_message_id
+from esprelay.spool.base import NewPart, OnePartPut, SpoolStats, new_message_id
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ async def migrate(url: str) -> tuple[int, int]:
             await conn.close()
 
 
-class PostgresSpool:
+class PostgresSpool(OnePartPut):
     """A spool in a PostgreSQL database shared by any number of esprelay instances."""
 
     def __init__(
@@ -425,17 +425,6 @@ class PostgresSpool:
 
     # endregion
     # region operations
-
-    async def put(
-        self,
-        envelope: Envelope,
-        raw: bytes,
-        *,
-        provider: str,
-        meta: dict[str, Any] | None = None,
-    ) -> str:
-        [message_id] = await self.put_parts(raw, [NewPart(envelope, provider, meta or {})])
-        return message_id
 
     async def put_parts(
         self,

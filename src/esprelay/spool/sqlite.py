@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from esprelay.errors import SpoolError, SpoolFull
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
-from esprelay.spool.base import NewPart, SpoolStats, new_message_id
+from esprelay.spool.base import NewPart, OnePartPut, SpoolStats, new_message_id
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def _resolve(batch: list[_Item], outcomes: list[Any]) -> None:
             future.set_result(outcome)
 
 
-class SqliteSpool:
+class SqliteSpool(OnePartPut):
     def __init__(self, path: str | Path, *, exclusive: bool = False) -> None:
         self.path = Path(path)
         self.exclusive = exclusive
@@ -419,17 +419,6 @@ class SqliteSpool:
     # endregion
     # region operations
 
-    async def put(
-        self,
-        envelope: Envelope,
-        raw: bytes,
-        *,
-        provider: str,
-        meta: dict[str, Any] | None = None,
-    ) -> str:
-        [message_id] = await self.put_parts(raw, [NewPart(envelope, provider, meta or {})])
-        return message_id
-
     async def put_parts(
         self,
         raw: bytes,
@@ -440,40 +429,23 @@ class SqliteSpool:
     ) -> list[str]:
         now = time.time()
         size = len(raw)
-        rows: list[tuple[Any, ...]]
-        if lease_owner:
-            sql = _INSERT_LEASED
-            expires = now + lease_time
-            rows = [
-                (
-                    new_message_id(now),
-                    now,
-                    part.envelope.mail_from,
-                    json.dumps(list(part.envelope.rcpt_tos)),
-                    size,
-                    raw,
-                    lease_owner,
-                    expires,
-                    part.provider,
-                    json.dumps(part.meta),
-                )
-                for part in parts
-            ]
-        else:
-            sql = _INSERT_QUEUED
-            rows = [
-                (
-                    new_message_id(now),
-                    now,
-                    part.envelope.mail_from,
-                    json.dumps(list(part.envelope.rcpt_tos)),
-                    size,
-                    raw,
-                    part.provider,
-                    json.dumps(part.meta),
-                )
-                for part in parts
-            ]
+        # A message spooled already leased carries its owner and expiry (_INSERT_LEASED).
+        lease: tuple[Any, ...] = (lease_owner, now + lease_time) if lease_owner else ()
+        sql = _INSERT_LEASED if lease_owner else _INSERT_QUEUED
+        rows = [
+            (
+                new_message_id(now),
+                now,
+                part.envelope.mail_from,
+                json.dumps(list(part.envelope.rcpt_tos)),
+                size,
+                raw,
+                *lease,
+                part.provider,
+                json.dumps(part.meta),
+            )
+            for part in parts
+        ]
         ids = [row[0] for row in rows]
 
         def insert(conn: sqlite3.Connection) -> list[str]:
