@@ -152,6 +152,7 @@ async def _run(args: argparse.Namespace) -> tuple[list[float], list[float]]:
             data_size_limit=25 * 1024 * 1024,
             line_length_limit=65536,
             timeout=300.0,
+            engine=args.engine,
         )
     if args.inmem:
         from bench.loadgen import make_message
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "--inmem", action="store_true", help="no sockets: feed the protocol in this process"
     )
     parser.add_argument("--asyncio", action="store_true", help="asyncio's loop, not uvloop")
+    parser.add_argument("--engine", choices=("native", "aiosmtpd"), default="native")
     args = parser.parse_args(argv)
     _pin((os.cpu_count() or 1) - 1)
     run: Any = asyncio.run
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             pass
     per_session, system = run(_run(args))
-    name = "aiosmtpd sink" if args.sink else "esprelay intake"
+    name = "aiosmtpd sink" if args.sink else f"esprelay intake ({args.engine} engine)"
     shown = " ".join(f"{1e6 * s:.0f}" for s in per_session)
     print(
         f"{name}: server CPU per session {1e6 * statistics.median(per_session):.0f} us"

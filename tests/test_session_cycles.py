@@ -31,10 +31,12 @@ def collector_off() -> Iterator[None]:
         gc.enable()
 
 
+@pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
 async def test_ended_session_is_freed_without_the_collector(
-    tmp_path: Path, collector_off: None
+    tmp_path: Path, collector_off: None, engine: str
 ) -> None:
     settings = Settings(
+        smtp_engine=engine,
         smtp_host="127.0.0.1",
         smtp_port=0,
         http_enabled=False,

@@ -42,6 +42,7 @@ def _protocol() -> tuple[Any, type[RelaySMTP]]:
         data_size_limit=1000,
         line_length_limit=100,
         timeout=30.0,
+        engine="aiosmtpd",
     )
     smtp = factory()
     return smtp.event_handler, type(smtp)

@@ -21,6 +21,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -41,9 +42,10 @@ from esprelay.models import Envelope
 from esprelay.providers import Provider, build_provider
 from esprelay.routing import RoutingTable, load_routing
 from esprelay.smtp.auth import FailureLimiter, UserDB
+from esprelay.smtp.guards import Guards
 from esprelay.smtp.handler import RelayHandler
 from esprelay.smtp.policy import RelayPolicy, parse_networks
-from esprelay.smtp.server import Guards, RelaySMTP, smtp_factory
+from esprelay.smtp.server import smtp_factory
 from esprelay.smtp.tls import TLSContextSource
 from esprelay.spool import NewPart, Spool, open_spool
 
@@ -77,7 +79,7 @@ class Relay:
         self.deliverer: Deliverer | None = None
         self.intake: Intake | None = None
         self.server: asyncio.Server | None = None
-        self.sessions: set[RelaySMTP] = set()
+        self.sessions: set[Any] = set()
         self.smtp_port: int | None = None
         self.smtps_server: asyncio.Server | None = None
         self.smtps_port: int | None = None
@@ -220,6 +222,7 @@ class Relay:
             ),
             "tls": tls,
             "command_size_limit": settings.max_command_length,
+            "engine": settings.smtp_engine,
         }
         factory, self.sessions = smtp_factory(handler, self.intake_state, **listener_options)  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()

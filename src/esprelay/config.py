@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     max_recipients: int = Field(default=100, ge=1)
     max_line_length: int = Field(default=65536, ge=1001)
     smtp_timeout: Seconds = 300.0
+    smtp_engine: Literal["native", "aiosmtpd"] = "native"
 
     # Security (issue 5): TLS, AUTH, who may relay, limits, legacy devices
     tls_cert_file: Path | None = None

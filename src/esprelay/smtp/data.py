@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiosmtpd.smtp import MISSING, SMTP
+from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 log = logging.getLogger("mail.log")
 
@@ -31,6 +31,7 @@ class CompactDataSMTP(SMTP):
     #: the tests compare the two).
     read_runs = True
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if self._decode_data or "DATA" not in self._handle_hooks:
             await super().smtp_DATA(arg)

@@ -128,9 +128,14 @@ class RelayHandler(HookDirCache):
         user = session.auth_data if session.authenticated else None
         return getattr(user, "allowed_senders", None)
 
+    # The hooks are coroutines (aiosmtpd's contract); the engine in engine.py calls the
+    # synchronous methods behind them directly.
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
+        return self.ehlo(server, session, hostname, responses)
+
+    def ehlo(self, server: Any, session: Any, hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         if not getattr(server, "users", None):
             responses = [r for r in responses if not r.startswith("250-AUTH")]
@@ -138,6 +143,11 @@ class RelayHandler(HookDirCache):
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        return self.mail(server, session, envelope, address, mail_options)
+
+    def mail(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
         if self._state.draining:
@@ -164,6 +174,11 @@ class RelayHandler(HookDirCache):
         return "250 2.1.0 Sender OK"
 
     async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        return self.rcpt(server, session, envelope, address, rcpt_options)
+
+    def rcpt(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
         refusal = self._relay_refusal(server, session)

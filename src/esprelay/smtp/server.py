@@ -22,7 +22,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AnyStr
 
 import aiosmtpd
@@ -39,6 +39,8 @@ from esprelay.errors import ShuttingDown
 from esprelay.intake import IntakeState
 from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.data import CompactDataSMTP
+from esprelay.smtp.engine import Listener, SMTPSession
+from esprelay.smtp.guards import Guards
 from esprelay.smtp.handler import RelayHandler, client_address, simple_path
 from esprelay.smtp.hooks import HookDirCache
 from esprelay.smtp.policy import RelayPolicy
@@ -173,18 +175,6 @@ def _ehlo_hook_version(hook: Any) -> str:
 
 
 # endregion
-
-
-@dataclass
-class Guards:
-    """Limits and shared counters of one bridge (all listeners together)."""
-
-    max_connections: int = 200
-    max_connections_per_client: int = 20
-    max_errors: int = 10
-    data_timeout: float = 600.0
-    total: int = 0
-    per_client: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 class RelaySMTP(HookDirCache, CompactDataSMTP):
@@ -429,6 +419,7 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
     def _handshake_started(self) -> bool:
         return self._tls_protocol is not None
 
+    @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None:
             await self.push("503 5.5.1 TLS already active")
@@ -460,6 +451,7 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
             for callback in self.intake.on_reply:
                 callback(stage, text)
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         self._stage = "mail"
         try:
@@ -467,6 +459,7 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         finally:
             self._stage = None
 
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         self._stage = "rcpt"
         try:
@@ -547,6 +540,7 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
             self._writer.write(b"421 4.4.2 Timeout exceeded, closing connection\r\n")
             self.transport.close()
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         # aiosmtpd resets the idle timer per command only, so this is a deadline for the
         # whole DATA phase: a client trickling its message (slowloris) is cut off with 421.
@@ -567,6 +561,7 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
             return
         await self.push("252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery")
 
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         assert self.session is not None
         if not self.users:
@@ -648,17 +643,45 @@ def smtp_factory(
     tls: TLSContextSource | None = None,
     implicit_tls: bool = False,
     command_size_limit: int = 512,
-    sessions: set[RelaySMTP] | None = None,
-) -> tuple[Any, set[RelaySMTP]]:
+    sessions: set[Any] | None = None,
+    engine: str = "native",
+) -> tuple[Any, set[Any]]:
     """A protocol factory for ``loop.create_server`` and the set of live sessions.
 
     With ``implicit_tls`` the listener itself is TLS (SMTPS, the caller passes ``ssl=``):
     AUTH is offered at once and STARTTLS is not.  Otherwise ``tls`` enables STARTTLS.
+    ``engine`` is ``native`` (:mod:`esprelay.smtp.engine`) or ``aiosmtpd``
+    (:class:`RelaySMTP`); both speak the same dialogue.
     """
     if sessions is None:
         sessions = set()
     users = users if users is not None else UserDB()
     limiter = limiter if limiter is not None else FailureLimiter(5, 300.0)
+    if engine == "native":
+        listener = Listener(
+            handler,
+            intake,
+            hostname=hostname,
+            data_size_limit=data_size_limit,
+            line_length_limit=line_length_limit,
+            command_size_limit=command_size_limit,
+            timeout=timeout,
+            guards=guards if guards is not None else Guards(),
+            trusted=functools.lru_cache(maxsize=1024)(
+                (policy if policy is not None else RelayPolicy.loopback()).trusted
+            ),
+            plaintext_auth_allowed=functools.lru_cache(maxsize=1024)(
+                (policy if policy is not None else RelayPolicy.loopback()).plaintext_auth_allowed
+            ),
+            users=users,
+            limiter=limiter,
+            tls_context=None if (tls is None or implicit_tls) else tls.listener_context(),
+            implicit_tls=implicit_tls,
+            sessions=sessions,
+        )
+        return functools.partial(SMTPSession, listener), sessions
+    if engine != "aiosmtpd":
+        raise ValueError(f"unknown SMTP engine {engine!r}")
     mail_log = logging.getLogger("mail.log")
     if _filter not in mail_log.filters:
         mail_log.addFilter(_filter)

@@ -1,0 +1,984 @@
+"""The native SMTP engine: one ``asyncio.Protocol`` per connection, no stream or task.
+
+aiosmtpd runs a coroutine per connection that reads each line through a
+``StreamReader`` and awaits every reply's ``drain()``: a task step, a future and a
+timer handle per command.  Here ``data_received`` parses the lines it was given and
+answers them at once, with one ``write()`` for all the replies to one read (a
+pipelining client gets its replies in one segment).  Only what must wait runs as a
+task: the end of DATA (the spool's commit or the ESP's answer), AUTH (the password
+check runs in a thread) and STARTTLS (the handshake).  While such a step runs, later
+input is kept in order and processed when it ends.
+
+The dialogue is aiosmtpd 1.4.6's as :class:`esprelay.smtp.server.RelaySMTP` changes it:
+the same replies in the same order, the same limits (command and line length, message
+size, recipients, errors per session, unrecognised commands), the same relay checks
+(the handler's), timeouts (idle between commands, a deadline for the whole DATA phase)
+and TLS rules (no AUTH over plaintext outside the allowed networks; input pipelined
+after STARTTLS is discarded).  ``ESPRELAY_SMTP_ENGINE=aiosmtpd`` selects aiosmtpd's
+engine instead; the end-to-end tests run against both.
+
+Differences, by choice: input that arrives while the message is being committed is
+answered after the DATA reply (aiosmtpd too), but a client that half-closes its side
+after sending ``QUIT`` still gets its DATA reply (aiosmtpd cancelled the message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
+import aiosmtpd.smtp
+from aiosmtpd.smtp import Envelope, Session
+
+from esprelay.errors import ShuttingDown
+from esprelay.intake import IntakeState
+from esprelay.smtp.auth import FailureLimiter, UserDB
+from esprelay.smtp.guards import Guards
+from esprelay.smtp.handler import RelayHandler, client_address, simple_path
+
+log = logging.getLogger("esprelay.smtp")
+
+IDENT = "esprelay ESMTP"
+# aiosmtpd's limit of unrecognised commands per session.
+BOGUS_LIMIT = 5
+# Input kept while a step (DATA commit, AUTH, STARTTLS) runs, before reading pauses.
+PAUSE_AT = 1 << 20
+VERIFY_CONCURRENCY = 2
+
+_COMMAND, _DATA, _LINE, _BUSY, _CLOSED = range(5)
+_NOMINAL, _TOO_LONG, _TOO_MUCH = range(3)
+_HELP = {
+    "AUTH": "AUTH <mechanism>",
+    "DATA": "DATA",
+    "EHLO": "EHLO hostname",
+    "HELO": "HELO hostname",
+    "HELP": "HELP [command]",
+    "MAIL": "MAIL FROM: <address>",
+    "NOOP": "NOOP [ignored]",
+    "QUIT": "QUIT",
+    "RCPT": "RCPT TO: <address>",
+    "RSET": "RSET",
+    "STARTTLS": "STARTTLS",
+    "VRFY": "VRFY <address>",
+}
+_HELP_EXTENDED = {"MAIL": " [SP <mail-parameters>]", "RCPT": " [SP <mail-parameters>]"}
+_AUTH_MECHANISMS = ("LOGIN", "PLAIN")
+_SUCCESS = "235 2.7.0 Authentication successful"
+_INVALID = "535 5.7.8 Authentication credentials invalid"
+# aiosmtpd's LOGIN challenges (clients ignore the text; some tests compare it).
+_USERNAME_CHALLENGE = "User Name\x00"
+_PASSWORD_CHALLENGE = "Password\x00"
+_getaddr_fallback = aiosmtpd.smtp.SMTP._getaddr
+
+
+def _params(options: list[str]) -> dict[str, str | bool] | None:
+    """RFC 1869 ``keyword[=value]`` parameters, or None if one is malformed."""
+    result: dict[str, str | bool] = {}
+    for option in options:
+        name, eq, value = option.partition("=")
+        if not name.isalnum() or (eq and not value):
+            return None
+        result[name] = value if eq else True
+    return result
+
+
+class Listener:
+    """What every session of one listening socket shares."""
+
+    def __init__(
+        self,
+        handler: RelayHandler,
+        intake: IntakeState,
+        *,
+        hostname: str,
+        data_size_limit: int,
+        line_length_limit: int,
+        command_size_limit: int,
+        timeout: float,
+        guards: Guards,
+        trusted: Callable[[str], bool],
+        plaintext_auth_allowed: Callable[[str], bool],
+        users: UserDB,
+        limiter: FailureLimiter,
+        tls_context: ssl.SSLContext | None,
+        implicit_tls: bool,
+        sessions: set[Any],
+    ) -> None:
+        self.handler = handler
+        self.intake = intake
+        self.hostname = hostname
+        self.data_size_limit = data_size_limit
+        self.line_length_limit = line_length_limit
+        self.command_size_limit = command_size_limit
+        self.timeout = timeout
+        self.guards = guards
+        self.trusted = trusted
+        self.plaintext_auth_allowed = plaintext_auth_allowed
+        self.users = users
+        self.limiter = limiter
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.sessions = sessions
+        self.verify_slots = asyncio.Semaphore(VERIFY_CONCURRENCY)
+        self.greeting = f"220 {hostname} {IDENT}\r\n".encode()
+
+
+class SMTPSession(asyncio.Protocol):
+    """One SMTP connection.  Passed to the handler as both ``server`` and ``session``'s
+    owner: it has the attributes :class:`RelayHandler` reads (``users``, ``transport``,
+    ``tls_context``, ``_auth_require_tls``, ``_tls_protocol``)."""
+
+    local_part_limit = 0  # aiosmtpd's default, read by its address parser
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.handler = listener.handler
+        self.users = listener.users
+        self.tls_context = None if listener.implicit_tls else listener.tls_context
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.envelope = Envelope()
+        self._tls_protocol: object | None = None
+        self._auth_require_tls = True
+        self._state = _COMMAND
+        self._input = bytearray()
+        self._out: list[bytes] = []
+        self._stage: str | None = None
+        self._errors = 0
+        self._bogus = 0
+        self._discarding = False  # inside a command line longer than the line limit
+        self._counted_client: str | None = None
+        self._client = ""
+        self._step: asyncio.Task[None] | None = None
+        self._line_waiter: asyncio.Future[bytes | None] | None = None
+        self._paused = False
+        self._handshaking = False
+        self._writing_paused = False
+        self._eof = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # when the idle timeout (or the DATA deadline) strikes
+        self._loop = asyncio.get_running_loop()
+        # DATA
+        self._data = bytearray()
+        self._data_state = _NOMINAL
+        self._dropped = 0  # bytes of an over-limit message dropped from the buffer
+        self._scan = 0  # where the search for the end of data resumes
+        self._line_start = 0  # start of the line being checked against the line limit
+
+    # region connection
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.envelope.mail_from) or self._state == _DATA or self._step is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are not registered as asyncio.Transport subclasses.)
+        self.transport = transport = cast(asyncio.Transport, transport)
+        listener = self.listener
+        session = self.session = Session(self._loop)
+        session.peer = transport.get_extra_info("peername")
+        client = self._client = client_address(session.peer)
+        guards = listener.guards
+        # Trusted networks are exempt from the per-client limit (Postfix's default for
+        # $mynetworks); the total limit still holds.
+        if guards.total >= guards.max_connections or (
+            guards.per_client[client] >= guards.max_connections_per_client
+            and not listener.trusted(client)
+        ):
+            log.warning("too many connections: refusing client=%s", client)
+            self._goodbye("421 4.7.0 Too many connections, try again later")
+            return
+        if listener.intake.draining:
+            # A 421 greeting rather than a refused connection: come back later.
+            self._goodbye(ShuttingDown.smtp_reply)
+            return
+        guards.total += 1
+        guards.per_client[client] += 1
+        self._counted_client = client
+        listener.sessions.add(self)
+        if listener.implicit_tls:
+            session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
+        self._auth_require_tls = not (
+            listener.implicit_tls or listener.plaintext_auth_allowed(client)
+        )
+        transport.write(listener.greeting)
+        self._arm(listener.timeout)
+
+    def _goodbye(self, reply: str) -> None:
+        self._state = _CLOSED
+        assert self.transport is not None
+        self.transport.write(reply.encode() + b"\r\n")
+        self.transport.close()
+
+    def _release(self) -> None:
+        self.listener.sessions.discard(self)
+        client = self._counted_client
+        if client is not None:
+            self._counted_client = None
+            guards = self.listener.guards
+            guards.total -= 1
+            guards.per_client[client] -= 1
+            if guards.per_client[client] <= 0:
+                del guards.per_client[client]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._state = _CLOSED
+        self._release()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._line_waiter is not None and not self._line_waiter.done():
+            self._line_waiter.set_result(None)
+        if self._step is not None:
+            # As aiosmtpd: a message whose client went away is not answered (nor kept,
+            # unless the spool had already committed it: then it is delivered).
+            self._step.cancel()
+        self.transport = None
+        self._data = bytearray()
+        self._input = bytearray()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        if self._step is None and self._state != _CLOSED:
+            self._close()
+        # On TLS, keeping the transport half-open is not possible (and warns).
+        return self._tls_protocol is None and self.session is not None and not self.session.ssl
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its commands.
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        pause = self._writing_paused or (self._step is not None and len(self._input) > PAUSE_AT)
+        if pause and not self._paused:
+            self._paused = True
+            transport.pause_reading()
+        elif not pause and self._paused:
+            self._paused = False
+            transport.resume_reading()
+
+    def _close(self) -> None:
+        self._flush()
+        self._state = _CLOSED
+        if self.transport is not None:
+            self.transport.close()
+
+    # endregion
+
+    # region timeouts: one timer per session, moved forward lazily
+
+    def _arm(self, seconds: float) -> None:
+        deadline = self._deadline = self._loop.time() + seconds
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return  # it fires first and moves itself to the new deadline
+            timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if self._state == _CLOSED or self.transport is None:
+            return
+        now = self._loop.time()
+        if now < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._check_timeout)
+            return
+        if self._handshaking:
+            log.info("TLS handshake not completed: closing client=%s (timeout)", self._client)
+        else:
+            log.info("timeout: closing client=%s", self._client)
+        self._out.append(b"421 4.4.2 Timeout exceeded, closing connection\r\n")
+        if self._step is not None:
+            self._step.cancel()
+        self._close()
+
+    # endregion
+
+    # region input
+
+    def data_received(self, data: bytes) -> None:
+        if self._state == _CLOSED:
+            return
+        if self._state == _DATA and not self._input:
+            self._data_received(data)
+        else:
+            self._input += data
+        if self._state == _LINE:
+            self._feed_line()
+        elif self._step is None:
+            self._process()
+        else:
+            self._update_reading()
+
+    def _feed_line(self) -> None:
+        """Hand the next complete line to the step waiting for it (AUTH)."""
+        line = self._next_line()
+        if line is None:
+            return
+        waiter = self._line_waiter
+        self._state = _BUSY
+        if waiter is not None and not waiter.done():
+            waiter.set_result(line)
+
+    def _process(self) -> None:
+        """Handle the buffered input until it runs out or a step has to wait."""
+        try:
+            while self._step is None and self._state != _CLOSED:
+                if self._state == _DATA:
+                    if not self._input:
+                        break
+                    data = bytes(self._input)
+                    self._input.clear()
+                    self._data_received(data)
+                    continue
+                line = self._next_line()
+                if line is None:
+                    break
+                self._command(line)
+        finally:
+            self._flush()
+        if self._eof and self._step is None and self._state != _CLOSED:
+            self._close()
+
+    def _next_line(self) -> bytes | None:
+        """The next line with its line ending, None if incomplete, b"" if too long."""
+        buffer = self._input
+        end = buffer.find(b"\n")
+        limit = self.listener.line_length_limit
+        if end < 0:
+            if len(buffer) > limit:
+                # A line longer than the limit: drop it as it comes, answer at its end.
+                self._discarding = True
+                buffer.clear()
+            return None
+        if self._discarding or end > limit:
+            self._discarding = False
+            del buffer[: end + 1]
+            return b""
+        line = bytes(buffer[: end + 1])
+        del buffer[: end + 1]
+        return line
+
+    def _command(self, raw: bytes) -> None:
+        if not raw:
+            self._reply("500 Command line too long")
+            return
+        line = raw.rstrip(b"\r\n")
+        if not line:
+            self._reply("500 Error: bad syntax")
+            return
+        verb_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            verb = verb_bytes.upper().decode("ascii")
+        except UnicodeDecodeError:
+            self._reply("500 Error: bad syntax")
+            return
+        arg = arg_bytes.strip().decode("utf-8", "surrogateescape") if arg_bytes else None
+        listener = self.listener
+        assert self.session is not None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%r >> %r", self.session.peer, _loggable(verb, line))
+        limit = listener.command_size_limit
+        if verb == "MAIL" and self.session.extended_smtp:
+            limit += 36  # SIZE= and SMTPUTF8, as aiosmtpd allows after EHLO
+        if len(line) > limit:
+            self._reply("500 Command line too long")
+            return
+        method = _COMMANDS.get(verb)
+        if method is None:
+            log.info("unrecognised command from client=%s", self._client)
+            self._bogus += 1
+            if self._bogus >= BOGUS_LIMIT:
+                log.warning("too many unrecognised commands: closing client=%s", self._client)
+                self._reply("502 5.5.1 Too many unrecognized commands, goodbye.")
+                self._close()
+                return
+            self._reply("500 5.5.2 Error: command not recognized")
+            return
+        self._arm(listener.timeout)
+        try:
+            method(self, arg)
+        except Exception as error:  # a bug in a hook: answer as aiosmtpd does
+            log.exception("SMTP session error")
+            self._stage = None
+            self._reply(_handler_error(error))
+
+    # endregion
+
+    # region output
+
+    def _reply(self, status: str) -> None:
+        if self._stage is not None and self.listener.intake.on_reply:
+            for callback in self.listener.intake.on_reply:
+                callback(self._stage, status)
+        self._out.append(status.encode("utf-8", "surrogateescape") + b"\r\n")
+        if status[:1] == "5":
+            self._errors += 1
+            if self._errors >= self.listener.guards.max_errors and self._state != _CLOSED:
+                log.warning("too many errors: closing client=%s", self._client)
+                self._out.append(b"421 4.7.0 Too many errors, closing connection\r\n")
+                self._close()
+
+    def _flush(self) -> None:
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _start(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run ``step`` (it ends by replying); input waits until it is done."""
+        self._state = _BUSY
+        self._flush()
+        task = self._loop.create_task(step)
+        self._step = task
+        task.add_done_callback(self._step_done)
+
+    def _step_done(self, task: asyncio.Task[None]) -> None:
+        self._step = None
+        if task.cancelled() or self._state == _CLOSED:
+            self._flush()
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("SMTP session error", exc_info=error)
+            self._reply(_handler_error(error))
+        if self._state == _BUSY:
+            self._state = _COMMAND
+        self._update_reading()
+        self._process()
+
+    # endregion
+
+    # region commands
+
+    def _helo_needed(self, verb: str = "HELO") -> bool:
+        assert self.session is not None
+        if not self.session.host_name:
+            self._reply(f"503 Error: send {verb} first")
+            return True
+        return False
+
+    def _rset(self) -> None:
+        self.envelope = Envelope()
+
+    def smtp_HELO(self, arg: str | None) -> None:
+        if not arg:
+            self._reply("501 Syntax: HELO hostname")
+            return
+        self._rset()
+        assert self.session is not None
+        self.session.extended_smtp = False
+        self.session.host_name = arg
+        self._reply(f"250 {self.listener.hostname}")
+
+    def smtp_EHLO(self, arg: str | None) -> None:
+        if not arg:
+            self._reply("501 Syntax: EHLO hostname")
+            return
+        listener = self.listener
+        self._rset()
+        assert self.session is not None
+        self.session.extended_smtp = True
+        lines = [f"250-{listener.hostname}"]
+        if listener.data_size_limit:
+            lines.append(f"250-SIZE {listener.data_size_limit}")
+        lines += ["250-8BITMIME", "250-SMTPUTF8"]
+        if self.tls_context and not self._tls_protocol:
+            lines.append("250-STARTTLS")
+        if not self._auth_require_tls or self._tls_protocol:
+            lines.append("250-AUTH " + " ".join(_AUTH_MECHANISMS))
+        lines.append("250 HELP")
+        lines = self.handler.ehlo(self, self.session, arg, lines)
+        self._out.append("\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n")
+
+    def smtp_NOOP(self, arg: str | None) -> None:
+        self._reply("250 OK")
+
+    def smtp_QUIT(self, arg: str | None) -> None:
+        if arg:
+            self._reply("501 Syntax: QUIT")
+            return
+        self._reply("221 Bye")
+        self._close()
+
+    def smtp_RSET(self, arg: str | None) -> None:
+        if arg:
+            self._reply("501 Syntax: RSET")
+            return
+        self._rset()
+        self._reply("250 OK")
+
+    def smtp_VRFY(self, arg: str | None) -> None:
+        # Never confirm or deny an address (RFC 5321 3.5.3 allows 252), never echo it.
+        if not arg:
+            self._reply("501 5.5.4 Syntax: VRFY <address>")
+            return
+        self._reply("252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery")
+
+    def smtp_EXPN(self, arg: str | None) -> None:
+        self._reply("502 EXPN not implemented")
+
+    def smtp_HELP(self, arg: str | None) -> None:
+        assert self.session is not None
+        available = sorted(v for v in _HELP if v != "STARTTLS" or self.tls_context)
+        code = 250
+        if arg:
+            verb = arg.upper()
+            if verb in available:
+                text = _HELP[verb]
+                if self.session.extended_smtp:
+                    text += _HELP_EXTENDED.get(verb, "")
+                self._reply("250 Syntax: " + text)
+                return
+            code = 501
+        self._reply(f"{code} Supported commands: {' '.join(available)}")
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        path = simple_path(arg)
+        if path is not None:
+            return path
+        return _getaddr_fallback(self, arg)  # type: ignore[arg-type]
+
+    def _path(self, arg: str | None, keyword: str, syntax: str) -> tuple[str, list[str]] | None:
+        """The address and upper-cased parameters of MAIL/RCPT, or None (answered)."""
+        assert self.session is not None
+        extended = self.session.extended_smtp
+        if extended:
+            syntax += " [SP <mail-parameters>]"
+        if arg is None or arg[: len(keyword)].upper() != keyword:
+            self._reply(syntax)
+            return None
+        address, rest = self._getaddr(arg[len(keyword) :].strip())
+        if address is None:
+            self._reply("553 5.1.3 Error: malformed address")
+            return None
+        if not address or (not extended and rest):
+            self._reply(syntax)
+            return None
+        return address, (rest or "").upper().split()
+
+    def smtp_MAIL(self, arg: str | None) -> None:
+        self._stage = "mail"
+        try:
+            self._mail(arg)
+        finally:
+            self._stage = None
+
+    def _mail(self, arg: str | None) -> None:
+        if self._helo_needed():
+            return
+        syntax = "501 Syntax: MAIL FROM: <address>"
+        path = self._path(arg, "FROM:", syntax)
+        if path is None:
+            return
+        if self.envelope.mail_from:
+            self._reply("503 Error: nested MAIL command")
+            return
+        address, options = path
+        params = _params(options)
+        if params is None:
+            self._reply(self._syntax(syntax))
+            return
+        if params.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
+            self._reply("501 Error: BODY can only be one of 7BIT, 8BITMIME")
+            return
+        smtputf8 = params.pop("SMTPUTF8", False)
+        if not isinstance(smtputf8, bool):
+            self._reply("501 Error: SMTPUTF8 takes no arguments")
+            return
+        self.envelope.smtp_utf8 = smtputf8
+        size = params.pop("SIZE", None)
+        if size:
+            if isinstance(size, bool) or not size.isdigit():
+                self._reply(self._syntax(syntax))
+                return
+            limit = self.listener.data_size_limit
+            if limit and int(size) > limit:
+                self._reply("552 Error: message size exceeds fixed maximum message size")
+                return
+        if params:
+            self._reply("555 MAIL FROM parameters not recognized or not implemented")
+            return
+        if self.listener.intake.draining:
+            self._reply(ShuttingDown.smtp_reply)
+            self._close()
+            return
+        assert self.session is not None
+        self._reply(self.handler.mail(self, self.session, self.envelope, address, options))
+
+    def _syntax(self, syntax: str) -> str:
+        assert self.session is not None
+        return syntax + " [SP <mail-parameters>]" if self.session.extended_smtp else syntax
+
+    def smtp_RCPT(self, arg: str | None) -> None:
+        self._stage = "rcpt"
+        try:
+            self._rcpt(arg)
+        finally:
+            self._stage = None
+
+    def _rcpt(self, arg: str | None) -> None:
+        if self._helo_needed():
+            return
+        if not self.envelope.mail_from:
+            self._reply("503 Error: need MAIL command")
+            return
+        syntax = "501 Syntax: RCPT TO: <address>"
+        path = self._path(arg, "TO:", syntax)
+        if path is None:
+            return
+        address, options = path
+        params = _params(options)
+        if params is None:
+            self._reply(self._syntax(syntax))
+            return
+        if params:
+            self._reply("555 RCPT TO parameters not recognized or not implemented")
+            return
+        assert self.session is not None
+        self._reply(self.handler.rcpt(self, self.session, self.envelope, address, options))
+
+    def smtp_DATA(self, arg: str | None) -> None:
+        self._stage = "data"
+        try:
+            if self._helo_needed():
+                return
+            if not self.envelope.rcpt_tos:
+                self._reply("503 Error: need RCPT command")
+                return
+            if arg:
+                self._reply("501 Syntax: DATA")
+                return
+            self._reply("354 End data with <CR><LF>.<CR><LF>")
+        finally:
+            self._stage = None
+        # A deadline for the whole DATA phase: a client trickling its message is cut off.
+        self._arm(self.listener.guards.data_timeout)
+        self._state = _DATA
+        self._data = bytearray()
+        self._data_state = _NOMINAL
+        self._dropped = 0
+        self._scan = 0
+        self._line_start = 0
+
+    # endregion
+
+    # region DATA
+
+    def _data_received(self, data: bytes) -> None:
+        """Take message bytes; at the final ``.`` line, hand the message on.
+
+        The rules are :class:`esprelay.smtp.data.CompactDataSMTP`'s (aiosmtpd's): lines
+        end at CRLF only, a leading dot is removed, the end is a line that is ``.``; a
+        message over the size limit is answered ``552`` and one with a line over the
+        line limit ``500``, both only after its end was read.
+        """
+        buffer = self._data
+        buffer += data
+        end = -1
+        if self._dropped == 0 and buffer[:3] == b".\r\n":
+            end = 0
+        else:
+            found = buffer.find(b"\r\n.\r\n", max(self._scan - 4, 0))
+            if found >= 0:
+                end = found + 2
+        stop = end if end >= 0 else len(buffer)
+        if self._data_state == _NOMINAL:
+            self._check_lines(buffer, stop)
+        limit = self.listener.data_size_limit
+        if self._data_state == _NOMINAL and limit and self._dropped + stop > limit:
+            self._data_state = _TOO_MUCH
+        if end < 0:
+            if self._data_state != _NOMINAL and len(buffer) > 4:
+                # Nothing is kept any more but what the search for the end needs.
+                self._dropped += len(buffer) - 4
+                del buffer[:-4]
+            self._scan = len(buffer)
+            return
+        rest = bytes(buffer[end + 3 :])
+        del buffer[end:]
+        self._data = bytearray()
+        self._state = _BUSY
+        if rest:
+            self._input[:0] = rest
+        self._arm(self.listener.timeout)
+        if self._data_state != _NOMINAL:
+            self._stage = "data"
+            if self._data_state == _TOO_LONG:
+                self._reply("500 Line too long (see RFC5321 4.5.3.1.6)")
+            else:
+                self._reply("552 Error: Too much mail data")
+            self._stage = None
+            self._rset()
+            self._state = _COMMAND
+            return
+        if buffer[:1] == b".":
+            del buffer[:1]
+        content = bytes(buffer).replace(b"\r\n.", b"\r\n") if b"\r\n." in buffer else bytes(buffer)
+        del buffer
+        self.envelope.content = self.envelope.original_content = content
+        del content
+        self._start(self._finish_data())
+
+    def _check_lines(self, buffer: bytearray, stop: int) -> None:
+        """Mark the message too long if a line before ``stop`` is over the limit."""
+        limit = self.listener.line_length_limit
+        position = self._line_start
+        if stop - position <= limit:
+            return
+        while True:
+            newline = buffer.find(b"\r\n", position, stop)
+            if newline < 0:
+                if stop - position > limit:
+                    self._data_state = _TOO_LONG
+                self._line_start = position
+                return
+            if newline - position > limit:
+                self._data_state = _TOO_LONG
+                return
+            position = newline + 2
+
+    async def _finish_data(self) -> None:
+        assert self.session is not None
+        envelope = self.envelope
+        try:
+            status = await self.handler.handle_DATA(self, self.session, envelope)
+        except Exception as error:
+            log.exception("SMTP session error")
+            status = _handler_error(error)
+        self._rset()
+        self._stage = "data"
+        try:
+            self._reply(status)
+        finally:
+            self._stage = None
+        self._flush()
+
+    # endregion
+
+    # region STARTTLS
+
+    def smtp_STARTTLS(self, arg: str | None) -> None:
+        if self._tls_protocol is not None:
+            self._reply("503 5.5.1 TLS already active")
+            return
+        if arg:
+            self._reply("501 Syntax: STARTTLS")
+            return
+        if not self.tls_context:
+            self._reply("454 TLS not available")
+            return
+        self._reply("220 Ready to start TLS")
+        # RFC 3207 4.2: what the client pipelined after STARTTLS is discarded.
+        self._input.clear()
+        self._start(self._starttls(self.tls_context))
+
+    async def _starttls(self, context: ssl.SSLContext) -> None:
+        transport = self.transport
+        assert transport is not None
+        self._handshaking = True
+        try:
+            secure = await self._loop.start_tls(
+                transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=min(60.0, self.listener.timeout or 60.0),
+            )
+        except (OSError, RuntimeError, ValueError) as exc:  # SSL errors, resets, timeouts
+            log.info("TLS handshake not completed: closing client=%s (%s)", self._client, exc)
+            self._state = _CLOSED
+            transport.abort()
+            return
+        finally:
+            self._handshaking = False
+        if secure is None or self._state == _CLOSED:
+            transport.abort()
+            return
+        self.transport = secure
+        self._tls_protocol = secure
+        self._input.clear()
+        # RFC 3207 4.2: forget what the client said before; it must EHLO again.
+        session = self.session = Session(self._loop)
+        session.peer = secure.get_extra_info("peername")
+        session.ssl = {
+            "ssl_object": secure.get_extra_info("ssl_object"),
+            "peercert": secure.get_extra_info("peercert"),
+            "cipher": secure.get_extra_info("cipher"),
+        }
+        self._rset()
+        self._arm(self.listener.timeout)
+
+    # endregion
+
+    # region AUTH
+
+    def smtp_AUTH(self, arg: str | None) -> None:
+        assert self.session is not None
+        listener = self.listener
+        if not self.users:
+            self._reply("502 5.5.1 AUTH not available")
+            return
+        if listener.limiter.blocked(self._client):
+            log.warning("AUTH refused: too many failures from client=%s", self._client)
+            self._reply("454 4.7.0 Too many failed logins, try again later")
+            return
+        if self._helo_needed("EHLO"):
+            return
+        if not self.session.extended_smtp:
+            self._reply("500 Error: command 'AUTH' not recognized")
+            return
+        if self._auth_require_tls and not self._tls_protocol:
+            self._reply("538 5.7.11 Encryption required for requested authentication mechanism")
+            return
+        if self.session.authenticated:
+            self._reply("503 Already authenticated")
+            return
+        if not arg:
+            self._reply("501 Not enough value")
+            return
+        args = arg.split()
+        if len(args) > 2:
+            self._reply("501 Too many values")
+            return
+        # Some devices send "auth login": mechanism names are case-insensitive.
+        mechanism = args[0].upper()
+        if mechanism not in _AUTH_MECHANISMS:
+            self._reply("504 5.5.4 Unrecognized authentication type")
+            return
+        initial = args[1] if len(args) > 1 else None
+        self._start(self._auth(mechanism, initial))
+
+    async def _auth(self, mechanism: str, initial: str | None) -> None:
+        if mechanism == "PLAIN":
+            blob = await self._client_blob(initial, "")
+            if blob is None:
+                return
+            parts = blob.split(b"\0")
+            if len(parts) != 3:
+                self._reply("501 5.5.2 Can't split auth value")
+                return
+            login, password = parts[1], parts[2]
+        else:
+            login_blob = await self._client_blob(initial, _USERNAME_CHALLENGE)
+            if login_blob is None:
+                return
+            password_blob = await self._client_blob(None, _PASSWORD_CHALLENGE)
+            if password_blob is None:
+                return
+            login, password = login_blob, password_blob
+        await self._check_login(mechanism, login, password)
+
+    async def _client_blob(self, initial: str | None, challenge: str) -> bytes | None:
+        """The initial response or the answer to a 334 challenge, decoded (None: the
+        reply was sent, or the client went away)."""
+        if initial is not None:
+            text = initial.encode("utf-8", "surrogateescape")
+        else:
+            self._out.append(b"334 " + base64.b64encode(challenge.encode()) + b"\r\n")
+            self._flush()
+            line = await self._read_line()
+            if line is None:
+                return None
+            if not line:
+                self._reply("500 Command line too long")
+                return None
+            text = line.strip()
+            if text == b"*":
+                log.warning("AUTH aborted by client=%s", self._client)
+                self._reply("501 5.7.0 Auth aborted")
+                return None
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            self._reply("501 5.5.2 Can't decode base64")
+            return None
+
+    async def _read_line(self) -> bytes | None:
+        """The client's next line (an AUTH answer, never parsed as a command); None if
+        the connection ended first."""
+        line = self._next_line()
+        if line is not None:
+            return line
+        if self._state == _CLOSED:
+            return None
+        waiter: asyncio.Future[bytes | None] = self._loop.create_future()
+        self._line_waiter = waiter
+        self._state = _LINE
+        try:
+            return await waiter
+        finally:
+            self._line_waiter = None
+            if self._state == _LINE:
+                self._state = _BUSY
+
+    async def _check_login(self, mechanism: str, login: bytes, password: bytes) -> None:
+        assert self.session is not None
+        users = self.users
+        async with self.listener.verify_slots:
+            user = await asyncio.to_thread(users.authenticate, login, password)
+        # A name we do not know may be a password typed into the wrong field: not logged.
+        shown = login.decode("utf-8", "replace") if users.known(login) else "(unknown)"
+        if user is None:
+            self.listener.limiter.record(self._client)
+            log.warning(
+                "AUTH failed: user=%r client=%s mechanism=%s", shown, self._client, mechanism
+            )
+            self._reply(_INVALID)
+            return
+        log.info("AUTH ok: user=%r client=%s mechanism=%s", user.name, self._client, mechanism)
+        self.session.authenticated = True
+        self.session.auth_data = user  # type: ignore[assignment]
+        self._reply(_SUCCESS)
+
+    # endregion
+
+
+def _loggable(verb: str, line: bytes) -> bytes:
+    """A command line as DEBUG may show it: no AUTH data, nothing that is not a command
+    (a client that sends its credentials after AUTH was refused makes them "commands")."""
+    if verb not in _COMMANDS:
+        return b"<not a command: not logged>"
+    if verb == "AUTH":
+        words = line.split(None, 2)
+        return b" ".join(words[:2]) + (b" ********" if len(words) > 2 else b"")
+    return line
+
+
+def _handler_error(error: BaseException) -> str:
+    return "451 4.3.0 Requested action aborted: local error in processing"
+
+
+_COMMANDS: dict[str, Callable[[SMTPSession, str | None], None]] = {
+    "HELO": SMTPSession.smtp_HELO,
+    "EHLO": SMTPSession.smtp_EHLO,
+    "MAIL": SMTPSession.smtp_MAIL,
+    "RCPT": SMTPSession.smtp_RCPT,
+    "DATA": SMTPSession.smtp_DATA,
+    "RSET": SMTPSession.smtp_RSET,
+    "NOOP": SMTPSession.smtp_NOOP,
+    "QUIT": SMTPSession.smtp_QUIT,
+    "VRFY": SMTPSession.smtp_VRFY,
+    "EXPN": SMTPSession.smtp_EXPN,
+    "HELP": SMTPSession.smtp_HELP,
+    "AUTH": SMTPSession.smtp_AUTH,
+    "STARTTLS": SMTPSession.smtp_STARTTLS,
+}
