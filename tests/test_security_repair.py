@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.policy
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.parser import BytesParser
@@ -302,3 +303,14 @@ def test_force_from_end_to_end(relay_factory: type[RelayProcess]) -> None:
         b"From: App <scan@printer.local>\r\n",
         b"From: App <relay@example.com>\r\nReply-To: App <scan@printer.local>\r\n",
     )
+
+
+def test_added_date_is_this_second() -> None:
+    from email.utils import parsedate_to_datetime
+
+    before = time.time()
+    result = repair_message(b"Subject: x\r\n\r\nbody\r\n", mail_from="a@example.com", hostname="h")
+    after = time.time()
+    line = next(x for x in result.raw.split(b"\r\n") if x.startswith(b"Date: "))
+    stamp = parsedate_to_datetime(line[6:].decode()).timestamp()
+    assert int(before) <= stamp <= after

@@ -10,6 +10,7 @@ stays as it was; a message that needs nothing comes back as the same object.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime, formataddr, getaddresses, make_msgid
@@ -97,6 +98,20 @@ class RepairResult:
     changes: tuple[str, ...] = ()
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date_now() -> str:
+    """The RFC 5322 date of this second (formatted once per second, not per message)."""
+    global _date_cache
+    second = int(time.time())
+    cached_second, text = _date_cache
+    if cached_second != second:
+        text = format_datetime(datetime.fromtimestamp(second, UTC))
+        _date_cache = (second, text)
+    return text
+
+
 def _line(name: str, value: str) -> bytes:
     return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
 
@@ -119,7 +134,7 @@ def repair_message(
     old_from = header.first(b"from")
 
     if repair and b"date" not in names:
-        prepend.append(_line("Date", format_datetime(now or datetime.now(UTC))))
+        prepend.append(_line("Date", format_datetime(now) if now else _date_now()))
         changes.append("added Date")
     if repair and b"message-id" not in names:
         domain = hostname if "." in hostname else f"{hostname}.esprelay.invalid"

@@ -1,0 +1,173 @@
+"""The native engine's DATA phase against the rules, however the bytes are split.
+
+The message is made of random lines (dots at the start, bare CR and LF inside, lines
+near the length limit), dot-stuffed as a client sends it, and fed to the protocol in
+random pieces.  What the handler receives (or the error reply) must be what RFC 5321
+and aiosmtpd's rules give: lines end at CRLF only, one leading dot is removed, a line
+over the limit is answered 500 and a message over the size limit 552, both only after
+the final dot; what follows the final dot is read as commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from esprelay.intake import IntakeState
+from esprelay.smtp.auth import FailureLimiter, UserDB
+from esprelay.smtp.engine import Listener, SMTPSession
+from esprelay.smtp.guards import Guards
+
+LINE_LIMIT = 40
+SIZE_LIMIT = 400
+
+
+class Capture:
+    def __init__(self) -> None:
+        self.contents: list[bytes] = []
+
+    def ehlo(self, server: Any, session: Any, hostname: str, lines: list[str]) -> list[str]:
+        session.host_name = hostname
+        return lines
+
+    def mail(self, server: Any, session: Any, envelope: Any, address: str, opts: Any) -> str:
+        envelope.mail_from = address
+        return "250 OK"
+
+    def rcpt(self, server: Any, session: Any, envelope: Any, address: str, opts: Any) -> str:
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.contents.append(envelope.content)
+        return "250 stored"
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 4321) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _session(capture: Capture) -> tuple[SMTPSession, Transport]:
+    listener = Listener(
+        capture,  # type: ignore[arg-type]
+        IntakeState(),
+        hostname="engine.test",
+        data_size_limit=SIZE_LIMIT,
+        line_length_limit=LINE_LIMIT,
+        command_size_limit=512,
+        timeout=30.0,
+        guards=Guards(max_errors=100),
+        trusted=lambda _: True,
+        plaintext_auth_allowed=lambda _: True,
+        users=UserDB(),
+        limiter=FailureLimiter(5, 300.0),
+        tls_context=None,
+        implicit_tls=False,
+        sessions=set(),
+    )
+    session = SMTPSession(listener)
+    transport = Transport()
+    session.connection_made(transport)  # type: ignore[arg-type]
+    return session, transport
+
+
+lines = st.lists(
+    st.one_of(
+        st.binary(max_size=LINE_LIMIT + 3),
+        st.sampled_from(
+            [b"", b".", b"..", b".x", b"a\r", b"\nb", b"\r", b"\n", b"x\r\r"]
+            + [b"x" * n for n in (LINE_LIMIT - 1, LINE_LIMIT, LINE_LIMIT + 1)]
+            + [b"." * n for n in (LINE_LIMIT - 1, LINE_LIMIT, LINE_LIMIT + 1)]
+        ),
+    ).filter(lambda line: b"\r\n" not in line),
+    max_size=14,
+)
+
+
+def _expected(body_lines: list[bytes]) -> tuple[bytes | None, bytes | None]:
+    """(content, None) or (None, the error reply's code)."""
+    # The limit applies to the line as sent (dot-stuffed), as aiosmtpd's reader sees it.
+    too_long = any(len(line) + line.startswith(b".") > LINE_LIMIT for line in body_lines)
+    stuffed = sum(len(line) + 2 + line.startswith(b".") for line in body_lines)
+    if too_long:
+        return None, b"500"
+    if stuffed > SIZE_LIMIT:
+        return None, b"552"
+    return b"".join(line + b"\r\n" for line in body_lines), None
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines, st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=30))
+def test_data_is_read_by_the_rules_whatever_the_split(
+    body_lines: list[bytes], cuts: list[int]
+) -> None:
+    asyncio.run(_check(body_lines, cuts))
+
+
+async def _check(body_lines: list[bytes], cuts: list[int]) -> None:
+    capture = Capture()
+    session, transport = _session(capture)
+    session.data_received(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n")
+    session.data_received(b"DATA\r\n")
+    stream = b"".join(
+        (b"." + line if line.startswith(b".") else line) + b"\r\n" for line in body_lines
+    )
+    stream += b".\r\nNOOP\r\n"
+    position = 0
+    for cut in cuts:
+        session.data_received(stream[position : position + cut])
+        position += cut
+        await asyncio.sleep(0)
+    session.data_received(stream[position:])
+    for _ in range(5):
+        await asyncio.sleep(0)
+    replies = bytes(transport.written).split(b"\r\n")
+    content, error = _expected(body_lines)
+    assert replies[-1] == b"", replies
+    assert replies[-2] == b"250 OK", replies  # the NOOP after the final dot
+    if error is None:
+        assert capture.contents == [content]
+        assert replies[-3] == b"250 stored", replies
+    else:
+        assert capture.contents == []
+        assert replies[-3][:3] in (b"500", b"552"), replies
+        if error == b"500" and sum(len(x) + 3 for x in body_lines) <= SIZE_LIMIT:
+            assert replies[-3][:3] == b"500", replies
+
+
+async def test_an_endless_message_is_not_kept() -> None:
+    """Over the size limit, the bytes are dropped as they come (a client cannot fill RAM)."""
+    capture = Capture()
+    session, transport = _session(capture)
+    session.data_received(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n")
+    session.data_received(b"DATA\r\n")
+    for _ in range(1000):
+        session.data_received(b"y" * 30 + b"\r\n")
+    assert len(session._data) < SIZE_LIMIT + 64
+    session.data_received(b".\r\n")
+    await asyncio.sleep(0)
+    assert bytes(transport.written).endswith(b"552 Error: Too much mail data\r\n")
+    assert capture.contents == []
