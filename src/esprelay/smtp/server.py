@@ -1,4 +1,8 @@
-"""The SMTP listener: aiosmtpd's protocol on our own event loop, with our guards.
+"""The SMTP listeners: :func:`smtp_factory`, and the aiosmtpd engine.
+
+``smtp_factory`` makes the protocol factory of a listener for either engine: the native
+one (:mod:`esprelay.smtp.engine`, the default) or aiosmtpd's protocol with our guards
+(``ESPRELAY_SMTP_ENGINE=aiosmtpd``), described here.
 
 On top of aiosmtpd, :class:`RelaySMTP` adds: connection limits (in total and per
 client address, ``421`` beyond them), an error budget per session (``421`` and close
