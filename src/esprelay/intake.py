@@ -50,7 +50,8 @@ class IntakeState:
     draining: bool = False
     accepted: int = 0
     on_accepted: list[Callable[[], None]] = field(default_factory=list)
-    #: Called with (stage, reply) for every reply to MAIL, RCPT and DATA (metrics).
+    #: Called with (stage, reply) for every refusal (4xx, 5xx) to MAIL, RCPT and DATA
+    #: (metrics).
     on_reply: list[Callable[[str, str], None]] = field(default_factory=list)
 
 

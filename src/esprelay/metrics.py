@@ -139,6 +139,7 @@ class RelayMetrics:
         )
         for state in MessageState:
             self.spool_messages.labels(state.value)
+        self._outcome_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 
     # region hooks the relay wires in
 
@@ -146,7 +147,7 @@ class RelayMetrics:
         self.accepted.inc()
 
     def smtp_reply(self, stage: str, reply: str) -> None:
-        """Called with every reply to MAIL, RCPT and DATA; counts the refusals."""
+        """Called with every refusal (4xx, 5xx) to MAIL, RCPT and DATA; counts them."""
         reason = rejection_reason(reply)
         if reason is not None:
             self.rejected.labels(stage, reason).inc()
@@ -154,11 +155,20 @@ class RelayMetrics:
     def delivery_outcome(self, outcome: Outcome) -> None:
         """The Deliverer's ``on_outcome`` hook."""
         provider = outcome.provider
-        self.deliveries.labels(provider, outcome.outcome).inc()
-        self.attempt_seconds.labels(provider, outcome.outcome).observe(outcome.elapsed)
+        key = (provider, outcome.outcome)
+        # labels() looks the child up under a lock on every call: keep them.
+        children = self._outcome_children.get(key)
+        if children is None:
+            children = self._outcome_children[key] = (
+                self.deliveries.labels(*key),
+                self.attempt_seconds.labels(*key),
+                self.latency_seconds.labels(provider),
+            )
+        deliveries, attempt_seconds, latency_seconds = children
+        deliveries.inc()
+        attempt_seconds.observe(outcome.elapsed)
         if outcome.outcome == "delivered":
-            waited = max(0.0, time.time() - outcome.message.created_at)
-            self.latency_seconds.labels(provider).observe(waited)
+            latency_seconds.observe(max(0.0, time.time() - outcome.message.created_at))
 
     def httpx_event_hooks(
         self, provider_for_host: Mapping[str, str]
@@ -169,10 +179,15 @@ class RelayMetrics:
         configuration); any other host is counted as ``other``.
         """
 
+        children: dict[tuple[str, int], Any] = {}
+
         async def on_response(response: httpx.Response) -> None:
-            host = response.request.url.host
-            provider = provider_for_host.get(host, "other")
-            self.provider_responses.labels(provider, str(response.status_code)).inc()
+            key = (response.request.url.host, response.status_code)
+            child = children.get(key)
+            if child is None:
+                provider = provider_for_host.get(key[0], "other")
+                child = children[key] = self.provider_responses.labels(provider, str(key[1]))
+            child.inc()
 
         return {"response": [on_response]}
 

@@ -422,7 +422,7 @@ class SMTPSession(asyncio.Protocol):
     # region output
 
     def _reply(self, status: str) -> None:
-        if self._stage is not None and self.listener.intake.on_reply:
+        if self._stage is not None and status[:1] in "45" and self.listener.intake.on_reply:
             for callback in self.listener.intake.on_reply:
                 callback(self._stage, status)
         self._out.append(status.encode("utf-8", "surrogateescape") + b"\r\n")

@@ -498,7 +498,7 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
     async def push(self, status: AnyStr) -> None:
         # aiosmtpd's push (encode, write, debug log, drain) and our checks in one call,
         # and a multi-line reply (EHLO) in one write: the client acts on the last line.
-        if self._stage is not None:
+        if self._stage is not None and status[:1] in ("4", "5", b"4", b"5"):
             self._observe(self._stage, status)
         if isinstance(status, str):
             if status.startswith('500 Error: command "'):
