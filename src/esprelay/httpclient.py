@@ -54,7 +54,19 @@ def _aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
 
         async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
             try:
-                return await super().handle_async_request(request)
+                response = await super().handle_async_request(request)
+                # An API's answer is small and always read whole: read it here, in one
+                # go, and give httpx the bytes (its own chunked reading through the
+                # aiohttp stream cost more than the read itself).  The connection goes
+                # back to the pool at once.
+                stream = response.stream
+                assert isinstance(stream, httpx.AsyncByteStream)
+                try:
+                    body = b"".join([chunk async for chunk in stream])
+                finally:
+                    await stream.aclose()
+                response.stream = httpx.ByteStream(body)
+                return response
             except aiohttp.ClientError as exc:
                 # httpx-aiohttp maps the common ones; the rest must not escape as
                 # foreign exceptions (the provider boundary only knows httpx's).
