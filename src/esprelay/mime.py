@@ -61,6 +61,9 @@ _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # printable ASCII without ":" (RFC 53
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _FOLD = re.compile(r"\s*[\r\n]+\s*")
 _PARSER = BytesParser(policy=email.policy.default)
+#: A message's raw header fields (name, value) in order, and by lower-cased name.
+Items = list[tuple[str, str]]
+Index = dict[str, list[str]]
 _CHEAP_PARSER = BytesParser(policy=fastheaders.cheap)
 
 
@@ -153,11 +156,12 @@ def _parse(raw: bytes, envelope: Envelope, *, fast: bool) -> ParsedMessage:
         walker.walk(msg, 0)
         return walker.text, walker.html, tuple(walker.attachments)
 
-    return _assemble(items, envelope, warnings, fast, walk)
+    return _assemble(items, _index(items), envelope, warnings, fast, walk)
 
 
 def _assemble(
-    items: list[tuple[str, str]],
+    items: Items,
+    index: Index,
     envelope: Envelope,
     warnings: list[str],
     fast: bool,
@@ -165,11 +169,11 @@ def _assemble(
 ) -> ParsedMessage:
     """The parsed view from the top-level raw headers and ``walk()``, which reads the
     bodies (after the recipients, so that the warnings keep their order)."""
-    subject = _single(items, "subject", warnings, fast)
-    from_ = _from_address(items, envelope, warnings, fast)
-    reply_to = _addresses(items, "reply-to", warnings, fast)
-    to = _addresses(items, "to", warnings, fast)
-    cc = _addresses(items, "cc", warnings, fast)
+    subject = _single(index, "subject", warnings, fast)
+    from_ = _from_address(index, envelope, warnings, fast)
+    reply_to = _addresses(index, "reply-to", warnings, fast)
+    to = _addresses(index, "to", warnings, fast)
+    cc = _addresses(index, "cc", warnings, fast)
     recipients = reconcile(to, cc, envelope.rcpt_tos, warnings)
 
     text, html, attachments = walk()
@@ -251,11 +255,11 @@ def _parse_single_text(raw: bytes, envelope: Envelope) -> ParsedMessage | None:
 
     ctype = "text/plain"
     charset: str | None = None
-    seen = {name.lower() for name, _ in items}
-    if "content-disposition" in seen:
+    index = _index(items)
+    if "content-disposition" in index:
         return None
-    if "content-type" in seen:
-        values = _raw_values(items, "content-type")
+    values = index.get("content-type")
+    if values is not None:
         if len(values) > 1:
             return None
         match = _SIMPLE_CTYPE.fullmatch(
@@ -273,8 +277,8 @@ def _parse_single_text(raw: bytes, envelope: Envelope) -> ParsedMessage | None:
     if ctype not in _BODY_TYPES:
         return None
     data = raw[pos:]  # one character per byte: positions agree
-    if "content-transfer-encoding" in seen:
-        values = _raw_values(items, "content-transfer-encoding")
+    values = index.get("content-transfer-encoding")
+    if values is not None:
         if len(values) > 1:
             return None
         cte = fastheaders.cheap.header_fetch_parse("Content-Transfer-Encoding", values[0]).lower()
@@ -291,7 +295,7 @@ def _parse_single_text(raw: bytes, envelope: Envelope) -> ParsedMessage | None:
             return None, decoded, ()
         return decoded, None, ()
 
-    return _assemble(items, envelope, warnings, True, body)
+    return _assemble(items, index, envelope, warnings, True, body)
 
 
 def _source_parse(lines: list[str]) -> tuple[str, str]:
@@ -383,15 +387,16 @@ def _decode_raw(name: str, raw: str, fast: bool = False) -> str:
     return clean(value)
 
 
-Items = list[tuple[str, str]]
+def _index(items: Items) -> Index:
+    """Raw values by lower-cased header name, in order."""
+    index: Index = {}
+    for name, value in items:
+        index.setdefault(name.lower(), []).append(value)
+    return index
 
 
-def _raw_values(items: Items, name: str) -> list[str]:
-    return [v for k, v in items if k.lower() == name]
-
-
-def _single(items: Items, name: str, warnings: list[str], fast: bool) -> str | None:
-    values = _raw_values(items, name)
+def _single(index: Index, name: str, warnings: list[str], fast: bool) -> str | None:
+    values = index.get(name)
     if not values:
         return None
     if len(values) > 1:
@@ -399,9 +404,9 @@ def _single(items: Items, name: str, warnings: list[str], fast: bool) -> str | N
     return _decode_raw(name, values[0], fast)
 
 
-def _addresses(items: Items, name: str, warnings: list[str], fast: bool) -> tuple[Mailbox, ...]:
+def _addresses(index: Index, name: str, warnings: list[str], fast: bool) -> tuple[Mailbox, ...]:
     boxes: list[Mailbox] = []
-    for raw in _raw_values(items, name):
+    for raw in index.get(name, ()):
         simple = fastheaders.simple_addresses(raw) if fast else None
         if simple is not None:
             pairs = simple
@@ -422,9 +427,9 @@ def _addresses(items: Items, name: str, warnings: list[str], fast: bool) -> tupl
 
 
 def _from_address(
-    items: Items, envelope: Envelope, warnings: list[str], fast: bool
+    index: Index, envelope: Envelope, warnings: list[str], fast: bool
 ) -> Mailbox | None:
-    boxes = [b for b in _addresses(items, "from", warnings, fast) if "@" in b.addr]
+    boxes = [b for b in _addresses(index, "from", warnings, fast) if "@" in b.addr]
     if len(boxes) > 1:
         warnings.append(f"{len(boxes)} From addresses; only the first one is sent")
     if boxes:
