@@ -9,6 +9,7 @@ corpora when present and generated messages built to hit its edges.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import quopri
 
@@ -88,6 +89,11 @@ def test_the_common_message_takes_the_one_part_path(monkeypatch: pytest.MonkeyPa
             "Content-Transfer-Encoding: quoted-printable\n\n<p>caf=C3=A9</p>\n"
         ),
         b"From: a@example.com\nTo: b@example.org\nSubject: no type at all\n\nbody\n",
+        crlf(
+            "From: a@example.com\nTo: b@example.org\nSubject: base64\n"
+            "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: base64\n\n"
+            "Y2Fmw6kK\n"
+        ),
     ]
     envelope = Envelope("s@example.com", ("a@example.org", "b@example.org"))
     expected = [mime.parse(raw, envelope, exact=True) for raw in cases]
@@ -104,7 +110,6 @@ def test_the_common_message_takes_the_one_part_path(monkeypatch: pytest.MonkeyPa
     "raw",
     [
         crlf('Content-Type: multipart/mixed; boundary="B"\n\n--B\n\nx\n--B--\n'),
-        crlf("Content-Type: text/plain\nContent-Transfer-Encoding: base64\n\naGk=\n"),
         crlf("Content-Type: text/plain\nContent-Disposition: inline\n\nx\n"),
         crlf('Content-Type: text/plain; name="a.txt"\n\nx\n'),
         crlf("Content-Type: text/calendar\n\nx\n"),
@@ -189,7 +194,19 @@ _FIELDS = st.sampled_from(
         ),
         (
             "Content-Transfer-Encoding",
-            st.sampled_from(["7bit", "8BIT", "quoted-printable", "Quoted-Printable", "base64 "]),
+            st.sampled_from(
+                [
+                    "7bit",
+                    "8BIT",
+                    "quoted-printable",
+                    "Quoted-Printable",
+                    "base64",
+                    "BASE64",
+                    "base64 ",
+                    "x-uuencode",
+                    "bogus",
+                ]
+            ),
         ),
     ]
 )
@@ -198,6 +215,8 @@ _BODIES = st.one_of(
     st.binary(max_size=60),
     st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")),
     st.text(max_size=40).map(lambda t: quopri.encodestring(t.encode("utf-8"))),
+    st.text(max_size=40).map(lambda t: base64.encodebytes(t.encode("utf-8"))),
+    st.sampled_from([b"w6k=\r\n", b"w6k\r\n", b"!!!\r\n", b"begin 644 x\n#86)C\n`\nend\n"]),
     st.sampled_from([b"caf\xe9\r\n", b"=C3=A9=\r\nx", b"", b"\r\n\r\n", b"a\rb\nc"]),
 )
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import email.policy
 import mimetypes
-import quopri
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -282,10 +281,13 @@ def _parse_single_text(raw: bytes, envelope: Envelope) -> ParsedMessage | None:
         if len(values) > 1:
             return None
         cte = fastheaders.cheap.header_fetch_parse("Content-Transfer-Encoding", values[0]).lower()
-        if cte == "quoted-printable":
-            data = quopri.decodestring(data)
-        elif cte not in _PLAIN_CTES:
-            return None  # base64, uuencode, ...: the parser's decoders
+        if cte not in _PLAIN_CTES:
+            # quoted-printable, base64, ...: the part the parser would have made, as
+            # far as decoding its payload goes, decoded by email.message itself.
+            part = Message(policy=fastheaders.cheap)
+            part.set_raw("Content-Transfer-Encoding", values[0])
+            part.set_payload(text[pos:])
+            data = _payload(part)
 
     warnings: list[str] = []
 
