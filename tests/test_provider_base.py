@@ -133,3 +133,8 @@ def test_json_body_is_json_dumps(payload: object) -> None:
 
     reference = outcome(lambda: json.dumps(payload, ensure_ascii=False).encode("utf-8"))
     assert outcome(lambda: json_body(payload)) == reference
+
+
+def test_post_target_sets_content_length_itself() -> None:
+    with pytest.raises(ValueError, match="Content-Length"):
+        PostTarget("https://api.example.com/send", {"Content-Length": "3"})

@@ -80,7 +80,8 @@ def _aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
         connector = aiohttp.TCPConnector(
             keepalive_timeout=limits.keepalive_expiry,
             ssl=transport.ssl_context,
-            limit=limits.max_connections or 0,
+            # aiohttp's own default where httpx sets no limit, as httpx-aiohttp does
+            limit=100 if limits.max_connections is None else limits.max_connections,
         )
         return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 

@@ -138,6 +138,8 @@ class PostTarget:
     def __init__(self, url: str, headers: Mapping[str, str]) -> None:
         self.url = httpx.URL(url)
         fixed = httpx.Headers(headers)
+        if "Content-Length" in fixed or "Transfer-Encoding" in fixed:
+            raise ValueError("PostTarget sets Content-Length itself")
         self._headers = fixed.raw
         self._host = [] if "Host" in fixed or not self.url.host else [(b"Host", self.url.netloc)]
 
