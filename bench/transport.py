@@ -28,7 +28,7 @@ from pydantic import SecretStr
 
 from bench.harness import emulator
 from esprelay.httpclient import make_client as esprelay_client
-from esprelay.models import Envelope, OutboundMessage
+from esprelay.models import OutboundMessage
 from esprelay.providers.sendgrid import SendGridProvider
 
 
@@ -87,28 +87,20 @@ async def exchange(kind: str, base_url: str, concurrency: int, requests: int) ->
         client = plain_aiohttp_client(concurrency)
     async with client:
         provider = SendGridProvider(client, SecretStr("SG.bench"), base_url)
-        message = OutboundMessage("m1", Envelope(ENVELOPE.mail_from, ENVELOPE.rcpt_tos), b"")
-        raw = bench_message()
-        built = [
-            provider.build_request(OutboundMessage(f"m{i}", message.envelope, raw))
-            for i in range(requests)
-        ]
-        built.reverse()
+        message = OutboundMessage("m", ENVELOPE, bench_message())
+        built = [provider.build_request(message) for _ in range(concurrency)]
 
         async def worker() -> None:
             while built:
                 response = await provider._exchange(built.pop())
                 provider.parse_response(response, message)
 
-        await worker_round(provider, message, raw)  # connect outside the measurement
+        # Open the connections outside the measurement.
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        built = [provider.build_request(message) for _ in range(requests)]
         cpu = time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.process_time() - cpu
-
-
-async def worker_round(provider: SendGridProvider, message: OutboundMessage, raw: bytes) -> None:
-    request = provider.build_request(OutboundMessage("warm", message.envelope, raw))
-    provider.parse_response(await provider._exchange(request), message)
 
 
 def run_exchange(args: argparse.Namespace, factory: object) -> None:
