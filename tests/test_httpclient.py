@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import httpx
@@ -50,3 +51,35 @@ async def test_connection_refused_is_an_httpx_transport_error() -> None:
         with pytest.raises(httpx.TransportError):
             await client.post(f"http://127.0.0.1:{port}/", content=b"x")
     assert name == "aiohttp"
+
+
+@pytest.mark.parametrize("choice", ["aiohttp", "httpx"])
+async def test_a_truncated_answer_is_an_httpx_transport_error(choice: str) -> None:
+    async def truncated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 100\r\n\r\nonly ten b")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(truncated, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client, name = make_client(timeout=5, max_connections=4, transport=choice)  # type: ignore[arg-type]
+    try:
+        async with client:
+            with pytest.raises(httpx.TransportError):
+                await client.post(f"http://127.0.0.1:{port}/", content=b"x")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert name == choice
+
+
+async def test_the_answer_is_read_whole_and_the_connection_reused() -> None:
+    with FakeESP(lambda r: Reply(200, {"n": "x" * 50_000})) as esp:
+        client, _name = make_client(timeout=5, max_connections=1, transport="aiohttp")
+        async with client:
+            for _ in range(3):
+                response = await client.post(esp.url + "/email", content=b"{}")
+                assert response.json() == {"n": "x" * 50_000}
+                assert response.is_closed
+        assert len(esp.wait_for(3)) == 3

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 import httpx
 import pytest
 
@@ -14,7 +17,7 @@ from esprelay.errors import (
     RateLimited,
 )
 from esprelay.models import Envelope, OutboundMessage, SendResult
-from esprelay.providers.base import HttpProvider, parse_retry_after
+from esprelay.providers.base import HttpProvider, PostTarget, json_body, parse_retry_after
 from tests.fakeesp import FakeESP, Reply
 
 
@@ -84,3 +87,54 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(None) is None
     assert parse_retry_after("garbage") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.sendgrid.com/v3/mail/send",
+        "https://api.postmarkapp.com:443/email",
+        "http://127.0.0.1:8080/prefix/v3/mail/send",
+        "http://[::1]:9/email",
+        "https://API.Example.COM/x%2Fy/email?q=1",
+        "http://user:pw@example.com/email",
+    ],
+)
+@pytest.mark.parametrize("body", [b'{"a": 1}', b"", "é".encode() * 3000])
+def test_post_target_builds_what_httpx_request_builds(url: str, body: bytes) -> None:
+    headers = {"Authorization": "Bearer SG.k", "Content-Type": "application/json", "Accept": "*"}
+    extensions = {"esprelay.warnings": ("w",)}
+    reference = httpx.Request("POST", url, content=body, headers=headers, extensions=extensions)
+    built = PostTarget(url, headers).request(body, extensions)
+    assert built.method == reference.method
+    assert built.url == reference.url
+    assert str(built.url) == str(reference.url)
+    assert built.headers.raw == reference.headers.raw
+    assert built.content == reference.content
+    assert type(built.stream) is type(reference.stream)
+    assert b"".join(built.stream) == b"".join(reference.stream)  # type: ignore[arg-type]
+    assert built.extensions == reference.extensions
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"a": [1, 2.5, None, True], "b": {"c": 'é\u2028\x00"\\/'}, "": ""},
+        ["\ud83d\ude00", "\udce9", {"k": []}],
+        {},
+    ],
+)
+def test_json_body_is_json_dumps(payload: object) -> None:
+    def outcome(encode: Callable[[], bytes]) -> bytes | type[Exception]:
+        try:
+            return encode()
+        except Exception as exc:
+            return type(exc)
+
+    reference = outcome(lambda: json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+    assert outcome(lambda: json_body(payload)) == reference
+
+
+def test_post_target_sets_content_length_itself() -> None:
+    with pytest.raises(ValueError, match="Content-Length"):
+        PostTarget("https://api.example.com/send", {"Content-Length": "3"})

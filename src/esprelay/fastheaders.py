@@ -106,13 +106,7 @@ def _cheap_str(kind: type, value: str) -> str | None:
     if issubclass(kind, DateHeader):
         # DateHeader.parse: an empty or unparsable date stays as it is, a valid one
         # is rewritten in the canonical format.  Other errors propagate, as there.
-        if not value:
-            return value
-        try:
-            moment = parsedate_to_datetime(value)
-        except ValueError:
-            return value
-        return format_datetime(moment)
+        return _date_str(value) if value else value
     pattern = _VERBATIM.get(kind)
     if pattern is not None:
         return value if pattern.fullmatch(value) else None
@@ -120,6 +114,17 @@ def _cheap_str(kind: type, value: str) -> str | None:
     if head is not None:
         return _parameterized(head, value)
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _date_str(value: str) -> str:
+    """A valid date in the canonical format, an unparsable one as it is.  Remembered:
+    messages sent close together carry the same few dates."""
+    try:
+        moment = parsedate_to_datetime(value)
+    except ValueError:
+        return value
+    return format_datetime(moment)
 
 
 def _parameterized(head: re.Pattern[str], value: str) -> str | None:

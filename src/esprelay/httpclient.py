@@ -10,6 +10,11 @@ providers keep programming against ``httpx.AsyncClient``; only the transport cha
 variable is set, else httpx's own), ``aiohttp`` or ``httpx``.  aiohttp ignores the
 ``*_PROXY`` variables that httpx honours, so ``auto`` keeps httpx's transport when one
 is set rather than silently bypassing a proxy.
+
+The client keeps no cookies, on either side: an ESP API authenticates every request
+with its key and has no session, while httpx parsed every response into a cookie jar
+(most of its own CPU per request after the transport) and aiohttp sent cookies set by a
+named API host back to it.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
+
+if TYPE_CHECKING:
+    from httpx._types import CookieTypes
 
 log = logging.getLogger("esprelay")
 
@@ -46,13 +54,62 @@ def _aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
 
         async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
             try:
-                return await super().handle_async_request(request)
+                response = await super().handle_async_request(request)
+                # An API's answer is small and always read whole: read it here, in one
+                # go, and give httpx the bytes (its own chunked reading through the
+                # aiohttp stream cost more than the read itself).  The connection goes
+                # back to the pool at once.
+                stream = response.stream
+                assert isinstance(stream, httpx.AsyncByteStream)
+                try:
+                    body = b"".join([chunk async for chunk in stream])
+                finally:
+                    await stream.aclose()
+                response.stream = httpx.ByteStream(body)
+                return response
             except aiohttp.ClientError as exc:
                 # httpx-aiohttp maps the common ones; the rest must not escape as
                 # foreign exceptions (the provider boundary only knows httpx's).
                 raise httpx.TransportError(f"{type(exc).__name__}: {exc}") from exc
 
-    return Transport(limits=limits)
+    transport = Transport(limits=limits)
+
+    def session() -> aiohttp.ClientSession:
+        # The session httpx-aiohttp would make (made in the event loop, on first use),
+        # with a cookie jar that keeps nothing.
+        connector = aiohttp.TCPConnector(
+            keepalive_timeout=limits.keepalive_expiry,
+            ssl=transport.ssl_context,
+            # aiohttp's own default where httpx sets no limit, as httpx-aiohttp does
+            limit=100 if limits.max_connections is None else limits.max_connections,
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+    transport.client = session
+    return transport
+
+
+class NoCookies(httpx.Cookies):
+    """A cookie store that ignores Set-Cookie: an ESP API client has no session."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+class ApiClient(httpx.AsyncClient):
+    """``httpx.AsyncClient`` whose cookie store keeps nothing (:class:`NoCookies`)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._no_cookies = NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: CookieTypes | None) -> None:
+        self._no_cookies = NoCookies(cookies)
 
 
 EventHooks = dict[str, list[Callable[[Any], Awaitable[None]]]]
@@ -82,7 +139,7 @@ def make_client(
                 "ESPRELAY_HTTP_TRANSPORT=aiohttp but httpx-aiohttp is not installed;"
                 " using httpx's own transport"
             )
-    client = httpx.AsyncClient(
+    client = ApiClient(
         timeout=httpx.Timeout(timeout),
         limits=limits,
         transport=chosen,

@@ -13,6 +13,10 @@ give, computing it only when a value is not of a plain form; the result is the s
 ``ParsedMessage`` as ``parse(raw, envelope, exact=True)``, the original all-
 ``policy.default`` path, which stays as the reference (``tests/test_mime_fast.py``
 compares the two) and takes over whenever the cheap path meets anything unexpected.
+Before either, a message that is one text/plain or text/html body (the common case)
+is read without the feedparser at all (:func:`_parse_single_text`, compared with the
+reference by ``tests/test_mime_single.py``); anything else about it leaves the message
+to the parser.
 
 Recipients follow the envelope, which is authoritative (RFC 5321): a To or Cc
 address that is also an envelope recipient is sent as To or Cc; every other envelope
@@ -27,6 +31,7 @@ import contextlib
 import email.policy
 import mimetypes
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from email.message import EmailMessage, Message
@@ -55,6 +60,9 @@ _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # printable ASCII without ":" (RFC 53
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _FOLD = re.compile(r"\s*[\r\n]+\s*")
 _PARSER = BytesParser(policy=email.policy.default)
+#: A message's raw header fields (name, value) in order, and by lower-cased name.
+Items = list[tuple[str, str]]
+Index = dict[str, list[str]]
 _CHEAP_PARSER = BytesParser(policy=fastheaders.cheap)
 
 
@@ -117,6 +125,9 @@ def parse(raw: bytes, envelope: Envelope, *, exact: bool = False) -> ParsedMessa
     """
     if not exact:
         try:
+            simple = _parse_single_text(raw, envelope)
+            if simple is not None:
+                return simple
             return _parse(raw, envelope, fast=True)
         except Exception:  # the reference path decides, and reports
             pass
@@ -137,17 +148,36 @@ def _parse(raw: bytes, envelope: Envelope, *, fast: bool) -> ParsedMessage:
             msg = EmailMessage()
             msg.set_content(raw.decode("utf-8", "replace"))
 
-    subject = _single(msg, "subject", warnings, fast)
-    from_ = _from_address(msg, envelope, warnings, fast)
-    reply_to = _addresses(msg, "reply-to", warnings, fast)
-    to = _addresses(msg, "to", warnings, fast)
-    cc = _addresses(msg, "cc", warnings, fast)
+    items = list(msg.raw_items())
+
+    def walk() -> tuple[str | None, str | None, tuple[Attachment, ...]]:
+        walker = _Walker(warnings, fast)
+        walker.walk(msg, 0)
+        return walker.text, walker.html, tuple(walker.attachments)
+
+    return _assemble(items, _index(items), envelope, warnings, fast, walk)
+
+
+def _assemble(
+    items: Items,
+    index: Index,
+    envelope: Envelope,
+    warnings: list[str],
+    fast: bool,
+    walk: Callable[[], tuple[str | None, str | None, tuple[Attachment, ...]]],
+) -> ParsedMessage:
+    """The parsed view from the top-level raw headers and ``walk()``, which reads the
+    bodies (after the recipients, so that the warnings keep their order)."""
+    subject = _single(index, "subject", warnings, fast)
+    from_ = _from_address(index, envelope, warnings, fast)
+    reply_to = _addresses(index, "reply-to", warnings, fast)
+    to = _addresses(index, "to", warnings, fast)
+    cc = _addresses(index, "cc", warnings, fast)
     recipients = reconcile(to, cc, envelope.rcpt_tos, warnings)
 
-    walker = _Walker(warnings, fast)
-    walker.walk(msg, 0)
+    text, html, attachments = walk()
 
-    headers = _other_headers(msg, warnings, fast)
+    headers = _other_headers(items, warnings, fast)
     lookup = {name.lower(): value for name, value in reversed(headers)}
     return ParsedMessage(
         subject=subject,
@@ -156,9 +186,9 @@ def _parse(raw: bytes, envelope: Envelope, *, fast: bool) -> ParsedMessage:
         to=to,
         cc=cc,
         recipients=recipients,
-        text=walker.text,
-        html=walker.html,
-        attachments=tuple(walker.attachments),
+        text=text,
+        html=html,
+        attachments=attachments,
         message_id=lookup.get("message-id"),
         in_reply_to=lookup.get("in-reply-to"),
         references=lookup.get("references"),
@@ -166,6 +196,115 @@ def _parse(raw: bytes, envelope: Envelope, *, fast: bool) -> ParsedMessage:
         headers=headers,
         warnings=tuple(warnings),
     )
+
+
+# --- one text part, without the parser -------------------------------------------
+
+# A header field's first line (feedparser's headerRE, less its defects: a name of at
+# least one character, no unix "From " line).
+_FIELD_START = re.compile(r"[\041-\071\073-\176]+:")
+# What the cheap policy answers for a Content-Type of the plain form (see
+# fastheaders._parameterized): the type, then "; name" or '; name="value"' each, with
+# no quote, backslash or ";" in a value, so that email.message reads the parameters
+# exactly as written.
+_TOKEN = r"[!#$%&'*+.0-9A-Z^_`a-z{|}~-]+"
+_PARAM_TEXT = r"; [!#$&+.0-9A-Z^_`a-z{|}~-]+(?:=\"[^\"\\;]*\")?"
+_SIMPLE_CTYPE = re.compile(rf"[ \t]*({_TOKEN}/{_TOKEN})[ \t]*((?:{_PARAM_TEXT})*)")
+_CTYPE_PARAM = re.compile(r'; ([^=;]+)(?:="([^"]*)")?')
+_BODY_TYPES = frozenset({"text/plain", "text/html"})
+_PLAIN_CTES = frozenset({"", "7bit", "8bit", "binary"})
+
+
+def _parse_single_text(raw: bytes, envelope: Envelope) -> ParsedMessage | None:
+    """``parse(raw, envelope)`` for the common message that is one text/plain or
+    text/html body (no multipart, no attachment), without the feedparser; None when
+    the message is anything else or has anything unusual (the parser decides then).
+
+    The header fields are split as the feedparser splits them (the raw values that
+    ``raw_items()`` gives), the body is the rest after the blank line, and every
+    header the parser would consult is read through the same cheap policy.
+    """
+    text = raw.decode("ascii", "surrogateescape")
+    items: list[tuple[str, str]] = []
+    lines: list[str] = []  # the current field's lines
+    pos = 0
+    while True:
+        end = text.find("\n", pos)
+        if end < 0:
+            return None  # no blank line after the headers
+        line = text[pos : end + 1]
+        pos = end + 1
+        content = line[:-2] if line.endswith("\r\n") else line[:-1]
+        if "\r" in content:
+            return None  # a lone CR ends a line for the parser
+        if not content:
+            break
+        if content[0] in " \t":
+            if not lines:
+                return None  # a continuation before any field
+            lines.append(line)
+            continue
+        if _FIELD_START.match(content) is None:
+            return None  # not a field: the parser starts the body here, with a defect
+        if lines:
+            items.append(_source_parse(lines))
+        lines = [line]
+    if lines:
+        items.append(_source_parse(lines))
+
+    ctype = "text/plain"
+    charset: str | None = None
+    index = _index(items)
+    if "content-disposition" in index:
+        return None
+    values = index.get("content-type")
+    if values is not None:
+        if len(values) > 1:
+            return None
+        match = _SIMPLE_CTYPE.fullmatch(
+            fastheaders.cheap.header_fetch_parse("Content-Type", values[0])
+        )
+        if match is None:
+            return None
+        ctype = match[1].lower()
+        for param in _CTYPE_PARAM.finditer(match[2]):
+            name = param[1].lower()
+            if name == "name":
+                return None  # a filename: an attachment
+            if name == "charset" and charset is None:
+                charset = (param[2] or "").lower()
+    if ctype not in _BODY_TYPES:
+        return None
+    data = raw[pos:]  # one character per byte: positions agree
+    values = index.get("content-transfer-encoding")
+    if values is not None:
+        if len(values) > 1:
+            return None
+        cte = fastheaders.cheap.header_fetch_parse("Content-Transfer-Encoding", values[0]).lower()
+        if cte not in _PLAIN_CTES:
+            # quoted-printable, base64, ...: the part the parser would have made, as
+            # far as decoding its payload goes, decoded by email.message itself.
+            part = Message(policy=fastheaders.cheap)
+            part.set_raw("Content-Transfer-Encoding", values[0])
+            part.set_payload(text[pos:])
+            data = _payload(part)
+
+    warnings: list[str] = []
+
+    def body() -> tuple[str | None, str | None, tuple[Attachment, ...]]:
+        decoded = _decode_text(data, charset, warnings)
+        if ctype == "text/html":
+            return None, decoded, ()
+        return decoded, None, ()
+
+    return _assemble(items, index, envelope, warnings, True, body)
+
+
+def _source_parse(lines: list[str]) -> tuple[str, str]:
+    """A field's (name, raw value) as the parser stores it (``Compat32.header_source_parse``)."""
+    name, value = lines[0].split(":", 1)
+    value = value.lstrip(" \t") + "".join(lines[1:])
+    return name, value.rstrip("\r\n")
 
 
 # --- recipients -----------------------------------------------------------------
@@ -250,12 +389,16 @@ def _decode_raw(name: str, raw: str, fast: bool = False) -> str:
     return clean(value)
 
 
-def _raw_values(msg: Message, name: str) -> list[str]:
-    return [v for k, v in msg.raw_items() if k.lower() == name]
+def _index(items: Items) -> Index:
+    """Raw values by lower-cased header name, in order."""
+    index: Index = {}
+    for name, value in items:
+        index.setdefault(name.lower(), []).append(value)
+    return index
 
 
-def _single(msg: Message, name: str, warnings: list[str], fast: bool) -> str | None:
-    values = _raw_values(msg, name)
+def _single(index: Index, name: str, warnings: list[str], fast: bool) -> str | None:
+    values = index.get(name)
     if not values:
         return None
     if len(values) > 1:
@@ -263,9 +406,9 @@ def _single(msg: Message, name: str, warnings: list[str], fast: bool) -> str | N
     return _decode_raw(name, values[0], fast)
 
 
-def _addresses(msg: Message, name: str, warnings: list[str], fast: bool) -> tuple[Mailbox, ...]:
+def _addresses(index: Index, name: str, warnings: list[str], fast: bool) -> tuple[Mailbox, ...]:
     boxes: list[Mailbox] = []
-    for raw in _raw_values(msg, name):
+    for raw in index.get(name, ()):
         simple = fastheaders.simple_addresses(raw) if fast else None
         if simple is not None:
             pairs = simple
@@ -286,9 +429,9 @@ def _addresses(msg: Message, name: str, warnings: list[str], fast: bool) -> tupl
 
 
 def _from_address(
-    msg: Message, envelope: Envelope, warnings: list[str], fast: bool
+    index: Index, envelope: Envelope, warnings: list[str], fast: bool
 ) -> Mailbox | None:
-    boxes = [b for b in _addresses(msg, "from", warnings, fast) if "@" in b.addr]
+    boxes = [b for b in _addresses(index, "from", warnings, fast) if "@" in b.addr]
     if len(boxes) > 1:
         warnings.append(f"{len(boxes)} From addresses; only the first one is sent")
     if boxes:
@@ -299,10 +442,10 @@ def _from_address(
     return None
 
 
-def _other_headers(msg: Message, warnings: list[str], fast: bool) -> tuple[tuple[str, str], ...]:
+def _other_headers(items: Items, warnings: list[str], fast: bool) -> tuple[tuple[str, str], ...]:
     out: list[tuple[str, str]] = []
     bad: list[str] = []
-    for name, raw in msg.raw_items():
+    for name, raw in items:
         lname = name.lower()
         if lname in MAPPED_HEADERS or lname in STRUCTURAL_HEADERS:
             continue
@@ -406,7 +549,7 @@ def _filename(part: Message) -> str | None:
 
 
 def _content_id(part: Message, fast: bool) -> str | None:
-    values = _raw_values(part, "content-id")
+    values = [v for k, v in part.raw_items() if k.lower() == "content-id"]
     if not values:
         return None
     cid = _decode_raw("content-id", values[0], fast).strip().strip("<>").strip()
@@ -442,6 +585,11 @@ def _text(part: Message, warnings: list[str]) -> str:
     charset = None
     with contextlib.suppress(Exception):
         charset = part.get_content_charset()
+    return _decode_text(data, charset, warnings)
+
+
+def _decode_text(data: bytes, charset: str | None, warnings: list[str]) -> str:
+    """A text part's bytes as text, by its declared (lower-cased) charset if any."""
     if charset:
         try:
             return data.decode(charset)

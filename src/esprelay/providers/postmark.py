@@ -20,7 +20,6 @@ may not send, 1235 unknown message stream).
 from __future__ import annotations
 
 import base64
-import json
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -35,7 +34,14 @@ from esprelay.errors import (
 )
 from esprelay.mime import Mailbox, ParsedMessage, fallback_filename, parse, summarize
 from esprelay.models import OutboundMessage, SendResult
-from esprelay.providers.base import HttpProvider, classify_status, excerpt, parse_retry_after
+from esprelay.providers.base import (
+    HttpProvider,
+    PostTarget,
+    classify_status,
+    excerpt,
+    json_body,
+    parse_retry_after,
+)
 
 if TYPE_CHECKING:
     from esprelay.config import Settings
@@ -157,27 +163,25 @@ class PostmarkProvider(HttpProvider):
         super().__init__(client, name)
         self._token = server_token
         self.endpoint = api_url.rstrip("/") + "/email"
+        self._target = PostTarget(
+            self.endpoint,
+            {
+                "X-Postmark-Server-Token": server_token.get_secret_value(),
+                "Accept": "application/json",
+                "Content-Type": "application/json",
+            },
+        )
         self.message_stream = message_stream
 
     def build_request(self, message: OutboundMessage) -> httpx.Request:
         parsed = parse(message.raw, message.envelope)
         payload, warnings = build_payload(parsed, self.message_stream)
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        body = json_body(payload)
         if len(body) > REQUEST_LIMIT:
             raise MessageRejected(
                 f"request of {len(body)} bytes exceeds Postmark's 10 MB limit", provider=self.name
             )
-        return httpx.Request(
-            "POST",
-            self.endpoint,
-            content=body,
-            headers={
-                "X-Postmark-Server-Token": self._token.get_secret_value(),
-                "Accept": "application/json",
-                "Content-Type": "application/json",
-            },
-            extensions={WARNINGS: tuple(warnings)},
-        )
+        return self._target.request(body, {WARNINGS: tuple(warnings)})
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
         warnings: tuple[str, ...] = response.request.extensions.get(WARNINGS, ())

@@ -14,7 +14,6 @@ SendGrid otherwise reads part of the name as an address and drops the message.
 from __future__ import annotations
 
 import base64
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,14 @@ from esprelay.errors import (
 )
 from esprelay.mime import Mailbox, ParsedMessage, fallback_filename, parse, summarize
 from esprelay.models import OutboundMessage, SendResult
-from esprelay.providers.base import HttpProvider, classify_status, excerpt, parse_retry_after
+from esprelay.providers.base import (
+    HttpProvider,
+    PostTarget,
+    classify_status,
+    excerpt,
+    json_body,
+    parse_retry_after,
+)
 
 if TYPE_CHECKING:
     from esprelay.config import Settings
@@ -180,25 +186,23 @@ class SendGridProvider(HttpProvider):
         super().__init__(client, name)
         self._api_key = api_key
         self.endpoint = api_url.rstrip("/") + "/v3/mail/send"
+        self._target = PostTarget(
+            self.endpoint,
+            {
+                "Authorization": f"Bearer {api_key.get_secret_value()}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+            },
+        )
 
     def build_request(self, message: OutboundMessage) -> httpx.Request:
         payload, warnings = build_payload(parse(message.raw, message.envelope))
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        body = json_body(payload)
         if len(body) >= REQUEST_LIMIT:
             raise MessageRejected(
                 f"request of {len(body)} bytes exceeds SendGrid's 30 MB limit", provider=self.name
             )
-        return httpx.Request(
-            "POST",
-            self.endpoint,
-            content=body,
-            headers={
-                "Authorization": f"Bearer {self._api_key.get_secret_value()}",
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-            },
-            extensions={WARNINGS: tuple(warnings)},
-        )
+        return self._target.request(body, {WARNINGS: tuple(warnings)})
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
         warnings: tuple[str, ...] = response.request.extensions.get(WARNINGS, ())
