@@ -367,3 +367,17 @@ def test_message_sent_a_byte_at_a_time(relays: dict[str, RelayProcess], tmp_path
     while not eml.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert eml.read_bytes() == b"Subject: slow\r\n\r\nleading dot\r\n.two\r\nend\r\n"
+
+
+def test_half_close_during_an_auth_challenge_ends_the_session(
+    relays: dict[str, RelayProcess],
+) -> None:
+    """The client shuts its side down while the server waits for its AUTH answer."""
+    sock = socket.create_connection(("127.0.0.1", relays["native"].port), timeout=10)
+    with sock:
+        sock.sendall(b"EHLO c\r\nAUTH LOGIN\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        transcript = _read_all(sock, time.monotonic() + 10)
+    assert time.monotonic() - started < 5, transcript  # not the idle timeout
+    assert transcript.endswith(b"334 VXNlciBOYW1lAA==\r\n"), transcript

@@ -244,6 +244,9 @@ class SMTPSession(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._eof = True
+        waiter = self._line_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # an AUTH answer will not come
         if self._step is None and self._state != _CLOSED:
             self._close()
         # On TLS, keeping the transport half-open is not possible (and warns).
