@@ -179,3 +179,69 @@ async def test_new_spools_get_larger_pages_and_old_ones_keep_theirs(tmp_path: Pa
         with sqlite3.connect(tmp_path / name) as conn:
             assert conn.execute("PRAGMA page_size").fetchone()[0] == expected
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def _attempt_rows(path: Path) -> list[tuple[object, ...]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute(
+            "SELECT message_id, number, outcome FROM attempts ORDER BY message_id, number"
+        ).fetchall()
+
+
+async def test_a_delivery_is_recorded_in_the_message_row_only(tmp_path: Path) -> None:
+    """Deferrals and failures get an attempt row; a delivery is implied by the messages
+    row, and ``get`` shows the same history as a spool that kept a row for it."""
+    spool = SqliteSpool(tmp_path / "s.db")
+    await spool.open()
+    [retried, direct] = [
+        (await spool.put_parts(b"x", [NewPart(ENVELOPE, "p")], lease_owner="w", lease_time=60))[0]
+        for _ in range(2)
+    ]
+    assert await spool.mark_retry(retried, owner="w", provider="p", error="503", next_attempt_at=0)
+    [again] = await spool.lease("w", 10, 60)
+    assert again.id == retried
+    assert await spool.mark_delivered(retried, owner="w", provider="q", provider_message_id="pm")
+    assert await spool.mark_delivered(direct, owner="w", provider="p", provider_message_id=None)
+    assert _attempt_rows(tmp_path / "s.db") == [(retried, 1, "deferred")]
+
+    message = await spool.get(retried)
+    assert message is not None
+    assert [
+        (a.number, a.provider, a.outcome, a.error, a.provider_message_id) for a in message.history
+    ] == [
+        (1, "p", "deferred", "503", None),
+        (2, "q", "delivered", None, "pm"),
+    ]
+    assert message.history[-1].at == message.updated_at
+    message = await spool.get(direct)
+    assert message is not None
+    assert [(a.number, a.provider, a.outcome, a.provider_message_id) for a in message.history] == [
+        (1, "p", "delivered", None)
+    ]
+    await spool.close()
+
+
+async def test_a_delivery_row_written_by_an_earlier_version_is_shown_once(
+    tmp_path: Path,
+) -> None:
+    spool = SqliteSpool(tmp_path / "s.db")
+    await spool.open()
+    [message_id] = await spool.put_parts(
+        b"x", [NewPart(ENVELOPE, "p")], lease_owner="w", lease_time=60
+    )
+    assert await spool.mark_delivered(message_id, owner="w", provider="p", provider_message_id="a")
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as conn, conn:
+        conn.execute(
+            "INSERT INTO attempts (message_id, number, at, provider, outcome, error,"
+            " provider_message_id) SELECT id, attempts, updated_at, provider, 'delivered',"
+            " NULL, provider_message_id FROM messages"
+        )
+    spool = SqliteSpool(tmp_path / "s.db")
+    await spool.open()
+    message = await spool.get(message_id)
+    assert message is not None
+    assert [(a.number, a.outcome, a.provider_message_id) for a in message.history] == [
+        (1, "delivered", "a")
+    ]
+    await spool.close()

@@ -70,6 +70,10 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS messages_lease ON messages (state, lease_expires_at);
+-- One row per attempt that carries information of its own: a deferral or a failure.
+-- A delivery is the message's last attempt and the messages row holds all of it
+-- (number = attempts, at = updated_at, provider, provider_message_id), so it gets no
+-- row; ``get`` puts it back into the history.  Files written before keep theirs.
 CREATE TABLE IF NOT EXISTS attempts (
     message_id TEXT NOT NULL,
     number INTEGER NOT NULL,
@@ -124,11 +128,12 @@ def _finish_statements(
     provider_message_id: bool,
     next_attempt_at: bool,
     drop_body: bool,
-) -> tuple[str, str]:
+) -> tuple[str, str | None]:
     """The UPDATE recording an outcome, for (id, now, provider, owner, *given), and the
     INSERT of its attempt row, for (id, now, provider, *recorded): ``recorded`` are the
     error and the provider message id that are not None, ``given`` the same and then the
-    next attempt time if it is not None.
+    next attempt time if it is not None.  A delivery has no attempt row (see the schema):
+    its INSERT is None.
 
     The UPDATE checks the lease and counts the attempt; the INSERT reads the count back
     (no SELECT first, and no RETURNING: SQLite runs RETURNING through a temporary
@@ -160,7 +165,9 @@ def _finish_statements(
         update.append("raw = NULL")
     return (
         ", ".join(update) + " WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?4",
-        "INSERT OR REPLACE INTO attempts (message_id, number, at, provider, outcome, error,"
+        None
+        if state is MessageState.DELIVERED
+        else "INSERT OR REPLACE INTO attempts (message_id, number, at, provider, outcome, error,"
         f" provider_message_id) SELECT ?1, attempts, ?2, ?3, {', '.join(attempt)}"
         " FROM messages WHERE id = ?1",
     )
@@ -499,6 +506,15 @@ class SqliteSpool(OnePartPut):
         recorded = tuple(value for value in (error, provider_message_id) if value is not None)
         given = recorded if next_attempt_at is None else (*recorded, next_attempt_at)
 
+        if attempt_sql is None:
+
+            def update_only(conn: sqlite3.Connection) -> bool:
+                cursor = self._cursor
+                cursor.execute(update_sql, (id, time.time(), provider, owner, *given))
+                return cursor.rowcount == 1
+
+            return update_only
+
         def update(conn: sqlite3.Connection) -> bool:
             now = time.time()
             cursor = self._cursor
@@ -579,7 +595,7 @@ class SqliteSpool(OnePartPut):
                     (id,),
                 )
             )
-            return _row_to_message(row[:-1], raw=row[-1], history=history)
+            return _row_to_message(row[:-1], raw=row[-1], history=_with_delivery(row, history))
 
         return await self._run(select)
 
@@ -692,6 +708,15 @@ class SqliteSpool(OnePartPut):
         return cursor.rowcount
 
     # endregion
+
+
+def _with_delivery(row: tuple[Any, ...], history: tuple[Attempt, ...]) -> tuple[Attempt, ...]:
+    """``history`` with the delivery the messages ``row`` records (a delivered message's
+    last attempt has no row of its own, unless a file written before says so)."""
+    if row[6] != MessageState.DELIVERED.value or (history and history[-1].number >= row[7]):
+        return history
+    # updated_at, provider and provider_message_id: written by that attempt's UPDATE.
+    return (*history, Attempt(row[7], row[2], row[12], "delivered", None, row[13]))
 
 
 def _row_to_message(
