@@ -245,3 +245,107 @@ async def test_a_delivery_row_written_by_an_earlier_version_is_shown_once(
         (1, "delivered", "a")
     ]
     await spool.close()
+
+
+# The indexes of schema version 1, as spool files written before version 2 have them.
+_V1_INDEXES = (
+    "CREATE INDEX messages_due ON messages (state, next_attempt_at)",
+    "CREATE INDEX messages_lease ON messages (state, lease_expires_at)",
+)
+
+
+async def _spool_in_every_state(path: Path) -> dict[MessageState, str]:
+    """A spool with one message in each state (and one more queued)."""
+    spool = SqliteSpool(path)
+    await spool.open()
+    ids = {}
+    for state in MessageState:
+        [ids[state]] = await spool.put_parts(
+            state.value.encode(), [NewPart(ENVELOPE, "p")], lease_owner="w", lease_time=60
+        )
+    await spool.put(ENVELOPE, b"waiting", provider="p")
+    await spool.mark_retry(
+        ids[MessageState.QUEUED], owner="w", provider="p", error="503", next_attempt_at=1.0
+    )
+    await spool.mark_delivered(
+        ids[MessageState.DELIVERED], owner="w", provider="p", provider_message_id="pm"
+    )
+    await spool.mark_failed(ids[MessageState.FAILED], owner="w", provider="p", error="550")
+    await spool.close()
+    return ids
+
+
+def _schema(path: Path) -> tuple[str, dict[str, str]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        [version] = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        indexes = dict(
+            conn.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+            ).fetchall()
+        )
+    return version, indexes
+
+
+async def test_a_version_1_spool_gets_partial_indexes_and_keeps_its_messages(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    ids = await _spool_in_every_state(path)
+    version, indexes = _schema(path)
+    assert version == "2"
+    assert set(indexes) == {"messages_due", "messages_lease", "messages_failed"}
+    # Make it the file version 1 left: its indexes, its version.
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("DROP INDEX messages_due")
+        conn.execute("DROP INDEX messages_lease")
+        conn.execute("DROP INDEX messages_failed")
+        for statement in _V1_INDEXES:
+            conn.execute(statement)
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+
+    spool = SqliteSpool(path, exclusive=True)
+    await spool.open()
+    version, indexes = _schema(path)
+    assert version == "2"
+    assert "WHERE state = 'queued'" in indexes["messages_due"]
+    assert "WHERE state = 'in_flight'" in indexes["messages_lease"]
+    assert "WHERE state = 'failed'" in indexes["messages_failed"]
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    # The message in flight was recovered (through the new lease index), the others
+    # are where they were.
+    stats = await spool.stats()
+    assert stats.counts == {
+        MessageState.DELIVERED: 1,
+        MessageState.FAILED: 1,
+        MessageState.QUEUED: 3,
+    }
+    assert stats.oldest_queued_at is not None
+    assert await spool.next_due() == 1.0
+    leased = await spool.lease("w2", 10, 60)
+    assert sorted(m.raw or b"" for m in leased) == [b"in_flight", b"queued", b"waiting"]
+    failed = await spool.list(state=MessageState.FAILED)
+    assert [m.id for m in failed] == [ids[MessageState.FAILED]]
+    await spool.close()
+
+
+async def test_stats_and_lists_agree_with_a_count_of_every_row(tmp_path: Path) -> None:
+    """A differential check of the counts taken from the partial indexes."""
+    path = tmp_path / "s.db"
+    await _spool_in_every_state(path)
+    spool = SqliteSpool(path)  # not exclusive: the message in flight stays in flight
+    await spool.open()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        expected = dict(conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"))
+        oldest = conn.execute(
+            "SELECT MIN(created_at) FROM messages WHERE state IN ('queued', 'in_flight')"
+        ).fetchone()[0]
+        states = dict(conn.execute("SELECT id, state FROM messages"))
+    stats = await spool.stats()
+    assert {state.value: count for state, count in stats.counts.items()} == expected
+    assert list(stats.counts) == sorted(stats.counts)  # the order GROUP BY gave
+    assert stats.oldest_queued_at == oldest
+    for state in MessageState:
+        listed = await spool.list(state=state)
+        assert sorted(m.id for m in listed) == sorted(i for i, s in states.items() if s == state)
+    await spool.close()

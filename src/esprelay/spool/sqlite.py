@@ -45,7 +45,8 @@ Operation = Callable[[sqlite3.Connection], Any]
 # An operation, the future its caller awaits and that caller's event loop.
 _Item = tuple[Operation, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
-SCHEMA_VERSION = 1
+# 2: the indexes cover only the rows a query looks for (see _SCHEMA); _migrate.
+SCHEMA_VERSION = 2
 MAX_BATCH = 256
 PAGE_SIZE = 8192
 
@@ -68,8 +69,6 @@ CREATE TABLE IF NOT EXISTS messages (
     provider_message_id TEXT,
     meta TEXT NOT NULL DEFAULT '{}'
 );
-CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS messages_lease ON messages (state, lease_expires_at);
 -- One row per attempt that carries information of its own: a deferral or a failure.
 -- A delivery is the message's last attempt and the messages row holds all of it
 -- (number = attempts, at = updated_at, provider, provider_message_id), so it gets no
@@ -86,6 +85,21 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Partial indexes: a message is in messages_due while it waits and in messages_lease
+# while it is in flight, and leaves them at its outcome.  A delivery, the fate of nearly
+# every row, removes one index entry and writes none (with an index of every row by
+# state, it moved two), and the indexes stay the size of the queue however many
+# delivered rows are kept.  A query uses one only if its WHERE names the state as a
+# literal: a bound parameter does not tell the planner.  Counting the rows of one index
+# reads the index alone (SQLite defers the seek to the row until a column is read).
+_INDEXES = {
+    "messages_due": "ON messages (next_attempt_at) WHERE state = 'queued'",
+    "messages_lease": "ON messages (lease_expires_at) WHERE state = 'in_flight'",
+    "messages_failed": "ON messages (updated_at) WHERE state = 'failed'",
+}
+_SCHEMA += "".join(
+    f"CREATE INDEX IF NOT EXISTS {name} {definition};\n" for name, definition in _INDEXES.items()
+)
 
 _COLUMNS = (
     "id, created_at, updated_at, mail_from, rcpt_tos, size, state, attempts, next_attempt_at,"
@@ -116,6 +130,17 @@ _DUE = (
 _CLAIM = (
     "UPDATE messages SET state = 'in_flight', lease_owner = ?2, lease_expires_at = ?3,"
     " updated_at = ?4 WHERE id = ?1"
+)
+# The count of each state from the indexes: every row (the id index) and the rows of
+# each partial index; delivered are the rest.  The oldest waiting or in flight message
+# too, through the same indexes.
+_STATS = (
+    "SELECT (SELECT COUNT(*) FROM messages),"
+    " (SELECT COUNT(*) FROM messages WHERE state = 'queued'),"
+    " (SELECT COUNT(*) FROM messages WHERE state = 'in_flight'),"
+    " (SELECT COUNT(*) FROM messages WHERE state = 'failed'),"
+    " (SELECT MIN(t) FROM (SELECT MIN(created_at) AS t FROM messages WHERE state = 'queued'"
+    " UNION ALL SELECT MIN(created_at) FROM messages WHERE state = 'in_flight'))"
 )
 
 
@@ -210,6 +235,35 @@ def _spool_error(exc: BaseException) -> Exception:
         error = SpoolError(f"spool error: {exc}")
     error.__cause__ = exc
     return error
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a spool file written by an earlier version to ``SCHEMA_VERSION`` (a new one
+    has the current shape already, from ``_SCHEMA``), in one transaction.
+
+    Version 1 indexed every row by (state, time): its two indexes are built again as the
+    partial ones of ``_INDEXES``, under the same names, so an earlier esprelay can still
+    open the file (its queries work with them, as they do with the old ones).
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        # No version: a new file (``_SCHEMA`` made it as it should be; rebuilding its
+        # empty indexes costs nothing) or one older than the versions.
+        version = 1 if row is None else int(row[0])
+        if version < 2:
+            for name in ("messages_due", "messages_lease"):
+                conn.execute(f"DROP INDEX IF EXISTS {name}")
+                conn.execute(f"CREATE INDEX {name} {_INDEXES[name]}")
+        if version < SCHEMA_VERSION:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -331,10 +385,7 @@ class SqliteSpool(OnePartPut):
         try:
             conn = self._connect()
             conn.executescript(_SCHEMA)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+            _migrate(conn)
         except sqlite3.Error as exc:
             ready.set_exception(SpoolError(f"cannot open spool {self.path}: {exc}"))
             return
@@ -607,11 +658,11 @@ class SqliteSpool(OnePartPut):
                 rows = conn.execute(
                     f"SELECT {_COLUMNS} FROM messages ORDER BY created_at, id LIMIT ?", (limit,)
                 )
-            else:
+            else:  # the state as a literal, for the partial indexes (_INDEXES)
                 rows = conn.execute(
-                    f"SELECT {_COLUMNS} FROM messages WHERE state = ?"
+                    f"SELECT {_COLUMNS} FROM messages WHERE state = '{state.value}'"
                     " ORDER BY created_at, id LIMIT ?",
-                    (state.value, limit),
+                    (limit,),
                 )
             return [_row_to_message(row) for row in rows]
 
@@ -650,16 +701,18 @@ class SqliteSpool(OnePartPut):
 
     async def stats(self) -> SpoolStats:
         def select(conn: sqlite3.Connection) -> SpoolStats:
+            total, queued, in_flight, failed, oldest = conn.execute(_STATS).fetchone()
+            # As GROUP BY state gave them: the states that have rows, in name order.
             counts = {
-                MessageState(state): count
-                for state, count in conn.execute(
-                    "SELECT state, COUNT(*) FROM messages GROUP BY state"
+                state: count
+                for state, count in (
+                    (MessageState.DELIVERED, total - queued - in_flight - failed),
+                    (MessageState.FAILED, failed),
+                    (MessageState.IN_FLIGHT, in_flight),
+                    (MessageState.QUEUED, queued),
                 )
+                if count
             }
-            oldest = conn.execute(
-                "SELECT MIN(created_at) FROM messages WHERE state IN (?, ?)",
-                (MessageState.QUEUED.value, MessageState.IN_FLIGHT.value),
-            ).fetchone()[0]
             return SpoolStats(counts=counts, oldest_queued_at=oldest)
 
         return await self._run(select)
@@ -667,9 +720,9 @@ class SqliteSpool(OnePartPut):
     async def next_due(self) -> float | None:
         def select(conn: sqlite3.Connection) -> float | None:
             row = conn.execute(
-                "SELECT MIN(t) FROM (SELECT MIN(next_attempt_at) AS t FROM messages WHERE state = ?"
-                " UNION ALL SELECT MIN(lease_expires_at) FROM messages WHERE state = ?)",
-                (MessageState.QUEUED.value, MessageState.IN_FLIGHT.value),
+                "SELECT MIN(t) FROM (SELECT MIN(next_attempt_at) AS t FROM messages"
+                " WHERE state = 'queued' UNION ALL SELECT MIN(lease_expires_at) FROM messages"
+                " WHERE state = 'in_flight')"
             ).fetchone()
             return None if row is None else row[0]
 
@@ -701,9 +754,8 @@ class SqliteSpool(OnePartPut):
     @staticmethod
     def _recover(conn: sqlite3.Connection) -> int:
         cursor = conn.execute(
-            "UPDATE messages SET state = ?, lease_owner = NULL, lease_expires_at = NULL"
-            " WHERE state = ?",
-            (MessageState.QUEUED.value, MessageState.IN_FLIGHT.value),
+            "UPDATE messages SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL"
+            " WHERE state = 'in_flight'"
         )
         return cursor.rowcount
 
