@@ -8,6 +8,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -349,3 +350,65 @@ async def test_stats_and_lists_agree_with_a_count_of_every_row(tmp_path: Path) -
         listed = await spool.list(state=state)
         assert sorted(m.id for m in listed) == sorted(i for i, s in states.items() if s == state)
     await spool.close()
+
+
+def _synchronous(conn: sqlite3.Connection) -> int:
+    """The setting the batch this runs in commits with: 2 is FULL, 1 NORMAL."""
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+async def test_only_batches_of_leases_and_outcomes_commit_without_fsync(
+    tmp_path: Path,
+) -> None:
+    """Anything that takes a message in (or changes it by hand) commits with FULL,
+    whatever shares its batch; leases, deliveries and deferrals alone with NORMAL."""
+    spool = SqliteSpool(tmp_path / "s.db", exclusive=True)
+    await spool.open()
+    leased = [
+        (await spool.put_parts(b"x", [NewPart(ENVELOPE, "p")], lease_owner="w", lease_time=60))[0]
+        for _ in range(8)
+    ]
+    await spool.put(ENVELOPE, b"due", provider="p")
+
+    async def batch_mode(*operations: Any) -> int:
+        async with _one_batch(spool):
+            probe = asyncio.ensure_future(spool._run(_synchronous, durable=False))
+            others = [asyncio.ensure_future(operation) for operation in operations]
+        await asyncio.gather(*others)
+        return await probe
+
+    def delivered(message_id: str) -> Any:
+        return spool.mark_delivered(message_id, owner="w", provider="p", provider_message_id="x")
+
+    assert await batch_mode() == 1
+    assert await batch_mode(delivered(leased[0]), spool.lease("w", 1, 60)) == 1
+    assert (
+        await batch_mode(
+            spool.mark_retry(leased[1], owner="w", provider="p", error="e", next_attempt_at=9e9)
+        )
+        == 1
+    )
+    # A message taken in: FULL, with or without outcomes in the same batch.
+    assert await batch_mode(spool.put(ENVELOPE, b"new", provider="p")) == 2
+    assert await batch_mode(delivered(leased[2])) == 1
+    assert (
+        await batch_mode(
+            delivered(leased[3]),
+            spool.put_parts(b"y", [NewPart(ENVELOPE, "p")], lease_owner="w", lease_time=60),
+            delivered(leased[4]),
+        )
+        == 2
+    )
+    # A failure (a bounce follows it) and the admin operations: FULL.
+    assert await batch_mode(spool.mark_failed(leased[5], owner="w", provider="p", error="e")) == 2
+    assert await batch_mode(spool.retry_now(leased[1])) == 2
+    assert await batch_mode(spool.delete(leased[6])) == 2
+    assert await batch_mode(spool.purge(delivered_before=0, failed_before=0)) == 2
+    # A plain operation (the default) is durable.
+    assert await spool._run(_synchronous) == 2
+    assert await spool._run(_synchronous, durable=False) == 1
+    await spool.close()
+    reopened = SqliteSpool(tmp_path / "s.db")
+    await reopened.open()
+    assert (await reopened.stats()).counts[MessageState.DELIVERED] == 4
+    await reopened.close()

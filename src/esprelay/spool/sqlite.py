@@ -6,6 +6,11 @@ futures (with one wake-up of the event loop per batch): *group commit*.  Twenty
 sessions finishing DATA at the same moment cost one fsync, and still no ``250`` is sent
 before the message is on disk.
 
+A batch of nothing but leases and delivery outcomes is committed without an fsync
+(``synchronous=NORMAL``): losing it in a crash means a message delivered or tried
+again, never one lost, and the next batch that takes a message in syncs it along
+(see ``_run_batch``).
+
 One bad operation does not spoil its neighbours: when one raises, the transaction is
 rolled back and the batch runs again with each operation inside its own SAVEPOINT, so
 the others commit and only that one fails.  A SAVEPOINT per operation on every batch
@@ -42,8 +47,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
-# An operation, the future its caller awaits and that caller's event loop.
-_Item = tuple[Operation, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+# An operation, the future its caller awaits, that caller's event loop, and whether
+# the operation's commit must be on disk before the caller hears of it (``_run``).
+_Item = tuple[Operation, "asyncio.Future[Any]", asyncio.AbstractEventLoop, bool]
 
 # 2: the indexes cover only the rows a query looks for (see _SCHEMA); _migrate.
 SCHEMA_VERSION = 2
@@ -302,7 +308,7 @@ def _settle(batch: list[_Item], outcomes: list[Any]) -> None:
 
 def _resolve(batch: list[_Item], outcomes: list[Any]) -> None:
     """On the event loop: set each future (unless its caller gave up on it)."""
-    for (_, future, _), outcome in zip(batch, outcomes, strict=True):
+    for (_, future, _, _), outcome in zip(batch, outcomes, strict=True):
         if future.done():
             continue
         if type(outcome) is _Failed:
@@ -319,6 +325,8 @@ class SqliteSpool(OnePartPut):
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
         self._closed = False
+        # The connection's synchronous setting, FULL or not (writer thread only).
+        self._synchronous_full = True
         # The writer thread's cursor for the statements every message goes through (a
         # new cursor per statement, as ``conn.execute`` makes, costs about as much as
         # the statement).  Used by operations only, which run on that thread.
@@ -419,12 +427,25 @@ class SqliteSpool(OnePartPut):
         """Run ``batch`` in one transaction; return each operation's outcome (a value, or
         ``_Failed``), all committed."""
         execute = conn.execute
+        # In WAL mode a commit appends the pages it changed to the WAL file; FULL then
+        # fsyncs the WAL, NORMAL does not (the WAL is synced before a checkpoint copies
+        # it into the database).  One fsync of the WAL makes everything written to it
+        # before durable, so the next FULL commit (any batch holding a new message or
+        # an admin operation) hardens the NORMAL ones before it too.  After a crash,
+        # SQLite replays the WAL up to its last valid commit only: each frame carries a
+        # checksum that chains through all the frames before it, so what survives is a
+        # prefix of the commits, and what may be lost is a tail of outcome-only
+        # batches: at worst a message delivered again after its lease is recovered.
+        full = any(item[3] for item in batch)
         try:
+            if full is not self._synchronous_full:
+                execute("PRAGMA synchronous=FULL" if full else "PRAGMA synchronous=NORMAL")
+                self._synchronous_full = full
             execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             return [_Failed(_spool_error(exc))] * len(batch)
         try:
-            outcomes = [operation(conn) for operation, _, _ in batch]
+            outcomes = [operation(conn) for operation, _, _, _ in batch]
         except Exception:  # noqa: BLE001 - one operation failed: isolate it (see the module doc)
             _rollback(conn)
             return self._run_batch_isolated(conn, batch)
@@ -442,7 +463,7 @@ class SqliteSpool(OnePartPut):
         outcomes: list[Any] = []
         try:
             execute("BEGIN IMMEDIATE")
-            for operation, _, _ in batch:
+            for operation, _, _, _ in batch:
                 execute("SAVEPOINT op")
                 try:
                     with _translate_errors():
@@ -460,9 +481,13 @@ class SqliteSpool(OnePartPut):
             return [_Failed(_spool_error(exc))] * len(batch)
         return outcomes
 
-    async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(
+        self, operation: Callable[[sqlite3.Connection], T], *, durable: bool = True
+    ) -> T:
         """Run ``operation`` on the writer thread, in the next batch; return its value
-        once its batch is committed.
+        once its batch is committed: on disk, fsync'd, unless ``durable`` is False and
+        nothing else in the batch needs it (an operation whose loss in a crash only
+        means another delivery attempt: a lease, a delivery, a deferral).
 
         An operation may run twice (its batch again, when another one in it fails): it
         must not act beyond the connection, and only the committed run's value counts.
@@ -471,7 +496,7 @@ class SqliteSpool(OnePartPut):
             raise SpoolError("spool is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((operation, future, loop))
+        self._queue.put((operation, future, loop, durable))
         return await future
 
     # endregion
@@ -531,7 +556,8 @@ class SqliteSpool(OnePartPut):
                 for row in rows
             ]
 
-        return await self._run(claim)
+        # A claim lost in a crash leaves the message due (or in flight, and recovered).
+        return await self._run(claim, durable=False)
 
     def _finish(
         self,
@@ -592,7 +618,10 @@ class SqliteSpool(OnePartPut):
                     provider_message_id=provider_message_id,
                     next_attempt_at=None,
                     drop_body=True,
-                )
+                ),
+                # Lost in a crash: the message stays in flight, is recovered at the
+                # next start and delivered again (at least once, as promised).
+                durable=False,
             )
         )
 
@@ -611,7 +640,9 @@ class SqliteSpool(OnePartPut):
                     provider_message_id=None,
                     next_attempt_at=next_attempt_at,
                     drop_body=False,
-                )
+                ),
+                # Lost in a crash: the message is tried again at the next start.
+                durable=False,
             )
         )
 
@@ -629,6 +660,7 @@ class SqliteSpool(OnePartPut):
                     next_attempt_at=None,
                     drop_body=False,
                 )
+                # Durable: a bounce and the failure webhook follow it.
             )
         )
 
