@@ -426,7 +426,7 @@ class SqliteSpool(OnePartPut):
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[Any]:
         """Run ``batch`` in one transaction; return each operation's outcome (a value, or
         ``_Failed``), all committed."""
-        execute = conn.execute
+        execute = self._cursor.execute  # no new cursor per statement (see __init__)
         # In WAL mode a commit appends the pages it changed to the WAL file; FULL then
         # fsyncs the WAL, NORMAL does not (the WAL is synced before a checkpoint copies
         # it into the database).  One fsync of the WAL makes everything written to it
@@ -434,8 +434,8 @@ class SqliteSpool(OnePartPut):
         # an admin operation) hardens the NORMAL ones before it too.  After a crash,
         # SQLite replays the WAL up to its last valid commit only: each frame carries a
         # checksum that chains through all the frames before it, so what survives is a
-        # prefix of the commits, and what may be lost is a tail of outcome-only
-        # batches: at worst a message delivered again after its lease is recovered.
+        # prefix of the commits, and what may be lost is a tail of batches of leases and
+        # outcomes: at worst a message delivered again after its lease is recovered.
         full = any(item[3] for item in batch)
         try:
             if full is not self._synchronous_full:
@@ -647,6 +647,7 @@ class SqliteSpool(OnePartPut):
         )
 
     async def mark_failed(self, id: str, *, owner: str, provider: str, error: str) -> bool:
+        # Durable (the default): a bounce and the failure webhook follow it.
         return bool(
             await self._run(
                 self._finish(
@@ -660,7 +661,6 @@ class SqliteSpool(OnePartPut):
                     next_attempt_at=None,
                     drop_body=False,
                 )
-                # Durable: a bounce and the failure webhook follow it.
             )
         )
 
