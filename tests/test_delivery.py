@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from esprelay.errors import (
 )
 from esprelay.models import Envelope, MessageState, OutboundMessage, SendResult
 from esprelay.providers.base import Provider
+from esprelay.spool.base import NewPart
 from esprelay.spool.sqlite import SqliteSpool
 
 
@@ -242,3 +244,84 @@ async def test_stop_cancels_after_grace_and_message_stays(spool: SqliteSpool) ->
     message = await spool.get(message_id, with_body=True)
     assert message is not None and message.raw is not None
     assert message.state == MessageState.IN_FLIGHT  # reclaimed at the next start
+
+
+class CountingSpool(SqliteSpool):
+    """Counts lease queries; ``hold`` keeps one answered lease query from returning."""
+
+    leases = 0
+    hold: asyncio.Event | None = None
+
+    async def lease(self, owner: str, limit: int, lease_time: float) -> list[Any]:
+        self.leases += 1
+        found = await super().lease(owner, limit, lease_time)
+        if self.hold is not None:  # answered, but not yet seen by the caller
+            await self.hold.wait()
+            self.hold = None
+        return found
+
+
+async def test_handed_off_messages_cost_no_lease_query(tmp_path: Path) -> None:
+    spool = CountingSpool(tmp_path / "spool.db", exclusive=True)
+    await spool.open()
+    provider = ScriptedProvider([])
+    deliverer = make_deliverer(spool, provider)
+    deliverer._poll_interval = 60  # only wake-ups, no polling, in this test
+    deliverer.start()
+    try:
+        await asyncio.sleep(0.1)
+        queries_at_start = spool.leases  # the one at start-up (recovered work)
+        for _ in range(10):
+            assert deliverer.reserve(1)
+            (message_id,) = await spool.put_parts(
+                b"Subject: t\r\n\r\nx\r\n",
+                [NewPart(Envelope("a@example.com", ("b@example.org",)), "scripted", {})],
+                lease_owner=deliverer.owner,
+                lease_time=30,
+            )
+            message = await spool.get(message_id, with_body=True)
+            assert message is not None
+            deliverer.dispatch_reserved(message)
+        await wait_until(lambda: _true(len(provider.sent) == 10))
+        await asyncio.sleep(0.1)
+        assert spool.leases == queries_at_start
+        # A message spooled for the workers to lease still wakes them.
+        message_id = await put(spool)
+        deliverer.wake()
+
+        async def delivered() -> bool:
+            found = await spool.get(message_id)
+            return found is not None and found.state == MessageState.DELIVERED
+
+        await wait_until(delivered)
+    finally:
+        await deliverer.stop(grace=1)
+        await spool.close()
+
+
+async def test_wake_during_a_lease_query_is_not_lost(tmp_path: Path) -> None:
+    spool = CountingSpool(tmp_path / "spool.db", exclusive=True)
+    await spool.open()
+    provider = ScriptedProvider([])
+    deliverer = make_deliverer(spool, provider)
+    deliverer._poll_interval = 60
+    spool.hold = asyncio.Event()
+    deliverer.start()
+    try:
+        await asyncio.sleep(0.1)  # the start-up query found nothing, and waits on ``hold``
+        message_id = await put(spool)
+        deliverer.wake()  # while that query runs: it may not see the message
+        spool.hold.set()
+
+        async def delivered() -> bool:
+            found = await spool.get(message_id)
+            return found is not None and found.state == MessageState.DELIVERED
+
+        await wait_until(delivered, timeout=5)
+    finally:
+        await deliverer.stop(grace=1)
+        await spool.close()
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -170,7 +170,6 @@ class Relay:
                 on_failed=self._on_failed,
                 on_outcome=self.metrics.delivery_outcome,
             )
-            self.intake_state.on_accepted.append(self.deliverer.wake)
         self.intake_state.on_accepted.append(self.metrics.message_accepted)
         self.intake_state.on_reply.append(self.metrics.smtp_reply)
         self.intake = Intake(

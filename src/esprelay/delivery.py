@@ -17,7 +17,6 @@ along it and the circuit breakers live in :mod:`esprelay.dispatch`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -98,6 +97,8 @@ class Deliverer:
         self._client_waiting: set[str] = set()
         # Worker slots promised to messages being spooled for a direct hand-off.
         self._reserved = 0
+        # The spool may hold due work for us (see _run); true at start: recovery.
+        self._due = True
 
     @property
     def owner(self) -> str:
@@ -116,7 +117,8 @@ class Deliverer:
         return len(self._inflight)
 
     def wake(self) -> None:
-        """Look for due work now (a message was just spooled)."""
+        """Look for due work now (a message was just spooled for the workers to lease)."""
+        self._due = True
         self._wake.set()
 
     def start(self) -> None:
@@ -194,25 +196,35 @@ class Deliverer:
         return task
 
     async def _run(self) -> None:
+        # The spool is asked for due work when it may hold some (``_due``): after a
+        # wake-up (a message spooled without a hand-off, another instance's work, an
+        # admin retry), after each poll interval (retries come due), and while a lease
+        # filled every free slot.  A message handed off at intake needs no query, nor
+        # does a finished delivery unless work is waiting for its slot.
         while not self._stopping:
+            self._wake.clear()  # before the query: a wake-up during it is kept
             free = self._concurrency - len(self._inflight) - self._reserved
-            leased: list[SpooledMessage] = []
-            if free > 0:
+            if free > 0 and self._due:
+                self._due = False
+                leased: list[SpooledMessage] = []
                 try:
                     leased = await self._spool.lease(self._owner, free, self._lease_time)
                 except SpoolError as exc:
                     log.error("cannot lease from spool: %s", exc)
-            for message in leased:
-                self._spawn(message)
-            if leased and len(leased) == free:
-                continue  # there may be more due work; look again at once
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
+                for message in leased:
+                    self._spawn(message)
+                if leased and len(leased) == free:
+                    self._due = True
+                    continue  # there may be more due work; look again at once
+            try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval)
+            except TimeoutError:
+                self._due = True
 
     def _task_done(self, task: asyncio.Task[Outcome | None]) -> None:
         self._inflight.discard(task)
-        self._wake.set()
+        if self._due:
+            self._wake.set()  # a slot is free for work that is waiting
 
     async def _deliver(self, message: SpooledMessage) -> Outcome | None:
         chain = tuple(

@@ -150,6 +150,8 @@ class Intake:
             callback()
         queued = f"250 2.0.0 Ok: queued as {','.join(ids)}"
         if deliverer is None or not (inline or handoff):
+            if deliverer is not None:
+                deliverer.wake()  # spooled for the workers to lease
             return queued
         now = time.time()
         leased = [
