@@ -412,3 +412,12 @@ async def test_only_batches_of_leases_and_outcomes_commit_without_fsync(
     await reopened.open()
     assert (await reopened.stats()).counts[MessageState.DELIVERED] == 4
     await reopened.close()
+
+
+def test_message_ids_are_unique_and_time_ordered() -> None:
+    from esprelay.spool.base import new_message_id
+
+    ids = [new_message_id(1_800_000_000.0 + i / 1000) for i in range(20000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 21 and int(i, 16) >= 0 for i in ids)
+    assert ids == sorted(ids, key=lambda i: i[:11])
