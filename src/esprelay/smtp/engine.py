@@ -578,12 +578,16 @@ class SMTPSession(asyncio.Protocol):
             return None
         return address, (rest or "").upper().split()
 
-    def smtp_MAIL(self, arg: str | None) -> None:
-        self._stage = "mail"
+    def _staged(self, stage: str, command: Callable[[str | None], None], arg: str | None) -> None:
+        """Run ``command`` with its replies observed as answers to ``stage`` (metrics)."""
+        self._stage = stage
         try:
-            self._mail(arg)
+            command(arg)
         finally:
             self._stage = None
+
+    def smtp_MAIL(self, arg: str | None) -> None:
+        self._staged("mail", self._mail, arg)
 
     def _mail(self, arg: str | None) -> None:
         if self._helo_needed():
@@ -632,11 +636,7 @@ class SMTPSession(asyncio.Protocol):
         return syntax + " [SP <mail-parameters>]" if self.session.extended_smtp else syntax
 
     def smtp_RCPT(self, arg: str | None) -> None:
-        self._stage = "rcpt"
-        try:
-            self._rcpt(arg)
-        finally:
-            self._stage = None
+        self._staged("rcpt", self._rcpt, arg)
 
     def _rcpt(self, arg: str | None) -> None:
         if self._helo_needed():
@@ -660,19 +660,18 @@ class SMTPSession(asyncio.Protocol):
         self._reply(self.handler.rcpt(self, self.session, self.envelope, address, options))
 
     def smtp_DATA(self, arg: str | None) -> None:
-        self._stage = "data"
-        try:
-            if self._helo_needed():
-                return
-            if not self.envelope.rcpt_tos:
-                self._reply("503 Error: need RCPT command")
-                return
-            if arg:
-                self._reply("501 Syntax: DATA")
-                return
-            self._reply("354 End data with <CR><LF>.<CR><LF>")
-        finally:
-            self._stage = None
+        self._staged("data", self._data_command, arg)
+
+    def _data_command(self, arg: str | None) -> None:
+        if self._helo_needed():
+            return
+        if not self.envelope.rcpt_tos:
+            self._reply("503 Error: need RCPT command")
+            return
+        if arg:
+            self._reply("501 Syntax: DATA")
+            return
+        self._reply("354 End data with <CR><LF>.<CR><LF>")
         # A deadline for the whole DATA phase: a client trickling its message is cut off.
         self._arm(self.listener.guards.data_timeout)
         self._state = _DATA
