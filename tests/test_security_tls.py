@@ -249,3 +249,36 @@ def test_failed_starttls_handshake_runs_no_plaintext_and_frees_the_slot(
     assert again.reply().startswith(b"220")  # the one slot for this client is free again
     again.close()
     assert "TLS handshake not completed" in relay.log
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
+def test_garbage_instead_of_a_handshake_frees_the_slot(
+    relay_factory: type[RelayProcess], certs: Certs, engine: str, loop: str
+) -> None:
+    """The client answers 220 to STARTTLS with bytes that are not TLS, then goes away:
+    the handshake fails at once (not by timeout) and the client's one slot is free."""
+    relay, _ = start_tls_relay(
+        relay_factory,
+        certs,
+        ESPRELAY_MAX_CONNECTIONS_PER_CLIENT="1",
+        ESPRELAY_SMTP_ENGINE=engine,
+        ESPRELAY_EVENT_LOOP=loop,
+    )
+    dialog = Dialog(relay.port, source=UNTRUSTED)
+    assert dialog.reply().startswith(b"220")
+    assert dialog.command(b"EHLO x.test").startswith(b"250")
+    assert dialog.command(b"STARTTLS").startswith(b"220")
+    dialog.send(b"\x16\x03\x01\x00\x05garbage-that-is-no-client-hello\r\n" * 4)
+    dialog.sock.settimeout(10)
+    assert dialog.closed()
+    dialog.close()
+    deadline = time.monotonic() + 5
+    while True:
+        again = Dialog(relay.port, source=UNTRUSTED)
+        greeting = again.reply()
+        again.close()
+        if greeting.startswith(b"220") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert greeting.startswith(b"220"), greeting

@@ -811,13 +811,15 @@ class SMTPSession(asyncio.Protocol):
             )
         except (OSError, RuntimeError, ValueError) as exc:  # SSL errors, resets, timeouts
             log.info("TLS handshake not completed: closing client=%s (%s)", self._client, exc)
-            self._state = _CLOSED
-            transport.abort()
+            self._abandon(transport)
             return
+        except asyncio.CancelledError:  # the idle timeout, or shutdown
+            self._abandon(transport)
+            raise
         finally:
             self._handshaking = False
         if secure is None or self._state == _CLOSED:
-            transport.abort()
+            self._abandon(transport)
             return
         self.transport = secure
         self._tls_protocol = secure
@@ -832,6 +834,17 @@ class SMTPSession(asyncio.Protocol):
         }
         self._rset()
         self._arm(self.listener.timeout)
+
+    def _abandon(self, transport: asyncio.Transport) -> None:
+        """Close a connection whose TLS handshake did not complete.  Our protocol may
+        never hear of its end (the TLS layer tells it only after a handshake), so the
+        session's slot and timer are freed here."""
+        self._state = _CLOSED
+        transport.abort()
+        self._release()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # endregion
 
