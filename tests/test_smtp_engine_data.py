@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from esprelay.intake import IntakeState
 from esprelay.smtp.auth import FailureLimiter, UserDB
+from esprelay.smtp.dataread import MessageReader
 from esprelay.smtp.engine import Listener, SMTPSession
 from esprelay.smtp.guards import Guards
 
@@ -166,8 +167,32 @@ async def test_an_endless_message_is_not_kept() -> None:
     session.data_received(b"DATA\r\n")
     for _ in range(1000):
         session.data_received(b"y" * 30 + b"\r\n")
-    assert len(session._data) < SIZE_LIMIT + 64
+    assert session._message is not None and session._message.buffered < SIZE_LIMIT + 64
     session.data_received(b".\r\n")
     await asyncio.sleep(0)
     assert bytes(transport.written).endswith(b"552 Error: Too much mail data\r\n")
     assert capture.contents == []
+
+
+@settings(max_examples=500, deadline=None)
+@given(lines, st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=30))
+def test_message_reader_alone(body_lines: list[bytes], cuts: list[int]) -> None:
+    """The reader without a session: content or error, and exactly the bytes after the dot."""
+    stream = b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n" for x in body_lines)
+    stream += b".\r\nNEXT\r\n"
+    reader = MessageReader(size_limit=SIZE_LIMIT, line_limit=LINE_LIMIT)
+    position, rest = 0, None
+    for cut in [*cuts, len(stream)]:
+        rest = reader.feed(stream[position : position + cut])
+        position += cut
+        if rest is not None:
+            break
+    assert rest is not None
+    assert rest + stream[position:] == b"NEXT\r\n"
+    content, error = _expected(body_lines)
+    if error is None:
+        assert reader.error is None
+        assert reader.take() == content
+    else:
+        assert reader.error is not None and reader.error[:3] in ("500", "552")
+        assert reader.content is None

@@ -38,6 +38,7 @@ from aiosmtpd.smtp import Envelope, Session
 from esprelay.errors import ShuttingDown
 from esprelay.intake import IntakeState
 from esprelay.smtp.auth import FailureLimiter, UserDB
+from esprelay.smtp.dataread import MessageReader
 from esprelay.smtp.guards import Guards
 from esprelay.smtp.handler import RelayHandler, client_address, simple_path
 
@@ -51,7 +52,6 @@ PAUSE_AT = 1 << 20
 VERIFY_CONCURRENCY = 2
 
 _COMMAND, _DATA, _LINE, _BUSY, _CLOSED = range(5)
-_NOMINAL, _TOO_LONG, _TOO_MUCH = range(3)
 _HELP = {
     "AUTH": "AUTH <mechanism>",
     "DATA": "DATA",
@@ -163,12 +163,7 @@ class SMTPSession(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0  # when the idle timeout (or the DATA deadline) strikes
         self._loop = asyncio.get_running_loop()
-        # DATA
-        self._data = bytearray()
-        self._data_state = _NOMINAL
-        self._dropped = 0  # bytes of an over-limit message dropped from the buffer
-        self._scan = 0  # where the search for the end of data resumes
-        self._line_start = 0  # start of the line being checked against the line limit
+        self._message: MessageReader | None = None  # in DATA
 
     # region connection
 
@@ -239,7 +234,7 @@ class SMTPSession(asyncio.Protocol):
             # unless the spool had already committed it: then it is delivered).
             self._step.cancel()
         self.transport = None
-        self._data = bytearray()
+        self._message = None
         self._input = bytearray()
 
     def eof_received(self) -> bool | None:
@@ -672,95 +667,44 @@ class SMTPSession(asyncio.Protocol):
             self._reply("501 Syntax: DATA")
             return
         self._reply("354 End data with <CR><LF>.<CR><LF>")
+        listener = self.listener
         # A deadline for the whole DATA phase: a client trickling its message is cut off.
-        self._arm(self.listener.guards.data_timeout)
+        self._arm(listener.guards.data_timeout)
         self._state = _DATA
-        self._data = bytearray()
-        self._data_state = _NOMINAL
-        self._dropped = 0
-        self._scan = 0
-        self._line_start = 0
+        self._message = MessageReader(
+            size_limit=listener.data_size_limit, line_limit=listener.line_length_limit
+        )
 
     # endregion
 
     # region DATA
 
     def _data_received(self, data: bytes) -> None:
-        """Take message bytes; at the final ``.`` line, hand the message on.
-
-        The rules are :class:`esprelay.smtp.data.CompactDataSMTP`'s (aiosmtpd's): lines
-        end at CRLF only, a leading dot is removed, the end is a line that is ``.``; a
-        message over the size limit is answered ``552`` and one with a line over the
-        line limit ``500``, both only after its end was read.
-        """
-        buffer = self._data
-        buffer += data
-        end = -1
-        if self._dropped == 0 and buffer[:3] == b".\r\n":
-            end = 0
-        else:
-            found = buffer.find(b"\r\n.\r\n", max(self._scan - 4, 0))
-            if found >= 0:
-                end = found + 2
-        stop = end if end >= 0 else len(buffer)
-        if self._data_state == _NOMINAL:
-            self._check_lines(buffer, stop)
-        limit = self.listener.data_size_limit
-        if self._data_state == _NOMINAL and limit and self._dropped + stop > limit:
-            self._data_state = _TOO_MUCH
-        if end < 0:
-            if self._data_state != _NOMINAL and len(buffer) > 4:
-                # Nothing is kept any more but what the search for the end needs.
-                self._dropped += len(buffer) - 4
-                del buffer[:-4]
-            self._scan = len(buffer)
+        """Message bytes (rules in :mod:`esprelay.smtp.dataread`); at the final dot,
+        refuse the message or hand it on."""
+        reader = self._message
+        assert reader is not None
+        rest = reader.feed(data)
+        if rest is None:
             return
-        rest = bytes(buffer[end + 3 :])
-        del buffer[end:]
-        self._data = bytearray()
+        self._message = None
         self._state = _BUSY
         if rest:
             self._input[:0] = rest
         self._arm(self.listener.timeout)
-        if self._data_state != _NOMINAL:
-            self._stage = "data"
-            if self._data_state == _TOO_LONG:
-                self._reply("500 Line too long (see RFC5321 4.5.3.1.6)")
-            else:
-                self._reply("552 Error: Too much mail data")
-            self._stage = None
+        if reader.error is not None:
+            self._staged("data", self._refuse_message, reader.error)
             self._rset()
             self._state = _COMMAND
             return
-        if buffer[:1] == b".":
-            del buffer[:1]
-        content = bytes(buffer)
-        del buffer  # the only other reference: at most two copies at once
-        if b"\r\n." in content:
-            content = content.replace(b"\r\n.", b"\r\n")
         # No local keeps the bytes: the handler takes them from the envelope and drops
         # them there, so a repaired copy does not live beside the original.
-        self.envelope.content = self.envelope.original_content = content
-        del content
+        self.envelope.content = self.envelope.original_content = reader.take()
         self._start(self._finish_data())
 
-    def _check_lines(self, buffer: bytearray, stop: int) -> None:
-        """Mark the message too long if a line before ``stop`` is over the limit.
-
-        A window of ``limit + 2`` bytes from a line start holds the CRLF of every line
-        that ends in it, and each of those lines is short enough; the last CRLF in the
-        window is where the next window starts.  No CRLF in a whole window: the line
-        that starts it is too long.  So a 10 MB message is checked in ~160 steps.
-        """
-        window = self.listener.line_length_limit + 2
-        position = self._line_start
-        while stop - position >= window:
-            last = buffer.rfind(b"\r\n", position, position + window)
-            if last < 0:
-                self._data_state = _TOO_LONG
-                return
-            position = last + 2
-        self._line_start = position
+    def _refuse_message(self, reply: str | None) -> None:
+        assert reply is not None
+        self._reply(reply)
 
     async def _finish_data(self) -> None:
         assert self.session is not None
