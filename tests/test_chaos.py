@@ -102,10 +102,20 @@ class Load:
     """Threads sending messages to whichever relay ``target()`` names, until stopped.
 
     Every 250 is recorded with its spool id; ``accepted_event`` fires on each one.
+    Each thread starts at most one message per ``pace`` seconds, so that ``limit``
+    lasts for the whole test however fast the relay answers: a load that has run out
+    would leave a later phase waiting for a 250 that can never come.
     """
 
-    def __init__(self, target: Callable[[], int], threads: int = 3, limit: int = 10_000) -> None:
+    def __init__(
+        self,
+        target: Callable[[], int],
+        threads: int = 3,
+        limit: int = 10_000,
+        pace: float = 0.0,
+    ) -> None:
         self.target = target
+        self.pace = pace
         self.accepted: dict[str, str] = {}  # spool id -> token
         self.replies: collections.Counter[int] = collections.Counter()
         self.accepted_event = threading.Event()
@@ -136,6 +146,7 @@ class Load:
                     return
                 self._sent += 1
                 token = f"t{self._sent:05d}-{random.getrandbits(32):08x}"
+            started = time.monotonic()
             code, reply = send_one(port, token)
             with self._lock:
                 self.replies[code] += 1
@@ -145,6 +156,12 @@ class Load:
                 self.accepted_event.set()
             elif code == 0:
                 time.sleep(0.02)  # the relay is down: a real client would back off too
+            self._stop.wait(max(0.0, self.pace - (time.monotonic() - started)))
+
+    @property
+    def exhausted(self) -> bool:
+        with self._lock:
+            return self._sent >= self._limit
 
 
 # endregion
@@ -279,7 +296,9 @@ def test_sigkill_at_random_points_loses_nothing(
     current = {"port": 0}
     kills = 0
     partial_tokens: list[str] = []
-    with Load(lambda: current["port"], threads=3, limit=600) as load:
+    # Five phases of at most about 1 s each (plus restarts): 3 threads at one
+    # message per 20 ms each stay well inside the limit even on a fast relay.
+    with Load(lambda: current["port"], threads=3, limit=1200, pace=0.02) as load:
         for point in ("during-data", "after-250", "during-delivery", "random", "random"):
             relay.start()
             current["port"] = relay.port
@@ -289,6 +308,7 @@ def test_sigkill_at_random_points_loses_nothing(
                 partial_tokens.append(kill_during_data(relay))
             elif point == "after-250":
                 load.accepted_event.clear()
+                assert not load.exhausted, "the load ran out before this phase"
                 assert load.accepted_event.wait(15), relay.log
                 relay.send_signal(signal.SIGKILL)
             elif point == "during-delivery":
