@@ -371,7 +371,9 @@ def test_two_instances_one_killed_the_other_finishes_its_work(
         turn["n"] += 1
         return ports[turn["n"] % len(ports)]
 
-    with Load(balancer, threads=4, limit=300) as load:
+    # Paced, so that A still has work coming in while the test waits to freeze it
+    # holding a lease, however fast both instances answer.
+    with Load(balancer, threads=4, limit=600, pace=0.02) as load:
         deadline = time.monotonic() + 30
         while len(load.accepted) < 60 and time.monotonic() < deadline:
             time.sleep(0.05)
