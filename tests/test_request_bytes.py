@@ -2,10 +2,12 @@
 
 A raw loopback server records every request byte for byte.  The expected requests
 are what esprelay sent before its request building and HTTP client were tuned for
-CPU (``git log`` of this file): a change that alters a request line, a header, its
-order or case, or one byte of a body fails here.  When the server sets a cookie, no
-request sends it back and the client keeps none (an ESP API client has no session;
-before, the aiohttp transport sent cookies back to a named host).
+CPU (``git log`` of this file), with one intended change since: the JSON bodies are
+compact (no space after ``,`` and ``:``) since ``orjson`` encodes them.  A change that
+alters a request line, a header, its order or case, or one byte of a body fails here.
+When the server sets a cookie, no request sends it back and the client keeps none (an
+ESP API client has no session; before, the aiohttp transport sent cookies back to a
+named host).
 """
 
 from __future__ import annotations
@@ -31,17 +33,17 @@ RAW = crlf(
 ENVELOPE = Envelope("a@example.com", ("b@example.org", "c@example.org", "hidden@example.net"))
 
 SENDGRID_BODY = (
-    '{"personalizations": [{"to": [{"email": "b@example.org", "name": "B"}], "cc": [{"email":'
-    ' "c@example.org"}], "bcc": [{"email": "hidden@example.net"}]}], "from": {"email":'
-    ' "a@example.com", "name": "Billing, Inc."}, "subject": "Grüße", "content": [{"type":'
-    ' "text/plain", "value": "Grüße \\\\ \\"x\\"\\r\\n"}], "headers": {"Message-ID":'
-    ' "<m1@example.com>", "X-App": "42"}}'
+    '{"personalizations":[{"to":[{"email":"b@example.org","name":"B"}],"cc":[{"email":'
+    '"c@example.org"}],"bcc":[{"email":"hidden@example.net"}]}],"from":{"email":'
+    '"a@example.com","name":"Billing, Inc."},"subject":"Grüße","content":[{"type":'
+    '"text/plain","value":"Grüße \\\\ \\"x\\"\\r\\n"}],"headers":{"Message-ID":'
+    '"<m1@example.com>","X-App":"42"}}'
 ).encode()
 POSTMARK_BODY = (
-    '{"From": "\\"Billing, Inc.\\" <a@example.com>", "To": "B <b@example.org>", "Cc":'
-    ' "c@example.org", "Bcc": "hidden@example.net", "Subject": "Grüße", "TextBody":'
-    ' "Grüße \\\\ \\"x\\"\\r\\n", "Headers": [{"Name": "Message-ID", "Value":'
-    ' "<m1@example.com>"}, {"Name": "X-App", "Value": "42"}], "MessageStream": "outbound"}'
+    '{"From":"\\"Billing, Inc.\\" <a@example.com>","To":"B <b@example.org>","Cc":'
+    '"c@example.org","Bcc":"hidden@example.net","Subject":"Grüße","TextBody":'
+    '"Grüße \\\\ \\"x\\"\\r\\n","Headers":[{"Name":"Message-ID","Value":'
+    '"<m1@example.com>"},{"Name":"X-App","Value":"42"}],"MessageStream":"outbound"}'
 ).encode()
 
 #: Header lines as each transport writes them (httpx-aiohttp hands aiohttp the

@@ -20,12 +20,12 @@ import abc
 import asyncio
 import contextlib
 import email.utils
-import json
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import httpx
+import orjson
 
 from esprelay.budget import LARGE_MESSAGE_BUDGET, ByteBudget
 from esprelay.errors import (
@@ -116,14 +116,14 @@ class HttpProvider(Provider):
         return response
 
 
-#: ``json.dumps(..., ensure_ascii=False)``'s encoder, made once.  Payloads are trees of
-#: dicts, lists and strings, so the check for cycles (which only raises) is left out.
-_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False)
-
-
 def json_body(payload: Any) -> bytes:
-    """``json.dumps(payload, ensure_ascii=False).encode("utf-8")``, byte for byte."""
-    return _JSON.encode(payload).encode("utf-8")
+    """``payload`` (a tree of dicts, lists, strings, numbers) as compact UTF-8 JSON.
+
+    ``orjson`` rather than the json module: the same JSON text without the optional
+    spaces, non-ASCII characters as UTF-8 (``ensure_ascii=False``), in a fifth of the
+    time on a message's long strings (``python -m bench.mime_cpu``).
+    """
+    return orjson.dumps(payload)
 
 
 class PostTarget:
