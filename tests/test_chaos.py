@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import random
 import signal
 import smtplib
@@ -599,3 +600,84 @@ def test_esp_outage_messages_wait_then_go_in_due_order(
     assert log == sorted(sent, key=lambda i: (due[i], i)), relay.log
     for message_id in sent:
         assert f"delivered id={message_id} provider=outbox attempt=2" in relay.log
+
+
+def large_message(token: str, size: int) -> bytes:
+    head = message(token)
+    line = b"y" * 76 + b"\r\n"
+    return head + line * (size // len(line))
+
+
+def test_sigkill_with_large_bodies_in_files_loses_nothing_and_leaves_no_file(
+    relay_factory: type[RelayProcess], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bodies over ``BODY_FILE_MIN`` live in files beside the SQLite spool: a kill at any
+    point (during DATA, between a file's write and its row's commit, after the 250,
+    during delivery) loses no accepted message, and no file outlives its message."""
+    from esprelay.spool.sqlite import BODY_FILE_MIN
+
+    spool_path = tmp_path / "data" / "spool.db"
+    relay = relay_factory(base_env(f"sqlite:///{spool_path}"))
+    rng = random.Random()
+    accepted: dict[str, bytes] = {}
+    replies: collections.Counter[int] = collections.Counter()
+    kills = 0
+    for round_ in range(4):
+        relay.start()
+        stop = threading.Event()
+
+        def send(
+            port: int = relay.port, round_: int = round_, stop: threading.Event = stop
+        ) -> None:
+            n = 0
+            while not stop.is_set() and n < 100:  # bounded; the kill comes long before
+                n += 1
+                token = f"big{round_}-{n}-{random.getrandbits(32):08x}"
+                raw = large_message(token, BODY_FILE_MIN + rng.randrange(200_000))
+                try:
+                    with smtplib.SMTP("127.0.0.1", port, timeout=15) as smtp:
+                        smtp.ehlo("chaos.test")
+                        smtp.mail("app@example.com")
+                        smtp.rcpt("ops@example.org")
+                        code, reply = smtp.data(raw)
+                except smtplib.SMTPResponseException as exc:
+                    code, reply = exc.smtp_code, exc.smtp_error
+                except (OSError, smtplib.SMTPException):
+                    code, reply = 0, b""
+                replies[code] += 1
+                if code == 250:
+                    accepted[queued_id(reply.decode())] = raw
+                elif code == 0:
+                    time.sleep(0.02)  # killed: back off as a client would
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        time.sleep(rng.uniform(0.1, 0.6))
+        relay.send_signal(signal.SIGKILL)
+        relay.kill()
+        kills += 1
+        stop.set()
+        sender.join(30)
+    assert len(accepted) >= 5, f"too little load to prove anything: {replies}"
+
+    relay.start()
+    log = wait_until_delivered(relay, set(accepted), timeout=30 + LEASE_TIME)
+    final = wait_spool_settled(f"sqlite:///{spool_path}", timeout=10 + LEASE_TIME)
+    relay.stop()
+    assert set(final) == {MessageState.DELIVERED}, final
+    assert set(replies) <= {250, 0}, replies
+    for spool_id, raw in accepted.items():
+        assert (relay.outbox / f"{spool_id}.eml").read_bytes() == raw
+    # Delivered bodies are removed; files of messages committed without a 250 too,
+    # once delivered; files whose row never committed went at the restart.
+    assert os.listdir(spool_path.with_name("spool.db.bodies")) == []
+    counts = collections.Counter(log)
+    report(
+        capsys,
+        "sigkill with body files",
+        accepted=len(accepted),
+        delivered=len(counts),
+        duplicates=sum(n - 1 for n in counts.values() if n > 1),
+        kills=kills,
+        replies=dict(replies),
+    )

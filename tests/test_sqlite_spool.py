@@ -15,7 +15,7 @@ import pytest
 from esprelay.errors import SpoolError
 from esprelay.models import Envelope, MessageState
 from esprelay.spool.base import NewPart
-from esprelay.spool.sqlite import SqliteSpool
+from esprelay.spool.sqlite import BODY_FILE_MIN, SqliteSpool
 
 ENVELOPE = Envelope("a@example.com", ("b@example.org",))
 
@@ -293,10 +293,11 @@ async def test_a_version_1_spool_gets_partial_indexes_and_keeps_its_messages(
     path = tmp_path / "s.db"
     ids = await _spool_in_every_state(path)
     version, indexes = _schema(path)
-    assert version == "2"
+    assert version == "3"
     assert set(indexes) == {"messages_due", "messages_lease", "messages_failed"}
-    # Make it the file version 1 left: its indexes, its version.
+    # Make it the file version 1 left: its indexes, its version, no body_file column.
     with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("ALTER TABLE messages DROP COLUMN body_file")
         conn.execute("DROP INDEX messages_due")
         conn.execute("DROP INDEX messages_lease")
         conn.execute("DROP INDEX messages_failed")
@@ -307,7 +308,11 @@ async def test_a_version_1_spool_gets_partial_indexes_and_keeps_its_messages(
     spool = SqliteSpool(path, exclusive=True)
     await spool.open()
     version, indexes = _schema(path)
-    assert version == "2"
+    assert version == "3"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(messages)")]
+        assert columns[-1] == "body_file"
+        assert conn.execute("SELECT DISTINCT body_file FROM messages").fetchall() == [(0,)]
     assert "WHERE state = 'queued'" in indexes["messages_due"]
     assert "WHERE state = 'in_flight'" in indexes["messages_lease"]
     assert "WHERE state = 'failed'" in indexes["messages_failed"]
@@ -407,10 +412,15 @@ async def test_only_batches_of_leases_and_outcomes_commit_without_fsync(
     # A plain operation (the default) is durable.
     assert await spool._run(_synchronous) == 2
     assert await spool._run(_synchronous, durable=False) == 1
+    # The delivery of a body kept in a file is durable: the file goes after it.
+    [large] = await spool.put_parts(
+        b"z" * BODY_FILE_MIN, [NewPart(ENVELOPE, "p")], lease_owner="w", lease_time=60
+    )
+    assert await batch_mode(delivered(large)) == 2
     await spool.close()
     reopened = SqliteSpool(tmp_path / "s.db")
     await reopened.open()
-    assert (await reopened.stats()).counts[MessageState.DELIVERED] == 4
+    assert (await reopened.stats()).counts[MessageState.DELIVERED] == 5
     await reopened.close()
 
 

@@ -1,4 +1,6 @@
-"""Spool fixtures: every test here runs once per backend (SQLite and PostgreSQL)."""
+"""Spool fixtures: every test here runs once per backend (SQLite and PostgreSQL), and
+once more on SQLite with every body in a file of its own (``sqlite-files``: the files
+that only large messages get otherwise, see ``esprelay.spool.sqlite.BODY_FILE_MIN``)."""
 
 from __future__ import annotations
 
@@ -21,9 +23,12 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "sqlite-files", "postgresql"])
 def spool_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
+    if request.param == "sqlite-files":
+        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setattr("esprelay.spool.sqlite.BODY_FILE_MIN", 1)
+    if request.param.startswith("sqlite"):
         return f"sqlite:///{tmp_path / 'spool.db'}"
     return str(request.getfixturevalue("pg_url"))
 
