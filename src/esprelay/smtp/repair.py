@@ -191,5 +191,5 @@ def repair_message(
             parts.append(raw[pos : item.start])
             parts.append(replace[item.start])
             pos = item.end
-    parts.append(raw[pos:])
-    return RepairResult(b"".join(parts), tuple(changes))
+    # The rest (the body) as a view: one copy of it, in the join, not two.
+    return RepairResult(b"".join([*parts, memoryview(raw)[pos:]]), tuple(changes))
