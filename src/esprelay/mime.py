@@ -309,9 +309,12 @@ def _header_length(raw: bytes) -> int:
         return 1
     if raw[:2] == b"\r\n":
         return 2
-    ends = [found + 2 for found in (raw.find(b"\n\n"),) if found >= 0]
-    ends += [found + 3 for found in (raw.find(b"\n\r\n"),) if found >= 0]
-    return min(ends, default=len(raw))
+    # CRLF first: a message that uses it has no LF LF, and a search for one would read
+    # all of its body.
+    found = raw.find(b"\n\r\n")
+    limit = len(raw) if found < 0 else found + 3
+    found = raw.find(b"\n\n", 0, limit)
+    return limit if found < 0 else found + 2
 
 
 def _source_parse(lines: list[str]) -> tuple[str, str]:
