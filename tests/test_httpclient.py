@@ -83,3 +83,95 @@ async def test_the_answer_is_read_whole_and_the_connection_reused() -> None:
                 assert response.json() == {"n": "x" * 50_000}
                 assert response.is_closed
         assert len(esp.wait_for(3)) == 3
+
+
+async def _exchange(client: httpx.AsyncClient, url: str, seen: list[str]) -> httpx.Response:
+    request = client.build_request("POST", url, content=b'{"a": 1}', headers={"X-Key": "k"})
+    del request.extensions["timeout"]  # as the providers build them: the client sets it
+    response = await client.send(request)
+    assert response.request is request
+    seen.append(repr(request.extensions["timeout"]))
+    return response
+
+
+async def test_the_direct_path_answers_as_httpx_does() -> None:
+    """The aiohttp client sends plain requests straight to its transport; what a caller
+    sees (status, headers, body, request, hooks, timeouts) is what httpx's send gives."""
+    calls: list[str] = []
+
+    async def on_request(request: httpx.Request) -> None:
+        calls.append(f"request {request.url.path}")
+
+    async def on_response(response: httpx.Response) -> None:
+        calls.append(f"response {response.status_code}")
+
+    reply = Reply(202, {"id": "x"}, headers={"X-Message-Id": "m-1"})
+    with FakeESP(lambda r: reply) as esp:
+        client, name = make_client(
+            timeout=7,
+            max_connections=2,
+            transport="aiohttp",
+            event_hooks={"request": [on_request], "response": [on_response]},
+        )
+        assert name == "aiohttp"
+        assert client._direct is not None  # type: ignore[attr-defined]
+        async with client:
+            timeouts: list[str] = []
+            direct = await _exchange(client, esp.url + "/v3/mail/send", timeouts)
+            client._direct = None  # type: ignore[attr-defined]
+            through_httpx = await _exchange(client, esp.url + "/v3/mail/send", timeouts)
+        assert len(esp.wait_for(2)) == 2
+    for response in (direct, through_httpx):
+        assert response.status_code == 202
+        assert response.json() == {"id": "x"}
+        assert response.headers["x-message-id"] == "m-1"
+        assert response.is_closed
+    assert direct.headers.raw == through_httpx.headers.raw
+    assert direct.http_version == through_httpx.http_version == "HTTP/1.1"
+    assert direct.reason_phrase == through_httpx.reason_phrase
+    assert timeouts[0] == timeouts[1] == repr(httpx.Timeout(7).as_dict())
+    assert calls == ["request /v3/mail/send", "response 202"] * 2
+
+
+async def test_the_direct_path_times_out_as_the_client_says() -> None:
+    release = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await release.wait()  # never answers
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client, _name = make_client(timeout=0.3, max_connections=2, transport="aiohttp")
+    try:
+        async with client:
+            request = httpx.Request("POST", f"http://127.0.0.1:{port}/", content=b"x")
+            with pytest.raises(httpx.TimeoutException):
+                await client.send(request)
+    finally:
+        release.set()
+        await asyncio.sleep(0.05)  # the handler closes its side
+        server.close()
+        await server.wait_closed()
+
+
+async def test_what_the_direct_path_does_not_do_goes_through_httpx() -> None:
+    """A redirect to follow (or auth, or a stream) takes httpx's own path."""
+
+    def respond(request: object) -> Reply:
+        if getattr(request, "path", "") == "/old":
+            return Reply(302, b"", headers={"Location": "/new"})
+        return Reply(200, {"here": True})
+
+    with FakeESP(respond) as esp:
+        client, _name = make_client(timeout=5, max_connections=2, transport="aiohttp")
+        async with client:
+            response = await client.post(esp.url + "/old", content=b"{}", follow_redirects=True)
+            assert response.json() == {"here": True}
+            assert [r.status_code for r in response.history] == [302]
+            streamed = await client.send(client.build_request("GET", esp.url + "/new"), stream=True)
+            assert not streamed.is_closed  # httpx's stream, left open for the caller
+            await streamed.aread()
+            await streamed.aclose()
