@@ -1,4 +1,4 @@
-"""CPU cost of ``esprelay.mime.parse`` and of the JSON adapters' ``build_request``.
+"""CPU cost of ``esprelay.message.mime.parse`` and of the JSON adapters' ``build_request``.
 
 ``python -m bench.mime_cpu [--loops 2000]`` parses a few representative messages in a
 loop and prints the CPU time (``time.process_time``) per call, for the default path
@@ -19,7 +19,7 @@ import httpx
 from pydantic import SecretStr
 
 from bench.loadgen import make_message
-from esprelay import mime
+from esprelay.message import mime
 from esprelay.models import Envelope, OutboundMessage
 from esprelay.providers import postmark, sendgrid
 from esprelay.providers.base import HttpProvider

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from esprelay.errors import MessageRejected
-from esprelay.mime import address_key, parse
+from esprelay.message.mime import address_key, parse
 from esprelay.models import Envelope
 from esprelay.providers import postmark, sendgrid
 from tests.providers import test_postmark, test_sendgrid

@@ -5,8 +5,8 @@ from __future__ import annotations
 import email
 import email.policy
 
-from esprelay.dsn import build_dsn, is_dsn, status_for
 from esprelay.errors import MessageRejected, ProviderUnavailable
+from esprelay.message.dsn import build_dsn, is_dsn, status_for
 
 RAW = (
     b"From: app@example.com\r\nTo: b@example.org\r\n"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from esprelay.mime import Mailbox, address_key, fallback_filename, parse, reconcile
+from esprelay.message.mime import Mailbox, address_key, fallback_filename, parse, reconcile
 from esprelay.models import Envelope
 from tests.messages import Case, corpus, crlf, sha
 
@@ -190,7 +190,7 @@ def test_resent_bcc_is_never_a_visible_header() -> None:
 
 
 def test_fallback_filenames() -> None:
-    from esprelay.mime import Attachment
+    from esprelay.message.mime import Attachment
 
     def name(ctype: str) -> str:
         return fallback_filename(Attachment(b"x", ctype, None, None, False), 2)

@@ -1,6 +1,6 @@
 """The cheap parse path gives exactly the reference's ParsedMessage (differential tests).
 
-``mime.parse`` reads headers through :mod:`esprelay.fastheaders`; ``parse(...,
+``mime.parse`` reads headers through :mod:`esprelay.message.fastheaders`; ``parse(...,
 exact=True)`` is the original all-``policy.default`` path.  Every message we have
 (the test corpus, the broken inputs, the shared corpora when present, generated ones)
 must give equal results field by field, warnings included; and each cheap header
@@ -20,8 +20,8 @@ from bench.mime_cpu import ENVELOPE, SAMPLES
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from esprelay import fastheaders, mime
-from esprelay.mime import ParsedMessage
+from esprelay.message import fastheaders, mime
+from esprelay.message.mime import ParsedMessage
 from esprelay.models import Envelope
 from tests.messages import corpus, crlf
 from tests.test_corpora import CORPORA, FILES, envelope_for

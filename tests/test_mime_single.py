@@ -18,8 +18,8 @@ from bench.mime_cpu import ENVELOPE, SAMPLES, bench_message
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from esprelay import mime
-from esprelay.mime import ParsedMessage
+from esprelay.message import mime
+from esprelay.message.mime import ParsedMessage
 from esprelay.models import Envelope
 from tests.messages import corpus, crlf
 from tests.test_corpora import CORPORA, FILES, envelope_for
@@ -255,18 +255,3 @@ def test_generated_one_part_messages_parse_the_same(raw: bytes) -> None:
     _answered, diff = single_differences(raw, envelope)
     assert diff == []
     assert mime.parse(raw, envelope) == mime.parse(raw, envelope, exact=True)
-
-
-@pytest.mark.parametrize(
-    ("raw", "length"),
-    [
-        (b"\nbody", 1),
-        (b"\r\nbody", 2),
-        (b"A: b\r\n\r\nbody\n\nmore\r\n\r\n", 8),
-        (b"A: b\n\nbody\r\n\r\n", 6),
-        (b"A: b\n\r\nbody\n\n", 7),
-        (b"A: b\r\nC: d\r\n", 12),
-    ],
-)
-def test_the_header_is_read_up_to_its_first_empty_line(raw: bytes, length: int) -> None:
-    assert mime._header_length(raw) == length

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from esprelay.smtp.repair import normalize_line_endings
+from esprelay.message.repair import normalize_line_endings
 from tests.relayproc import RelayProcess
 from tests.securitykit import Certs, Dialog, plain_auth, spooled
 

@@ -13,12 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esprelay.smtp.repair import (
-    from_addresses,
-    normalize_line_endings,
-    parse_header,
-    repair_message,
-)
+from esprelay.message.header import read_header as parse_header
+from esprelay.message.repair import normalize_line_endings, repair_message
+from esprelay.message.sender import sent_as
 from tests.relayproc import RelayProcess
 from tests.securitykit import crlf, smtp_client, spool_show
 
@@ -124,12 +121,13 @@ def test_force_from_already_right_is_untouched() -> None:
 
 
 def test_from_addresses() -> None:
-    assert from_addresses(crlf("From: A <a@x.example>, b@y.example\n\n")) == [
+    assert sent_as(crlf("From: A <a@x.example>, b@y.example\n\n")).from_ == (
         "a@x.example",
         "b@y.example",
-    ]
-    assert from_addresses(crlf("Subject: none\n\n")) is None
-    assert from_addresses(crlf("From: not an address\n\n")) == []
+    )
+    assert not sent_as(crlf("Subject: none\n\n")).has_from_field
+    none = sent_as(crlf("From: not an address\n\n"))
+    assert none.has_from_field and none.from_ == ()
 
 
 @pytest.mark.parametrize(
@@ -206,11 +204,11 @@ def test_fuzz_repair_never_crashes_or_loses_the_body(
     if repair_on:
         assert b"date" in names and b"message-id" in names
     if force is not None:
-        assert from_addresses(result.raw) is not None
+        assert sent_as(result.raw).has_from_field
     parsed = BytesParser(policy=email.policy.default).parsebytes(result.raw)
     assert parsed is not None
     str(parsed.get("From", ""))  # the header parser copes with what we wrote
-    from_addresses(result.raw)
+    sent_as(result.raw)
 
 
 # --- end to end ---------------------------------------------------------------------

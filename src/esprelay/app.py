@@ -30,13 +30,13 @@ from esprelay.backoff import RetryPolicy
 from esprelay.config import Settings, load_settings
 from esprelay.delivery import Deliverer, Outcome, provider_chain
 from esprelay.dispatch import ProviderSet
-from esprelay.dsn import build_dsn, is_dsn, status_for
 from esprelay.errors import ConfigError, SpoolError
 from esprelay.gctune import return_large_blocks_to_the_system, tune_for_serving
 from esprelay.httpapi import OpsServer, ReadinessCheck
 from esprelay.httpclient import make_client
 from esprelay.intake import Intake, IntakeState
 from esprelay.logsetup import apply_level
+from esprelay.message.dsn import build_dsn, is_dsn, status_for
 from esprelay.metrics import RelayMetrics
 from esprelay.models import Envelope
 from esprelay.providers import Provider, build_provider

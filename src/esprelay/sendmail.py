@@ -29,7 +29,6 @@ user needs no access to the bridge's secrets.
 
 from __future__ import annotations
 
-import email.policy
 import getpass
 import re
 import smtplib
@@ -38,13 +37,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.headerregistry import Address
-from email.parser import BytesHeaderParser
 from email.utils import formataddr, formatdate, getaddresses, make_msgid
 from typing import BinaryIO
 
 from pydantic import ValidationError
 
 from esprelay.config import SendmailSettings
+from esprelay.message.header import read_header
+from esprelay.message.mime import header_index
+from esprelay.message.rawmime import strip_bcc
+from esprelay.message.repair import unambiguous_header
 
 EX_OK = 0
 EX_USAGE = 64
@@ -142,55 +144,35 @@ def read_message(stream: BinaryIO, *, ignore_dots: bool) -> bytes:
     return re.sub(rb"\r?\n", b"\r\n", data)
 
 
-def _split(raw: bytes) -> tuple[bytes, bytes]:
-    """Header block (with its final CRLF) and the rest (blank line and body)."""
-    if raw.startswith(b"\r\n"):
-        return b"", raw
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        return raw if raw.endswith(b"\r\n") or not raw else raw + b"\r\n", b""
-    return raw[: end + 2], raw[end + 2 :]
-
-
-def _drop_headers(head: bytes, names: set[str]) -> bytes:
-    """Remove the named headers (with their continuation lines) from a header block."""
-    out: list[bytes] = []
-    dropping = False
-    for line in head.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                out.append(line)
-            continue
-        name = line.split(b":", 1)[0].strip().lower().decode("latin-1")
-        dropping = name in names
-        if not dropping:
-            out.append(line)
-    return b"".join(out)
-
-
 def prepare(raw: bytes, opts: Options, sender: str) -> tuple[bytes, list[str]]:
-    """The bytes to submit and the envelope recipients."""
-    head, rest = _split(raw)
-    headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(head + b"\r\n")
+    """The bytes to submit and the envelope recipients.
+
+    The header is read as the bridge reads it (:mod:`esprelay.message.header`), after
+    the same fix-up the bridge makes, so ``-t`` finds exactly the recipients that the
+    bridge and the ESP will see in the header.
+    """
+    raw = bytes(unambiguous_header(raw).raw)
+    header = read_header(raw)
+    if not header.separator:  # headers only: end the last line, then the empty line
+        raw += b"\r\n\r\n" if raw and not raw.endswith(b"\r\n") else b"\r\n"
+    index = header_index(raw)
     recipients = list(opts.recipients)
     if opts.extract:
-        values = [str(v) for name in ("to", "cc", "bcc") for v in headers.get_all(name, [])]
+        values = [v for name in ("to", "cc", "bcc") for v in index.get(name, [])]
         for _, address in getaddresses(values):
             if address and address not in recipients:
                 recipients.append(address)
-        head = _drop_headers(head, {"bcc"})
+        raw = strip_bcc(raw).raw
     added = []
-    if headers.get("from") is None:
+    if "from" not in index:
         added.append(f"From: {formataddr((opts.full_name or '', sender))}")
-    if headers.get("date") is None:
+    if "date" not in index:
         added.append(f"Date: {formatdate(localtime=True)}")
-    if headers.get("message-id") is None:
+    if "message-id" not in index:
         domain = sender.rpartition("@")[2] or socket.getfqdn()
         added.append(f"Message-ID: {make_msgid(domain=domain)}")
     prefix = "".join(f"{line}\r\n" for line in added).encode("utf-8")
-    if not rest:
-        rest = b"\r\n"
-    return prefix + head + rest, recipients
+    return prefix + raw, recipients
 
 
 def default_sender(settings: SendmailSettings) -> str:

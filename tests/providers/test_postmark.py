@@ -23,7 +23,7 @@ from esprelay.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from esprelay.mime import Mailbox, parse
+from esprelay.message.mime import Mailbox, parse
 from esprelay.models import Envelope, OutboundMessage
 from esprelay.providers.postmark import (
     REQUEST_LIMIT,

@@ -16,7 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from esprelay.errors import MessageRejected, ProviderConfigError, RateLimited
-from esprelay.mime import parse
+from esprelay.message.mime import parse
 from esprelay.models import Envelope, OutboundMessage
 from esprelay.providers.sendgrid import (
     REQUEST_LIMIT,

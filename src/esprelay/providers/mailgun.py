@@ -24,9 +24,9 @@ from urllib.parse import quote
 import httpx
 
 from esprelay.errors import DeliveryError, ProviderConfigError, RateLimited
+from esprelay.message.rawmime import strip_bcc
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import HttpProvider, classify_status, excerpt, parse_retry_after
-from esprelay.rawmime import strip_bcc
 
 if TYPE_CHECKING:
     from pydantic import SecretStr

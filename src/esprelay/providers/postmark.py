@@ -32,7 +32,7 @@ from esprelay.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from esprelay.mime import Mailbox, ParsedMessage, fallback_filename, parse, summarize
+from esprelay.message.mime import Mailbox, ParsedMessage, fallback_filename, parse, summarize
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import (
     HttpProvider,

@@ -8,7 +8,7 @@
      "ConfigurationSetName": ESPRELAY_SES_CONFIGURATION_SET (when set)}
 
 The message is sent as received except that its Bcc header is removed and 8-bit
-content is re-encoded (SES does not keep 8bit): see :mod:`esprelay.rawmime`.
+content is re-encoded (SES does not keep 8bit): see :mod:`esprelay.message.rawmime`.
 
 botocore supplies what we do not want to write again: the AWS credential chain
 (environment incl. AWS_SESSION_TOKEN, shared config/profile, web identity, container
@@ -40,6 +40,7 @@ from esprelay.errors import (
     ProviderUnavailable,
     RateLimited,
 )
+from esprelay.message.rawmime import strip_bcc, to_7bit
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import (
     HttpProvider,
@@ -47,7 +48,6 @@ from esprelay.providers.base import (
     excerpt,
     parse_retry_after,
 )
-from esprelay.rawmime import strip_bcc, to_7bit
 
 if TYPE_CHECKING:
     from esprelay.config import Settings

@@ -3,8 +3,10 @@
 Hooks return SMTP reply strings (aiosmtpd's contract).  Only an authenticated client
 or one in the trusted networks may relay (530 otherwise, at MAIL, RCPT and DATA).  The
 message bytes are kept as received (``decode_data=False``) except for the repairs in
-:mod:`esprelay.smtp.repair`: bare CR/LF become CRLF, and with ``repair`` missing
-Date/Message-ID/From are prepended.  An envelope-only recipient (Bcc) never shows up
+:func:`esprelay.message.repair.prepare`: bare CR/LF become CRLF, a header line that
+is not a field ends the header for every reader, and with ``repair`` missing
+Date/Message-ID/From are prepended.  The sender rules then check the From and Sender
+the providers will send.  An envelope-only recipient (Bcc) never shows up
 in the headers.
 """
 
@@ -17,10 +19,10 @@ from typing import Any
 
 from esprelay.errors import ShuttingDown
 from esprelay.intake import Client, Intake
+from esprelay.message.repair import prepare
 from esprelay.models import Envelope
 from esprelay.smtp.hooks import HookDirCache
 from esprelay.smtp.policy import RelayPolicy
-from esprelay.smtp.repair import from_addresses, normalize_line_endings, repair_message
 
 log = logging.getLogger("esprelay.smtp")
 
@@ -213,51 +215,33 @@ class RelayHandler(HookDirCache):
         if _tls(server, session):
             meta["tls"] = True
 
-        normalized = normalize_line_endings(raw)
-        if normalized is not raw:
-            meta["repairs"] = ["bare CR/LF normalised to CRLF"]
-            raw = normalized
-        del normalized
-        refusal = self._check_from_header(raw, session)
-        if refusal:
-            log.warning("not accepted: client=%s: %s", peer, refusal)
-            return refusal
-        if self._repair or self._force_from:
-            repaired = repair_message(
-                raw,
-                mail_from=mail_from,
-                hostname=self._hostname,
-                repair=self._repair,
-                force_from=self._force_from,
-            )
-            if repaired.changes:
-                meta.setdefault("repairs", []).extend(repaired.changes)
-                raw = repaired.raw
-            del repaired
+        prepared = prepare(
+            raw,
+            mail_from=mail_from,
+            hostname=self._hostname,
+            repair=self._repair,
+            force_from=self._force_from,
+        )
+        del raw
+        if prepared.changes:
+            meta["repairs"] = list(prepared.changes)
+        # The sender rules read the message as the providers will (after every repair).
+        why = self._policy.message_sender_error(
+            prepared.raw,
+            mail_from=mail_from,
+            user_rules=self._user_rules(session),
+            force_from=self._force_from,
+        )
+        if why:
+            log.warning("not accepted: client=%s: %s", peer, why)
+            return f"550 5.7.1 {why}"
         client = Client(
             address=peer,
             helo=session.host_name,
             auth_user=meta.get("auth_user"),
             meta=meta,
         )
-        return await self._intake.accept(message_envelope, raw, client)
-
-    def _check_from_header(self, raw: bytes, session: Any) -> str | None:
-        user_rules = self._user_rules(session)
-        if self._force_from or (not user_rules and not self._policy.allowed_sender_domains):
-            # With ESPRELAY_FORCE_FROM every From is replaced by the verified address (the
-            # original only survives as Reply-To), so only the envelope sender is checked.
-            return None
-        addresses = from_addresses(raw)
-        if addresses is None:
-            return None  # no From: repair adds the (already checked) envelope sender
-        if not addresses:
-            return "550 5.7.1 From header not understood"
-        for address in addresses:
-            why = self._policy.sender_error(address, user_rules)
-            if why:
-                return f"550 5.7.1 From address not allowed: {why}"
-        return None
+        return await self._intake.accept(message_envelope, prepared.raw, client)
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("SMTP session error")

@@ -12,6 +12,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from esprelay.message.sender import sent_as
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -63,4 +65,44 @@ class RelayPolicy:
             return "sender domain not allowed on this relay"
         if user_rules and not sender_matches(address, user_rules):
             return "sender not allowed for this user"
+        return None
+
+    def message_sender_error(
+        self,
+        raw: bytes,
+        *,
+        mail_from: str,
+        user_rules: tuple[str, ...] | None,
+        force_from: str | None = None,
+    ) -> str | None:
+        """Why the message ``raw``, as it leaves the intake, may not be sent; or None.
+
+        Checks the From and Sender addresses that the providers will send (see
+        :mod:`esprelay.message.sender`): every one of them must satisfy the sender
+        rules.  A message without a From address is sent as its envelope sender, which
+        MAIL has checked; with the null sender (``MAIL FROM:<>``) it needs a From the
+        rules allow.  With ``ESPRELAY_FORCE_FROM`` the From must be the forced address
+        alone (a second From field would otherwise slip past the rewrite).
+        """
+        rules = bool(user_rules) or bool(self.allowed_sender_domains)
+        if not rules and force_from is None:
+            return None
+        senders = sent_as(raw)
+        if force_from is not None:
+            if any(a.lower() != force_from.lower() for a in senders.from_):
+                return "more than one From address (only ESPRELAY_FORCE_FROM may be sent)"
+        elif senders.from_:
+            for address in senders.from_:
+                why = self.sender_error(address, user_rules)
+                if why:
+                    return f"From address not allowed: {why}"
+        elif rules and senders.has_from_field:
+            return "From header not understood"
+        elif rules and not mail_from:
+            return "a From header is required with a null sender on this relay"
+        if rules:
+            for address in senders.sender:
+                why = self.sender_error(address, user_rules)
+                if why:
+                    return f"Sender address not allowed: {why}"
         return None

@@ -18,6 +18,7 @@ from email.parser import BytesHeaderParser
 from email.utils import format_datetime, formatdate, make_msgid
 
 from esprelay.errors import DeliveryError, PermanentDeliveryError
+from esprelay.message.header import read_header
 
 _HEADER_PARSER = BytesHeaderParser(policy=email.policy.compat32)
 
@@ -113,8 +114,4 @@ def build_dsn(
 
 def _header_block(raw: bytes) -> bytes:
     """The header section of a raw message (without the blank line)."""
-    for separator in (b"\r\n\r\n", b"\n\n"):
-        end = raw.find(separator)
-        if end != -1:
-            return raw[:end] + separator[: len(separator) // 2]
-    return raw
+    return raw[: read_header(raw).end]

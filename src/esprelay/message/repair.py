@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, formataddr, getaddresses, make_msgid
 
+from esprelay.message.header import Field, read_header, unfolded
+
 # One line ending, however written: CR* LF, or a CR on its own.
 _LINE_END = re.compile(rb"\r*\n|\r")
-_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+# A header of fields only (name, colon at once, folded lines), then the empty line: what
+# read_header reads with no stray line and no obsolete field.
+_PLAIN_HEADER = re.compile(rb"(?:[!-9;-~]+:[^\n]*\n(?:[ \t][^\n]*\n)*)*\r\n")
+# "From :" is the obsolete form of a From field, not an mbox From_ line.
+_OBSOLETE_FROM = re.compile(rb"From[ \t]+:")
 # An unquoted display name that is (or contains) an address: ``a@b <a@b>``.
 _ADDRESS_AS_NAME = re.compile(r'^\s*([^"<>,;:()\\]*@[^"<>,;:()\\]*?)\s*<([^<>\s]+@[^<>\s]+)>\s*$')
 
@@ -34,68 +40,58 @@ def normalize_line_endings(raw: bytes) -> bytes:
     return _LINE_END.sub(b"\r\n", raw)
 
 
-@dataclass
-class HeaderField:
-    name: bytes  # lower case
-    start: int
-    end: int  # just past the field's last CRLF
-
-
-@dataclass
-class Header:
-    """Where the header fields are in a CRLF message."""
-
-    fields: list[HeaderField] = field(default_factory=list)
-    end: int = 0  # first byte after the last field
-    has_separator: bool = False  # a blank line follows the fields
-
-    def first(self, name: bytes) -> HeaderField | None:
-        return next((f for f in self.fields if f.name == name), None)
-
-
-def parse_header(raw: bytes) -> Header:
-    header = Header()
-    pos = 0
-    size = len(raw)
-    while pos < size:
-        eol = raw.find(b"\r\n", pos)
-        line_end = size if eol < 0 else eol + 2
-        line = raw[pos:line_end]
-        if line == b"\r\n":
-            header.has_separator = True
-            break
-        if line[:1] in (b" ", b"\t") and header.fields:
-            header.fields[-1].end = line_end
-        else:
-            match = _FIELD.match(line)
-            if match is None:
-                break  # not a header line: the body starts here without a blank line
-            header.fields.append(HeaderField(match.group(1).lower(), pos, line_end))
-        header.end = line_end
-        pos = line_end
-    return header
-
-
-def field_value(raw: bytes, item: HeaderField) -> str:
-    """The unfolded value of a field, undecoded bytes kept as surrogates."""
-    text = raw[item.start : item.end].decode("utf-8", "surrogateescape")
-    value = text.split(":", 1)[1]
-    return re.sub(r"\r\n(?=[ \t])", "", value).strip()
-
-
-def from_addresses(raw: bytes) -> list[str] | None:
-    """Addresses in the From header(s); None when there is no From; [] if unparsable."""
-    header = parse_header(raw)
-    values = [field_value(raw, f) for f in header.fields if f.name == b"from"]
-    if not values:
-        return None
-    return [addr for _, addr in getaddresses(values) if "@" in addr]
+def _text(raw: bytes, item: Field) -> str:
+    """A field's unfolded value, UTF-8 decoded, undecodable bytes kept as surrogates."""
+    value = raw[item.start : item.end].decode("utf-8", "surrogateescape").split(":", 1)[1]
+    return unfolded(value)
 
 
 @dataclass(frozen=True)
 class RepairResult:
     raw: bytes
     changes: tuple[str, ...] = ()
+
+
+def unambiguous_header(raw: bytes) -> RepairResult:
+    """``raw`` (a CRLF message) with a header that every reader reads the same way.
+
+    Readers disagree on lines that are not header fields (``: x``, a line without a
+    colon, a name with a non-ASCII or control byte, a continuation line before the
+    first field): :func:`~esprelay.message.header.read_header` ends the header there,
+    Python's ``email`` parser reads some of them as fields and reads on, and an ESP may
+    do either.  So, as Postfix's cleanup does, an empty line is inserted before the
+    first such line: it and everything after it are the body for every reader.  Also:
+
+    - a field written with white space before its colon (``Subject : x``, RFC 5322's
+      obsolete syntax, which Python's parser does not read as a field) loses it;
+    - a leading mbox ``From `` line (an envelope line, not a field) is removed.
+
+    A message that needs none of this comes back as the same object.
+    """
+    if _PLAIN_HEADER.match(raw) is not None:
+        return RepairResult(raw)  # the common case, in one pass of the regex engine
+    changes: list[str] = []
+    if raw.startswith(b"From ") and _OBSOLETE_FROM.match(raw) is None:
+        eol = raw.find(b"\r\n")
+        raw = b"" if eol < 0 else raw[eol + 2 :]
+        changes.append("removed a leading mbox From_ line")
+    header = read_header(raw, obsolete=True)
+    parts: list[bytes] = []
+    pos = 0
+    for item in header.fields:
+        if item.obsolete:
+            name_end = item.start + len(item.name)
+            parts.append(raw[pos:name_end])
+            pos = raw.index(b":", name_end)
+    if parts:
+        changes.append("removed white space before a header field's colon")
+    if header.stray is not None:
+        parts += [raw[pos : header.stray], b"\r\n"]
+        pos = header.stray
+        changes.append("a header line that is not a field ended the header (blank line inserted)")
+    if not parts:
+        return RepairResult(raw, tuple(changes))
+    return RepairResult(b"".join([*parts, memoryview(raw)[pos:]]), tuple(changes))
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -126,8 +122,8 @@ def repair_message(
     now: datetime | None = None,
 ) -> RepairResult:
     """Add or fix the headers a legacy device got wrong; see the module docstring."""
-    header = parse_header(raw)
-    names = {f.name for f in header.fields}
+    header = read_header(raw)
+    names = header.names()
     prepend: list[bytes] = []
     replace: dict[int, bytes] = {}  # field start -> new bytes for the whole field
     changes: list[str] = []
@@ -149,7 +145,7 @@ def repair_message(
                 prepend.append(_line("Reply-To", mail_from))
                 changes.append("added Reply-To")
         else:
-            value = field_value(raw, old_from)
+            value = _text(raw, old_from)
             parsed = getaddresses([value])
             name, address = parsed[0] if len(parsed) == 1 else ("", "")
             if address.lower() != force_from.lower():
@@ -170,7 +166,7 @@ def repair_message(
             prepend.append(_line("From", mail_from))
             changes.append("added From")
     elif repair and old_from is not None:
-        match = _ADDRESS_AS_NAME.match(field_value(raw, old_from))
+        match = _ADDRESS_AS_NAME.match(_text(raw, old_from))
         if match is not None:
             shown, address = match.group(1).strip(), match.group(2)
             if shown.lower() == address.lower():
@@ -193,3 +189,36 @@ def repair_message(
             pos = item.end
     # The rest (the body) as a view: one copy of it, in the join, not two.
     return RepairResult(b"".join([*parts, memoryview(raw)[pos:]]), tuple(changes))
+
+
+def prepare(
+    raw: bytes,
+    *,
+    mail_from: str,
+    hostname: str,
+    repair: bool = False,
+    force_from: str | None = None,
+) -> RepairResult:
+    """The message as the intake keeps it: unambiguous line endings and header, then
+    (with ``repair`` or ``force_from``) the header fixes of :func:`repair_message`.
+
+    Everything after this (the sender rules, the spool, every provider) reads these
+    bytes; ``changes`` says what was done, for the message's metadata.
+    """
+    changes: list[str] = []
+    normalized = normalize_line_endings(raw)
+    if normalized is not raw:
+        changes.append("bare CR/LF normalised to CRLF")
+        raw = normalized
+    del normalized
+    result = unambiguous_header(raw)
+    changes += result.changes
+    raw = result.raw
+    if repair or force_from:
+        result = repair_message(
+            raw, mail_from=mail_from, hostname=hostname, repair=repair, force_from=force_from
+        )
+        changes += result.changes
+        raw = result.raw
+    del result
+    return RepairResult(raw, tuple(changes))

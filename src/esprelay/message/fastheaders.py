@@ -2,7 +2,7 @@
 
 ``policy.default`` turns every header it is asked for into an object: a class made
 for the occasion by the ``HeaderRegistry`` and a full RFC 5322 parse of the value.
-That is most of the CPU :mod:`esprelay.mime` spends on a small message.  For the values
+That is most of the CPU :mod:`esprelay.message.mime` spends on a small message.  For the values
 real mail is made of (plain ASCII without encoded words: a Subject or Received line, a
 simple ``type/subtype; name=value``, ``<id@host>``, a date, ``Name <a@b>``) the answer
 is known without the parse: the value itself once unfolded, the parameters re-quoted

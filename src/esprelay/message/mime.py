@@ -7,7 +7,7 @@ headers an API may carry.  It uses the standard library's ``email`` package with
 ``policy.default`` and never raises on broken MIME: whatever it cannot carry over
 is named in ``ParsedMessage.warnings``, so nothing is dropped silently.
 
-By default the message is parsed with :data:`esprelay.fastheaders.cheap`, which keeps
+By default the message is parsed with :data:`esprelay.message.fastheaders.cheap`, which keeps
 raw string headers and answers each header lookup with what ``policy.default`` would
 give, computing it only when a value is not of a plain form; the result is the same
 ``ParsedMessage`` as ``parse(raw, envelope, exact=True)``, the original all-
@@ -38,7 +38,9 @@ from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import getaddresses
 
-from esprelay import fastheaders
+from esprelay.message import fastheaders
+from esprelay.message.header import items as header_items
+from esprelay.message.header import read_header
 from esprelay.models import Envelope
 
 #: Headers the parsed view maps to fields of its own, or blind ones that must never
@@ -148,7 +150,9 @@ def _parse(raw: bytes, envelope: Envelope, *, fast: bool) -> ParsedMessage:
             msg = EmailMessage()
             msg.set_content(raw.decode("utf-8", "replace"))
 
-    items = list(msg.raw_items())
+    # The top-level fields come from the one header reader (the parser reads the same
+    # fields from a message the intake made unambiguous; tests/test_message_header.py).
+    items = header_items(raw, read_header(raw))
 
     def walk() -> tuple[str | None, str | None, tuple[Attachment, ...]]:
         walker = _Walker(warnings, fast)
@@ -200,9 +204,6 @@ def _assemble(
 
 # --- one text part, without the parser -------------------------------------------
 
-# A header field's first line (feedparser's headerRE, less its defects: a name of at
-# least one character, no unix "From " line).
-_FIELD_START = re.compile(r"[\041-\071\073-\176]+:")
 # What the cheap policy answers for a Content-Type of the plain form (see
 # fastheaders._parameterized): the type, then "; name" or '; name="value"' each, with
 # no quote, backslash or ";" in a value, so that email.message reads the parameters
@@ -224,35 +225,13 @@ def _parse_single_text(raw: bytes, envelope: Envelope) -> ParsedMessage | None:
     ``raw_items()`` gives), the body is the rest after the blank line, and every
     header the parser would consult is read through the same cheap policy.
     """
-    # Only the header is read as text here (decoding a large body twice, once whole
-    # and once by its charset, was a fresh copy of it: ~2.4 ms of page faults per 5 MB).
-    text = raw[: _header_length(raw)].decode("ascii", "surrogateescape")
-    items: list[tuple[str, str]] = []
-    lines: list[str] = []  # the current field's lines
-    pos = 0
-    while True:
-        end = text.find("\n", pos)
-        if end < 0:
-            return None  # no blank line after the headers
-        line = text[pos : end + 1]
-        pos = end + 1
-        content = line[:-2] if line.endswith("\r\n") else line[:-1]
-        if "\r" in content:
-            return None  # a lone CR ends a line for the parser
-        if not content:
-            break
-        if content[0] in " \t":
-            if not lines:
-                return None  # a continuation before any field
-            lines.append(line)
-            continue
-        if _FIELD_START.match(content) is None:
-            return None  # not a field: the parser starts the body here, with a defect
-        if lines:
-            items.append(_source_parse(lines))
-        lines = [line]
-    if lines:
-        items.append(_source_parse(lines))
+    header = read_header(raw)
+    if not header.separator:
+        return None  # no blank line after the headers, or a line that is not a field
+    if raw.count(b"\r", 0, header.body) != raw.count(b"\r\n", 0, header.body):
+        return None  # a lone CR ends a line for the parser
+    items = header_items(raw, header)
+    pos = header.body
 
     ctype = "text/plain"
     charset: str | None = None
@@ -300,28 +279,6 @@ def _parse_single_text(raw: bytes, envelope: Envelope) -> ParsedMessage | None:
         return decoded, None, ()
 
     return _assemble(items, index, envelope, warnings, True, body)
-
-
-def _header_length(raw: bytes) -> int:
-    """The bytes up to and including the first empty line (every byte if there is none):
-    all that the header loop of :func:`_parse_single_text` reads."""
-    if raw[:1] == b"\n":
-        return 1
-    if raw[:2] == b"\r\n":
-        return 2
-    # CRLF first: a message that uses it has no LF LF, and a search for one would read
-    # all of its body.
-    found = raw.find(b"\n\r\n")
-    limit = len(raw) if found < 0 else found + 3
-    found = raw.find(b"\n\n", 0, limit)
-    return limit if found < 0 else found + 2
-
-
-def _source_parse(lines: list[str]) -> tuple[str, str]:
-    """A field's (name, raw value) as the parser stores it (``Compat32.header_source_parse``)."""
-    name, value = lines[0].split(":", 1)
-    value = value.lstrip(" \t") + "".join(lines[1:])
-    return name, value.rstrip("\r\n")
 
 
 # --- recipients -----------------------------------------------------------------
@@ -380,6 +337,15 @@ def clean(value: str) -> str:
     return _CONTROL.sub("", _FOLD.sub(" ", value)).strip()
 
 
+def _legacy_text(raw: str) -> str:
+    """A raw value's 8-bit bytes (kept as surrogates) read as UTF-8, else as cp1252."""
+    data = raw.encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", "replace")
+
+
 def _decode_raw(name: str, raw: str, fast: bool = False) -> str:
     """A header's decoded value, tolerating legacy 8-bit (non-UTF-8) bytes."""
     value: str | None
@@ -394,11 +360,7 @@ def _decode_raw(name: str, raw: str, fast: bool = False) -> str:
         value = None
     legacy_8bit = any("\udc80" <= c <= "\udcff" for c in raw)  # undecodable raw bytes
     if value is None or ("\ufffd" in value and legacy_8bit):
-        data = raw.encode("utf-8", "surrogateescape")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            text = data.decode("cp1252", "replace")
+        text = _legacy_text(raw)
         if value is None and "=?" in text:
             with contextlib.suppress(Exception):
                 text = str(make_header(decode_header(text)))
@@ -426,6 +388,8 @@ def _single(index: Index, name: str, warnings: list[str], fast: bool) -> str | N
 def _addresses(index: Index, name: str, warnings: list[str], fast: bool) -> tuple[Mailbox, ...]:
     boxes: list[Mailbox] = []
     for raw in index.get(name, ()):
+        if not raw.isascii():
+            raw = _legacy_text(raw)  # UTF-8 (or legacy 8-bit) names and addresses
         simple = fastheaders.simple_addresses(raw) if fast else None
         if simple is not None:
             pairs = simple
@@ -443,6 +407,16 @@ def _addresses(index: Index, name: str, warnings: list[str], fast: bool) -> tupl
             if addr and addr != "<>":
                 boxes.append(Mailbox(clean(display), addr))
     return tuple(boxes)
+
+
+def header_index(raw: bytes) -> Index:
+    """The raw values of the top-level fields by lower-cased name, as :func:`parse` reads them."""
+    return _index(header_items(raw, read_header(raw)))
+
+
+def mailboxes(index: Index, name: str) -> tuple[Mailbox, ...]:
+    """The mailboxes of the ``name`` fields in ``index``, as :func:`parse` reads them."""
+    return _addresses(index, name, [], True)
 
 
 def _from_address(

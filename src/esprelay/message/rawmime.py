@@ -28,13 +28,13 @@ from email.header import Header
 from email.message import Message
 from email.parser import BytesHeaderParser
 
+from esprelay.message.header import read_header
+
 log = logging.getLogger("esprelay.rawmime")
 
 #: Header fields that name hidden recipients; never sent to an ESP.
 BLIND_FIELDS = frozenset({b"bcc", b"resent-bcc"})
 
-_LINE = re.compile(rb"[^\n]*\n|[^\n]+")
-_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 _NEWLINE = re.compile(rb"\r?\n")
 _HEADER_PARSER = BytesHeaderParser(policy=email.policy.compat32)
 # Folding 8-bit fields into encoded words; SMTP's CRLF, no UTF-8 headers.
@@ -58,38 +58,28 @@ class Rewritten:
 class _Field:
     """One header field: its raw lines (start plus continuations) and lower-cased name."""
 
-    name: bytes  # b"" for a line that is not a header field at all
+    name: bytes
     raw: bytes
 
 
-def split_header(raw: bytes) -> tuple[list[_Field], bytes, bytes]:
-    """Split an entity into its header fields, the empty separator line and the body.
+def split_header(raw: bytes, *, obsolete: bool = False) -> tuple[list[_Field], bytes, bytes]:
+    """Split an entity into its header fields, the empty separator line and the body,
+    as :func:`esprelay.message.header.read_header` reads them.
 
-    The separator is ``b""`` when the entity has no empty line (headers only).
+    The separator is ``b""`` when no empty line ends the header (headers only, or a
+    line that is not a field, which starts the body).
     ``b"".join(f.raw for f in fields) + separator + body == raw`` always holds.
     """
-    fields: list[_Field] = []
-    pos = 0
-    size = len(raw)
-    while pos < size:
-        match = _LINE.match(raw, pos)
-        assert match is not None  # both alternatives match at least one byte
-        line = match.group()
-        if line in (b"\r\n", b"\n"):
-            return fields, line, raw[match.end() :]
-        if line[:1] in (b" ", b"\t") and fields:
-            last = fields[-1]
-            fields[-1] = _Field(last.name, last.raw + line)
-        else:
-            name = _FIELD_NAME.match(line)
-            fields.append(_Field(name.group(1).lower() if name else b"", line))
-        pos = match.end()
-    return fields, b"", b""
+    header = read_header(raw, obsolete=obsolete)
+    fields = [_Field(f.name, raw[f.start : f.end]) for f in header.fields]
+    return fields, raw[header.end : header.body], raw[header.body :]
 
 
 def strip_bcc(raw: bytes) -> Rewritten:
     """``raw`` without its top-level Bcc/Resent-Bcc fields; every other byte kept."""
-    fields, separator, body = split_header(raw)
+    # The obsolete form ("Bcc : x") counts too: a message from an older spool may not
+    # have been made unambiguous at intake, and removing a blind field is always safe.
+    fields, separator, body = split_header(raw, obsolete=True)
     kept = [f for f in fields if f.name not in BLIND_FIELDS]
     removed = len(fields) - len(kept)
     if not removed:

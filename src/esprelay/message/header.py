@@ -1,0 +1,114 @@
+"""The one reader of a message's header section.
+
+RFC 5322 section 2.2: a header field is a name of printable ASCII other than ``:``,
+then ``:``, then its value, folded onto continuation lines that start with a space or
+a tab; an empty line ends the header section.  :func:`read_header` reads exactly that
+and nothing else:
+
+- a field's name is one or more of ``!``..``9`` and ``;``..``~`` followed at once by
+  ``:``.  The obsolete form with white space before the colon (RFC 5322 section 4.5)
+  is read as a field only with ``obsolete=True`` (the repair step rewrites it, see
+  :mod:`esprelay.message.repair`);
+- any other line (no name, no colon, a non-ASCII or control byte in the name, a
+  continuation line before the first field, a ``From `` mbox line) is not a field.
+  The header ends there, and :attr:`Header.stray` says where.  Python's ``email``
+  parser reads some of those lines as fields (``: x`` as a field with no name, a
+  leading ``From `` line as an envelope line it skips), which is why esprelay never
+  lets such a message leave the SMTP intake without making it unambiguous first.
+
+Lines end with LF or CRLF.  A bare CR is not a line ending here: the intake turns
+every bare CR and LF into CRLF before anything reads the header.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_FIELD = re.compile(rb"([!-9;-~]+):")
+_OBSOLETE_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
+_CONTINUED = re.compile(r"\r?\n(?=[ \t])")
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One header field: its lower-cased name and where its lines are in the message."""
+
+    name: bytes  # lower case
+    start: int
+    end: int  # just past the line ending of its last line
+    obsolete: bool = False  # white space before the colon (read with obsolete=True only)
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """Where the header fields of a message are, and where its body starts."""
+
+    fields: tuple[Field, ...]
+    end: int  # first byte after the last field
+    body: int  # first byte of the body: after the empty line, or ``end`` without one
+    separator: bool  # an empty line ends the header
+    stray: int | None = None  # start of a line that is not a field and ended the header
+
+    def first(self, name: bytes) -> Field | None:
+        return next((f for f in self.fields if f.name == name), None)
+
+    def all(self, name: bytes) -> list[Field]:
+        return [f for f in self.fields if f.name == name]
+
+    def names(self) -> set[bytes]:
+        return {f.name for f in self.fields}
+
+
+def read_header(raw: bytes, *, obsolete: bool = False) -> Header:
+    """The header of ``raw``: its fields, up to the empty line or the first non-field."""
+    fields: list[Field] = []
+    pattern = _OBSOLETE_FIELD if obsolete else _FIELD
+    pos = 0
+    size = len(raw)
+    while pos < size:
+        eol = raw.find(b"\n", pos)
+        line_end = size if eol < 0 else eol + 1
+        first = raw[pos]
+        if first == 0x0A or (first == 0x0D and raw[pos + 1 : pos + 2] == b"\n"):
+            return Header(tuple(fields), pos, line_end, True)
+        if first in (0x20, 0x09):
+            if not fields:
+                return Header((), pos, pos, False, pos)
+            last = fields[-1]
+            fields[-1] = Field(last.name, last.start, line_end, last.obsolete)
+        else:
+            match = pattern.match(raw, pos, line_end)
+            if match is None:
+                return Header(tuple(fields), pos, pos, False, pos)
+            name = match.group(1)
+            late_colon = match.end() - pos != len(name) + 1
+            fields.append(Field(name.lower(), pos, line_end, late_colon))
+        pos = line_end
+    return Header(tuple(fields), pos, pos, False)
+
+
+def raw_value(raw: bytes, item: Field) -> str:
+    """A field's value as Python's ``email`` parser keeps it (``raw_items()``).
+
+    The text after the colon, leading blanks removed, continuation lines kept with
+    their line endings, the final line ending removed; bytes that are not ASCII are
+    kept as surrogates (``surrogateescape``), as the parser's ``BytesParser`` does.
+    """
+    text = raw[item.start : item.end].decode("ascii", "surrogateescape")
+    return text.split(":", 1)[1].lstrip(" \t").rstrip("\r\n")
+
+
+def unfolded(value: str) -> str:
+    """A raw value on one line: the line endings of its folds removed, then stripped."""
+    return _CONTINUED.sub("", value).strip()
+
+
+def items(raw: bytes, header: Header) -> list[tuple[str, str]]:
+    """The fields as (name as written, raw value) pairs, like ``raw_items()``."""
+    out: list[tuple[str, str]] = []
+    for item in header.fields:
+        text = raw[item.start : item.end].decode("ascii", "surrogateescape")
+        name, value = text.split(":", 1)
+        out.append((name.rstrip(" \t"), value.lstrip(" \t").rstrip("\r\n")))
+    return out
