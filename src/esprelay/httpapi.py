@@ -4,7 +4,8 @@ Served by ``aiohttp.web`` (the stack the ESP webhook receivers will share): keep
 connections closed after ``IDLE_TIMEOUT`` seconds without a complete request, request
 lines and header fields capped by aiohttp's parser (``MAX_LINE``, ``MAX_FIELD``,
 ``MAX_HEADERS``), request bodies refused (no route takes one), no access log (a query
-string may carry the admin token).  It listens on loopback by default.
+string may carry the admin token), and a request aiohttp cannot parse logged at DEBUG
+without its text.  It listens on loopback by default.
 
 Routes::
 
@@ -37,6 +38,7 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from esprelay.errors import SpoolError
 from esprelay.metrics import CONTENT_TYPE, RelayMetrics
@@ -57,6 +59,23 @@ COOKIE = "esprelay_admin"
 #: A readiness check returns None when fine, else a short reason.
 ReadinessCheck = Callable[[], Awaitable[str | None]]
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _BadRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse at ERROR with a traceback that quotes the
+    request, a query string's admin token included.  A client's malformed request is no
+    error of ours: one DEBUG line with the status and the kind of fault instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            log.debug("http bad request: %d %s", exc.code, type(exc).__name__)
+            return False
+        return True
+
+
+_server_log = logging.getLogger("esprelay.http.server")
+_server_log.addFilter(_BadRequests())
 
 
 class HttpError(Exception):
@@ -110,6 +129,7 @@ class OpsServer:
         runner = web.AppRunner(
             app,
             access_log=None,  # a query string may carry the admin token
+            logger=_server_log,
             keepalive_timeout=IDLE_TIMEOUT,
             max_line_size=MAX_LINE,
             max_field_size=MAX_FIELD,
