@@ -1,4 +1,5 @@
-"""The ops HTTP server in this process: the limits on requests."""
+"""The ops HTTP server in this process: Host checks on loopback and the limits on
+requests."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from esprelay.httpapi import OpsServer
+from esprelay.httpapi import OpsServer, loopback_host
 from esprelay.metrics import RelayMetrics
 from esprelay.spool import Spool, open_spool
-from tests.opshttp import TOKEN
+from tests.opshttp import TOKEN, http
+from tests.relayproc import RelayProcess
 
 Serve = Callable[..., Awaitable[OpsServer]]
 
@@ -54,6 +56,85 @@ async def raw_request(server: OpsServer, request: bytes) -> bytes:
         writer.close()
         await writer.wait_closed()
 
+
+# region Host header (DNS rebinding)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "localhost:8025",
+        "LocalHost.:8025",
+        "127.0.0.1",
+        "127.0.0.1:8025",
+        "127.8.9.10:1",
+        "[::1]",
+        "[::1]:8025",
+        "[0:0:0:0:0:0:0:1]:8025",
+    ],
+)
+def test_loopback_host_names_pass(host: str) -> None:
+    assert loopback_host(host)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "",
+        "rebind.attacker.example",
+        "rebind.attacker.example:8025",
+        "localhost.attacker.example",
+        "127.0.0.1.attacker.example",
+        "sub.localhost",
+        "0.0.0.0:8025",
+        "10.0.0.1:8025",
+        "[::2]:8025",
+        "[::1",
+        "[::1]8025",
+        "localhost:",
+        "localhost:80x",
+        "localhost:\u00b9",
+        "localhost:8025:1",
+    ],
+)
+def test_other_host_names_do_not(host: str) -> None:
+    assert not loopback_host(host)
+
+
+async def test_loopback_server_refuses_other_hosts(serve: Serve) -> None:
+    server = await serve()
+    async with client(server) as c:
+        for path in ("/healthz", "/readyz", "/metrics", "/api/messages", "/queue", "/nope"):
+            response = await c.get(path, headers={"Host": f"rebind.attacker.example:{server.port}"})
+            assert response.status_code == 421, path
+            assert response.json() == {"error": "this endpoint answers to loopback host names only"}
+            assert "esprelay_" not in response.text
+        for host in ("localhost", f"localhost:{server.port}", f"127.0.0.1:{server.port}"):
+            assert (await c.get("/metrics", headers={"Host": host})).status_code == 200
+        authorized = {"Authorization": f"Bearer {TOKEN}", "Host": f"[::1]:{server.port}"}
+        assert (await c.get("/api/messages", headers=authorized)).status_code == 200
+    # No browser leaves the Host header out; an HTTP/1.0 probe may.
+    assert await raw_request(server, b"GET /healthz HTTP/1.0\r\n\r\n") == b"HTTP/1.0 200 OK"
+    assert await raw_request(server, b"GET /healthz HTTP/1.0\r\nHost: evil.example\r\n\r\n") == (
+        b"HTTP/1.0 421 Misdirected Request"
+    )
+
+
+async def test_server_beyond_loopback_answers_any_host(serve: Serve) -> None:
+    server = await serve("0.0.0.0", admin_token=None)
+    async with client(server) as c:
+        response = await c.get("/readyz", headers={"Host": "relay.internal.example:8025"})
+    assert response.status_code == 200
+
+
+def test_relay_refuses_a_rebound_host(relay: RelayProcess) -> None:
+    with http(relay) as c:
+        assert c.get("/metrics", headers={"Host": "rebind.attacker.example"}).status_code == 421
+        assert c.get("/metrics").status_code == 200  # httpx sends Host: 127.0.0.1:PORT
+
+
+# endregion
 
 # region requests
 

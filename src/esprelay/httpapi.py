@@ -25,12 +25,18 @@ answers with a redirect that drops the token from the address and sets an ``Http
 ``SameSite=Strict`` cookie for ``/queue``, which then works for the page only (GET,
 read-only), never for the JSON API, so a cookie can never be used to retry or delete
 anything.
+
+When every listening address is loopback, a request must name a loopback host
+(``localhost``, ``127.x.y.z``, ``[::1]``, with or without a port) in its ``Host``
+header, else it is answered ``421 Misdirected Request``: a page whose domain was
+re-pointed at 127.0.0.1 (DNS rebinding) cannot read /readyz or /metrics.
 """
 
 from __future__ import annotations
 
 import hmac
 import html
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -102,6 +108,7 @@ class OpsServer:
         self.readiness = readiness
         self.on_retry = on_retry
         self.port: int | None = None
+        self.loopback_only = True  # every listening address is loopback (known after start)
         self._runner: web.AppRunner | None = None
         self._admin_token: str | None = None
         self._cookie: str | None = None
@@ -143,7 +150,9 @@ class OpsServer:
             await runner.cleanup()
             raise
         self._runner = runner
+        addresses = [address[0] for address in runner.addresses]
         self.port = runner.addresses[0][1]
+        self.loopback_only = all(_is_loopback(address) for address in addresses)
 
     async def close(self) -> None:
         runner, self._runner = self._runner, None
@@ -174,6 +183,8 @@ class OpsServer:
         return response
 
     async def _guarded(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if self.loopback_only and not loopback_host(request.headers.get(hdrs.HOST)):
+            raise HttpError(421, "this endpoint answers to loopback host names only")
         if request.body_exists:
             raise HttpError(413, "request bodies are not accepted")
         path = request.path
@@ -322,6 +333,31 @@ class OpsServer:
         )
 
     # endregion
+
+
+def loopback_host(value: str | None) -> bool:
+    """Whether a ``Host`` header names loopback: ``localhost``, ``127.x.y.z`` or ``[::1]``,
+    with or without a port.  No header at all passes: every browser sends one."""
+    if value is None:
+        return True
+    name, port = value.strip(), ""
+    if name.startswith("["):
+        name, bracket, port = name[1:].partition("]")
+        if not bracket:
+            return False
+    elif name.count(":") == 1:
+        name, _, digits = name.partition(":")
+        port = ":" + digits
+    if port and not (port[:1] == ":" and port[1:].isascii() and port[1:].isdigit()):
+        return False
+    return name.lower().removesuffix(".") == "localhost" or _is_loopback(name)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
