@@ -1,5 +1,5 @@
-"""The ops HTTP server in this process: Host checks on loopback and the limits on
-requests."""
+"""The ops HTTP server in this process: Host checks on loopback, the /queue cookie and
+the limits on requests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from esprelay.httpapi import OpsServer, loopback_host
+from esprelay.httpapi import COOKIE, OpsServer, loopback_host
 from esprelay.metrics import RelayMetrics
 from esprelay.spool import Spool, open_spool
 from tests.opshttp import TOKEN, http
@@ -132,6 +132,35 @@ def test_relay_refuses_a_rebound_host(relay: RelayProcess) -> None:
     with http(relay) as c:
         assert c.get("/metrics", headers={"Host": "rebind.attacker.example"}).status_code == 421
         assert c.get("/metrics").status_code == 200  # httpx sends Host: 127.0.0.1:PORT
+
+
+# endregion
+
+# region the /queue page's cookie
+
+
+async def test_page_cookie_is_no_bearer_token(serve: Serve) -> None:
+    server = await serve()
+    async with client(server) as c:
+        redirect = await c.get("/queue", params={"token": TOKEN})
+        assert redirect.status_code == 303
+        cookie = c.cookies[COOKIE]
+        assert (await c.get("/queue")).status_code == 200  # the cookie opens the page
+
+        c.cookies.clear()
+        as_bearer = {"Authorization": f"Bearer {cookie}"}
+        for path in ("/api/messages", "/queue"):
+            assert (await c.get(path, headers=as_bearer)).status_code == 401, path
+        assert TOKEN not in redirect.headers["set-cookie"]
+        # The token itself, set as the cookie, does not open the page.
+        c.cookies.set(COOKIE, TOKEN)
+        assert (await c.get("/queue")).status_code == 401
+
+        # A new token voids the cookies made from the old one.
+        c.cookies.set(COOKIE, cookie)
+        assert (await c.get("/queue")).status_code == 200
+        server.admin_token = "another-admin-token-9876543210"
+        assert (await c.get("/queue")).status_code == 401
 
 
 # endregion

@@ -22,9 +22,9 @@ Admin routes exist only when ``ESPRELAY_ADMIN_TOKEN`` is set and there is a spoo
 passthrough mode; 404 otherwise) and need ``Authorization: Bearer <token>`` (401
 otherwise).  The HTML page also accepts the token once as ``/queue?token=...``: it
 answers with a redirect that drops the token from the address and sets an ``HttpOnly``,
-``SameSite=Strict`` cookie for ``/queue``, which then works for the page only (GET,
-read-only), never for the JSON API, so a cookie can never be used to retry or delete
-anything.
+``SameSite=Strict`` cookie for ``/queue``.  The cookie is not the token but an HMAC of
+a fixed label keyed with it: it opens the page only (GET, read-only), a stolen cookie
+is no bearer token for the JSON API, and a new token voids every cookie.
 
 When every listening address is loopback, a request must name a loopback host
 (``localhost``, ``127.x.y.z``, ``[::1]``, with or without a port) in its ``Host``
@@ -34,6 +34,7 @@ re-pointed at 127.0.0.1 (DNS rebinding) cannot read /readyz or /metrics.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import html
 import ipaddress
@@ -61,6 +62,7 @@ IDLE_TIMEOUT = 10.0  # seconds a connection may go without sending a complete re
 SHUTDOWN_TIMEOUT = 2.0
 LIST_LIMIT_MAX = 1000
 COOKIE = "esprelay_admin"
+_COOKIE_LABEL = b"esprelay queue page cookie v1"
 
 #: A readiness check returns None when fine, else a short reason.
 ReadinessCheck = Callable[[], Awaitable[str | None]]
@@ -121,7 +123,7 @@ class OpsServer:
     @admin_token.setter
     def admin_token(self, token: str | None) -> None:
         self._admin_token = token
-        self._cookie = None if token is None else quote(token, safe="")
+        self._cookie = None if token is None else page_cookie(token)
 
     async def start(self, host: str, port: int) -> None:
         app = web.Application(middlewares=[self._middleware], client_max_size=1024)
@@ -333,6 +335,11 @@ class OpsServer:
         )
 
     # endregion
+
+
+def page_cookie(token: str) -> str:
+    """The /queue page's cookie for ``token``: an HMAC, so the cookie is no bearer token."""
+    return hmac.new(token.encode(), _COOKIE_LABEL, hashlib.sha256).hexdigest()
 
 
 def loopback_host(value: str | None) -> bool:
