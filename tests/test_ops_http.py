@@ -1,5 +1,5 @@
-"""The ops HTTP server in this process: Host checks on loopback, the /queue cookie and
-the limits on requests."""
+"""The ops HTTP server in this process: Host checks on loopback, the /queue cookie, the
+warning for an admin API beyond loopback, and the limits on requests."""
 
 from __future__ import annotations
 
@@ -161,6 +161,44 @@ async def test_page_cookie_is_no_bearer_token(serve: Serve) -> None:
         assert (await c.get("/queue")).status_code == 200
         server.admin_token = "another-admin-token-9876543210"
         assert (await c.get("/queue")).status_code == 401
+
+
+# endregion
+
+# region warning for an admin API beyond loopback
+
+
+def _tls_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "esprelay.http" and r.levelno == logging.WARNING and "TLS" in r.getMessage()
+    ]
+
+
+async def test_admin_api_beyond_loopback_is_warned_about(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="esprelay.http")
+    server = await serve("0.0.0.0")
+    [warning] = _tls_warnings(caplog)
+    assert f"0.0.0.0:{server.port}" in warning
+    assert "reverse proxy" in warning
+    assert TOKEN not in caplog.text
+
+
+async def test_no_warning_on_loopback_or_without_admin_api(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="esprelay.http")
+    await serve("127.0.0.1")
+    exposed = await serve("0.0.0.0", admin_token=None)
+    assert _tls_warnings(caplog) == []
+    # Turned on later (SIGHUP), the admin API is warned about then.
+    exposed.admin_token = TOKEN
+    assert len(_tls_warnings(caplog)) == 1
+    exposed.admin_token = "another-admin-token-9876543210"  # a new token, no new warning
+    assert len(_tls_warnings(caplog)) == 1
 
 
 # endregion

@@ -29,7 +29,9 @@ is no bearer token for the JSON API, and a new token voids every cookie.
 When every listening address is loopback, a request must name a loopback host
 (``localhost``, ``127.x.y.z``, ``[::1]``, with or without a port) in its ``Host``
 header, else it is answered ``421 Misdirected Request``: a page whose domain was
-re-pointed at 127.0.0.1 (DNS rebinding) cannot read /readyz or /metrics.
+re-pointed at 127.0.0.1 (DNS rebinding) cannot read /readyz or /metrics.  With the
+admin API on and an address beyond loopback, start-up logs a warning: plain HTTP
+carries the token in clear, put TLS (a reverse proxy) in front.
 """
 
 from __future__ import annotations
@@ -122,8 +124,11 @@ class OpsServer:
 
     @admin_token.setter
     def admin_token(self, token: str | None) -> None:
+        enabled = token is not None and self._admin_token is None
         self._admin_token = token
         self._cookie = None if token is None else page_cookie(token)
+        if enabled and self._runner is not None:
+            self._warn_if_exposed()
 
     async def start(self, host: str, port: int) -> None:
         app = web.Application(middlewares=[self._middleware], client_max_size=1024)
@@ -155,11 +160,22 @@ class OpsServer:
         addresses = [address[0] for address in runner.addresses]
         self.port = runner.addresses[0][1]
         self.loopback_only = all(_is_loopback(address) for address in addresses)
+        self._warn_if_exposed()
 
     async def close(self) -> None:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+    def _warn_if_exposed(self) -> None:
+        if self._admin_token is None or self.loopback_only or self._runner is None:
+            return
+        log.warning(
+            "admin api listening beyond loopback (%s) over plain HTTP: the bearer token and"
+            " the queue cross the network in clear; put TLS in front (a reverse proxy)"
+            " or listen on 127.0.0.1",
+            ", ".join(f"{a[0]}:{a[1]}" for a in self._runner.addresses),
+        )
 
     # region request handling shared by every route
 
