@@ -136,6 +136,11 @@ def test_page_token_in_query_becomes_a_cookie(paused: RelayProcess) -> None:
         assert page.status_code == 200
         assert "ops@example.org" in page.text
         assert page.headers["content-security-policy"].startswith("default-src 'none'")
+        # The cookie is derived from the token, not the token: stolen, it is no bearer token.
+        stolen = client.cookies["esprelay_admin"]
+        as_bearer = {"Authorization": f"Bearer {stolen}"}
+        assert client.get("/api/messages", headers=as_bearer).status_code == 401
+        assert stolen != TOKEN
 
 
 def test_page_escapes_everything() -> None:

@@ -44,7 +44,8 @@ def test_readiness_fails_when_the_spool_directory_is_gone(
             assert client.get("/healthz").status_code == 200  # alive all the same
     finally:
         (tmp_path / "moved").rename(tmp_path / "data")
-    assert http(relay).get("/readyz").status_code == 200
+    with http(relay) as client:
+        assert client.get("/readyz").status_code == 200
 
 
 def test_readiness_fails_when_every_provider_circuit_is_open(
@@ -150,7 +151,8 @@ def test_metrics_count_exactly(relay_factory: type[RelayProcess], tmp_path: Path
     assert value(samples, "esprelay_spool_depth") == 0
     assert value(samples, "esprelay_spool_oldest_message_age_seconds") == 0
     # Labels never carry an address, a domain or an id.
-    text = http(relay).get("/metrics").text
+    with http(relay) as client:
+        text = client.get("/metrics").text
     for secret in ("example.org", "example.com", *early):
         assert secret not in text
 

@@ -1,10 +1,11 @@
 """The operations HTTP endpoint: health, readiness, metrics and the queue admin API.
 
-A deliberately small HTTP/1.1 server on ``asyncio.start_server`` (no web framework:
-the routes are few and fixed, and a dependency the size of aiohttp would buy nothing
-here).  One request per connection (``Connection: close``), request line and headers
-capped at 16 KiB, bodies refused (no route takes one), a read timeout on every
-connection.  It listens on loopback by default.
+Served by ``aiohttp.web`` (the stack the ESP webhook receivers will share): keep-alive
+connections closed after ``IDLE_TIMEOUT`` seconds without a complete request, request
+lines and header fields capped by aiohttp's parser (``MAX_LINE``, ``MAX_FIELD``,
+``MAX_HEADERS``), request bodies refused (no route takes one), no access log (a query
+string may carry the admin token), and a request aiohttp cannot parse logged at DEBUG
+without its text.  It listens on loopback by default.
 
 Routes::
 
@@ -18,27 +19,35 @@ Routes::
     GET    /queue?state=                read-only HTML page (admin)
 
 Admin routes exist only when ``ESPRELAY_ADMIN_TOKEN`` is set and there is a spool (not in
-passthrough mode; 404 otherwise) and need
-``Authorization: Bearer <token>`` (401 otherwise).  The HTML page also accepts the
-token once as ``/queue?token=...``: it answers with a redirect that drops the token
-from the address and sets it as an ``HttpOnly``, ``SameSite=Strict`` cookie, which
-then works for the page only (GET, read-only), never for the JSON API, so a cookie
-can never be used to retry or delete anything.
+passthrough mode; 404 otherwise) and need ``Authorization: Bearer <token>`` (401
+otherwise).  The HTML page also accepts the token once as ``/queue?token=...``: it
+answers with a redirect that drops the token from the address and sets an ``HttpOnly``,
+``SameSite=Strict`` cookie for ``/queue``.  The cookie is not the token but an HMAC of
+a fixed label keyed with it: it opens the page only (GET, read-only), a stolen cookie
+is no bearer token for the JSON API, and a new token voids every cookie.
+
+When every listening address is loopback, a request must name a loopback host
+(``localhost``, ``127.x.y.z``, ``[::1]``, with or without a port) in its ``Host``
+header, else it is answered ``421 Misdirected Request``: a page whose domain was
+re-pointed at 127.0.0.1 (DNS rebinding) cannot read /readyz or /metrics.  With the
+admin API on and an address beyond loopback, start-up logs a warning: plain HTTP
+carries the token in clear, put TLS (a reverse proxy) in front.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import hashlib
 import hmac
 import html
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import quote
+
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from esprelay.errors import SpoolError
 from esprelay.metrics import CONTENT_TYPE, RelayMetrics
@@ -48,41 +57,35 @@ from esprelay.spool.base import Spool
 
 log = logging.getLogger("esprelay.http")
 
-MAX_HEAD = 16 * 1024
-READ_TIMEOUT = 10.0
+MAX_LINE = 8190  # request line, query string included
+MAX_FIELD = 8190  # one header field
+MAX_HEADERS = 64
+IDLE_TIMEOUT = 10.0  # seconds a connection may go without sending a complete request
+SHUTDOWN_TIMEOUT = 2.0
 LIST_LIMIT_MAX = 1000
 COOKIE = "esprelay_admin"
+_COOKIE_LABEL = b"esprelay queue page cookie v1"
 
 #: A readiness check returns None when fine, else a short reason.
 ReadinessCheck = Callable[[], Awaitable[str | None]]
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
+class _BadRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse at ERROR with a traceback that quotes the
+    request, a query string's admin token included.  A client's malformed request is no
+    error of ours: one DEBUG line with the status and the kind of fault instead."""
 
-    def arg(self, name: str) -> str | None:
-        values = self.query.get(name)
-        return values[0] if values else None
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            log.debug("http bad request: %d %s", exc.code, type(exc).__name__)
+            return False
+        return True
 
 
-@dataclass
-class Response:
-    status: int
-    body: bytes = b""
-    content_type: str = "text/plain; charset=utf-8"
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def json(cls, data: Any, status: int = 200) -> Response:
-        return cls(status, json.dumps(data, indent=1).encode() + b"\n", "application/json")
-
-    @classmethod
-    def text(cls, text: str, status: int = 200) -> Response:
-        return cls(status, text.encode())
+_server_log = logging.getLogger("esprelay.http.server")
+_server_log.addFilter(_BadRequests())
 
 
 class HttpError(Exception):
@@ -106,97 +109,136 @@ class OpsServer:
     ) -> None:
         self.spool = spool
         self.metrics = metrics
-        self.admin_token = admin_token
         self.readiness = readiness
         self.on_retry = on_retry
-        self.server: asyncio.Server | None = None
         self.port: int | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self.loopback_only = True  # every listening address is loopback (known after start)
+        self._runner: web.AppRunner | None = None
+        self._admin_token: str | None = None
+        self._cookie: str | None = None
+        self.admin_token = admin_token
+
+    @property
+    def admin_token(self) -> str | None:
+        return self._admin_token
+
+    @admin_token.setter
+    def admin_token(self, token: str | None) -> None:
+        enabled = token is not None and self._admin_token is None
+        self._admin_token = token
+        self._cookie = None if token is None else page_cookie(token)
+        if enabled and self._runner is not None:
+            self._warn_if_exposed()
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(
-            self._serve, host=host, port=port, limit=MAX_HEAD, reuse_address=True
+        app = web.Application(middlewares=[self._middleware], client_max_size=1024)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/api/messages", self._list)
+        app.router.add_get("/api/messages/{id}", self._show)
+        app.router.add_delete("/api/messages/{id}", self._delete)
+        app.router.add_post("/api/messages/{id}/retry", self._retry)
+        app.router.add_get("/queue", self._queue_page)
+        runner = web.AppRunner(
+            app,
+            access_log=None,  # a query string may carry the admin token
+            logger=_server_log,
+            keepalive_timeout=IDLE_TIMEOUT,
+            max_line_size=MAX_LINE,
+            max_field_size=MAX_FIELD,
+            max_headers=MAX_HEADERS,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
         )
-        self.port = self.server.sockets[0].getsockname()[1]
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        addresses = [address[0] for address in runner.addresses]
+        self.port = runner.addresses[0][1]
+        self.loopback_only = all(_is_loopback(address) for address in addresses)
+        self._warn_if_exposed()
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            for task in list(self._connections):
-                task.cancel()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), timeout=2)
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
-    # region HTTP/1.1, the small part we need
+    def _warn_if_exposed(self) -> None:
+        if self._admin_token is None or self.loopback_only or self._runner is None:
+            return
+        log.warning(
+            "admin api listening beyond loopback (%s) over plain HTTP: the bearer token and"
+            " the queue cross the network in clear; put TLS in front (a reverse proxy)"
+            " or listen on 127.0.0.1",
+            ", ".join(f"{a[0]}:{a[1]}" for a in self._runner.addresses),
+        )
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
+    # region request handling shared by every route
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         try:
-            try:
-                request = await asyncio.wait_for(_read_request(reader), READ_TIMEOUT)
-            except HttpError as exc:
-                response = Response.text(f"{exc}\n", exc.status)
-                method = "?"
-            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-                return
-            else:
-                method = request.method
-                response = await self._dispatch(request)
-            writer.write(_encode(response, head_only=method == "HEAD"))
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
-        except asyncio.CancelledError:
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-            if task is not None:
-                self._connections.discard(task)
-
-    async def _dispatch(self, request: Request) -> Response:
-        try:
-            response = await self._route(request)
+            response = await self._guarded(request, handler)
         except HttpError as exc:
-            response = Response.json({"error": str(exc)}, exc.status)
+            response = _json({"error": str(exc)}, exc.status)
             response.headers.update(exc.headers)
+            if exc.status == 413:
+                response.force_close()  # rather than read the body to reuse the connection
         except SpoolError as exc:
             log.error("http %s %s: spool error: %s", request.method, request.path, exc)
-            response = Response.json({"error": "spool unavailable"}, 503)
+            response = _json({"error": "spool unavailable"}, 503)
         except Exception:
             log.exception("http %s %s failed", request.method, request.path)
-            response = Response.json({"error": "internal error"}, 500)
+            response = _json({"error": "internal error"}, 500)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers[hdrs.SERVER] = "esprelay"
         # Never log the query string: it may carry the admin token.
         log.debug("http %s %s -> %d", request.method, request.path, response.status)
         return response
 
+    async def _guarded(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if self.loopback_only and not loopback_host(request.headers.get(hdrs.HOST)):
+            raise HttpError(421, "this endpoint answers to loopback host names only")
+        if request.body_exists:
+            raise HttpError(413, "request bodies are not accepted")
+        path = request.path
+        if path in ("/queue", "/api/messages") or path.startswith("/api/messages/"):
+            if self._admin_token is None or self.spool is None:
+                raise HttpError(404, "not found")
+            if path != "/queue":
+                self._require_bearer(request)
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:  # no route, or not this method
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+            raise HttpError(exc.status, exc.reason.lower(), headers) from None
+
     # endregion
 
-    async def _route(self, request: Request) -> Response:
-        method, path = request.method, request.path
-        if method == "HEAD":
-            method = "GET"
-        if path == "/healthz":
-            _allow(method, "GET")
-            return Response.text("ok\n")
-        if path == "/readyz":
-            _allow(method, "GET")
-            return await self._readyz()
-        if path == "/metrics":
-            _allow(method, "GET")
-            await self.refresh_spool_metrics()
-            return Response(200, self.metrics.exposition(), CONTENT_TYPE)
-        if path == "/queue" or path == "/api/messages" or path.startswith("/api/messages/"):
-            if self.admin_token is None or self.spool is None:
-                raise HttpError(404, "not found")
-            if path == "/queue":
-                _allow(method, "GET")
-                return await self._queue_page(request)
-            self._require_bearer(request)
-            return await self._api(method, path, request)
-        raise HttpError(404, "not found")
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        results: dict[str, str] = {}
+        ready = True
+        for name, check in self.readiness:
+            try:
+                problem = await check()
+            except Exception as exc:  # noqa: BLE001 - a failing check means "not ready"
+                problem = f"check failed: {type(exc).__name__}: {exc}"
+            results[name] = "ok" if problem is None else problem
+            ready = ready and problem is None
+        return _json({"ready": ready, "checks": results}, 200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        await self.refresh_spool_metrics()
+        return web.Response(
+            body=self.metrics.exposition(), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE}
+        )
 
     async def refresh_spool_metrics(self) -> None:
         if self.spool is None:
@@ -209,104 +251,99 @@ class OpsServer:
         else:
             self.metrics.observe_spool(stats)
 
-    async def _readyz(self) -> Response:
-        results: dict[str, str] = {}
-        ready = True
-        for name, check in self.readiness:
-            try:
-                problem = await check()
-            except Exception as exc:  # noqa: BLE001 - a failing check means "not ready"
-                problem = f"check failed: {type(exc).__name__}: {exc}"
-            results[name] = "ok" if problem is None else problem
-            ready = ready and problem is None
-        return Response.json({"ready": ready, "checks": results}, 200 if ready else 503)
-
     # region admin
 
     def _token_matches(self, candidate: str | None) -> bool:
-        token = self.admin_token
+        token = self._admin_token
         if token is None or not candidate:
             return False
         return hmac.compare_digest(candidate.encode(), token.encode())
 
-    def _bearer(self, request: Request) -> str | None:
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    def _cookie_matches(self, candidate: str | None) -> bool:
+        cookie = self._cookie
+        if cookie is None or not candidate:
+            return False
+        return hmac.compare_digest(candidate.encode(), cookie.encode())
+
+    def _bearer(self, request: web.Request) -> str | None:
+        scheme, _, value = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
         return value.strip() if scheme.lower() == "bearer" else None
 
-    def _require_bearer(self, request: Request) -> None:
+    def _require_bearer(self, request: web.Request) -> None:
         if not self._token_matches(self._bearer(request)):
             raise HttpError(
                 401, "a valid admin bearer token is required", {"WWW-Authenticate": "Bearer"}
             )
 
-    async def _api(self, method: str, path: str, request: Request) -> Response:
-        assert self.spool is not None
-        parts = [unquote(p) for p in path.split("/")[3:]]  # after "", "api", "messages"
-        if not parts:
-            _allow(method, "GET")
-            state = _state_arg(request.arg("state"))
-            limit = _limit_arg(request.arg("limit"))
-            messages = await self.spool.list(state=state, limit=limit)
-            return Response.json({"messages": [summary(m) for m in messages]})
-        message_id = parts[0]
-        if len(parts) == 1:
-            if method == "GET":
-                with_body = request.arg("body") in ("1", "true", "yes")
-                message = await self.spool.get(message_id, with_body=with_body)
-                if message is None:
-                    raise HttpError(404, f"no message {message_id}")
-                return Response.json(detail(message, with_body=with_body))
-            _allow(method, "GET", "DELETE")
-            if not await self.spool.delete(message_id):
-                raise HttpError(404, f"no message {message_id}")
-            log.info("admin api: deleted id=%s", message_id, extra={"message_id": message_id})
-            return Response.json({"id": message_id, "deleted": True})
-        if len(parts) == 2 and parts[1] == "retry":
-            _allow(method, "POST")
-            if not await self.spool.retry_now(message_id):
-                raise HttpError(404, f"no queued or failed message {message_id}")
-            log.info("admin api: retry now id=%s", message_id, extra={"message_id": message_id})
-            if self.on_retry is not None:
-                self.on_retry()
-            return Response.json({"id": message_id, "due": True})
-        raise HttpError(404, "not found")
+    @property
+    def _spool(self) -> Spool:
+        assert self.spool is not None  # admin routes are off without a spool
+        return self.spool
 
-    async def _queue_page(self, request: Request) -> Response:
-        assert self.spool is not None
-        token = request.arg("token")
+    async def _list(self, request: web.Request) -> web.Response:
+        state = _state_arg(_arg(request, "state"))
+        messages = await self._spool.list(state=state, limit=_limit_arg(_arg(request, "limit")))
+        return _json({"messages": [summary(m) for m in messages]})
+
+    async def _show(self, request: web.Request) -> web.Response:
+        message_id = request.match_info["id"]
+        with_body = _arg(request, "body") in ("1", "true", "yes")
+        message = await self._spool.get(message_id, with_body=with_body)
+        if message is None:
+            raise HttpError(404, f"no message {message_id}")
+        return _json(detail(message, with_body=with_body))
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        message_id = request.match_info["id"]
+        if not await self._spool.delete(message_id):
+            raise HttpError(404, f"no message {message_id}")
+        log.info("admin api: deleted id=%s", message_id, extra={"message_id": message_id})
+        return _json({"id": message_id, "deleted": True})
+
+    async def _retry(self, request: web.Request) -> web.Response:
+        message_id = request.match_info["id"]
+        if not await self._spool.retry_now(message_id):
+            raise HttpError(404, f"no queued or failed message {message_id}")
+        log.info("admin api: retry now id=%s", message_id, extra={"message_id": message_id})
+        if self.on_retry is not None:
+            self.on_retry()
+        return _json({"id": message_id, "due": True})
+
+    async def _queue_page(self, request: web.Request) -> web.Response:
+        token = _arg(request, "token")
         if token is not None:
             if not self._token_matches(token):
                 raise HttpError(401, "wrong token")
-            state = request.arg("state")
+            assert self._cookie is not None
+            state = _arg(request, "state")
             location = "/queue" + (f"?state={quote(state)}" if state else "")
-            return Response(
-                303,
-                b"",
+            return web.Response(
+                status=303,
                 headers={
-                    "Location": location,
-                    "Set-Cookie": f"{COOKIE}={quote(token, safe='')}; Path=/queue;"
+                    hdrs.LOCATION: location,
+                    hdrs.SET_COOKIE: f"{COOKIE}={self._cookie}; Path=/queue;"
                     " HttpOnly; SameSite=Strict",
-                    "Cache-Control": "no-store",
+                    hdrs.CACHE_CONTROL: "no-store",
                 },
             )
-        cookie = unquote(_cookies(request.headers.get("cookie", "")).get(COOKIE, ""))
-        if not (self._token_matches(self._bearer(request)) or self._token_matches(cookie)):
+        if not (
+            self._token_matches(self._bearer(request))
+            or self._cookie_matches(request.cookies.get(COOKIE))
+        ):
             raise HttpError(
                 401,
                 "a valid admin token is required (bearer header, or open /queue?token=...)",
                 {"WWW-Authenticate": "Bearer"},
             )
-        state = _state_arg(request.arg("state"))
-        messages = await self.spool.list(state=state, limit=_limit_arg(request.arg("limit")))
-        stats = await self.spool.stats()
+        state = _state_arg(_arg(request, "state"))
+        messages = await self._spool.list(state=state, limit=_limit_arg(_arg(request, "limit")))
+        stats = await self._spool.stats()
         counts = {s.value: stats.counts.get(s, 0) for s in MessageState}
-        page = render_queue_page(messages, counts, state)
-        return Response(
-            200,
-            page.encode(),
-            "text/html; charset=utf-8",
-            {
-                "Cache-Control": "no-store",
+        return web.Response(
+            text=render_queue_page(messages, counts, state),
+            content_type="text/html",
+            headers={
+                hdrs.CACHE_CONTROL: "no-store",
                 "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
                 "X-Frame-Options": "DENY",
                 "Referrer-Policy": "no-referrer",
@@ -316,9 +353,44 @@ class OpsServer:
     # endregion
 
 
-def _allow(method: str, *allowed: str) -> None:
-    if method not in allowed:
-        raise HttpError(405, "method not allowed", {"Allow": ", ".join(allowed)})
+def page_cookie(token: str) -> str:
+    """The /queue page's cookie for ``token``: an HMAC, so the cookie is no bearer token."""
+    return hmac.new(token.encode(), _COOKIE_LABEL, hashlib.sha256).hexdigest()
+
+
+def loopback_host(value: str | None) -> bool:
+    """Whether a ``Host`` header names loopback: ``localhost``, ``127.x.y.z`` or ``[::1]``,
+    with or without a port.  No header at all passes: every browser sends one."""
+    if value is None:
+        return True
+    name, port = value.strip(), ""
+    if name.startswith("["):
+        name, bracket, port = name[1:].partition("]")
+        if not bracket:
+            return False
+    elif name.count(":") == 1:
+        name, _, digits = name.partition(":")
+        port = ":" + digits
+    if port and not (port[:1] == ":" and port[1:].isascii() and port[1:].isdigit()):
+        return False
+    return name.lower().removesuffix(".") == "localhost" or _is_loopback(name)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    body = json.dumps(data, indent=1).encode() + b"\n"
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _arg(request: web.Request, name: str) -> str | None:
+    """A query argument; an empty one counts as absent."""
+    return request.query.get(name) or None
 
 
 def _state_arg(value: str | None) -> MessageState | None:
@@ -334,60 +406,9 @@ def _state_arg(value: str | None) -> MessageState | None:
 def _limit_arg(value: str | None) -> int:
     if value is None:
         return 100
-    if not value.isdigit() or not 1 <= int(value) <= LIST_LIMIT_MAX:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= LIST_LIMIT_MAX:
         raise HttpError(400, f"limit must be a number from 1 to {LIST_LIMIT_MAX}")
     return int(value)
-
-
-def _cookies(header: str) -> dict[str, str]:
-    jar: dict[str, str] = {}
-    for part in header.split(";"):
-        name, eq, value = part.strip().partition("=")
-        if eq:
-            jar[name] = value
-    return jar
-
-
-async def _read_request(reader: asyncio.StreamReader) -> Request:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        raise HttpError(431, "request head too large") from None
-    if len(head) > MAX_HEAD:
-        raise HttpError(431, "request head too large")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise HttpError(400, "bad request line")
-    method, target, _ = parts
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
-            raise HttpError(400, "bad header line")
-        headers[name.lower()] = value.strip()
-    if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
-        raise HttpError(413, "request bodies are not accepted")
-    url = urlsplit(target)
-    if not url.path.startswith("/"):
-        raise HttpError(400, "bad request target")
-    return Request(method.upper(), url.path, parse_qs(url.query), headers)
-
-
-def _encode(response: Response, *, head_only: bool = False) -> bytes:
-    reason = HTTPStatus(response.status).phrase
-    lines = [
-        f"HTTP/1.1 {response.status} {reason}",
-        f"Content-Type: {response.content_type}",
-        f"Content-Length: {len(response.body)}",
-        "Connection: close",
-        "X-Content-Type-Options: nosniff",
-        *(f"{name}: {value}" for name, value in response.headers.items()),
-    ]
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + response.body
 
 
 # region views shared by the JSON API and the page
