@@ -1,5 +1,10 @@
 """SMTP AUTH users: scrypt password hashes, the users file, failed-login limits.
 
+:func:`login` is the one place a login is decided, for both SMTP engines.  Each attempt
+takes its place in the client's failed-login count *before* the password is checked, so
+parallel connections from one address never get more checks than the limit; a success
+gives its place back.
+
 A hash looks like ``$scrypt$ln=15,r=8,p=1$<salt>$<key>`` (salt and key in base64), made
 by ``esprelay hash-password``.  The users file has one ``user:hash[:allowed_senders]``
 a line; ``allowed_senders`` is a comma-separated list of addresses (``app@example.com``)
@@ -10,10 +15,12 @@ Nothing here ever puts a password or a hash into an exception message or a repr.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import time
@@ -23,6 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from esprelay.errors import ConfigError
+
+log = logging.getLogger("esprelay.smtp")
+
+INVALID_REPLY = "535 5.7.8 Authentication credentials invalid"
+BLOCKED_REPLY = "454 4.7.0 Too many failed logins, try again later"
 
 # scrypt with N=2**15, r=8, p=1 takes ~32 MiB and tens of milliseconds: OWASP's minimum
 # recommendation is N=2**17 for interactive logins, but AUTH runs on the event loop and is
@@ -214,10 +226,64 @@ class FailureLimiter:
     def blocked(self, client: str) -> bool:
         return len(self._recent(client, time.monotonic())) >= self.max_failures
 
-    def record(self, client: str) -> None:
+    def reserve(self, client: str) -> float | None:
+        """Count an attempt as failed before it is checked; None if the client has no
+        attempt left.  The returned token gives the place back (:meth:`release`)."""
         now = time.monotonic()
-        self._recent(client, now)
+        if len(self._recent(client, now)) >= self.max_failures:
+            return None
         self._failures.setdefault(client, deque()).append(now)
         if len(self._failures) > 10000:  # bound memory under a spray from many addresses
             oldest = min(self._failures, key=lambda c: self._failures[c][-1])
             del self._failures[oldest]
+        return now
+
+    def release(self, client: str, token: float) -> None:
+        """Uncount a reserved attempt that succeeded (if the window has not dropped it)."""
+        times = self._failures.get(client)
+        if times is None:
+            return
+        try:
+            times.remove(token)
+        except ValueError:
+            return
+        if not times:
+            del self._failures[client]
+
+
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    """A login's outcome: the user, or the reply refusing it (535, or 454 when the
+    client has used up its failed logins)."""
+
+    user: User | None
+    refusal: str = ""
+
+
+async def login(
+    users: UserDB,
+    limiter: FailureLimiter,
+    slots: asyncio.Semaphore,
+    *,
+    client: str,
+    mechanism: str,
+    name: bytes,
+    password: bytes,
+) -> LoginResult:
+    """Decide one AUTH attempt from ``client``: reserve its place in the failed-login
+    count, check the password in a worker thread (at most ``slots`` at once), log it."""
+    # Counted before the check: a client that hangs up meanwhile keeps it counted.
+    token = limiter.reserve(client)
+    if token is None:
+        log.warning("AUTH refused: too many failures from client=%s", client)
+        return LoginResult(None, BLOCKED_REPLY)
+    async with slots:
+        user = await asyncio.to_thread(users.authenticate, name, password)
+    if user is None:
+        # A name we do not know may be a password typed into the wrong field: not logged.
+        shown = name.decode("utf-8", "replace") if users.known(name) else "(unknown)"
+        log.warning("AUTH failed: user=%r client=%s mechanism=%s", shown, client, mechanism)
+        return LoginResult(None, INVALID_REPLY)
+    limiter.release(client, token)
+    log.info("AUTH ok: user=%r client=%s mechanism=%s", user.name, client, mechanism)
+    return LoginResult(user)
