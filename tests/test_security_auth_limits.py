@@ -1,4 +1,4 @@
-"""AUTH's failed-login limit under parallel attempts.
+"""AUTH's failed-login limit under parallel attempts, and one scrypt per login, whoever.
 
 The relay runs in this process so that the test can count the scrypt computations
 (``hashlib.scrypt`` as the auth module calls it) instead of timing them.
@@ -34,6 +34,7 @@ MAX_FAILURES = 5
 CLIENTS = 20
 APP_PASSWORD = "app-Secret-42"
 PRINTER_PASSWORD = "Pr1nter-sesame"
+DEFAULT_PARAMETERS = {"n": 2**auth.DEFAULT_LOG_N, "r": 8, "p": 1, "dklen": 32}
 
 
 class ScryptCounter:
@@ -122,6 +123,43 @@ def right_password_code(port: int) -> int:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
         smtp.ehlo("late.test")
         return smtp.docmd("AUTH", "PLAIN " + plain("printer", PRINTER_PASSWORD))[0]
+
+
+async def test_every_login_costs_one_scrypt_with_the_default_parameters(
+    tmp_path: Path, scrypt: ScryptCounter
+) -> None:
+    users_file = tmp_path / "users"
+    users_file.write_text(f"printer:{hash_password(PRINTER_PASSWORD)}\n")
+    scrypt.take()
+    users = UserDB.load(users_file, "app", APP_PASSWORD)
+    assert scrypt.take() == [DEFAULT_PARAMETERS]  # ESPRELAY_AUTH_PASSWORD, hashed at start-up
+    limiter = FailureLimiter(100, 300.0)
+    slots = asyncio.Semaphore(2)
+    attempts = [
+        ("users file, right password", b"printer", PRINTER_PASSWORD.encode(), True),
+        ("users file, wrong password", b"printer", b"wrong", False),
+        ("settings user, right password", b"app", APP_PASSWORD.encode(), True),
+        ("settings user, wrong password", b"app", b"wrong", False),
+        ("settings user, empty password", b"app", b"", False),
+        ("unknown user", b"ghost", b"wrong", False),
+        ("password as the name", APP_PASSWORD.encode(), b"", False),
+        ("empty name", b"", b"wrong", False),
+        ("name not UTF-8", b"\xff\xfeapp", APP_PASSWORD.encode(), False),
+        ("name with a NUL", b"app\0", APP_PASSWORD.encode(), False),
+    ]
+    for label, name, password, ok in attempts:
+        result = await login(
+            users,
+            limiter,
+            slots,
+            client="192.0.2.1",
+            mechanism="PLAIN",
+            name=name,
+            password=password,
+        )
+        assert (result.user is not None) == ok, label
+        assert result.refusal == ("" if ok else INVALID_REPLY), label
+        assert scrypt.take() == [DEFAULT_PARAMETERS], label
 
 
 async def test_a_success_gives_its_place_back(scrypt: ScryptCounter) -> None:
