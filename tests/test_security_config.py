@@ -96,11 +96,11 @@ def test_users_file_and_single_user(tmp_path: Path) -> None:
 
 def test_failure_limiter() -> None:
     limiter = FailureLimiter(max_failures=2, window=3600)
-    limiter.record("10.0.0.1")
+    limiter.reserve("10.0.0.1")
     assert not limiter.blocked("10.0.0.1")
-    limiter.record("10.0.0.1")
+    limiter.reserve("10.0.0.1")
     assert limiter.blocked("10.0.0.1")
     assert not limiter.blocked("10.0.0.2")
     forgetful = FailureLimiter(max_failures=1, window=0)
-    forgetful.record("10.0.0.1")
+    forgetful.reserve("10.0.0.1")
     assert not forgetful.blocked("10.0.0.1")  # outside the window already

@@ -1,5 +1,13 @@
 """SMTP AUTH users: scrypt password hashes, the users file, failed-login limits.
 
+:func:`login` is the one place a login is decided, for both SMTP engines.  Every attempt
+costs exactly one scrypt computation, whether the user is in the users file, is the
+``ESPRELAY_AUTH_USER`` (hashed at start-up with a random salt), is unknown or is not even
+a valid name, so timing does not tell which names exist.  Each attempt takes its place
+in the client's failed-login count *before* the password is checked, so parallel
+connections from one address never get more checks than the limit; a success gives its
+place back.
+
 A hash looks like ``$scrypt$ln=15,r=8,p=1$<salt>$<key>`` (salt and key in base64), made
 by ``esprelay hash-password``.  The users file has one ``user:hash[:allowed_senders]``
 a line; ``allowed_senders`` is a comma-separated list of addresses (``app@example.com``)
@@ -10,10 +18,11 @@ Nothing here ever puts a password or a hash into an exception message or a repr.
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import functools
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import time
@@ -23,6 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from esprelay.errors import ConfigError
+
+log = logging.getLogger("esprelay.smtp")
+
+INVALID_REPLY = "535 5.7.8 Authentication credentials invalid"
+BLOCKED_REPLY = "454 4.7.0 Too many failed logins, try again later"
 
 # scrypt with N=2**15, r=8, p=1 takes ~32 MiB and tens of milliseconds: OWASP's minimum
 # recommendation is N=2**17 for interactive logins, but AUTH runs on the event loop and is
@@ -50,7 +64,14 @@ def hash_password(password: str, *, log_n: int = DEFAULT_LOG_N) -> str:
 
 def _valid_hash(encoded: str) -> bool:
     match = _HASH.match(encoded)
-    return match is not None and 1 <= int(match["ln"]) <= 20
+    if match is None or not 1 <= int(match["ln"]) <= 20:
+        return False
+    try:  # verify_password must never skip the computation over a bad salt or key
+        base64.b64decode(match["salt"], validate=True)
+        base64.b64decode(match["key"], validate=True)
+    except ValueError:
+        return False
+    return True
 
 
 def verify_password(password: bytes, encoded: str) -> bool:
@@ -96,15 +117,10 @@ class User:
 
     name: str
     allowed_senders: tuple[str, ...] = ()
-    _hash: str | None = field(default=None, repr=False, compare=False)
-    _password: bytes | None = field(default=None, repr=False, compare=False)
+    _hash: str = field(repr=False, compare=False, kw_only=True)
 
     def check(self, password: bytes) -> bool:
-        if self._hash is not None:
-            return verify_password(password, self._hash)
-        if self._password is not None:
-            return hmac.compare_digest(password, self._password)
-        return False
+        return verify_password(password, self._hash)
 
 
 class UserDB:
@@ -127,14 +143,14 @@ class UserDB:
         return name.decode("utf-8", "replace") in self._users
 
     def authenticate(self, name: bytes, password: bytes) -> User | None:
+        """The user if ``password`` is theirs.  One scrypt computation, whatever ``name``
+        is: an unknown or undecodable name is checked against a hash nobody matches."""
         try:
-            text = name.decode("utf-8")
+            user = self._users.get(name.decode("utf-8"))
         except UnicodeDecodeError:
-            return None
-        user = self._users.get(text)
+            user = None
         if user is None:
-            # Spend the same time as for a real user, so timing does not reveal names.
-            verify_password(password, _dummy_hash())
+            verify_password(password, _NOBODY)
             return None
         return user if user.check(password) else None
 
@@ -151,7 +167,8 @@ class UserDB:
         if single_user is not None and single_password is not None:
             if not _USER.match(single_user):
                 raise ConfigError("ESPRELAY_AUTH_USER: not a valid user name")
-            users.append(User(single_user, _password=single_password.encode()))
+            # Hashed here, so that its check costs what every other check costs.
+            users.append(User(single_user, _hash=hash_password(single_password)))
         names = [u.name for u in users]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -188,9 +205,15 @@ def _read_users_file(path: Path) -> list[User]:
     return users
 
 
-@functools.cache
-def _dummy_hash() -> str:
-    return hash_password("esprelay-dummy")
+def _unmatchable_hash() -> str:
+    """A hash with the default parameters that no password matches (its key is random,
+    not derived), made without computing scrypt."""
+    b64 = base64.b64encode
+    salt, key = b64(secrets.token_bytes(16)).decode(), b64(secrets.token_bytes(32)).decode()
+    return f"$scrypt$ln={DEFAULT_LOG_N},r={_R},p={_P}${salt}${key}"
+
+
+_NOBODY = _unmatchable_hash()
 
 
 class FailureLimiter:
@@ -214,10 +237,64 @@ class FailureLimiter:
     def blocked(self, client: str) -> bool:
         return len(self._recent(client, time.monotonic())) >= self.max_failures
 
-    def record(self, client: str) -> None:
+    def reserve(self, client: str) -> float | None:
+        """Count an attempt as failed before it is checked; None if the client has no
+        attempt left.  The returned token gives the place back (:meth:`release`)."""
         now = time.monotonic()
-        self._recent(client, now)
+        if len(self._recent(client, now)) >= self.max_failures:
+            return None
         self._failures.setdefault(client, deque()).append(now)
         if len(self._failures) > 10000:  # bound memory under a spray from many addresses
             oldest = min(self._failures, key=lambda c: self._failures[c][-1])
             del self._failures[oldest]
+        return now
+
+    def release(self, client: str, token: float) -> None:
+        """Uncount a reserved attempt that succeeded (if the window has not dropped it)."""
+        times = self._failures.get(client)
+        if times is None:
+            return
+        try:
+            times.remove(token)
+        except ValueError:
+            return
+        if not times:
+            del self._failures[client]
+
+
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    """A login's outcome: the user, or the reply refusing it (535, or 454 when the
+    client has used up its failed logins)."""
+
+    user: User | None
+    refusal: str = ""
+
+
+async def login(
+    users: UserDB,
+    limiter: FailureLimiter,
+    slots: asyncio.Semaphore,
+    *,
+    client: str,
+    mechanism: str,
+    name: bytes,
+    password: bytes,
+) -> LoginResult:
+    """Decide one AUTH attempt from ``client``: reserve its place in the failed-login
+    count, check the password in a worker thread (at most ``slots`` at once), log it."""
+    # Counted before the check: a client that hangs up meanwhile keeps it counted.
+    token = limiter.reserve(client)
+    if token is None:
+        log.warning("AUTH refused: too many failures from client=%s", client)
+        return LoginResult(None, BLOCKED_REPLY)
+    async with slots:
+        user = await asyncio.to_thread(users.authenticate, name, password)
+    if user is None:
+        # A name we do not know may be a password typed into the wrong field: not logged.
+        shown = name.decode("utf-8", "replace") if users.known(name) else "(unknown)"
+        log.warning("AUTH failed: user=%r client=%s mechanism=%s", shown, client, mechanism)
+        return LoginResult(None, INVALID_REPLY)
+    limiter.release(client, token)
+    log.info("AUTH ok: user=%r client=%s mechanism=%s", user.name, client, mechanism)
+    return LoginResult(user)

@@ -37,6 +37,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from esprelay.errors import ShuttingDown
 from esprelay.intake import IntakeState
+from esprelay.smtp import auth
 from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.dataread import MessageReader
 from esprelay.smtp.guards import Guards
@@ -69,7 +70,6 @@ _HELP = {
 _HELP_EXTENDED = {"MAIL": " [SP <mail-parameters>]", "RCPT": " [SP <mail-parameters>]"}
 _AUTH_MECHANISMS = ("LOGIN", "PLAIN")
 _SUCCESS = "235 2.7.0 Authentication successful"
-_INVALID = "535 5.7.8 Authentication credentials invalid"
 # aiosmtpd's LOGIN challenges (clients ignore the text; some tests compare it).
 _USERNAME_CHALLENGE = "User Name\x00"
 _PASSWORD_CHALLENGE = "Password\x00"
@@ -802,7 +802,7 @@ class SMTPSession(asyncio.Protocol):
             return
         if listener.limiter.blocked(self._client):
             log.warning("AUTH refused: too many failures from client=%s", self._client)
-            self._reply("454 4.7.0 Too many failed logins, try again later")
+            self._reply(auth.BLOCKED_REPLY)
             return
         if self._helo_needed("EHLO"):
             return
@@ -895,21 +895,21 @@ class SMTPSession(asyncio.Protocol):
 
     async def _check_login(self, mechanism: str, login: bytes, password: bytes) -> None:
         assert self.session is not None
-        users = self.users
-        async with self.listener.verify_slots:
-            user = await asyncio.to_thread(users.authenticate, login, password)
-        # A name we do not know may be a password typed into the wrong field: not logged.
-        shown = login.decode("utf-8", "replace") if users.known(login) else "(unknown)"
-        if user is None:
-            self.listener.limiter.record(self._client)
-            log.warning(
-                "AUTH failed: user=%r client=%s mechanism=%s", shown, self._client, mechanism
-            )
-            self._reply(_INVALID)
+        listener = self.listener
+        result = await auth.login(
+            listener.users,
+            listener.limiter,
+            listener.verify_slots,
+            client=self._client,
+            mechanism=mechanism,
+            name=login,
+            password=password,
+        )
+        if result.user is None:
+            self._reply(result.refusal)
             return
-        log.info("AUTH ok: user=%r client=%s mechanism=%s", user.name, self._client, mechanism)
         self.session.authenticated = True
-        self.session.auth_data = user  # type: ignore[assignment]
+        self.session.auth_data = result.user  # type: ignore[assignment]
         self._reply(_SUCCESS)
 
     # endregion

@@ -41,6 +41,7 @@ from aiosmtpd.smtp import (
 
 from esprelay.errors import ShuttingDown
 from esprelay.intake import IntakeState
+from esprelay.smtp import auth
 from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.data import CompactDataSMTP
 from esprelay.smtp.engine import Listener, SMTPSession
@@ -574,7 +575,7 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         client = client_address(self.session.peer)
         if self.limiter.blocked(client):
             log.warning("AUTH refused: too many failures from client=%s", client)
-            await self.push("454 4.7.0 Too many failed logins, try again later")
+            await self.push(auth.BLOCKED_REPLY)
             return
         if arg:
             # Some devices send "auth login": mechanism names are case-insensitive.
@@ -619,17 +620,18 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
 
     async def _check_login(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
         assert self.session is not None
-        client = client_address(self.session.peer)
-        async with self.verify_slots:
-            user = await asyncio.to_thread(self.users.authenticate, login, password)
-        # A name we do not know may be a password typed into the wrong field: not logged.
-        shown = login.decode("utf-8", "replace") if self.users.known(login) else "(unknown)"
-        if user is None:
-            self.limiter.record(client)
-            log.warning("AUTH failed: user=%r client=%s mechanism=%s", shown, client, mechanism)
-            return AuthResult(success=False, handled=False)  # aiosmtpd answers 535
-        log.info("AUTH ok: user=%r client=%s mechanism=%s", user.name, client, mechanism)
-        return AuthResult(success=True, auth_data=user)
+        result = await auth.login(
+            self.users,
+            self.limiter,
+            self.verify_slots,
+            client=client_address(self.session.peer),
+            mechanism=mechanism,
+            name=login,
+            password=password,
+        )
+        if result.user is None:
+            return AuthResult(success=False, handled=False, message=result.refusal)
+        return AuthResult(success=True, auth_data=result.user)
 
 
 def smtp_factory(
