@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import email.policy
 import enum
 from dataclasses import dataclass, field
-from email.message import EmailMessage
-from email.parser import BytesParser
-from functools import cached_property
 from typing import Any
 
 
@@ -71,21 +67,16 @@ class SendResult:
 class OutboundMessage:
     """What a provider is asked to send: the exact bytes plus the envelope.
 
-    The parsed view is built on first use only, so raw-MIME providers never pay for it.
+    The JSON providers read it through :func:`esprelay.message.mime.parse`; the raw
+    providers send ``raw`` (see :mod:`esprelay.message`).
     """
 
-    __slots__ = ("__dict__", "envelope", "id", "raw")
+    __slots__ = ("envelope", "id", "raw")
 
     def __init__(self, id: str, envelope: Envelope, raw: bytes) -> None:
         self.id = id
         self.envelope = envelope
         self.raw = raw
-
-    @cached_property
-    def parsed(self) -> EmailMessage:
-        message = BytesParser(policy=email.policy.default).parsebytes(self.raw)
-        assert isinstance(message, EmailMessage)
-        return message
 
     def __repr__(self) -> str:
         rcpts = len(self.envelope.rcpt_tos)
