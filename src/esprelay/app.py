@@ -20,26 +20,24 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from esprelay.backoff import RetryPolicy
 from esprelay.config import Settings, load_settings
-from esprelay.delivery import Deliverer, Outcome, provider_chain
+from esprelay.delivery import Deliverer
 from esprelay.dispatch import ProviderSet
-from esprelay.dsn import build_dsn, is_dsn, status_for
-from esprelay.errors import ConfigError, SpoolError
+from esprelay.errors import ConfigError
 from esprelay.gctune import return_large_blocks_to_the_system, tune_for_serving
 from esprelay.httpapi import OpsServer, ReadinessCheck
 from esprelay.httpclient import make_client
 from esprelay.intake import Intake, IntakeState
 from esprelay.logsetup import apply_level
 from esprelay.metrics import RelayMetrics
-from esprelay.models import Envelope
 from esprelay.providers import Provider, build_provider
+from esprelay.queuemode import QueueMode
 from esprelay.routing import RoutingTable, load_routing
 from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.guards import Guards
@@ -47,11 +45,10 @@ from esprelay.smtp.handler import RelayHandler
 from esprelay.smtp.policy import RelayPolicy, parse_networks
 from esprelay.smtp.server import smtp_factory
 from esprelay.smtp.tls import TLSContextSource
-from esprelay.spool import NewPart, Spool, open_spool
+from esprelay.spool import Spool
 
 log = logging.getLogger("esprelay")
 
-PURGE_INTERVAL = 600.0
 # asyncio's default listen backlog is 100: a burst of more new connections than that
 # (200 sessions of a batch job) overflows it and the kernel drops SYNs, which clients
 # retry only after a second. The kernel caps this at net.core.somaxconn.
@@ -73,10 +70,9 @@ class Relay:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.intake_state = IntakeState()
         self.routing = load_routing(settings)
-        self.spool: Spool | None = None
         self.client: httpx.AsyncClient | None = None
         self.providers: ProviderSet | None = None
-        self.deliverer: Deliverer | None = None
+        self.queue: QueueMode | None = None
         self.intake: Intake | None = None
         self.server: asyncio.Server | None = None
         self.sessions: set[Any] = set()
@@ -84,8 +80,6 @@ class Relay:
         self.smtps_server: asyncio.Server | None = None
         self.smtps_port: int | None = None
         self._stop = asyncio.Event()
-        self._purge_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
         self.metrics = RelayMetrics()
         self.http: OpsServer | None = None
         #: Readiness checks for /readyz, by name; other subsystems add theirs.
@@ -106,6 +100,14 @@ class Relay:
         self._reloading: asyncio.Task[None] | None = None
         # API host -> provider name, for the provider label of HTTP status metrics.
         self._provider_hosts: dict[str, str] = {}
+
+    @property
+    def spool(self) -> Spool | None:
+        return self.queue.spool if self.queue is not None else None
+
+    @property
+    def deliverer(self) -> Deliverer | None:
+        return self.queue.deliverer if self.queue is not None else None
 
     def add_reload_callback(self, callback: ReloadCallback) -> None:
         self.reloaders.append(callback)
@@ -145,31 +147,16 @@ class Relay:
             breaker_cooldown=settings.breaker_cooldown,
         )
         if settings.delivery_mode == "queue":
-            self.spool = open_spool(
-                settings.spool_url,
-                exclusive=True,
+            self.queue = QueueMode(
+                settings,
                 owner=self.owner,
-                auto_migrate=settings.spool_auto_migrate,
-                pool_size=settings.spool_pool_size,
-            )
-            await self.spool.open()
-            self.deliverer = Deliverer(
-                self.spool,
-                self.providers,
+                client=self.client,
+                providers=self.providers,
                 default_chain=self.routing.default.providers,
-                owner=self.owner,
-                concurrency=settings.delivery_concurrency,
-                lease_time=settings.lease_time,
-                poll_interval=settings.poll_interval,
-                policy=RetryPolicy(
-                    retry_initial=settings.retry_initial,
-                    retry_max=settings.retry_max,
-                    retry_config_error=settings.retry_config_error,
-                    max_queue_lifetime=settings.max_queue_lifetime,
-                ),
-                on_failed=self._on_failed,
+                retention=self._retention,
                 on_outcome=self.metrics.delivery_outcome,
             )
+            await self.queue.open()
         self.intake_state.on_accepted.append(self.metrics.message_accepted)
         self.intake_state.on_reply.append(self.metrics.smtp_reply)
         self.intake = Intake(
@@ -266,9 +253,8 @@ class Relay:
             "on" if tls is not None else "off",
         )
         await self._start_http()
-        if self.deliverer is not None:
-            self.deliverer.start()
-            self._purge_task = asyncio.create_task(self._purge_loop(), name="esprelay-purge")
+        if self.queue is not None:
+            self.queue.start()
         log.info(
             "smtp listening on %s:%d mode=%s providers=%s spool=%s max_size=%d",
             settings.smtp_host,
@@ -392,8 +378,8 @@ class Relay:
         self.routing = routing
         if self.intake is not None:
             self.intake.routing = routing
-        if self.deliverer is not None:
-            self.deliverer.set_default_chain(routing.default.providers)
+        if self.queue is not None:
+            self.queue.set_default_chain(routing.default.providers)
         self.settings = self.settings.model_copy(update={"routes_file": fresh.routes_file})
         log.info(
             "routes reloaded: %d route(s), default -> %s",
@@ -481,132 +467,22 @@ class Relay:
         if self.server is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), timeout=2)
-        if self._purge_task is not None:
-            self._purge_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._purge_task
-        if self.deliverer is not None:
-            await self.deliverer.stop(grace=grace)
-        if self._background:
-            await asyncio.wait(set(self._background), timeout=grace or 1.0)
+        if self.queue is not None:
+            await self.queue.stop(grace)
         if self.http is not None:
             await self.http.close()
         if self.providers is not None:
             for provider in self.providers.providers.values():
                 await provider.aclose()
-        if self.spool is not None:
-            await self.spool.close()
+        if self.queue is not None:
+            await self.queue.close()
         if self.client is not None:
             await self.client.aclose()
         if self.server is not None:
             log.info("stopped")
 
-    async def _purge_loop(self) -> None:
-        assert self.spool is not None
-        while True:
-            now = time.time()
-            try:
-                removed = await self.spool.purge(
-                    delivered_before=now - self.settings.delivered_retention,
-                    failed_before=now - self.settings.failed_retention,
-                )
-            except Exception:
-                log.exception("spool purge failed")
-            else:
-                if removed:
-                    log.info("purged %d finished message(s) past their retention", removed)
-            await asyncio.sleep(PURGE_INTERVAL)
-
-    # region failures: bounces and the failure webhook
-
-    def _on_failed(self, outcome: Outcome) -> None:
-        """A message answered 250 failed for good: tell its sender and the webhook."""
-        if self.settings.failure_webhook_url:
-            self._in_background(self._post_failure(outcome))
-        message = outcome.message
-        mode = self.settings.bounce_mode
-        if mode == "off":
-            return
-        if not message.envelope.mail_from:
-            log.info("no bounce for id=%s: null sender", message.id)
-            return
-        if message.raw is None or is_dsn(message.raw):
-            log.info("no bounce for id=%s: it is itself a bounce", message.id)
-            return
-        recipient = message.envelope.mail_from if mode == "sender" else mode.split(":", 1)[1]
-        self._in_background(self._send_bounce(outcome, recipient))
-
-    def _in_background(self, coroutine: Coroutine[None, None, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _send_bounce(self, outcome: Outcome, recipient: str) -> None:
-        assert self.spool is not None and outcome.message.raw is not None
-        message = outcome.message
-        from_address = self.settings.bounce_from or f"MAILER-DAEMON@{self.settings.hostname}"
-        dsn = build_dsn(
-            raw=outcome.message.raw,
-            failed_recipients=message.envelope.rcpt_tos,
-            original_sender=message.envelope.mail_from,
-            reason=str(outcome.error) if outcome.error else "delivery failed",
-            status=status_for(outcome.error, expired=outcome.expired),
-            reporting_mta=self.settings.hostname,
-            from_address=from_address,
-            to_address=recipient,
-            arrival_date=message.created_at,
-            message_id=message.id,
-        )
-        chain = provider_chain(message, self.routing.default.providers)
-        part = NewPart(
-            Envelope("", (recipient,)),
-            chain[0],
-            {
-                "route": message.meta.get("route", "default"),
-                "providers": list(chain),
-                "dsn_for": message.id,
-            },
-        )
-        try:
-            [bounce_id] = await self.spool.put_parts(dsn, [part])
-        except SpoolError as exc:
-            log.error("cannot queue the bounce for id=%s: %s", message.id, exc)
-            return
-        log.info("bounce id=%s for=%s to=<%s> size=%d", bounce_id, message.id, recipient, len(dsn))
-        if self.deliverer is not None:
-            self.deliverer.wake()
-
-    async def _post_failure(self, outcome: Outcome) -> None:
-        assert self.client is not None and self.settings.failure_webhook_url
-        message = outcome.message
-        record = {
-            "event": "failed",
-            "id": message.id,
-            "mail_from": message.envelope.mail_from,
-            "rcpt_tos": list(message.envelope.rcpt_tos),
-            "size": message.size,
-            "provider": outcome.provider,
-            "status_code": outcome.error.status_code if outcome.error else None,
-            "error": str(outcome.error) if outcome.error else None,
-            "expired": outcome.expired,
-            "attempts": message.attempts + 1,
-            "accepted_at": message.created_at,
-            "failed_at": time.time(),
-            "route": message.meta.get("route"),
-        }
-        try:
-            response = await self.client.post(
-                self.settings.failure_webhook_url, json=record, timeout=10.0
-            )
-        except httpx.HTTPError as exc:
-            log.error("failure webhook for id=%s not delivered: %s", message.id, type(exc).__name__)
-            return
-        if not response.is_success:
-            log.error(
-                "failure webhook for id=%s answered HTTP %d", message.id, response.status_code
-            )
-
-    # endregion
+    def _retention(self) -> tuple[float, float]:
+        return self.settings.delivered_retention, self.settings.failed_retention
 
 
 def _file_writable(path: str) -> str | None:
