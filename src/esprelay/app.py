@@ -1,5 +1,13 @@
 """Wiring and lifecycle: settings -> spool -> provider -> workers -> SMTP listener.
 
+Each job has its own module; :class:`Relay` builds them in order and takes them down:
+
+- :mod:`esprelay.outbound`: the shared HTTP client and the routed providers;
+- :mod:`esprelay.failures`: bounces and the failure webhook (queue mode);
+- :mod:`esprelay.listeners`: the SMTP and SMTPS listeners and their sessions;
+- :mod:`esprelay.readiness`: the checks behind ``/readyz``;
+- :mod:`esprelay.reload`: SIGHUP.
+
 Shutdown (SIGTERM/SIGINT) follows uvicorn's shape:
 
 1. stop taking new work: new sessions get ``421``, a new MAIL gets ``421``;
@@ -14,15 +22,12 @@ Shutdown (SIGTERM/SIGINT) follows uvicorn's shape:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import socket
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -32,27 +37,19 @@ from esprelay.dispatch import ProviderSet
 from esprelay.errors import ConfigError
 from esprelay.gctune import return_large_blocks_to_the_system, tune_for_serving
 from esprelay.httpapi import OpsServer, ReadinessCheck
-from esprelay.httpclient import make_client
 from esprelay.intake import Intake, IntakeState
+from esprelay.listeners import Listeners, load_users, tls_source
 from esprelay.logsetup import apply_level
 from esprelay.metrics import RelayMetrics
-from esprelay.providers import Provider, build_provider
+from esprelay.ops import admin_secret, start_ops
+from esprelay.outbound import outbound_client, routed_providers
 from esprelay.queuemode import QueueMode
 from esprelay.routing import RoutingTable, load_routing
-from esprelay.smtp.auth import FailureLimiter, UserDB
-from esprelay.smtp.guards import Guards
-from esprelay.smtp.handler import RelayHandler
-from esprelay.smtp.policy import RelayPolicy, parse_networks
-from esprelay.smtp.server import smtp_factory
+from esprelay.smtp.auth import UserDB
 from esprelay.smtp.tls import TLSContextSource
 from esprelay.spool import Spool
 
 log = logging.getLogger("esprelay")
-
-# asyncio's default listen backlog is 100: a burst of more new connections than that
-# (200 sessions of a batch job) overflows it and the kernel drops SYNs, which clients
-# retry only after a second. The kernel caps this at net.core.somaxconn.
-LISTEN_BACKLOG = 1024
 
 #: Called on SIGHUP with freshly loaded settings; may be sync or async.  A callback
 #: that raises is logged and the others still run.
@@ -65,23 +62,23 @@ RELOADABLE = frozenset(
 
 
 class Relay:
+    """One bridge: :meth:`start` builds and opens it, :meth:`shutdown` takes it down."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.intake_state = IntakeState()
         self.routing = load_routing(settings)
+        self.tls: TLSContextSource | None = None
+        self.users: UserDB | None = None
+        self.metrics = RelayMetrics()
         self.client: httpx.AsyncClient | None = None
         self.providers: ProviderSet | None = None
         self.queue: QueueMode | None = None
         self.intake: Intake | None = None
-        self.server: asyncio.Server | None = None
-        self.sessions: set[Any] = set()
-        self.smtp_port: int | None = None
-        self.smtps_server: asyncio.Server | None = None
-        self.smtps_port: int | None = None
-        self._stop = asyncio.Event()
-        self.metrics = RelayMetrics()
+        self.listeners: Listeners | None = None
         self.http: OpsServer | None = None
+        self._stop = asyncio.Event()
         #: Readiness checks for /readyz, by name; other subsystems add theirs.
         self.readiness: list[tuple[str, ReadinessCheck]] = [
             ("smtp", self._check_smtp),
@@ -95,11 +92,21 @@ class Relay:
             self._reload_certificates,
             self._reload_settings,
         ]
-        self.users: UserDB | None = None
-        self.tls: TLSContextSource | None = None
         self._reloading: asyncio.Task[None] | None = None
-        # API host -> provider name, for the provider label of HTTP status metrics.
-        self._provider_hosts: dict[str, str] = {}
+
+    @property
+    def sessions(self) -> set[Any]:
+        return self.listeners.sessions if self.listeners is not None else set()
+
+    @property
+    def smtp_port(self) -> int | None:
+        return self.listeners.port if self.listeners is not None else None
+
+    def add_reload_callback(self, callback: ReloadCallback) -> None:
+        self.reloaders.append(callback)
+
+    def add_readiness_check(self, name: str, check: ReadinessCheck) -> None:
+        self.readiness.append((name, check))
 
     @property
     def spool(self) -> Spool | None:
@@ -109,191 +116,70 @@ class Relay:
     def deliverer(self) -> Deliverer | None:
         return self.queue.deliverer if self.queue is not None else None
 
-    def add_reload_callback(self, callback: ReloadCallback) -> None:
-        self.reloaders.append(callback)
-
-    def add_readiness_check(self, name: str, check: ReadinessCheck) -> None:
-        self.readiness.append((name, check))
-
     async def start(self) -> None:
-        settings = self.settings
+        """Open the parts in order; the delivery workers start last."""
         # Certificates and users first: a mistake there stops start-up before anything runs.
-        tls = self._tls_source()
-        users = UserDB.load(
-            settings.auth_file,
-            settings.auth_user,
-            settings.auth_password.get_secret_value() if settings.auth_password else None,
-        )
-        self.users = users
-        self.tls = tls
-        self.client, transport = make_client(
-            timeout=settings.provider_timeout,
-            max_connections=max(10, settings.delivery_concurrency),
-            transport=settings.http_transport,
-            event_hooks=self.metrics.httpx_event_hooks(self._provider_hosts),
-        )
-        log.info("http transport: %s", transport)
-        self._provider_hosts.update(
-            _provider_hosts(self.routing.providers, settings.failure_webhook_url)
-        )
-        built: dict[str, Provider] = {}
-        for name, provider_settings in self.routing.providers.items():
-            provider = build_provider(provider_settings, self.client)
-            provider.name = name
-            built[name] = provider
-        self.providers = ProviderSet(
-            built,
-            breaker_threshold=settings.breaker_threshold,
-            breaker_cooldown=settings.breaker_cooldown,
-        )
-        if settings.delivery_mode == "queue":
-            self.queue = QueueMode(
-                settings,
-                owner=self.owner,
-                client=self.client,
-                providers=self.providers,
-                default_chain=self.routing.default.providers,
-                retention=self._retention,
-                on_outcome=self.metrics.delivery_outcome,
-            )
-            await self.queue.open()
-        self.intake_state.on_accepted.append(self.metrics.message_accepted)
-        self.intake_state.on_reply.append(self.metrics.smtp_reply)
-        self.intake = Intake(
-            mode=settings.delivery_mode,
-            routing=self.routing,
-            providers=self.providers,
-            state=self.intake_state,
-            spool=self.spool,
-            deliverer=self.deliverer,
-            inline_seconds=settings.inline_attempt_seconds,
-        )
-
-        size_limit = min(
-            [settings.max_message_size]
-            + [p.max_message_size for p in built.values() if p.max_message_size]
-        )
-        max_recipients = min(
-            [settings.max_recipients]
-            + [p.max_recipients for p in built.values() if p.max_recipients]
-        )
-        policy = RelayPolicy(
-            trusted_networks=parse_networks(settings.trusted_networks),
-            plaintext_auth_networks=parse_networks(settings.plaintext_auth_networks),
-            allowed_sender_domains=tuple(
-                d.lower().lstrip("@") for d in settings.allowed_sender_domains
-            ),
-        )
-        handler = RelayHandler(
-            self.intake,
-            max_recipients=max_recipients,
-            policy=policy,
-            hostname=settings.hostname,
-            repair_headers=settings.repair_headers,
-            force_from=settings.force_from,
-        )
-        listener_options = {
-            "hostname": settings.hostname,
-            "data_size_limit": size_limit,
-            "line_length_limit": settings.max_line_length,
-            "timeout": settings.smtp_timeout,
-            "policy": policy,
-            "users": users,
-            "limiter": FailureLimiter(settings.auth_max_failures, settings.auth_failure_window),
-            "guards": Guards(
-                max_connections=settings.max_connections,
-                max_connections_per_client=settings.max_connections_per_client,
-                max_errors=settings.max_errors,
-                data_timeout=settings.data_timeout,
-            ),
-            "tls": tls,
-            "command_size_limit": settings.max_command_length,
-            "engine": settings.smtp_engine,
-        }
-        factory, self.sessions = smtp_factory(handler, self.intake_state, **listener_options)  # type: ignore[arg-type]
-        loop = asyncio.get_running_loop()
-        try:
-            self.server = await loop.create_server(
-                factory,
-                host=settings.smtp_host,
-                port=settings.smtp_port,
-                reuse_address=True,
-                backlog=LISTEN_BACKLOG,
-            )
-        except OSError as exc:
-            raise ConfigError(
-                f"ESPRELAY_SMTP_HOST/ESPRELAY_SMTP_PORT: cannot listen on"
-                f" {settings.smtp_host}:{settings.smtp_port}: {exc.strerror or exc}"
-            ) from None
-        self.smtp_port = self.server.sockets[0].getsockname()[1]
-        self.metrics.smtp_sessions.set_function(lambda: len(self.sessions))
-        if tls is not None and settings.smtps_port is not None:
-            smtps_factory, _ = smtp_factory(
-                handler,
-                self.intake_state,
-                **listener_options,  # type: ignore[arg-type]
-                implicit_tls=True,
-                sessions=self.sessions,
-            )
-            self.smtps_server = await loop.create_server(
-                smtps_factory,
-                host=settings.smtp_host,
-                port=settings.smtps_port,
-                reuse_address=True,
-                backlog=LISTEN_BACKLOG,
-                ssl=tls.listener_context(),
-                ssl_handshake_timeout=min(60.0, settings.smtp_timeout or 60.0),
-            )
-            self.smtps_port = self.smtps_server.sockets[0].getsockname()[1]
-            log.info("smtps listening on %s:%d", settings.smtp_host, self.smtps_port)
-        log.info(
-            "security: trusted_networks=%s auth_users=%d starttls=%s",
-            ",".join(settings.trusted_networks) or "-",
-            len(users),
-            "on" if tls is not None else "off",
-        )
-        await self._start_http()
-        if self.queue is not None:
-            self.queue.start()
-        log.info(
-            "smtp listening on %s:%d mode=%s providers=%s spool=%s max_size=%d",
-            settings.smtp_host,
-            self.smtp_port,
-            settings.delivery_mode,
-            ",".join(f"{name}({p.kind})" for name, p in built.items()),
-            settings.spool_url.split("://", 1)[0] if self.spool else "none",
-            size_limit,
-        )
-
-    async def _start_http(self) -> None:
-        settings = self.settings
-        if not settings.http_enabled:
-            return
-        self.http = OpsServer(
+        self.tls = tls_source(self.settings)
+        self.users = load_users(self.settings)
+        self.client = outbound_client(self.settings, self.routing, self.metrics)
+        self.providers = routed_providers(self.settings, self.routing, self.client)
+        if self.settings.delivery_mode == "queue":
+            await self._open_queue(self.client, self.providers)
+        self._open_intake(self.providers)
+        await self._listen(self.providers)
+        self.http = await start_ops(
+            self.settings,
             spool=self.spool,
             metrics=self.metrics,
-            admin_token=_secret(settings),
             readiness=self.readiness,
             on_retry=self.deliverer.wake if self.deliverer is not None else None,
         )
-        try:
-            await self.http.start(settings.http_host, settings.http_port)
-        except OSError as exc:
-            raise ConfigError(
-                f"ESPRELAY_HTTP_HOST/ESPRELAY_HTTP_PORT: cannot listen on"
-                f" {settings.http_host}:{settings.http_port}: {exc.strerror or exc}"
-            ) from None
-        log.info(
-            "http listening on %s:%d (admin api %s)",
-            settings.http_host,
-            self.http.port,
-            "on" if self.http.admin_token else "off: no ESPRELAY_ADMIN_TOKEN",
+        if self.queue is not None:
+            self.queue.start()
+        self._log_started()
+
+    async def _open_queue(self, client: httpx.AsyncClient, providers: ProviderSet) -> None:
+        self.queue = QueueMode(
+            self.settings,
+            owner=self.owner,
+            client=client,
+            providers=providers,
+            default_chain=self.routing.default.providers,
+            retention=self._retention,
+            on_outcome=self.metrics.delivery_outcome,
         )
+        await self.queue.open()
+
+    def _open_intake(self, providers: ProviderSet) -> None:
+        self.intake_state.on_accepted.append(self.metrics.message_accepted)
+        self.intake_state.on_reply.append(self.metrics.smtp_reply)
+        self.intake = Intake(
+            mode=self.settings.delivery_mode,
+            routing=self.routing,
+            providers=providers,
+            state=self.intake_state,
+            spool=self.spool,
+            deliverer=self.deliverer,
+            inline_seconds=self.settings.inline_attempt_seconds,
+        )
+
+    async def _listen(self, providers: ProviderSet) -> None:
+        assert self.intake is not None and self.users is not None
+        self.listeners = Listeners(
+            self.settings,
+            self.intake,
+            self.intake_state,
+            users=self.users,
+            tls=self.tls,
+            providers=providers.providers.values(),
+        )
+        await self.listeners.open()
+        self.metrics.smtp_sessions.set_function(lambda: len(self.sessions))
 
     async def _check_smtp(self) -> str | None:
         if self.intake_state.draining:
             return "shutting down"
-        if self.server is None or not self.server.is_serving():
+        if self.listeners is None or not self.listeners.is_serving():
             return "not listening"
         return None
 
@@ -311,23 +197,26 @@ class Relay:
             return "every provider's circuit breaker is open"
         return None
 
-    def _tls_source(self) -> TLSContextSource | None:
+    def _log_started(self) -> None:
         settings = self.settings
-        if settings.tls_cert_file is None or settings.tls_key_file is None:
-            return None
-        if settings.tls_min_version in ("1.0", "1.1"):
-            log.warning(
-                "TLS %s allowed (ESPRELAY_TLS_MIN_VERSION): it is obsolete and weak; "
-                "allow it only for devices that cannot do better",
-                settings.tls_min_version,
-            )
-        return TLSContextSource(
-            settings.tls_cert_file,
-            settings.tls_key_file,
-            min_version=settings.tls_min_version,
-            ciphers=settings.tls_ciphers,
-            reload_interval=settings.tls_reload_interval,
+        assert self.listeners is not None and self.providers is not None
+        log.info(
+            "smtp listening on %s:%d mode=%s providers=%s spool=%s max_size=%d",
+            settings.smtp_host,
+            self.listeners.port,
+            settings.delivery_mode,
+            ",".join(f"{name}({p.kind})" for name, p in self.providers.providers.items()),
+            settings.spool_url.split("://", 1)[0] if self.spool else "none",
+            self.listeners.size_limit,
         )
+
+    def _use_routing(self, routing: RoutingTable) -> None:
+        """Routes reloaded: new sessions and messages use them at once."""
+        self.routing = routing
+        if self.intake is not None:
+            self.intake.routing = routing
+        if self.queue is not None:
+            self.queue.set_default_chain(routing.default.providers)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -375,11 +264,7 @@ class Relay:
                 "ESPRELAY_ROUTES_FILE: providers were added, removed or changed;"
                 " the routes are kept as they were: restart to apply"
             )
-        self.routing = routing
-        if self.intake is not None:
-            self.intake.routing = routing
-        if self.queue is not None:
-            self.queue.set_default_chain(routing.default.providers)
+        self._use_routing(routing)
         self.settings = self.settings.model_copy(update={"routes_file": fresh.routes_file})
         log.info(
             "routes reloaded: %d route(s), default -> %s",
@@ -391,11 +276,7 @@ class Relay:
         """Re-read ESPRELAY_AUTH_FILE (or the AUTH_USER pair); open sessions keep theirs."""
         if self.users is None:
             return
-        users = UserDB.load(  # a ConfigError keeps the running users
-            fresh.auth_file,
-            fresh.auth_user,
-            fresh.auth_password.get_secret_value() if fresh.auth_password else None,
-        )
+        users = load_users(fresh)  # a ConfigError keeps the running users
         self.users.replace_with(users)
         self.settings = self.settings.model_copy(
             update={n: getattr(fresh, n) for n in ("auth_file", "auth_user", "auth_password")}
@@ -427,7 +308,7 @@ class Relay:
         )
         apply_level(self.settings.log_level)
         if self.http is not None:
-            self.http.admin_token = _secret(self.settings)
+            self.http.admin_token = admin_secret(self.settings)
         applied = sorted(f"ESPRELAY_{n.upper()}" for n in changed if n in RELOADABLE)
         if applied:
             log.info("applied: %s", ", ".join(applied))
@@ -451,22 +332,8 @@ class Relay:
     async def shutdown(self) -> None:
         grace = self.settings.shutdown_grace
         self.intake_state.draining = True
-        if self.server is not None:
-            log.info("shutting down: refusing new sessions, finishing messages under way")
-        deadline = time.monotonic() + grace
-        # Polling is fine here: it runs once, for at most the grace period.
-        while any(s.in_transaction for s in self.sessions) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        if self.server is not None:
-            self.server.close()
-        if self.smtps_server is not None:
-            self.smtps_server.close()
-        for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.close()
-        if self.server is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), timeout=2)
+        if self.listeners is not None:
+            await self.listeners.close(grace)
         if self.queue is not None:
             await self.queue.stop(grace)
         if self.http is not None:
@@ -478,7 +345,7 @@ class Relay:
             await self.queue.close()
         if self.client is not None:
             await self.client.aclose()
-        if self.server is not None:
+        if self.listeners is not None and self.listeners.server is not None:
             log.info("stopped")
 
     def _retention(self) -> tuple[float, float]:
@@ -491,33 +358,6 @@ def _file_writable(path: str) -> str | None:
     if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
         return "spool directory is not writable"
     return None
-
-
-def _secret(settings: Settings) -> str | None:
-    token = settings.admin_token
-    return None if token is None else token.get_secret_value()
-
-
-def _provider_hosts(providers: Mapping[str, Settings], webhook_url: str | None) -> dict[str, str]:
-    """API host -> provider name (as routed), for the HTTP status metrics' label."""
-    hosts: dict[str, str] = {}
-    for name, settings in providers.items():
-        kind = settings.provider
-        url: str | None = getattr(settings, f"{kind}_api_url", None)
-        if kind == "ses":
-            url = settings.ses_endpoint_url or (
-                f"https://email.{settings.ses_region}.amazonaws.com"
-                if settings.ses_region
-                else None
-            )
-        host = urlsplit(url).hostname if url else None
-        if host:
-            hosts.setdefault(host, name)
-    if webhook_url:
-        host = urlsplit(webhook_url).hostname
-        if host:
-            hosts.setdefault(host, "failure_webhook")
-    return hosts
 
 
 def _provider_fingerprints(routing: RoutingTable) -> dict[str, tuple[str, dict[str, object]]]:
