@@ -3,9 +3,10 @@
 Each job has its own module; :class:`Relay` builds them in order and takes them down:
 
 - :mod:`esprelay.outbound`: the shared HTTP client and the routed providers;
-- :mod:`esprelay.failures`: bounces and the failure webhook (queue mode);
+- :mod:`esprelay.queuemode`: the spool and its delivery workers, with bounces and the
+  failure webhook (:mod:`esprelay.failures`) and retention (:mod:`esprelay.purge`);
 - :mod:`esprelay.listeners`: the SMTP and SMTPS listeners and their sessions;
-- :mod:`esprelay.readiness`: the checks behind ``/readyz``;
+- :mod:`esprelay.ops`: the ops HTTP server, with the checks of :mod:`esprelay.readiness`;
 - :mod:`esprelay.reload`: SIGHUP.
 
 Shutdown (SIGTERM/SIGINT) follows uvicorn's shape:
