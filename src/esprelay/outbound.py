@@ -1,0 +1,76 @@
+"""The outbound side: the one HTTP client, and the routed providers that share it.
+
+Every provider and the failure webhook post through one ``httpx.AsyncClient``
+(:func:`esprelay.httpclient.make_client`), whose responses the metrics count under the
+name of the provider (as routed) whose API host it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import httpx
+
+from esprelay.config import Settings
+from esprelay.dispatch import ProviderSet
+from esprelay.httpclient import make_client
+from esprelay.metrics import RelayMetrics
+from esprelay.providers import Provider, build_provider
+from esprelay.routing import RoutingTable
+
+log = logging.getLogger("esprelay")
+
+
+def outbound_client(
+    settings: Settings, routing: RoutingTable, metrics: RelayMetrics
+) -> httpx.AsyncClient:
+    """The shared client, its responses counted in ``metrics``."""
+    hosts = _provider_hosts(routing.providers, settings.failure_webhook_url)
+    client, transport = make_client(
+        timeout=settings.provider_timeout,
+        max_connections=max(10, settings.delivery_concurrency),
+        transport=settings.http_transport,
+        event_hooks=metrics.httpx_event_hooks(hosts),
+    )
+    log.info("http transport: %s", transport)
+    return client
+
+
+def routed_providers(
+    settings: Settings, routing: RoutingTable, client: httpx.AsyncClient
+) -> ProviderSet:
+    """The providers ``routing`` names, on ``client``, each behind its circuit breaker."""
+    built: dict[str, Provider] = {}
+    for name, provider_settings in routing.providers.items():
+        provider = build_provider(provider_settings, client)
+        provider.name = name
+        built[name] = provider
+    return ProviderSet(
+        built,
+        breaker_threshold=settings.breaker_threshold,
+        breaker_cooldown=settings.breaker_cooldown,
+    )
+
+
+def _provider_hosts(providers: Mapping[str, Settings], webhook_url: str | None) -> dict[str, str]:
+    """API host -> provider name (as routed), for the HTTP status metrics' label."""
+    hosts: dict[str, str] = {}
+    for name, settings in providers.items():
+        kind = settings.provider
+        url: str | None = getattr(settings, f"{kind}_api_url", None)
+        if kind == "ses":
+            url = settings.ses_endpoint_url or (
+                f"https://email.{settings.ses_region}.amazonaws.com"
+                if settings.ses_region
+                else None
+            )
+        host = urlsplit(url).hostname if url else None
+        if host:
+            hosts.setdefault(host, name)
+    if webhook_url:
+        host = urlsplit(webhook_url).hostname
+        if host:
+            hosts.setdefault(host, "failure_webhook")
+    return hosts

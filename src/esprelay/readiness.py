@@ -1,0 +1,59 @@
+"""The relay's own readiness checks for ``/readyz``: SMTP, spool, providers.
+
+A check is a coroutine function that answers ``None`` when ready and otherwise says
+why not (:data:`esprelay.httpapi.ReadinessCheck`); one that raises counts as not ready.
+Other subsystems add theirs with ``Relay.add_readiness_check``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+from esprelay.dispatch import ProviderSet
+from esprelay.httpapi import ReadinessCheck
+from esprelay.intake import IntakeState
+from esprelay.spool import Spool
+
+
+def relay_checks(
+    *,
+    state: IntakeState,
+    listening: Callable[[], bool],
+    spool: Spool | None,
+    providers: ProviderSet,
+) -> list[tuple[str, ReadinessCheck]]:
+    """The checks, by name; ``listening`` says whether the SMTP port takes connections,
+    ``spool`` is None in passthrough mode."""
+
+    async def smtp() -> str | None:
+        if state.draining:
+            return "shutting down"
+        if not listening():
+            return "not listening"
+        return None
+
+    async def spool_ok() -> str | None:
+        if spool is None:
+            return None  # passthrough mode: no spool
+        await spool.stats()  # raises SpoolError if unreadable
+        path = getattr(spool, "path", None)  # file-backed spools (SQLite)
+        if path is None:
+            return None
+        return await asyncio.to_thread(_file_writable, str(path))
+
+    async def providers_ok() -> str | None:
+        if providers.all_open():
+            return "every provider's circuit breaker is open"
+        return None
+
+    return [("smtp", smtp), ("spool", spool_ok), ("providers", providers_ok)]
+
+
+def _file_writable(path: str) -> str | None:
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"spool file {path} is not writable"
+    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        return "spool directory is not writable"
+    return None
