@@ -26,7 +26,8 @@ class FakeClock:
         self._order = itertools.count()
         # (deadline on the monotonic clock, order of arrival, the sleep or timeout)
         self._timers: list[tuple[float, int, _Timer]] = []
-        self._waiting: set[_Timer] = set()
+        # The sleeps and timeouts still waiting, with their deadlines.
+        self._waiting: dict[_Timer, float] = {}
         self._changed: asyncio.Event | None = None
 
     def time(self) -> float:
@@ -49,7 +50,7 @@ class FakeClock:
         try:
             await sleep.future
         finally:
-            self._waiting.discard(sleep)
+            self._waiting.pop(sleep, None)
 
     def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[object]:
         if seconds is not None and seconds <= 0:
@@ -65,21 +66,27 @@ class FakeClock:
         self._mono += seconds
         while self._timers and self._timers[0][0] <= self._mono:
             _, _, timer = heapq.heappop(self._timers)
-            if timer in self._waiting:
-                self._waiting.discard(timer)
+            if self._waiting.pop(timer, None) is not None:
                 timer.fire()
 
-    async def waiting(self, count: int = 1) -> None:
-        """Return once at least ``count`` sleeps or timeouts wait on this clock."""
-        while len(self._waiting) < count:
+    async def waiting(self, count: int = 1, *, seconds: float | None = None) -> None:
+        """Return once at least ``count`` sleeps or timeouts wait on this clock; with
+        ``seconds``, only those that end that long from now count."""
+        while self._count(seconds) < count:
             if self._changed is None:
                 self._changed = asyncio.Event()
             self._changed.clear()
             await self._changed.wait()
 
+    def _count(self, seconds: float | None) -> int:
+        if seconds is None:
+            return len(self._waiting)
+        return sum(1 for end in self._waiting.values() if abs(end - self._mono - seconds) < 1e-6)
+
     def _add(self, seconds: float, timer: _Timer) -> None:
-        heapq.heappush(self._timers, (self._mono + seconds, next(self._order), timer))
-        self._waiting.add(timer)
+        deadline = self._mono + seconds
+        heapq.heappush(self._timers, (deadline, next(self._order), timer))
+        self._waiting[timer] = deadline
         if self._changed is not None:
             self._changed.set()
 
@@ -113,7 +120,7 @@ class _Timeout:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        self._clock._waiting.discard(self)
+        self._clock._waiting.pop(self, None)
         await self._inner.__aexit__(*exc_info)
 
     def fire(self) -> None:
