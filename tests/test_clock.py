@@ -17,7 +17,7 @@ def test_system_clock_is_the_real_one_without_a_wrapper() -> None:
 
 
 async def test_system_clock_waits_with_the_event_loop() -> None:
-    await SYSTEM_CLOCK.sleep(0)
+    assert SYSTEM_CLOCK.sleep is asyncio.sleep
     with pytest.raises(TimeoutError):
         async with SYSTEM_CLOCK.timeout(0):
             await asyncio.Event().wait()
@@ -37,11 +37,9 @@ async def test_sleepers_wake_in_deadline_order_once_time_reaches_them() -> None:
     ]
     await clock.waiting(3)
     clock.advance(9.5)
-    await asyncio.sleep(0)
-    assert woken == [] and clock.sleepers == 3
+    assert clock.sleepers == 3
     clock.advance(15)
-    await asyncio.sleep(0)
-    assert woken == ["early", "middle"] and clock.sleepers == 1
+    assert clock.sleepers == 1  # early and middle are woken, late still sleeps
     assert clock.time() == 5024.5 and clock.monotonic() == 34.5
     clock.advance(100)
     await asyncio.gather(*tasks)
@@ -74,8 +72,7 @@ async def test_timeout_expires_only_when_the_clock_reaches_it() -> None:
     expiring = asyncio.create_task(wait())
     await clock.waiting()
     clock.advance(4.9)
-    await asyncio.sleep(0)
-    assert not expiring.done()
+    assert clock.sleepers == 1
     clock.advance(0.1)
     assert await expiring is False
 
@@ -90,11 +87,25 @@ async def test_timeout_expires_only_when_the_clock_reaches_it() -> None:
 async def test_no_timeout_and_a_spent_one() -> None:
     clock = FakeClock()
     async with clock.timeout(None):
-        await asyncio.sleep(0)
-    assert clock.sleepers == 0
+        assert clock.sleepers == 0
     with pytest.raises(TimeoutError):
         async with clock.timeout(0):
             await asyncio.Event().wait()
+
+
+async def test_waiting_for_a_deadline_that_far_ahead() -> None:
+    clock = FakeClock()
+    first = asyncio.create_task(clock.sleep(30))
+    await clock.waiting(seconds=30)
+    clock.advance(10)
+    second = asyncio.create_task(clock.sleep(30))
+    await clock.waiting(seconds=30)  # the second one: the first ends in 20 s
+    await clock.waiting(seconds=20)
+    clock.advance(20)
+    await first
+    assert not second.done() and clock.sleepers == 1
+    clock.advance(10)
+    await second
 
 
 def test_time_does_not_go_back() -> None:
