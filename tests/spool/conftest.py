@@ -57,6 +57,7 @@ class SpoolClock:
         self.url = url
         # Started at the real time: the PostgreSQL half of a test reads the real one.
         self.fake = None if url.startswith("postgresql") else FakeClock(start=time.time())
+        self._conn: asyncpg.Connection | None = None
 
     def time(self) -> float:
         return time.time() if self.fake is None else self.fake.time()
@@ -66,22 +67,27 @@ class SpoolClock:
             self.fake.advance(seconds)
             return
         # The server's clock cannot be moved: every time it is compared with goes back.
-        conn = await asyncpg.connect(self.url, timeout=5)
-        try:
-            await conn.execute(
+        if self._conn is None:
+            self._conn = await asyncpg.connect(self.url, timeout=5)
+        async with self._conn.transaction():
+            await self._conn.execute(
                 "UPDATE esprelay_messages SET created_at = created_at - $1,"
                 " updated_at = updated_at - $1, next_attempt_at = next_attempt_at - $1,"
                 " lease_expires_at = lease_expires_at - $1",
                 seconds,
             )
-            await conn.execute("UPDATE esprelay_attempts SET at = at - $1", seconds)
-        finally:
-            await conn.close()
+            await self._conn.execute("UPDATE esprelay_attempts SET at = at - $1", seconds)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
 
 
 @pytest.fixture
-def spool_clock(spool_url: str) -> SpoolClock:
-    return SpoolClock(spool_url)
+async def spool_clock(spool_url: str) -> AsyncIterator[SpoolClock]:
+    clock = SpoolClock(spool_url)
+    yield clock
+    await clock.close()
 
 
 @pytest.fixture
