@@ -24,8 +24,9 @@ def open_spool(
     SQLite spool then belongs to this process alone; a PostgreSQL spool is shared by
     design, and takes back at open only the leases held under ``owner`` (this
     instance's id in an earlier life).  Admin commands open either one shared.
-    ``auto_migrate`` and ``pool_size`` apply to PostgreSQL; ``clock`` to SQLite (a
-    PostgreSQL spool reads the time from its server, see esprelay.spool.postgres).
+    ``auto_migrate`` and ``pool_size`` apply to PostgreSQL.  ``clock`` is the SQLite
+    spool's time; a PostgreSQL spool reads the time from its server and waits on
+    ``clock`` (see esprelay.spool.postgres).
     """
     scheme = url.split(":", 1)[0].lower()
     if scheme == "sqlite":
@@ -40,6 +41,7 @@ def open_spool(
             owner=owner if exclusive else None,
             auto_migrate=auto_migrate,
             pool_size=pool_size,
+            clock=clock,
         )
     raise ConfigError(
         f"ESPRELAY_SPOOL_URL: unsupported spool scheme {scheme!r}"
