@@ -79,13 +79,21 @@ class Run:
         provider: Provider,
         clock: FakeClock,
         policy: RetryPolicy = POLICY,
+        *,
+        breaker_threshold: int = 1000,
+        breaker_cooldown: float = 30.0,
     ) -> None:
         self.spool = spool
         self.clock = clock
         self.outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         self.deliverer = Deliverer(
             spool,
-            ProviderSet({provider.name: provider}, breaker_threshold=1000),
+            ProviderSet(
+                {provider.name: provider},
+                breaker_threshold=breaker_threshold,
+                breaker_cooldown=breaker_cooldown,
+                clock=clock,
+            ),
             default_chain=(provider.name,),
             owner="test",
             concurrency=4,
@@ -235,6 +243,26 @@ async def test_unexpected_exception_is_retried_not_lost(
         assert (await run.outcome()).outcome == "deferred"
         await run.later()
         assert (await run.outcome()).outcome == "delivered"
+    assert len(provider.sent) == 2
+
+
+async def test_an_open_circuit_defers_until_its_cool_down_ends(
+    spool: SqliteSpool, clock: FakeClock
+) -> None:
+    provider = ScriptedProvider([ProviderUnavailable("503"), "esp"])
+    message_id = await put(spool)
+    async with Run(spool, provider, clock, breaker_threshold=1, breaker_cooldown=600) as run:
+        assert (await run.outcome()).outcome == "deferred"  # and the circuit opens
+        await run.later()
+        # Due again, but the circuit is open: not sent, deferred to the end of the cool-down.
+        outcome = await run.outcome()
+        assert outcome.outcome == "deferred" and "circuit open" in str(outcome.error)
+        assert len(provider.sent) == 1
+        message = await spool.get(message_id)
+        assert message is not None
+        assert message.next_attempt_at == pytest.approx(clock.time() + 600 - LATER)
+        await run.later(600 - LATER)
+        assert (await run.outcome()).outcome == "delivered"  # the trial call closes it
     assert len(provider.sent) == 2
 
 
