@@ -54,16 +54,39 @@ def client_address(peer: Any) -> str:
     return str(peer)
 
 
-def check_address(address: str, *, allow_null: bool) -> str | None:
-    """An SMTP error reply if ``address`` cannot be used, else None."""
+def check_address(address: str, *, allow_null: bool, smtputf8: bool = False) -> str | None:
+    """An SMTP error reply if ``address`` cannot be used, else None.
+
+    ``address`` is the client's bytes decoded as UTF-8 with ``surrogateescape`` (both
+    engines), so a byte that is not UTF-8 shows as a lone surrogate.  RFC 6531: a
+    non-ASCII address (UTF-8 or not) needs the SMTPUTF8 parameter of MAIL (``553 5.6.7``
+    without it), and even with it must be UTF-8: bytes that are not are a syntax error
+    of the address (``501 5.1.3``; 5.6.7 would tell the client that SMTPUTF8 helps).
+    Nothing with a surrogate may go on: it cannot be encoded, logged as UTF-8, spooled
+    or sent to an ESP.
+    """
     if address == "":
         return None if allow_null else "553 5.1.3 Error: null address not allowed here"
+    if not address.isascii():
+        if not smtputf8:
+            return "553 5.6.7 Error: non-ASCII address needs the SMTPUTF8 parameter"
+        if not _valid_utf8(address):
+            return "501 5.1.3 Error: address is not valid UTF-8"
     if address.startswith("@") or "%" in address or "!" in address.rpartition("@")[0]:
         # Source routes (<@a:b@c>), percent hacks and UUCP bang paths ask us to forward.
         return "553 5.7.1 Error: source routes and % or ! relaying are not supported"
     if len(address) > MAX_ADDRESS_LENGTH or not MAILBOX.fullmatch(address):
         return "553 5.1.3 Error: malformed address (expected local-part@domain)"
     return None
+
+
+def _valid_utf8(text: str) -> bool:
+    """False if ``text`` holds a lone surrogate (a byte that was not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def simple_path(arg: str) -> tuple[str, str] | None:
@@ -159,7 +182,7 @@ class RelayHandler(HookDirCache):
             return refusal
         if address == "<>":
             address = ""
-        error = check_address(address, allow_null=True)
+        error = check_address(address, allow_null=True, smtputf8=envelope.smtp_utf8)
         if error:
             return error
         if address:
@@ -184,7 +207,7 @@ class RelayHandler(HookDirCache):
         refusal = self._relay_refusal(server, session)
         if refusal:
             return refusal
-        error = check_address(address, allow_null=False)
+        error = check_address(address, allow_null=False, smtputf8=envelope.smtp_utf8)
         if error:
             return error
         if address in envelope.rcpt_tos:
