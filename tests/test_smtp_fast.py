@@ -88,6 +88,10 @@ async def test_session_setup_matches_aiosmtpd() -> None:
         "_refused",
         "_errors",
         "_ends",
+        "_junk",
+        "_busy",
+        "_expired",
+        "_lifetime",
     }
 
 

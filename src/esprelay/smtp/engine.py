@@ -28,6 +28,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import math
 import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
@@ -41,6 +42,7 @@ from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.dataread import MessageReader
 from esprelay.smtp.guards import Guards
 from esprelay.smtp.handler import RelayHandler, client_address, simple_path
+from esprelay.smtp.replies import SESSION_TOO_LONG, TIMEOUT, TOO_MANY_JUNK_COMMANDS
 
 log = logging.getLogger("esprelay.smtp")
 
@@ -52,6 +54,8 @@ PAUSE_AT = 1 << 20
 VERIFY_CONCURRENCY = 2
 
 _COMMAND, _DATA, _LINE, _BUSY, _CLOSED = range(5)
+TIMEOUT_LINE = TIMEOUT.encode() + b"\r\n"
+SESSION_TOO_LONG_LINE = SESSION_TOO_LONG.encode() + b"\r\n"
 _HELP = {
     "AUTH": "AUTH <mechanism>",
     "DATA": "DATA",
@@ -162,6 +166,9 @@ class SMTPSession(asyncio.Protocol):
         self._eof = False
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0  # when the idle timeout (or the DATA deadline) strikes
+        self._session_end = math.inf  # when the session has lasted long enough
+        self._expired = False  # over its lifetime: closed once between commands
+        self._junk = 0  # commands that moved no mail since the last accepted message
         self._loop = asyncio.get_running_loop()
         self._message: MessageReader | None = None  # in DATA
 
@@ -202,6 +209,8 @@ class SMTPSession(asyncio.Protocol):
             listener.implicit_tls or listener.plaintext_auth_allowed(client)
         )
         transport.write(listener.greeting)
+        if guards.max_session_seconds:
+            self._session_end = self._loop.time() + guards.max_session_seconds
         self._arm(listener.timeout)
 
     def _goodbye(self, reply: str) -> None:
@@ -285,24 +294,40 @@ class SMTPSession(asyncio.Protocol):
             if timer.when() <= deadline:
                 return  # it fires first and moves itself to the new deadline
             timer.cancel()
-        self._timer = self._loop.call_at(deadline, self._check_timeout)
+        self._timer = self._loop.call_at(self._wake_at(), self._check_timeout)
+
+    def _wake_at(self) -> float:
+        return self._deadline if self._expired else min(self._deadline, self._session_end)
 
     def _check_timeout(self) -> None:
         self._timer = None
         if self._state == _CLOSED or self.transport is None:
             return
         now = self._loop.time()
+        if not self._expired and now >= self._session_end:
+            self._expired = True
+            if self._end_if_expired():
+                return
         if now < self._deadline:
-            self._timer = self._loop.call_at(self._deadline, self._check_timeout)
+            self._timer = self._loop.call_at(self._wake_at(), self._check_timeout)
             return
         if self._handshaking:
             log.info("TLS handshake not completed: closing client=%s (timeout)", self._client)
         else:
             log.info("timeout: closing client=%s", self._client)
-        self._out.append(b"421 4.4.2 Timeout exceeded, closing connection\r\n")
+        self._out.append(TIMEOUT_LINE)
         if self._step is not None:
             self._step.cancel()
         self._close()
+
+    def _end_if_expired(self) -> bool:
+        """Past its lifetime and between commands: 421 and close (True)."""
+        if not self._expired or self._state != _COMMAND or self._step is not None:
+            return False
+        log.warning("session lifetime exceeded: closing client=%s", self._client)
+        self._out.append(SESSION_TOO_LONG_LINE)
+        self._close()
+        return True
 
     # endregion
 
@@ -460,6 +485,8 @@ class SMTPSession(asyncio.Protocol):
             self._reply(_handler_error(error))
         if self._state == _BUSY:
             self._state = _COMMAND
+        if self._end_if_expired():
+            return
         self._update_reading()
         self._process()
 
@@ -477,7 +504,23 @@ class SMTPSession(asyncio.Protocol):
     def _rset(self) -> None:
         self.envelope = Envelope()
 
+    def _junk_command(self) -> bool:
+        """Count a command that moves no mail; past the limit answer 421 and close (True)."""
+        self._junk += 1
+        if self._junk <= self.listener.guards.junk_command_limit:
+            return False
+        log.warning("too many junk commands: closing client=%s", self._client)
+        self._reply(TOO_MANY_JUNK_COMMANDS)
+        self._close()
+        return True
+
+    def _repeated_helo(self) -> bool:
+        assert self.session is not None
+        return self.session.host_name is not None and self._junk_command()
+
     def smtp_HELO(self, arg: str | None) -> None:
+        if self._repeated_helo():
+            return
         if not arg:
             self._reply("501 Syntax: HELO hostname")
             return
@@ -488,6 +531,8 @@ class SMTPSession(asyncio.Protocol):
         self._reply(f"250 {self.listener.hostname}")
 
     def smtp_EHLO(self, arg: str | None) -> None:
+        if self._repeated_helo():
+            return
         if not arg:
             self._reply("501 Syntax: EHLO hostname")
             return
@@ -508,6 +553,8 @@ class SMTPSession(asyncio.Protocol):
         self._out.append("\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n")
 
     def smtp_NOOP(self, arg: str | None) -> None:
+        if self._junk_command():
+            return
         self._reply("250 OK")
 
     def smtp_QUIT(self, arg: str | None) -> None:
@@ -518,6 +565,8 @@ class SMTPSession(asyncio.Protocol):
         self._close()
 
     def smtp_RSET(self, arg: str | None) -> None:
+        if self._junk_command():
+            return
         if arg:
             self._reply("501 Syntax: RSET")
             return
@@ -525,6 +574,8 @@ class SMTPSession(asyncio.Protocol):
         self._reply("250 OK")
 
     def smtp_VRFY(self, arg: str | None) -> None:
+        if self._junk_command():
+            return
         # Never confirm or deny an address (RFC 5321 3.5.3 allows 252), never echo it.
         if not arg:
             self._reply("501 5.5.4 Syntax: VRFY <address>")
@@ -532,9 +583,13 @@ class SMTPSession(asyncio.Protocol):
         self._reply("252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery")
 
     def smtp_EXPN(self, arg: str | None) -> None:
+        if self._junk_command():
+            return
         self._reply("502 EXPN not implemented")
 
     def smtp_HELP(self, arg: str | None) -> None:
+        if self._junk_command():
+            return
         assert self.session is not None
         available = sorted(v for v in _HELP if v != "STARTTLS" or self.tls_context)
         code = 250
@@ -696,6 +751,7 @@ class SMTPSession(asyncio.Protocol):
             self._staged("data", self._refuse_message, reader.error)
             self._rset()
             self._state = _COMMAND
+            self._end_if_expired()
             return
         # No local keeps the bytes: the handler takes them from the envelope and drops
         # them there, so a repaired copy does not live beside the original.
@@ -715,6 +771,8 @@ class SMTPSession(asyncio.Protocol):
             log.exception("SMTP session error")
             status = _handler_error(error)
         self._rset()
+        if status[:1] == "2":
+            self._junk = 0  # a client that sends mail is not idling
         self._stage = "data"
         try:
             self._reply(status)

@@ -25,9 +25,9 @@ import ssl
 import types
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
 import aiosmtpd
 import aiosmtpd.smtp
@@ -48,6 +48,7 @@ from esprelay.smtp.guards import Guards
 from esprelay.smtp.handler import RelayHandler, client_address, simple_path
 from esprelay.smtp.hooks import HookDirCache
 from esprelay.smtp.policy import RelayPolicy
+from esprelay.smtp.replies import SESSION_TOO_LONG, TIMEOUT, TOO_MANY_JUNK_COMMANDS
 from esprelay.smtp.tls import TLSContextSource
 
 log = logging.getLogger("esprelay.smtp")
@@ -245,6 +246,10 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         self._refused = False
         self._errors = 0
         self._ends = 0
+        self._junk = 0  # commands that moved no mail since the last accepted message
+        self._busy = 0  # inside DATA, AUTH or STARTTLS: the lifetime waits for its end
+        self._expired = False
+        self._lifetime: asyncio.TimerHandle | None = None
 
     def _setup(
         self,
@@ -360,6 +365,8 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         guards.total += 1
         guards.per_client[client] += 1
         self._counted_client = client
+        if guards.max_session_seconds:
+            self._lifetime = self.loop.call_later(guards.max_session_seconds, self._lifetime_over)
         if self.implicit_tls:
             self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
         self._auth_require_tls = not (self.implicit_tls or self.plaintext_auth_allowed(client))
@@ -371,6 +378,9 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         STARTTLS whose handshake never completed, asyncio never calls connection_lost.
         """
         self.sessions.discard(self)
+        if self._lifetime is not None:
+            self._lifetime.cancel()
+            self._lifetime = None
         client = self._counted_client
         if client is not None:
             self._counted_client = None
@@ -420,11 +430,91 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
             self._release()
             self._end_reached()
 
+    # region session lifetime and junk commands
+
+    def _lifetime_over(self) -> None:
+        self._lifetime = None
+        self._expired = True
+        if not self._busy:
+            self._end_expired()
+
+    def _end_expired(self) -> None:
+        """Past its lifetime and between commands: 421 and close."""
+        transport = cast(asyncio.Transport | None, self.transport)
+        if transport is None or transport.is_closing():
+            return
+        assert self.session is not None
+        log.warning(
+            "session lifetime exceeded: closing client=%s", client_address(self.session.peer)
+        )
+        transport.write(SESSION_TOO_LONG.encode() + b"\r\n")
+        transport.close()
+
+    async def _busy_with(self, command: Awaitable[None]) -> None:
+        """Run a command the session lifetime does not interrupt; close after it if over."""
+        self._busy += 1
+        try:
+            await command
+        finally:
+            self._busy -= 1
+            if self._expired and not self._busy:
+                self._end_expired()
+
+    async def _junk_command(self) -> bool:
+        """Count a command that moves no mail; past the limit answer 421 and close (True)."""
+        self._junk += 1
+        if self._junk <= self.guards.junk_command_limit:
+            return False
+        assert self.session is not None
+        log.warning("too many junk commands: closing client=%s", client_address(self.session.peer))
+        await self.push(TOO_MANY_JUNK_COMMANDS)
+        if self.transport is not None:
+            self.transport.close()
+        return True
+
+    async def _repeated_helo(self) -> bool:
+        assert self.session is not None
+        return self.session.host_name is not None and await self._junk_command()
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not await self._repeated_helo():
+            await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not await self._repeated_helo():
+            await super().smtp_EHLO(hostname)
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_RSET(arg)
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_EXPN(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_HELP(arg)
+
+    # endregion
+
     def _handshake_started(self) -> bool:
         return self._tls_protocol is not None
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
+        await self._busy_with(self._starttls(arg))
+
+    async def _starttls(self, arg: str) -> None:
         if self._tls_protocol is not None:
             await self.push("503 5.5.1 TLS already active")
             return
@@ -500,6 +590,8 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         # and a multi-line reply (EHLO) in one write: the client acts on the last line.
         if self._stage is not None and status[:1] in ("4", "5", b"4", b"5"):
             self._observe(self._stage, status)
+        elif self._stage == "data" and status[:1] in ("2", b"2"):
+            self._junk = 0  # an accepted message: a client that sends mail is not idling
         if isinstance(status, str):
             if status.startswith('500 Error: command "'):
                 # aiosmtpd echoes the unknown line back; it may be a credential.
@@ -541,7 +633,7 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         assert self.session is not None
         log.info("timeout: closing client=%s", client_address(self.session.peer))
         if self.transport is not None and not self.transport.is_closing():
-            self._writer.write(b"421 4.4.2 Timeout exceeded, closing connection\r\n")
+            self._writer.write(TIMEOUT.encode() + b"\r\n")
             self.transport.close()
 
     @syntax("DATA")
@@ -551,7 +643,7 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         self._reset_timeout(self.guards.data_timeout)
         self._stage = "data"
         try:
-            await super().smtp_DATA(arg)
+            await self._busy_with(super().smtp_DATA(arg))
         finally:
             self._stage = None
             if self.transport is not None:
@@ -559,6 +651,8 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
 
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str) -> None:
+        if await self._junk_command():
+            return
         # Never confirm or deny an address (RFC 5321 3.5.3 allows 252), never echo it.
         if not arg:
             await self.push("501 5.5.4 Syntax: VRFY <address>")
@@ -567,6 +661,9 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
+        await self._busy_with(self._auth(arg))
+
+    async def _auth(self, arg: str) -> None:
         assert self.session is not None
         if not self.users:
             await self.push("502 5.5.1 AUTH not available")
