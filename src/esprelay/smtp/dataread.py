@@ -15,8 +15,8 @@ Once a message is over a limit, its bytes are dropped as they come.
 
 from __future__ import annotations
 
-TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
-TOO_MUCH = "552 Error: Too much mail data"
+from esprelay.smtp.replies import DATA_LINE_TOO_LONG as TOO_LONG
+from esprelay.smtp.replies import TOO_MUCH_DATA as TOO_MUCH
 
 
 class MessageReader:

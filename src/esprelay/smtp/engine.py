@@ -36,26 +36,63 @@ from typing import Any, cast
 import aiosmtpd.smtp
 from aiosmtpd.smtp import Envelope, Session
 
-from esprelay.errors import ShuttingDown
-from esprelay.intake import IntakeState
-from esprelay.smtp.auth import FailureLimiter, UserDB
+from esprelay.errors import smtp_reply
 from esprelay.smtp.dataread import MessageReader
-from esprelay.smtp.guards import Guards
 from esprelay.smtp.handler import RelayHandler, client_address, simple_path
-from esprelay.smtp.replies import SESSION_TOO_LONG, TIMEOUT, TOO_MANY_JUNK_COMMANDS
+from esprelay.smtp.replies import (
+    AUTH_ABORTED,
+    AUTH_ALREADY,
+    AUTH_BAD_BASE64,
+    AUTH_CANNOT_SPLIT,
+    AUTH_INVALID,
+    AUTH_NEEDS_TLS,
+    AUTH_NO_VALUE,
+    AUTH_NOT_RECOGNIZED,
+    AUTH_OK,
+    AUTH_TOO_MANY_VALUES,
+    AUTH_UNKNOWN_MECHANISM,
+    BAD_BODY,
+    BAD_SMTPUTF8,
+    BAD_SYNTAX,
+    BYE,
+    CANNOT_VRFY,
+    DATA_SYNTAX,
+    EHLO_SYNTAX,
+    EXTENDED_SYNTAX,
+    HELO_SYNTAX,
+    HELP_SYNTAX,
+    LINE_TOO_LONG,
+    MAIL_PARAMETERS,
+    MAIL_SYNTAX,
+    MALFORMED_PATH,
+    NEED_MAIL,
+    NEED_RCPT,
+    NESTED_MAIL,
+    NO_EXPN,
+    NO_TLS,
+    OK,
+    QUIT_SYNTAX,
+    RCPT_PARAMETERS,
+    RCPT_SYNTAX,
+    READY_FOR_TLS,
+    RSET_SYNTAX,
+    SHUTTING_DOWN,
+    SIZE_TOO_LARGE,
+    START_DATA,
+    STARTTLS_SYNTAX,
+    TLS_ACTIVE,
+    UNKNOWN_COMMAND,
+    VRFY_SYNTAX,
+)
+from esprelay.smtp.session_policy import SessionBudget, SessionPolicy, loggable
 
 log = logging.getLogger("esprelay.smtp")
 
 IDENT = "esprelay ESMTP"
-# aiosmtpd's limit of unrecognised commands per session.
-BOGUS_LIMIT = 5
 # Input kept while a step (DATA commit, AUTH, STARTTLS) runs, before reading pauses.
 PAUSE_AT = 1 << 20
-VERIFY_CONCURRENCY = 2
 
 _COMMAND, _DATA, _LINE, _BUSY, _CLOSED = range(5)
-TIMEOUT_LINE = TIMEOUT.encode() + b"\r\n"
-SESSION_TOO_LONG_LINE = SESSION_TOO_LONG.encode() + b"\r\n"
 _HELP = {
     "AUTH": "AUTH <mechanism>",
     "DATA": "DATA",
@@ -70,10 +107,10 @@ _HELP = {
     "STARTTLS": "STARTTLS",
     "VRFY": "VRFY <address>",
 }
-_HELP_EXTENDED = {"MAIL": " [SP <mail-parameters>]", "RCPT": " [SP <mail-parameters>]"}
+_HELP_EXTENDED = {"MAIL": EXTENDED_SYNTAX, "RCPT": EXTENDED_SYNTAX}
 _AUTH_MECHANISMS = ("LOGIN", "PLAIN")
-_SUCCESS = "235 2.7.0 Authentication successful"
-_INVALID = "535 5.7.8 Authentication credentials invalid"
+_SUCCESS = AUTH_OK
+_INVALID = AUTH_INVALID
 # aiosmtpd's LOGIN challenges (clients ignore the text; some tests compare it).
 _USERNAME_CHALLENGE = "User Name\x00"
 _PASSWORD_CHALLENGE = "Password\x00"
@@ -97,45 +134,34 @@ class Listener:
     def __init__(
         self,
         handler: RelayHandler,
-        intake: IntakeState,
         *,
         hostname: str,
         data_size_limit: int,
         line_length_limit: int,
         command_size_limit: int,
         timeout: float,
-        guards: Guards,
-        trusted: Callable[[str], bool],
-        plaintext_auth_allowed: Callable[[str], bool],
-        users: UserDB,
-        limiter: FailureLimiter,
+        policy: SessionPolicy,
         tls_context: ssl.SSLContext | None,
-        implicit_tls: bool,
-        sessions: set[Any],
     ) -> None:
         self.handler = handler
-        self.intake = intake
+        self.policy = policy
+        self.intake = policy.intake
         self.hostname = hostname
         self.data_size_limit = data_size_limit
         self.line_length_limit = line_length_limit
         self.command_size_limit = command_size_limit
         self.timeout = timeout
-        self.guards = guards
-        self.trusted = trusted
-        self.plaintext_auth_allowed = plaintext_auth_allowed
-        self.users = users
-        self.limiter = limiter
+        self.guards = policy.guards
+        self.users = policy.users
+        self.limiter = policy.limiter
+        self.verify_slots = policy.verify_slots
         self.tls_context = tls_context
-        self.implicit_tls = implicit_tls
-        self.sessions = sessions
-        self.verify_slots = asyncio.Semaphore(VERIFY_CONCURRENCY)
+        self.implicit_tls = policy.implicit_tls
         self.greeting = f"220 {hostname} {IDENT}\r\n".encode()
 
 
 class SMTPSession(asyncio.Protocol):
-    """One SMTP connection.  Passed to the handler as both ``server`` and ``session``'s
-    owner: it has the attributes :class:`RelayHandler` reads (``users``, ``transport``,
-    ``tls_context``, ``_auth_require_tls``, ``_tls_protocol``)."""
+    """One SMTP connection, the handler's :class:`~esprelay.smtp.handler.Connection`."""
 
     local_part_limit = 0  # aiosmtpd's default, read by its address parser
 
@@ -153,10 +179,9 @@ class SMTPSession(asyncio.Protocol):
         self._input = bytearray()
         self._out: list[bytes] = []
         self._stage: str | None = None
-        self._errors = 0
-        self._bogus = 0
+        self._budget = SessionBudget(listener.guards)
         self._discarding = False  # inside a command line longer than the line limit
-        self._counted_client: str | None = None
+        self._counted = False  # admitted: holds a connection slot
         self._client = ""
         self._step: asyncio.Task[None] | None = None
         self._line_waiter: asyncio.Future[bytes | None] | None = None
@@ -168,9 +193,41 @@ class SMTPSession(asyncio.Protocol):
         self._deadline = 0.0  # when the idle timeout (or the DATA deadline) strikes
         self._session_end = math.inf  # when the session has lasted long enough
         self._expired = False  # over its lifetime: closed once between commands
-        self._junk = 0  # commands that moved no mail since the last accepted message
         self._loop = asyncio.get_running_loop()
         self._message: MessageReader | None = None  # in DATA
+
+    # region what the handler may ask (esprelay.smtp.handler.Connection)
+
+    @property
+    def client(self) -> str:
+        return self._client
+
+    @property
+    def tls(self) -> bool:
+        return self._tls_protocol is not None or (
+            self.session is not None and bool(self.session.ssl)
+        )
+
+    @property
+    def auth_offered(self) -> bool:
+        return bool(self.users) and (not self._auth_require_tls or self.tls)
+
+    @property
+    def starttls_needed_for_auth(self) -> bool:
+        return self._auth_require_tls and self.tls_context is not None and not self.tls
+
+    def close(self) -> None:
+        # Not at once: the reply being made, and those before it, are written first.
+        if self._state != _CLOSED:
+            self._state = _CLOSED
+            self._loop.call_soon(self._close_transport)
+
+    def _close_transport(self) -> None:
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    # endregion
 
     # region connection
 
@@ -185,32 +242,18 @@ class SMTPSession(asyncio.Protocol):
         session = self.session = Session(self._loop)
         session.peer = transport.get_extra_info("peername")
         client = self._client = client_address(session.peer)
-        guards = listener.guards
-        # Trusted networks are exempt from the per-client limit (Postfix's default for
-        # $mynetworks); the total limit still holds.
-        if guards.total >= guards.max_connections or (
-            guards.per_client[client] >= guards.max_connections_per_client
-            and not listener.trusted(client)
-        ):
-            log.warning("too many connections: refusing client=%s", client)
-            self._goodbye("421 4.7.0 Too many connections, try again later")
+        policy = listener.policy
+        refusal = policy.admit(self, client)
+        if refusal is not None:
+            self._goodbye(refusal)
             return
-        if listener.intake.draining:
-            # A 421 greeting rather than a refused connection: come back later.
-            self._goodbye(ShuttingDown.smtp_reply)
-            return
-        guards.total += 1
-        guards.per_client[client] += 1
-        self._counted_client = client
-        listener.sessions.add(self)
+        self._counted = True
         if listener.implicit_tls:
             session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
-        self._auth_require_tls = not (
-            listener.implicit_tls or listener.plaintext_auth_allowed(client)
-        )
+        self._auth_require_tls = policy.auth_requires_tls(client)
         transport.write(listener.greeting)
-        if guards.max_session_seconds:
-            self._session_end = self._loop.time() + guards.max_session_seconds
+        if policy.max_session_seconds:
+            self._session_end = self._loop.time() + policy.max_session_seconds
         self._arm(listener.timeout)
 
     def _goodbye(self, reply: str) -> None:
@@ -220,15 +263,9 @@ class SMTPSession(asyncio.Protocol):
         self.transport.close()
 
     def _release(self) -> None:
-        self.listener.sessions.discard(self)
-        client = self._counted_client
-        if client is not None:
-            self._counted_client = None
-            guards = self.listener.guards
-            guards.total -= 1
-            guards.per_client[client] -= 1
-            if guards.per_client[client] <= 0:
-                del guards.per_client[client]
+        if self._counted:
+            self._counted = False
+            self.listener.policy.release(self, self._client)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._state = _CLOSED
@@ -311,11 +348,8 @@ class SMTPSession(asyncio.Protocol):
         if now < self._deadline:
             self._timer = self._loop.call_at(self._wake_at(), self._check_timeout)
             return
-        if self._handshaking:
-            log.info("TLS handshake not completed: closing client=%s (timeout)", self._client)
-        else:
-            log.info("timeout: closing client=%s", self._client)
-        self._out.append(TIMEOUT_LINE)
+        reply = self.listener.policy.timed_out(self._client, handshaking=self._handshaking)
+        self._out.append(reply.encode() + b"\r\n")
         if self._step is not None:
             self._step.cancel()
         self._close()
@@ -324,8 +358,7 @@ class SMTPSession(asyncio.Protocol):
         """Past its lifetime and between commands: 421 and close (True)."""
         if not self._expired or self._state != _COMMAND or self._step is not None:
             return False
-        log.warning("session lifetime exceeded: closing client=%s", self._client)
-        self._out.append(SESSION_TOO_LONG_LINE)
+        self._out.append(self.listener.policy.lifetime_over(self._client).encode() + b"\r\n")
         self._close()
         return True
 
@@ -398,39 +431,37 @@ class SMTPSession(asyncio.Protocol):
 
     def _command(self, raw: bytes) -> None:
         if not raw:
-            self._reply("500 Command line too long")
+            self._reply(LINE_TOO_LONG)
             return
         line = raw.rstrip(b"\r\n")
         if not line:
-            self._reply("500 Error: bad syntax")
+            self._reply(BAD_SYNTAX)
             return
         verb_bytes, _, arg_bytes = line.partition(b" ")
         try:
             verb = verb_bytes.upper().decode("ascii")
         except UnicodeDecodeError:
-            self._reply("500 Error: bad syntax")
+            self._reply(BAD_SYNTAX)
             return
         arg = arg_bytes.strip().decode("utf-8", "surrogateescape") if arg_bytes else None
         listener = self.listener
         assert self.session is not None
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%r >> %r", self.session.peer, _loggable(verb, line))
+            log.debug("%r >> %r", self.session.peer, loggable(verb, line))
         limit = listener.command_size_limit
         if verb == "MAIL" and self.session.extended_smtp:
             limit += 36  # SIZE= and SMTPUTF8, as aiosmtpd allows after EHLO
         if len(line) > limit:
-            self._reply("500 Command line too long")
+            self._reply(LINE_TOO_LONG)
             return
         method = _COMMANDS.get(verb)
         if method is None:
-            log.info("unrecognised command from client=%s", self._client)
-            self._bogus += 1
-            if self._bogus >= BOGUS_LIMIT:
-                log.warning("too many unrecognised commands: closing client=%s", self._client)
-                self._reply("502 5.5.1 Too many unrecognized commands, goodbye.")
+            goodbye = self._budget.count_unknown(self._client)
+            if goodbye is not None:
+                self._reply(goodbye)
                 self._close()
                 return
-            self._reply("500 5.5.2 Error: command not recognized")
+            self._reply(UNKNOWN_COMMAND)
             return
         self._arm(listener.timeout)
         try:
@@ -438,7 +469,7 @@ class SMTPSession(asyncio.Protocol):
         except Exception as error:  # a bug in a hook: answer as aiosmtpd does
             log.exception("SMTP session error")
             self._stage = None
-            self._reply(_handler_error(error))
+            self._reply(smtp_reply(error))
 
     # endregion
 
@@ -446,14 +477,12 @@ class SMTPSession(asyncio.Protocol):
 
     def _reply(self, status: str) -> None:
         if self._stage is not None and status[:1] in "45" and self.listener.intake.on_reply:
-            for callback in self.listener.intake.on_reply:
-                callback(self._stage, status)
+            self.listener.policy.observe(self._stage, status)
         self._out.append(status.encode("utf-8", "surrogateescape") + b"\r\n")
         if status[:1] == "5":
-            self._errors += 1
-            if self._errors >= self.listener.guards.max_errors and self._state != _CLOSED:
-                log.warning("too many errors: closing client=%s", self._client)
-                self._out.append(b"421 4.7.0 Too many errors, closing connection\r\n")
+            goodbye = self._budget.count_error(self._client)
+            if goodbye is not None and self._state != _CLOSED:
+                self._out.append(goodbye.encode() + b"\r\n")
                 self._close()
 
     def _flush(self) -> None:
@@ -482,7 +511,7 @@ class SMTPSession(asyncio.Protocol):
         error = task.exception()
         if error is not None:
             log.error("SMTP session error", exc_info=error)
-            self._reply(_handler_error(error))
+            self._reply(smtp_reply(error))
         if self._state == _BUSY:
             self._state = _COMMAND
         if self._end_if_expired():
@@ -506,11 +535,10 @@ class SMTPSession(asyncio.Protocol):
 
     def _junk_command(self) -> bool:
         """Count a command that moves no mail; past the limit answer 421 and close (True)."""
-        self._junk += 1
-        if self._junk <= self.listener.guards.junk_command_limit:
+        goodbye = self._budget.count_junk(self._client)
+        if goodbye is None:
             return False
-        log.warning("too many junk commands: closing client=%s", self._client)
-        self._reply(TOO_MANY_JUNK_COMMANDS)
+        self._reply(goodbye)
         self._close()
         return True
 
@@ -522,7 +550,7 @@ class SMTPSession(asyncio.Protocol):
         if self._repeated_helo():
             return
         if not arg:
-            self._reply("501 Syntax: HELO hostname")
+            self._reply(HELO_SYNTAX)
             return
         self._rset()
         assert self.session is not None
@@ -534,7 +562,7 @@ class SMTPSession(asyncio.Protocol):
         if self._repeated_helo():
             return
         if not arg:
-            self._reply("501 Syntax: EHLO hostname")
+            self._reply(EHLO_SYNTAX)
             return
         listener = self.listener
         self._rset()
@@ -555,37 +583,37 @@ class SMTPSession(asyncio.Protocol):
     def smtp_NOOP(self, arg: str | None) -> None:
         if self._junk_command():
             return
-        self._reply("250 OK")
+        self._reply(OK)
 
     def smtp_QUIT(self, arg: str | None) -> None:
         if arg:
-            self._reply("501 Syntax: QUIT")
+            self._reply(QUIT_SYNTAX)
             return
-        self._reply("221 Bye")
+        self._reply(BYE)
         self._close()
 
     def smtp_RSET(self, arg: str | None) -> None:
         if self._junk_command():
             return
         if arg:
-            self._reply("501 Syntax: RSET")
+            self._reply(RSET_SYNTAX)
             return
         self._rset()
-        self._reply("250 OK")
+        self._reply(OK)
 
     def smtp_VRFY(self, arg: str | None) -> None:
         if self._junk_command():
             return
         # Never confirm or deny an address (RFC 5321 3.5.3 allows 252), never echo it.
         if not arg:
-            self._reply("501 5.5.4 Syntax: VRFY <address>")
+            self._reply(VRFY_SYNTAX)
             return
-        self._reply("252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery")
+        self._reply(CANNOT_VRFY)
 
     def smtp_EXPN(self, arg: str | None) -> None:
         if self._junk_command():
             return
-        self._reply("502 EXPN not implemented")
+        self._reply(NO_EXPN)
 
     def smtp_HELP(self, arg: str | None) -> None:
         if self._junk_command():
@@ -599,7 +627,7 @@ class SMTPSession(asyncio.Protocol):
                 text = _HELP[verb]
                 if self.session.extended_smtp:
                     text += _HELP_EXTENDED.get(verb, "")
-                self._reply("250 Syntax: " + text)
+                self._reply(HELP_SYNTAX + text)
                 return
             code = 501
         self._reply(f"{code} Supported commands: {' '.join(available)}")
@@ -615,13 +643,13 @@ class SMTPSession(asyncio.Protocol):
         assert self.session is not None
         extended = self.session.extended_smtp
         if extended:
-            syntax += " [SP <mail-parameters>]"
+            syntax += EXTENDED_SYNTAX
         if arg is None or arg[: len(keyword)].upper() != keyword:
             self._reply(syntax)
             return None
         address, rest = self._getaddr(arg[len(keyword) :].strip())
         if address is None:
-            self._reply("553 5.1.3 Error: malformed address")
+            self._reply(MALFORMED_PATH)
             return None
         if not address or (not extended and rest):
             self._reply(syntax)
@@ -642,12 +670,12 @@ class SMTPSession(asyncio.Protocol):
     def _mail(self, arg: str | None) -> None:
         if self._helo_needed():
             return
-        syntax = "501 Syntax: MAIL FROM: <address>"
+        syntax = MAIL_SYNTAX
         path = self._path(arg, "FROM:", syntax)
         if path is None:
             return
         if self.envelope.mail_from:
-            self._reply("503 Error: nested MAIL command")
+            self._reply(NESTED_MAIL)
             return
         address, options = path
         params = _params(options)
@@ -655,11 +683,11 @@ class SMTPSession(asyncio.Protocol):
             self._reply(self._syntax(syntax))
             return
         if params.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
-            self._reply("501 Error: BODY can only be one of 7BIT, 8BITMIME")
+            self._reply(BAD_BODY)
             return
         smtputf8 = params.pop("SMTPUTF8", False)
         if not isinstance(smtputf8, bool):
-            self._reply("501 Error: SMTPUTF8 takes no arguments")
+            self._reply(BAD_SMTPUTF8)
             return
         self.envelope.smtp_utf8 = smtputf8
         size = params.pop("SIZE", None)
@@ -669,13 +697,13 @@ class SMTPSession(asyncio.Protocol):
                 return
             limit = self.listener.data_size_limit
             if limit and int(size) > limit:
-                self._reply("552 Error: message size exceeds fixed maximum message size")
+                self._reply(SIZE_TOO_LARGE)
                 return
         if params:
-            self._reply("555 MAIL FROM parameters not recognized or not implemented")
+            self._reply(MAIL_PARAMETERS)
             return
         if self.listener.intake.draining:
-            self._reply(ShuttingDown.smtp_reply)
+            self._reply(SHUTTING_DOWN)
             self._close()
             return
         assert self.session is not None
@@ -683,7 +711,7 @@ class SMTPSession(asyncio.Protocol):
 
     def _syntax(self, syntax: str) -> str:
         assert self.session is not None
-        return syntax + " [SP <mail-parameters>]" if self.session.extended_smtp else syntax
+        return syntax + EXTENDED_SYNTAX if self.session.extended_smtp else syntax
 
     def smtp_RCPT(self, arg: str | None) -> None:
         self._staged("rcpt", self._rcpt, arg)
@@ -692,9 +720,9 @@ class SMTPSession(asyncio.Protocol):
         if self._helo_needed():
             return
         if not self.envelope.mail_from:
-            self._reply("503 Error: need MAIL command")
+            self._reply(NEED_MAIL)
             return
-        syntax = "501 Syntax: RCPT TO: <address>"
+        syntax = RCPT_SYNTAX
         path = self._path(arg, "TO:", syntax)
         if path is None:
             return
@@ -704,7 +732,7 @@ class SMTPSession(asyncio.Protocol):
             self._reply(self._syntax(syntax))
             return
         if params:
-            self._reply("555 RCPT TO parameters not recognized or not implemented")
+            self._reply(RCPT_PARAMETERS)
             return
         assert self.session is not None
         self._reply(self.handler.rcpt(self, self.session, self.envelope, address, options))
@@ -716,12 +744,12 @@ class SMTPSession(asyncio.Protocol):
         if self._helo_needed():
             return
         if not self.envelope.rcpt_tos:
-            self._reply("503 Error: need RCPT command")
+            self._reply(NEED_RCPT)
             return
         if arg:
-            self._reply("501 Syntax: DATA")
+            self._reply(DATA_SYNTAX)
             return
-        self._reply("354 End data with <CR><LF>.<CR><LF>")
+        self._reply(START_DATA)
         listener = self.listener
         # A deadline for the whole DATA phase: a client trickling its message is cut off.
         self._arm(listener.guards.data_timeout)
@@ -769,10 +797,10 @@ class SMTPSession(asyncio.Protocol):
             status = await self.handler.handle_DATA(self, self.session, envelope)
         except Exception as error:
             log.exception("SMTP session error")
-            status = _handler_error(error)
+            status = smtp_reply(error)
         self._rset()
         if status[:1] == "2":
-            self._junk = 0  # a client that sends mail is not idling
+            self._budget.message_accepted()
         self._stage = "data"
         try:
             self._reply(status)
@@ -786,15 +814,15 @@ class SMTPSession(asyncio.Protocol):
 
     def smtp_STARTTLS(self, arg: str | None) -> None:
         if self._tls_protocol is not None:
-            self._reply("503 5.5.1 TLS already active")
+            self._reply(TLS_ACTIVE)
             return
         if arg:
-            self._reply("501 Syntax: STARTTLS")
+            self._reply(STARTTLS_SYNTAX)
             return
         if not self.tls_context:
-            self._reply("454 TLS not available")
+            self._reply(NO_TLS)
             return
-        self._reply("220 Ready to start TLS")
+        self._reply(READY_FOR_TLS)
         # RFC 3207 4.2: what the client pipelined after STARTTLS is discarded.
         self._input.clear()
         self._start(self._starttls(self.tls_context))
@@ -855,35 +883,32 @@ class SMTPSession(asyncio.Protocol):
     def smtp_AUTH(self, arg: str | None) -> None:
         assert self.session is not None
         listener = self.listener
-        if not self.users:
-            self._reply("502 5.5.1 AUTH not available")
-            return
-        if listener.limiter.blocked(self._client):
-            log.warning("AUTH refused: too many failures from client=%s", self._client)
-            self._reply("454 4.7.0 Too many failed logins, try again later")
+        refusal = listener.policy.auth_refusal(self._client)
+        if refusal is not None:
+            self._reply(refusal)
             return
         if self._helo_needed("EHLO"):
             return
         if not self.session.extended_smtp:
-            self._reply("500 Error: command 'AUTH' not recognized")
+            self._reply(AUTH_NOT_RECOGNIZED)
             return
         if self._auth_require_tls and not self._tls_protocol:
-            self._reply("538 5.7.11 Encryption required for requested authentication mechanism")
+            self._reply(AUTH_NEEDS_TLS)
             return
         if self.session.authenticated:
-            self._reply("503 Already authenticated")
+            self._reply(AUTH_ALREADY)
             return
         if not arg:
-            self._reply("501 Not enough value")
+            self._reply(AUTH_NO_VALUE)
             return
         args = arg.split()
         if len(args) > 2:
-            self._reply("501 Too many values")
+            self._reply(AUTH_TOO_MANY_VALUES)
             return
         # Some devices send "auth login": mechanism names are case-insensitive.
         mechanism = args[0].upper()
         if mechanism not in _AUTH_MECHANISMS:
-            self._reply("504 5.5.4 Unrecognized authentication type")
+            self._reply(AUTH_UNKNOWN_MECHANISM)
             return
         initial = args[1] if len(args) > 1 else None
         self._start(self._auth(mechanism, initial))
@@ -895,7 +920,7 @@ class SMTPSession(asyncio.Protocol):
                 return
             parts = blob.split(b"\0")
             if len(parts) != 3:
-                self._reply("501 5.5.2 Can't split auth value")
+                self._reply(AUTH_CANNOT_SPLIT)
                 return
             login, password = parts[1], parts[2]
         else:
@@ -920,17 +945,17 @@ class SMTPSession(asyncio.Protocol):
             if line is None:
                 return None
             if not line:
-                self._reply("500 Command line too long")
+                self._reply(LINE_TOO_LONG)
                 return None
             text = line.strip()
             if text == b"*":
                 log.warning("AUTH aborted by client=%s", self._client)
-                self._reply("501 5.7.0 Auth aborted")
+                self._reply(AUTH_ABORTED)
                 return None
         try:
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            self._reply("501 5.5.2 Can't decode base64")
+            self._reply(AUTH_BAD_BASE64)
             return None
 
     async def _read_line(self) -> bytes | None:
@@ -971,21 +996,6 @@ class SMTPSession(asyncio.Protocol):
         self._reply(_SUCCESS)
 
     # endregion
-
-
-def _loggable(verb: str, line: bytes) -> bytes:
-    """A command line as DEBUG may show it: no AUTH data, nothing that is not a command
-    (a client that sends its credentials after AUTH was refused makes them "commands")."""
-    if verb not in _COMMANDS:
-        return b"<not a command: not logged>"
-    if verb == "AUTH":
-        words = line.split(None, 2)
-        return b" ".join(words[:2]) + (b" ********" if len(words) > 2 else b"")
-    return line
-
-
-def _handler_error(error: BaseException) -> str:
-    return "451 4.3.0 Requested action aborted: local error in processing"
 
 
 _COMMANDS: dict[str, Callable[[SMTPSession, str | None], None]] = {
