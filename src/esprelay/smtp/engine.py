@@ -28,7 +28,6 @@ import asyncio
 import base64
 import binascii
 import logging
-import math
 import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
@@ -84,7 +83,13 @@ from esprelay.smtp.replies import (
     UNKNOWN_COMMAND,
     VRFY_SYNTAX,
 )
-from esprelay.smtp.session_policy import SessionBudget, SessionPolicy, loggable
+from esprelay.smtp.session_policy import (
+    PolicyConnection,
+    SessionBudget,
+    SessionPolicy,
+    SessionTimer,
+    loggable,
+)
 
 log = logging.getLogger("esprelay.smtp")
 
@@ -160,7 +165,7 @@ class Listener:
         self.greeting = f"220 {hostname} {IDENT}\r\n".encode()
 
 
-class SMTPSession(asyncio.Protocol):
+class SMTPSession(PolicyConnection, asyncio.Protocol):
     """One SMTP connection, the handler's :class:`~esprelay.smtp.handler.Connection`."""
 
     local_part_limit = 0  # aiosmtpd's default, read by its address parser
@@ -174,7 +179,7 @@ class SMTPSession(asyncio.Protocol):
         self.session: Session | None = None
         self.envelope = Envelope()
         self._tls_protocol: object | None = None
-        self._auth_require_tls = True
+        self._auth_needs_tls = True
         self._state = _COMMAND
         self._input = bytearray()
         self._out: list[bytes] = []
@@ -189,32 +194,17 @@ class SMTPSession(asyncio.Protocol):
         self._handshaking = False
         self._writing_paused = False
         self._eof = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0  # when the idle timeout (or the DATA deadline) strikes
-        self._session_end = math.inf  # when the session has lasted long enough
-        self._expired = False  # over its lifetime: closed once between commands
+        self._timer: SessionTimer | None = None
         self._loop = asyncio.get_running_loop()
         self._message: MessageReader | None = None  # in DATA
 
     # region what the handler may ask (esprelay.smtp.handler.Connection)
 
     @property
-    def client(self) -> str:
-        return self._client
-
-    @property
     def tls(self) -> bool:
         return self._tls_protocol is not None or (
             self.session is not None and bool(self.session.ssl)
         )
-
-    @property
-    def auth_offered(self) -> bool:
-        return bool(self.users) and (not self._auth_require_tls or self.tls)
-
-    @property
-    def starttls_needed_for_auth(self) -> bool:
-        return self._auth_require_tls and self.tls_context is not None and not self.tls
 
     def close(self) -> None:
         # Not at once: the reply being made, and those before it, are written first.
@@ -250,11 +240,10 @@ class SMTPSession(asyncio.Protocol):
         self._counted = True
         if listener.implicit_tls:
             session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
-        self._auth_require_tls = policy.auth_requires_tls(client)
+        self._auth_needs_tls = policy.auth_requires_tls(client)
         transport.write(listener.greeting)
-        if policy.max_session_seconds:
-            self._session_end = self._loop.time() + policy.max_session_seconds
-        self._arm(listener.timeout)
+        self._timer = SessionTimer(self, policy.max_session_seconds)
+        self._timer.arm(listener.timeout)
 
     def _goodbye(self, reply: str) -> None:
         self._state = _CLOSED
@@ -266,13 +255,12 @@ class SMTPSession(asyncio.Protocol):
         if self._counted:
             self._counted = False
             self.listener.policy.release(self, self._client)
+        if self._timer is not None:
+            self._timer.cancel()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._state = _CLOSED
         self._release()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._line_waiter is not None and not self._line_waiter.done():
             self._line_waiter.set_result(None)
         if self._step is not None:
@@ -322,31 +310,14 @@ class SMTPSession(asyncio.Protocol):
 
     # endregion
 
-    # region timeouts: one timer per session, moved forward lazily
+    # region timeouts (esprelay.smtp.session_policy.SessionTimer)
 
     def _arm(self, seconds: float) -> None:
-        deadline = self._deadline = self._loop.time() + seconds
-        timer = self._timer
-        if timer is not None:
-            if timer.when() <= deadline:
-                return  # it fires first and moves itself to the new deadline
-            timer.cancel()
-        self._timer = self._loop.call_at(self._wake_at(), self._check_timeout)
+        assert self._timer is not None
+        self._timer.arm(seconds)
 
-    def _wake_at(self) -> float:
-        return self._deadline if self._expired else min(self._deadline, self._session_end)
-
-    def _check_timeout(self) -> None:
-        self._timer = None
+    def session_timed_out(self) -> None:
         if self._state == _CLOSED or self.transport is None:
-            return
-        now = self._loop.time()
-        if not self._expired and now >= self._session_end:
-            self._expired = True
-            if self._end_if_expired():
-                return
-        if now < self._deadline:
-            self._timer = self._loop.call_at(self._wake_at(), self._check_timeout)
             return
         reply = self.listener.policy.timed_out(self._client, handshaking=self._handshaking)
         self._out.append(reply.encode() + b"\r\n")
@@ -354,9 +325,13 @@ class SMTPSession(asyncio.Protocol):
             self._step.cancel()
         self._close()
 
+    def session_expired(self) -> bool:
+        return self._state == _CLOSED or self._end_if_expired()
+
     def _end_if_expired(self) -> bool:
         """Past its lifetime and between commands: 421 and close (True)."""
-        if not self._expired or self._state != _COMMAND or self._step is not None:
+        timer = self._timer
+        if timer is None or not timer.expired or self._state != _COMMAND or self._step is not None:
             return False
         self._out.append(self.listener.policy.lifetime_over(self._client).encode() + b"\r\n")
         self._close()
@@ -574,7 +549,7 @@ class SMTPSession(asyncio.Protocol):
         lines += ["250-8BITMIME", "250-SMTPUTF8"]
         if self.tls_context and not self._tls_protocol:
             lines.append("250-STARTTLS")
-        if not self._auth_require_tls or self._tls_protocol:
+        if not self._auth_needs_tls or self._tls_protocol:
             lines.append("250-AUTH " + " ".join(_AUTH_MECHANISMS))
         lines.append("250 HELP")
         lines = self.handler.ehlo(self, self.session, arg, lines)
@@ -872,9 +847,6 @@ class SMTPSession(asyncio.Protocol):
         self._state = _CLOSED
         transport.abort()
         self._release()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     # endregion
 
@@ -892,7 +864,7 @@ class SMTPSession(asyncio.Protocol):
         if not self.session.extended_smtp:
             self._reply(AUTH_NOT_RECOGNIZED)
             return
-        if self._auth_require_tls and not self._tls_protocol:
+        if self._auth_needs_tls and not self._tls_protocol:
             self._reply(AUTH_NEEDS_TLS)
             return
         if self.session.authenticated:

@@ -48,8 +48,10 @@ from esprelay.smtp.replies import (
 )
 from esprelay.smtp.session_policy import (
     NOT_LOGGED,
+    PolicyConnection,
     SessionBudget,
     SessionPolicy,
+    SessionTimer,
     loggable_line,
 )
 from esprelay.smtp.tls import TLSContextSource
@@ -93,7 +95,7 @@ class _HideAuthDetails(logging.Filter):
 _filter = _HideAuthDetails()
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(PolicyConnection, SMTP):
     """aiosmtpd's SMTP under esprelay's session policy."""
 
     # Set per listener by smtp_factory (a subclass each).
@@ -110,7 +112,6 @@ class RelaySMTP(SMTP):
         # (The default is bound to a local, not to self: no reference cycle.)
         default_limit = self.command_size_limit
         self.command_size_limits = collections.defaultdict(lambda: default_limit)
-        self._clock = asyncio.get_running_loop()
         self._client = ""
         self._admitted = False
         self._refused = False
@@ -119,35 +120,20 @@ class RelaySMTP(SMTP):
         self._stage: str | None = None  # the transaction stage a reply answers (metrics)
         self._in_data = False
         self._handshaking = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0
+        self._timer: SessionTimer | None = None
         self._busy = 0  # inside DATA, AUTH or STARTTLS: the lifetime waits for its end
-        self._expired = False
-        self._lifetime: asyncio.TimerHandle | None = None
 
     # region what the handler may ask (esprelay.smtp.handler.Connection)
-
-    @property
-    def client(self) -> str:
-        return self._client
 
     @property
     def tls(self) -> bool:
         return self.session is not None and self.session.ssl is not None
 
-    @property
-    def auth_offered(self) -> bool:
-        return bool(self.users) and (not self._auth_needs_tls or self.tls)
-
-    @property
-    def starttls_needed_for_auth(self) -> bool:
-        return self._auth_needs_tls and self.tls_context is not None and not self.tls
-
     def close(self) -> None:
         # Not at once: the reply being made is written first.
         transport = self.transport
         if transport is not None:
-            self._clock.call_soon(transport.close)
+            asyncio.get_running_loop().call_soon(transport.close)
 
     # endregion
 
@@ -177,9 +163,8 @@ class RelaySMTP(SMTP):
         if policy.implicit_tls:
             assert self.session is not None
             self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
-        if policy.max_session_seconds:
-            self._lifetime = self._clock.call_later(policy.max_session_seconds, self._lifetime_over)
-        self._arm(self.idle_timeout)
+        self._timer = SessionTimer(self, policy.max_session_seconds)
+        self._timer.arm(self.idle_timeout)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
@@ -193,10 +178,8 @@ class RelaySMTP(SMTP):
         if self._admitted:
             self._admitted = False
             self.policy.release(self, self._client)
-        for timer in (self._timer, self._lifetime):
-            if timer is not None:
-                timer.cancel()
-        self._timer = self._lifetime = None
+        if self._timer is not None:
+            self._timer.cancel()
 
     def _write_and_close(self, reply: str) -> None:
         transport = cast(asyncio.Transport | None, self.transport)
@@ -206,28 +189,17 @@ class RelaySMTP(SMTP):
 
     def _arm(self, seconds: float) -> None:
         """Close with 421 after ``seconds`` without a reply (DATA: for the whole phase)."""
-        deadline = self._deadline = self._clock.time() + seconds
-        timer = self._timer
-        if timer is not None:
-            if timer.when() <= deadline:
-                return  # it fires first and moves itself to the new deadline
-            timer.cancel()
-        self._timer = self._clock.call_at(deadline, self._check_deadline)
+        if self._timer is not None:
+            self._timer.arm(seconds)
 
-    def _check_deadline(self) -> None:
-        self._timer = None
-        if self.transport is None:
-            return
-        if self._clock.time() < self._deadline:
-            self._timer = self._clock.call_at(self._deadline, self._check_deadline)
-            return
+    def session_timed_out(self) -> None:
         self._write_and_close(self.policy.timed_out(self._client, handshaking=self._handshaking))
 
-    def _lifetime_over(self) -> None:
-        self._lifetime = None
-        self._expired = True
-        if not self._busy:
-            self._write_and_close(self.policy.lifetime_over(self._client))
+    def session_expired(self) -> bool:
+        if self._busy:
+            return False
+        self._write_and_close(self.policy.lifetime_over(self._client))
+        return True
 
     async def _busy_with(self, command: Awaitable[None]) -> None:
         """Run a command the session lifetime does not interrupt; close after it if over."""
@@ -236,8 +208,8 @@ class RelaySMTP(SMTP):
             await command
         finally:
             self._busy -= 1
-            if self._expired and not self._busy:
-                self._write_and_close(self.policy.lifetime_over(self._client))
+            if self._timer is not None and self._timer.expired:
+                self.session_expired()
 
     # endregion
 

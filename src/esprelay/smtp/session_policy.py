@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Any
+import math
+import ssl
+from typing import Any, Protocol
 
 from esprelay.intake import IntakeState
 from esprelay.smtp.auth import FailureLimiter, UserDB
@@ -210,3 +212,91 @@ class SessionBudget:
     def message_accepted(self) -> None:
         """A client that sends mail is not idling: the junk count starts again."""
         self.junk = 0
+
+
+class TimerOwner(Protocol):
+    def session_timed_out(self) -> None:
+        """No command (or no end of DATA) in time: answer 421 and close."""
+
+    def session_expired(self) -> bool:
+        """The lifetime is over: close now if between commands (True), else later."""
+
+
+class SessionTimer:
+    """One session's one timer, moved forward lazily: the idle timeout (or the DATA
+    deadline) and the session lifetime.  Arming costs a clock read; the event loop's
+    timer is only replaced when the new deadline comes earlier than the old one."""
+
+    __slots__ = ("_handle", "_loop", "_owner", "deadline", "end", "expired")
+
+    def __init__(self, owner: TimerOwner, lifetime: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._owner: TimerOwner | None = owner
+        self._handle: asyncio.TimerHandle | None = None
+        self.deadline = math.inf
+        self.end = self._loop.time() + lifetime if lifetime else math.inf
+        #: The lifetime is over; the owner closes the session once between commands.
+        self.expired = False
+
+    def arm(self, seconds: float) -> None:
+        """The next timeout comes ``seconds`` from now."""
+        deadline = self.deadline = self._loop.time() + seconds
+        handle = self._handle
+        if handle is not None:
+            if handle.when() <= deadline:
+                return  # it fires first and moves itself to the new deadline
+            handle.cancel()
+        elif self._owner is None:
+            return
+        self._handle = self._loop.call_at(self._wake_at(), self._fire)
+
+    def cancel(self) -> None:
+        """For good (the session ended): no callback, no reference to the owner."""
+        self._owner = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _wake_at(self) -> float:
+        return self.deadline if self.expired else min(self.deadline, self.end)
+
+    def _fire(self) -> None:
+        self._handle = None
+        owner = self._owner
+        if owner is None:
+            return
+        now = self._loop.time()
+        if not self.expired and now >= self.end:
+            self.expired = True
+            if owner.session_expired():
+                return
+        if now < self.deadline:
+            self._handle = self._loop.call_at(self._wake_at(), self._fire)
+            return
+        owner.session_timed_out()
+
+
+class PolicyConnection:
+    """What both engines answer alike of :class:`~esprelay.smtp.handler.Connection`;
+    each engine says whether the connection is encrypted (``tls``) and closes it."""
+
+    _client: str
+    _auth_needs_tls: bool
+    users: UserDB
+    tls_context: ssl.SSLContext | None
+
+    @property
+    def tls(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def client(self) -> str:
+        return self._client
+
+    @property
+    def auth_offered(self) -> bool:
+        return bool(self.users) and (not self._auth_needs_tls or self.tls)
+
+    @property
+    def starttls_needed_for_auth(self) -> bool:
+        return self._auth_needs_tls and self.tls_context is not None and not self.tls
