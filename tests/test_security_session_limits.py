@@ -11,6 +11,7 @@ progress otherwise.  Time is driven by a short configured lifetime and the serve
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 
@@ -180,3 +181,30 @@ def test_message_in_progress_finished_before_the_lifetime_closes(
     finally:
         busy.close()
     assert len(spooled(relay)) == before + 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_mail_while_draining_gets_421_and_the_session_ends(
+    relay_factory: type[RelayProcess], engine: str
+) -> None:
+    """The handler closes the session through the engine's Connection.close(): the 421
+    is written first, then the connection ends."""
+    relay = relay_factory(
+        {"ESPRELAY_SMTP_ENGINE": engine, "ESPRELAY_DELIVERY_CONCURRENCY": "0"}
+    ).start()
+    busy = _greeted(relay)  # keeps the relay draining: a message under way
+    idle = _greeted(relay)
+    try:
+        assert busy.command(b"EHLO client.test").startswith(b"250")
+        assert busy.command(b"MAIL FROM:<a@example.com>").startswith(b"250")
+        assert idle.command(b"EHLO client.test").startswith(b"250")
+        assert relay.proc is not None
+        relay.proc.send_signal(signal.SIGTERM)
+        relay.wait_for_log("shutting down")
+        reply = idle.command(b"MAIL FROM:<a@example.com>")
+        assert reply.startswith(b"421 4.3.2 "), reply
+        assert idle.closed()
+        assert busy.command(b"RSET").startswith(b"250")  # the other session goes on
+    finally:
+        idle.close()
+        busy.close()

@@ -1,6 +1,6 @@
 """Reading one message's DATA from the pieces a connection delivers.
 
-The rules are aiosmtpd's (and :class:`esprelay.smtp.data.CompactDataSMTP`'s): lines end
+The rules are aiosmtpd's (its engine reads DATA itself): lines end
 at CRLF only, one leading dot is removed from a line (RFC 5321 4.5.2), the message ends
 at a line that is a lone dot; a message over the size limit is answered ``552`` and one
 with a line over the line limit (as sent, dot-stuffed) ``500``, both only after its end

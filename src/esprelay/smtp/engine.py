@@ -9,13 +9,14 @@ task: the end of DATA (the spool's commit or the ESP's answer), AUTH (the passwo
 check runs in a thread) and STARTTLS (the handshake).  While such a step runs, later
 input is kept in order and processed when it ends.
 
-The dialogue is aiosmtpd 1.4.6's as :class:`esprelay.smtp.server.RelaySMTP` changes it:
-the same replies in the same order, the same limits (command and line length, message
-size, recipients, errors per session, unrecognised commands), the same relay checks
-(the handler's), timeouts (idle between commands, a deadline for the whole DATA phase)
-and TLS rules (no AUTH over plaintext outside the allowed networks; input pipelined
-after STARTTLS is discarded).  ``ESPRELAY_SMTP_ENGINE=aiosmtpd`` selects aiosmtpd's
-engine instead; the end-to-end tests run against both.
+The dialogue is aiosmtpd 1.4's as :class:`esprelay.smtp.server.RelaySMTP` extends it:
+the same replies in the same order (:mod:`esprelay.smtp.replies`), the same relay checks
+(the handler's), and the same session policy
+(:mod:`esprelay.smtp.session_policy`: connection limits, budgets of errors, unrecognised
+and junk commands, timeouts and the session lifetime, AUTH rules); this module only
+speaks the protocol (command and line length, message size, TLS: input pipelined after
+STARTTLS is discarded).  ``ESPRELAY_SMTP_ENGINE=aiosmtpd`` selects aiosmtpd's engine
+instead; tests/test_smtp_engines.py compares the two.
 
 Differences, by choice: input that arrives while the message is being committed is
 answered after the DATA reply (aiosmtpd too), but a client that half-closes its side
@@ -59,6 +60,7 @@ from esprelay.smtp.replies import (
     EHLO_SYNTAX,
     EXTENDED_SYNTAX,
     HELO_SYNTAX,
+    HELP_F,
     HELP_SYNTAX,
     LINE_TOO_LONG,
     MAIL_PARAMETERS,
@@ -75,7 +77,7 @@ from esprelay.smtp.replies import (
     RCPT_SYNTAX,
     READY_FOR_TLS,
     RSET_SYNTAX,
-    SHUTTING_DOWN,
+    SEND_HELO_F,
     SIZE_TOO_LARGE,
     START_DATA,
     STARTTLS_SYNTAX,
@@ -194,7 +196,7 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
         self._handshaking = False
         self._writing_paused = False
         self._eof = False
-        self._timer: SessionTimer | None = None
+        self._timer = SessionTimer(self, listener.policy.max_session_seconds)
         self._loop = asyncio.get_running_loop()
         self._message: MessageReader | None = None  # in DATA
 
@@ -242,7 +244,6 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
             session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
         self._auth_needs_tls = policy.auth_requires_tls(client)
         transport.write(listener.greeting)
-        self._timer = SessionTimer(self, policy.max_session_seconds)
         self._timer.arm(listener.timeout)
 
     def _goodbye(self, reply: str) -> None:
@@ -255,8 +256,7 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
         if self._counted:
             self._counted = False
             self.listener.policy.release(self, self._client)
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._state = _CLOSED
@@ -312,10 +312,6 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
 
     # region timeouts (esprelay.smtp.session_policy.SessionTimer)
 
-    def _arm(self, seconds: float) -> None:
-        assert self._timer is not None
-        self._timer.arm(seconds)
-
     def session_timed_out(self) -> None:
         if self._state == _CLOSED or self.transport is None:
             return
@@ -330,8 +326,7 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
 
     def _end_if_expired(self) -> bool:
         """Past its lifetime and between commands: 421 and close (True)."""
-        timer = self._timer
-        if timer is None or not timer.expired or self._state != _COMMAND or self._step is not None:
+        if not self._timer.expired or self._state != _COMMAND or self._step is not None:
             return False
         self._out.append(self.listener.policy.lifetime_over(self._client).encode() + b"\r\n")
         self._close()
@@ -438,7 +433,7 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
                 return
             self._reply(UNKNOWN_COMMAND)
             return
-        self._arm(listener.timeout)
+        self._timer.arm(listener.timeout)
         try:
             method(self, arg)
         except Exception as error:  # a bug in a hook: answer as aiosmtpd does
@@ -501,7 +496,7 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
     def _helo_needed(self, verb: str = "HELO") -> bool:
         assert self.session is not None
         if not self.session.host_name:
-            self._reply(f"503 Error: send {verb} first")
+            self._reply(SEND_HELO_F.format(verb))
             return True
         return False
 
@@ -605,7 +600,7 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
                 self._reply(HELP_SYNTAX + text)
                 return
             code = 501
-        self._reply(f"{code} Supported commands: {' '.join(available)}")
+        self._reply(HELP_F.format(code, " ".join(available)))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         path = simple_path(arg)
@@ -677,10 +672,6 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
         if params:
             self._reply(MAIL_PARAMETERS)
             return
-        if self.listener.intake.draining:
-            self._reply(SHUTTING_DOWN)
-            self._close()
-            return
         assert self.session is not None
         self._reply(self.handler.mail(self, self.session, self.envelope, address, options))
 
@@ -727,7 +718,7 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
         self._reply(START_DATA)
         listener = self.listener
         # A deadline for the whole DATA phase: a client trickling its message is cut off.
-        self._arm(listener.guards.data_timeout)
+        self._timer.arm(listener.guards.data_timeout)
         self._state = _DATA
         self._message = MessageReader(
             size_limit=listener.data_size_limit, line_limit=listener.line_length_limit
@@ -749,7 +740,7 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
         self._state = _BUSY
         if rest:
             self._input[:0] = rest
-        self._arm(self.listener.timeout)
+        self._timer.arm(self.listener.timeout)
         if reader.error is not None:
             self._staged("data", self._refuse_message, reader.error)
             self._rset()
@@ -838,7 +829,7 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
             "cipher": secure.get_extra_info("cipher"),
         }
         self._rset()
-        self._arm(self.listener.timeout)
+        self._timer.arm(self.listener.timeout)
 
     def _abandon(self, transport: asyncio.Transport) -> None:
         """Close a connection whose TLS handshake did not complete.  Our protocol may

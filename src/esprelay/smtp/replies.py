@@ -1,8 +1,9 @@
 """Every fixed SMTP reply esprelay writes, each defined once, for both engines.
 
 A reply that answers an error of :mod:`esprelay.errors` is that error's
-``smtp_reply`` (:func:`esprelay.errors.smtp_reply` picks it for an exception); the others
-are the dialogue's own.  The texts without an enhanced status code (RFC 3463) are
+``smtp_reply``, and :func:`esprelay.errors.smtp_reply` picks it for an exception (any
+other exception, a bug in a hook, is answered ``451 4.3.0``, ``EsprelayError``'s); the
+others are the dialogue's own.  The texts without an enhanced status code (RFC 3463) are
 aiosmtpd 1.4's: its engine writes them itself, the native engine writes the same ones
 (tests/test_smtp_engines.py compares the two byte for byte).  A name ending in ``_F``
 is a template for :meth:`str.format`.
@@ -10,11 +11,10 @@ is a template for :meth:`str.format`.
 
 from __future__ import annotations
 
-from esprelay.errors import EsprelayError, ShuttingDown
+from esprelay.errors import ShuttingDown
 
 # region the session: greeting, limits (421 closes the connection)
 SHUTTING_DOWN = ShuttingDown.smtp_reply
-LOCAL_ERROR = EsprelayError.smtp_reply  # a bug in a hook, an unexpected error
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 TOO_MANY_JUNK_COMMANDS = "421 4.7.0 Too many commands without mail, closing connection"
@@ -79,6 +79,12 @@ STARTTLS_AND_AUTH_REQUIRED = "530 5.7.0 Must issue a STARTTLS command and authen
 START_DATA = "354 End data with <CR><LF>.<CR><LF>"
 DATA_LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 TOO_MUCH_DATA = "552 Error: Too much mail data"
+# The end of DATA (esprelay.intake): a spool error answers its own smtp_reply.
+QUEUED_F = "250 2.0.0 Ok: queued as {}"
+FAILED_INLINE_F = "554 5.0.0 Delivery failed permanently: {}"
+DELIVERED_F = "250 2.0.0 Ok: delivered as {} ({})"
+REJECTED_F = "554 5.0.0 Rejected by the provider: {}"
+PROVIDER_UNAVAILABLE_F = "451 4.4.0 Provider unavailable, try again later: {}"
 # endregion
 
 # region STARTTLS
