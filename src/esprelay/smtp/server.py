@@ -7,7 +7,8 @@ one (:mod:`esprelay.smtp.engine`, the default) or aiosmtpd's protocol
 :mod:`esprelay.smtp.replies`.
 
 :class:`RelaySMTP` is the conservative alternative: aiosmtpd's own dialogue, DATA
-reader and AUTH exchange, extended only through aiosmtpd's public API (constructor
+reader (it holds a message as a list of lines: more memory than the native engine's one
+buffer) and AUTH exchange, extended only through aiosmtpd's public API (constructor
 options, ``smtp_*`` and ``auth_*`` methods, ``push``, ``challenge_auth``,
 ``check_helo_needed``, the ``session`` and ``transport`` attributes) and asyncio's
 protocol methods, so it works on any aiosmtpd 1.4.x.  On top of aiosmtpd it adds what
@@ -26,7 +27,7 @@ import collections
 import functools
 import logging
 from collections.abc import Awaitable
-from typing import Any, AnyStr, cast
+from typing import TYPE_CHECKING, Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, syntax
 
@@ -34,7 +35,7 @@ from esprelay.intake import IntakeState
 from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.engine import IDENT, Listener, SMTPSession
 from esprelay.smtp.guards import Guards
-from esprelay.smtp.handler import RelayHandler, client_address
+from esprelay.smtp.handler import Connection, RelayHandler, client_address
 from esprelay.smtp.policy import RelayPolicy
 from esprelay.smtp.replies import (
     AUTH_BAD_BASE64,
@@ -431,6 +432,11 @@ class RelaySMTP(PolicyConnection, SMTP):
         return AuthResult(success=True, auth_data=user)
 
     # endregion
+
+
+if TYPE_CHECKING:
+    # The handler's hooks get the engine as their ``server``: both are Connections.
+    _connections: tuple[type[Connection], ...] = (RelaySMTP, SMTPSession)
 
 
 def smtp_factory(
