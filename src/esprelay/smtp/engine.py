@@ -116,7 +116,7 @@ _HELP = {
 }
 _HELP_EXTENDED = {"MAIL": EXTENDED_SYNTAX, "RCPT": EXTENDED_SYNTAX}
 _AUTH_MECHANISMS = ("LOGIN", "PLAIN")
-_SUCCESS = AUTH_OK
+_SUCCESS = AUTH_OK  # the names _check_login answers with
 _INVALID = AUTH_INVALID
 # aiosmtpd's LOGIN challenges (clients ignore the text; some tests compare it).
 _USERNAME_CHALLENGE = "User Name\x00"

@@ -222,7 +222,7 @@ class RelaySMTP(PolicyConnection, SMTP):
             if status.startswith('500 Error: command "'):
                 # aiosmtpd echoes the unknown line back; it may be a credential.
                 status = UNKNOWN_COMMAND
-            if stage is not None and status[:1] in "45":
+            if stage is not None and status[:1] in ("4", "5"):
                 self.policy.observe(stage, status)
             # Undecodable client bytes (kept as surrogates) must not make the reply fail.
             response = status.encode("utf-8", "surrogateescape")
