@@ -321,7 +321,7 @@ def test_the_from_the_rules_approve_is_the_from_every_provider_sends(
     message = OutboundMessage("id-1", envelope, prepared.raw)
     for kind, provider in BUILT.items():
         try:
-            request = provider.build_request(message)
+            request = provider.build_request(message).request
         except Exception as exc:  # a provider may refuse a message; it then sends nothing
             assert getattr(exc, "permanent", False), (kind, exc)
             continue

@@ -230,7 +230,7 @@ def test_request_shape() -> None:
     message = OutboundMessage(
         "m1", Envelope("s@example.com", ("r@example.org",)), crlf("To: r@example.org\n\nhi\n")
     )
-    request = _provider().build_request(message)
+    request = _provider().build_request(message).request
     assert str(request.url) == "https://api.postmarkapp.com/email"
     assert request.headers["x-postmark-server-token"] == TOKEN
     assert request.headers["accept"] == "application/json"

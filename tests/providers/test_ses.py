@@ -102,7 +102,7 @@ def test_build_request_is_what_ses_documents() -> None:
     rcpts = ("ops@example.org", "hidden@example.net", "only@example.org")
     message = OutboundMessage("m1", Envelope(SENDER, rcpts), RAW)
     ses = provider(httpx.AsyncClient(), configuration_set="transactional")
-    request = ses.build_request(message)
+    request = ses.build_request(message).request
     assert request.method == "POST"
     assert str(request.url) == f"https://email.{REGION}.amazonaws.com/v2/email/outbound-emails"
     assert request.headers["content-type"] == "application/json"
@@ -120,7 +120,7 @@ def test_build_request_is_what_ses_documents() -> None:
 def test_null_sender_and_7bit_message() -> None:
     raw = b"From: a@example.com\r\nSubject: plain\r\n\r\nascii only\r\n"
     message = OutboundMessage("m1", Envelope("", ("b@example.org",)), raw)
-    request = provider(httpx.AsyncClient(), "http://127.0.0.1:1/").build_request(message)
+    request = provider(httpx.AsyncClient(), "http://127.0.0.1:1/").build_request(message).request
     assert str(request.url) == "http://127.0.0.1:1/v2/email/outbound-emails"
     payload = json.loads(request.read())
     assert "FromEmailAddress" not in payload and "ConfigurationSetName" not in payload
