@@ -18,7 +18,7 @@ from esprelay.errors import (
 )
 from esprelay.models import Envelope, OutboundMessage, SendResult
 from esprelay.providers.base import Built, HttpProvider, PostTarget, json_body, parse_retry_after
-from tests.fakeesp import FakeESP, Reply
+from esprelay.testing.fakeesp import FakeESP, Reply
 
 
 class EchoProvider(HttpProvider):

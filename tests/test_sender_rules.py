@@ -39,7 +39,7 @@ from esprelay.providers.sendgrid import SendGridProvider
 from esprelay.providers.ses import SesProvider
 from esprelay.smtp.auth import hash_password
 from esprelay.smtp.policy import RelayPolicy, parse_networks, sender_matches
-from tests.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.providers.test_mailgun import form_fields
 from tests.relayproc import RelayProcess
 from tests.securitykit import crlf

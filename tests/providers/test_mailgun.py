@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from esprelay.errors import MessageRejected, ProviderConfigError, ProviderUnavailable, RateLimited
 from esprelay.models import Envelope, OutboundMessage
 from esprelay.providers.mailgun import MailgunProvider
-from tests.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.messages import corpus
 from tests.providers.common import send_case
 from tests.providers.errorcases import Cases, case_message

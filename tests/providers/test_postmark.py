@@ -31,7 +31,7 @@ from esprelay.providers.postmark import (
     build_payload,
     format_address,
 )
-from tests.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.messages import Case, corpus, crlf
 from tests.providers.common import queue, send_case
 from tests.relayproc import RelayProcess

@@ -24,7 +24,7 @@ from esprelay.providers.sendgrid import (
     build_payload,
     rate_limit_reset,
 )
-from tests.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.messages import Case, corpus, crlf
 from tests.providers.common import queue, send_case
 from tests.relayproc import RelayProcess

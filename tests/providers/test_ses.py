@@ -27,7 +27,7 @@ from esprelay.errors import (
 )
 from esprelay.models import Envelope, OutboundMessage
 from esprelay.providers.ses import MAX_ENCODED_SIZE, MAX_MESSAGE_SIZE, MAX_RECIPIENTS, SesProvider
-from tests.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.messages import corpus
 from tests.providers.common import send_case
 from tests.providers.errorcases import Cases, case_message
