@@ -328,11 +328,11 @@ def main(argv: list[str] | None = None) -> int:
 def _available_http_provider() -> str | None:
     """The first HTTP adapter for which the emulator has a flavour, if esprelay has one."""
     try:
-        from esprelay.providers import PROVIDERS
+        from esprelay.providers import registered
     except ImportError:
         return None
     for name in HTTP_PROVIDERS:
-        if name in PROVIDERS:
+        if name in registered():
             return name
     return None
 

@@ -11,6 +11,8 @@ import pytest
 
 from esprelay.config import Settings, load_settings
 from esprelay.errors import ConfigError
+from esprelay.providers.outbox import OutboxSettings
+from esprelay.routing import default_provider
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +28,7 @@ def test_defaults() -> None:
     assert settings.smtp_host == "127.0.0.1"
     assert settings.smtp_port == 2525
     assert settings.provider == "outbox"
-    assert settings.outbox_dir == Path("outbox")
+    assert default_provider(settings).settings == OutboxSettings(dir=Path("outbox"))
     assert settings.spool_url == "sqlite:///esprelay-data/spool.db"
     assert settings.max_queue_lifetime == 5 * 86400
 

@@ -6,7 +6,7 @@ import signal
 from pathlib import Path
 
 from esprelay.smtp.auth import hash_password
-from tests.fakeesp import FakeESP
+from esprelay.testing.fakeesp import FakeESP
 from tests.providers.test_mailgun import DOMAIN, KEY, mailgun
 from tests.relayproc import RelayProcess
 from tests.securitykit import Dialog, crlf, plain_auth

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.providers.common import queue
 from tests.providers.test_mailgun import DOMAIN, KEY, form_fields, mailgun
 from tests.relayproc import RelayProcess

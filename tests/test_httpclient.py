@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from esprelay.httpclient import make_client
-from tests.fakeesp import FakeESP, Reply
+from esprelay.testing.fakeesp import FakeESP, Reply
 
 
 @pytest.mark.parametrize("choice", ["auto", "aiohttp", "httpx"])

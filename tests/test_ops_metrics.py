@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from esprelay.metrics import RelayMetrics, rejection_reason
-from tests.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.opshttp import TOKEN, admin, http, scrape, send, value
 from tests.providers.test_postmark import PostmarkAPI
 from tests.providers.test_postmark import relay_env as postmark_env

@@ -17,8 +17,8 @@ from esprelay.errors import (
     RateLimited,
 )
 from esprelay.models import Envelope, OutboundMessage, SendResult
-from esprelay.providers.base import HttpProvider, PostTarget, json_body, parse_retry_after
-from tests.fakeesp import FakeESP, Reply
+from esprelay.providers.base import Built, HttpProvider, PostTarget, json_body, parse_retry_after
+from esprelay.testing.fakeesp import FakeESP, Reply
 
 
 class EchoProvider(HttpProvider):
@@ -28,8 +28,8 @@ class EchoProvider(HttpProvider):
         super().__init__(client)
         self.url = url
 
-    def build_request(self, message: OutboundMessage) -> httpx.Request:
-        return httpx.Request("POST", f"{self.url}/send", content=message.raw)
+    def build_request(self, message: OutboundMessage) -> Built:
+        return Built(httpx.Request("POST", f"{self.url}/send", content=message.raw))
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
         return SendResult(provider_message_id=response.json()["id"])

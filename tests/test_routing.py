@@ -88,8 +88,8 @@ def test_secrets_from_other_variables(settings) -> None:  # type: ignore[no-unty
         "default": {"providers": ["sg"]},
     }
     table = parse_routing(data, settings, {"MY_SG_KEY": "SG.secret"})
-    key = table.providers["sg"].sendgrid_api_key
-    assert key is not None and key.get_secret_value() == "SG.secret"
+    key = table.providers["sg"].settings.api_key  # type: ignore[attr-defined]
+    assert key.get_secret_value() == "SG.secret"
     with pytest.raises(ConfigError, match="MY_SG_KEY is not set"):
         parse_routing(data, settings, {})
 
@@ -100,7 +100,7 @@ def test_secrets_from_other_variables(settings) -> None:  # type: ignore[no-unty
         ({"providers": {}}, "at least one"),
         ({"providers": {"a": {"dir": "x"}}}, "kind is required"),
         ({"providers": {"a": {"kind": "outbox", "colour": "red"}}}, "unknown setting 'colour'"),
-        ({"providers": {"a": {"kind": "smtp"}}}, "ESPRELAY_PROVIDER"),
+        ({"providers": {"a": {"kind": "smtp"}}}, "'smtp' is not a registered provider"),
         ({"providers": {"a": {"kind": "sendgrid"}}}, "ESPRELAY_SENDGRID_API_KEY is required"),
         (
             {
@@ -134,7 +134,7 @@ def test_routes_file_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     )
     monkeypatch.setenv("ESPRELAY_ROUTES_FILE", str(routes))
     table = load_routing(load_settings(env_file=None))
-    assert str(table.providers["b"].outbox_dir) == "out-b"
+    assert str(table.providers["b"].settings.dir) == "out-b"  # type: ignore[attr-defined]
     routes.write_text("not = [valid")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_routing(load_settings(env_file=None))

@@ -69,8 +69,9 @@ def plain(user: str, password: str) -> str:
 
 @pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
 async def test_parallel_wrong_passwords_verify_at_most_the_limit(
-    tmp_path: Path, scrypt: ScryptCounter, engine: str
+    tmp_path: Path, scrypt: ScryptCounter, engine: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("ESPRELAY_OUTBOX_DIR", str(tmp_path / "outbox"))
     users_file = tmp_path / "users"
     users_file.write_text(f"printer:{hash_password(PRINTER_PASSWORD)}\n")
     settings = Settings(
@@ -80,7 +81,6 @@ async def test_parallel_wrong_passwords_verify_at_most_the_limit(
         smtp_port=0,
         http_enabled=False,
         spool_url=f"sqlite:///{tmp_path / 'spool.db'}",
-        outbox_dir=tmp_path / "outbox",
         auth_file=users_file,
         auth_max_failures=MAX_FAILURES,
         max_connections_per_client=CLIENTS + 5,

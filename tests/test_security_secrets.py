@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from esprelay.config import Settings
+from esprelay.providers.registry import configure, get_kind
 from esprelay.smtp.auth import UserDB, hash_password
 from tests.relayproc import RelayProcess
 from tests.securitykit import UNTRUSTED, Certs, Dialog, crlf, plain_auth
@@ -131,11 +132,12 @@ def test_repr_hides_secrets(tmp_path: Path) -> None:
         auth_user="app",
         auth_password=AUTH_PASSWORD,  # type: ignore[arg-type]
         auth_file=users_file,
-        sendgrid_api_key=API_KEYS["ESPRELAY_SENDGRID_API_KEY"],  # type: ignore[arg-type]
     )
+    provider = configure(get_kind("sendgrid"), {"api_key": API_KEYS["ESPRELAY_SENDGRID_API_KEY"]})
     users = UserDB.load(users_file, "app", AUTH_PASSWORD)
     user = users.authenticate(b"filer", FILE_PASSWORD.encode())
     assert user is not None
     texts = [repr(settings), str(settings), repr(users), repr(user), str(user)]
-    texts.append(repr(settings.model_dump()))
+    texts += [repr(settings.model_dump()), repr(provider), str(provider.settings)]
+    texts.append(repr(provider.settings.model_dump()))
     assert_clean("\n".join(texts), [AUTH_PASSWORD, FILE_PASSWORD, hashed, *API_KEYS.values()])

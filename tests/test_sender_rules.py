@@ -39,7 +39,7 @@ from esprelay.providers.sendgrid import SendGridProvider
 from esprelay.providers.ses import SesProvider
 from esprelay.smtp.auth import hash_password
 from esprelay.smtp.policy import RelayPolicy, parse_networks, sender_matches
-from tests.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.providers.test_mailgun import form_fields
 from tests.relayproc import RelayProcess
 from tests.securitykit import crlf
@@ -321,7 +321,7 @@ def test_the_from_the_rules_approve_is_the_from_every_provider_sends(
     message = OutboundMessage("id-1", envelope, prepared.raw)
     for kind, provider in BUILT.items():
         try:
-            request = provider.build_request(message)
+            request = provider.build_request(message).request
         except Exception as exc:  # a provider may refuse a message; it then sends nothing
             assert getattr(exc, "permanent", False), (kind, exc)
             continue

@@ -35,15 +35,15 @@ def collector_off() -> Iterator[None]:
 # attributes, which the aiosmtpd engine no longer touches (it uses aiosmtpd's public API).
 @pytest.mark.parametrize("engine", ["native"])
 async def test_ended_session_is_freed_without_the_collector(
-    tmp_path: Path, collector_off: None, engine: str
+    tmp_path: Path, collector_off: None, engine: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("ESPRELAY_OUTBOX_DIR", str(tmp_path / "outbox"))
     settings = Settings(
         smtp_engine=engine,
         smtp_host="127.0.0.1",
         smtp_port=0,
         http_enabled=False,
         spool_url=f"sqlite:///{tmp_path / 'spool.db'}",
-        outbox_dir=tmp_path / "outbox",
     )
     relay = Relay(settings)
     await relay.start()

@@ -9,14 +9,18 @@ line that names the variable, and the CLI turns that into exit status 2.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
+from dotenv import dotenv_values
 from pydantic import (
     AfterValidator,
     BeforeValidator,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     model_validator,
@@ -24,8 +28,6 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from esprelay.errors import ConfigError
-
-ProviderName = Literal["outbox", "sendgrid", "mailgun", "ses", "postmark"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -125,26 +127,10 @@ class Settings(BaseSettings):
     repair_headers: bool = True
     force_from: str | None = None
 
-    # Provider selection
-    provider: ProviderName = "outbox"
-    outbox_dir: Path = Path("outbox")
+    # Provider selection: a registered kind (esprelay.providers.registry), whose own
+    # settings are ESPRELAY_<KIND>_* (its ProviderSettings model)
+    provider: str = Field(default="outbox", min_length=1)
     provider_timeout: Seconds = 30.0
-
-    # SendGrid
-    sendgrid_api_key: SecretStr | None = None
-    sendgrid_api_url: str = "https://api.sendgrid.com"
-    # Mailgun
-    mailgun_api_key: SecretStr | None = None
-    mailgun_domain: str | None = None
-    mailgun_api_url: str = "https://api.mailgun.net"
-    # Postmark
-    postmark_server_token: SecretStr | None = None
-    postmark_api_url: str = "https://api.postmarkapp.com"
-    postmark_message_stream: str | None = None
-    # Amazon SES (API v2); credentials come from the standard AWS chain
-    ses_region: str | None = None
-    ses_endpoint_url: str | None = None
-    ses_configuration_set: str | None = None
 
     # Routing, failover and delivery modes
     routes_file: Path | None = None
@@ -189,19 +175,16 @@ class Settings(BaseSettings):
     #: Bearer token for the queue admin API and page; without it those routes are off.
     admin_token: SecretStr | None = None
 
+    #: The environment the settings came from (``.env`` under the process environment),
+    #: where the providers' own ``ESPRELAY_<KIND>_*`` settings are read.
+    _environ: dict[str, str] = PrivateAttr(default_factory=lambda: dict(os.environ))
+
+    @property
+    def environ(self) -> Mapping[str, str]:
+        return self._environ
+
     @model_validator(mode="after")
-    def _check_provider_settings(self) -> Settings:
-        required: dict[str, tuple[str, ...]] = {
-            "sendgrid": ("sendgrid_api_key",),
-            "mailgun": ("mailgun_api_key", "mailgun_domain"),
-            "postmark": ("postmark_server_token",),
-            "ses": ("ses_region",),
-        }
-        for field in required.get(self.provider, ()):
-            if not getattr(self, field):
-                raise ValueError(
-                    f"ESPRELAY_{field.upper()} is required when ESPRELAY_PROVIDER={self.provider}"
-                )
+    def _check(self) -> Settings:
         if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 16:
             raise ValueError("ESPRELAY_ADMIN_TOKEN must be at least 16 characters long")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -220,11 +203,23 @@ class Settings(BaseSettings):
 
 
 def load_settings(env_file: str | Path | None = ".env") -> Settings:
-    """Read the environment (and ``env_file``) once; raise ConfigError on a bad value."""
+    """Read the environment (and ``env_file``) once; raise ConfigError on a bad value.
+
+    The provider of ``ESPRELAY_PROVIDER`` (when no routes file names the providers) is
+    checked here too, with its own settings: a missing API key is found at start-up.
+    """
     try:
-        return Settings(_env_file=env_file)  # type: ignore[call-arg]
+        settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    if env_file is not None and Path(env_file).is_file():
+        from_file = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+        settings._environ = {**from_file, **os.environ}
+    if settings.routes_file is None:
+        from esprelay.routing import default_provider  # routing imports this module
+
+        default_provider(settings)
+    return settings
 
 
 def _describe(exc: ValidationError) -> str:

@@ -98,9 +98,24 @@ class Intake:
     async def accept(self, envelope: Envelope, raw: bytes, client: Client) -> str:
         """Take responsibility for the message, or refuse it; return the DATA reply."""
         parts = self.routing.plan(envelope, client.auth_user)
+        refusal = self._refusal(parts, raw)
+        if refusal is not None:
+            log.warning("not accepted: client=%s: %s", client.address, refusal)
+            return f"550 5.6.0 {reply_text(refusal)}"
         if self.mode == "passthrough":
             return await self._passthrough(parts, raw, client)
         return await self._queue(parts, raw, client)
+
+    def _refusal(self, parts: list[Part], raw: bytes) -> str | None:
+        """Why a provider of a part's route could never send the message, or None."""
+        for part in parts:
+            message = OutboundMessage("", part.envelope, raw)
+            for name in part.providers:
+                if name in self.providers:
+                    why = self.providers[name].refusal(message)
+                    if why:
+                        return f"{name}: {why}"
+        return None
 
     async def _queue(self, parts: list[Part], raw: bytes, client: Client) -> str:
         assert self.spool is not None

@@ -17,7 +17,7 @@ from esprelay.config import Settings
 from esprelay.dispatch import ProviderSet
 from esprelay.httpclient import make_client
 from esprelay.metrics import RelayMetrics
-from esprelay.providers import Provider, build_provider
+from esprelay.providers import Provider, ProviderConfig
 from esprelay.routing import RoutingTable
 
 log = logging.getLogger("esprelay")
@@ -42,11 +42,9 @@ def routed_providers(
     settings: Settings, routing: RoutingTable, client: httpx.AsyncClient
 ) -> ProviderSet:
     """The providers ``routing`` names, on ``client``, each behind its circuit breaker."""
-    built: dict[str, Provider] = {}
-    for name, provider_settings in routing.providers.items():
-        provider = build_provider(provider_settings, client)
-        provider.name = name
-        built[name] = provider
+    built: dict[str, Provider] = {
+        name: config.build(client, name) for name, config in routing.providers.items()
+    }
     return ProviderSet(
         built,
         breaker_threshold=settings.breaker_threshold,
@@ -54,21 +52,16 @@ def routed_providers(
     )
 
 
-def _provider_hosts(providers: Mapping[str, Settings], webhook_url: str | None) -> dict[str, str]:
+def _provider_hosts(
+    providers: Mapping[str, ProviderConfig], webhook_url: str | None
+) -> dict[str, str]:
     """API host -> provider name (as routed), for the HTTP status metrics' label."""
     hosts: dict[str, str] = {}
-    for name, settings in providers.items():
-        kind = settings.provider
-        url: str | None = getattr(settings, f"{kind}_api_url", None)
-        if kind == "ses":
-            url = settings.ses_endpoint_url or (
-                f"https://email.{settings.ses_region}.amazonaws.com"
-                if settings.ses_region
-                else None
-            )
-        host = urlsplit(url).hostname if url else None
-        if host:
-            hosts.setdefault(host, name)
+    for name, config in providers.items():
+        for url in config.settings.api_urls():
+            host = urlsplit(url).hostname
+            if host:
+                hosts.setdefault(host, name)
     if webhook_url:
         host = urlsplit(webhook_url).hostname
         if host:

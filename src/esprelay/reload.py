@@ -199,18 +199,10 @@ class SettingsReload:
             log.info("applied: %s", ", ".join(applied))
 
 
-def _provider_fingerprints(routing: RoutingTable) -> dict[str, tuple[str, dict[str, object]]]:
+def _provider_fingerprints(routing: RoutingTable) -> dict[str, tuple[str, object]]:
     """What defines each provider (kind and its own settings), to detect a change.
 
-    SecretStr compares by value, so a rotated key counts as a change.
+    The settings models are frozen and compare by value (SecretStr too), so a rotated
+    key counts as a change.
     """
-    prints: dict[str, tuple[str, dict[str, object]]] = {}
-    for name, settings in routing.providers.items():
-        kind = settings.provider
-        own: dict[str, object] = {
-            k: getattr(settings, k)
-            for k in type(settings).model_fields
-            if k.startswith(f"{kind}_") or k == "provider_timeout"
-        }
-        prints[name] = (kind, own)
-    return prints
+    return {name: (c.kind.name, c.settings) for name, c in routing.providers.items()}

@@ -5,7 +5,7 @@ provider, named after its kind, and one default route to it.  Anything more goes
 in a TOML file named by ``ESPRELAY_ROUTES_FILE``::
 
     [providers.brand-a]            # a name of your choice
-    kind = "mailgun"               # outbox | sendgrid | mailgun | ses | postmark
+    kind = "mailgun"               # any registered kind: outbox, sendgrid, mailgun, ...
     domain = "mg.brand-a.example"  # the kind's ESPRELAY_<KIND>_* settings, without the prefix
     api_key_env = "BRAND_A_KEY"    # any setting can come from another variable with _env
 
@@ -33,21 +33,17 @@ on its own; together the parts hold every envelope recipient exactly once.
 
 from __future__ import annotations
 
-import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
-from esprelay.config import Settings, _describe
+from esprelay.config import Settings
 from esprelay.errors import ConfigError
 from esprelay.models import Envelope
+from esprelay.providers.registry import ProviderConfig, configure, env_values, get_kind
 
 DEFAULT_ROUTE = "default"
-
-_SETTINGS_FIELDS = set(Settings.model_fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +73,9 @@ class Part:
 
 @dataclass(frozen=True, slots=True)
 class RoutingTable:
-    """Provider settings by name, and the ordered routes over them."""
+    """Providers by name, and the ordered routes over them."""
 
-    providers: Mapping[str, Settings]
+    providers: Mapping[str, ProviderConfig]
     routes: tuple[Route, ...]
     default: Route
 
@@ -132,18 +128,27 @@ def _domain_in(address: str, patterns: Iterable[str]) -> bool:
     return False
 
 
+def default_provider(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> ProviderConfig:
+    """The provider of ``ESPRELAY_PROVIDER`` with its ``ESPRELAY_<KIND>_*`` settings."""
+    kind = get_kind(settings.provider)
+    return configure(kind, env_values(kind, settings.environ if environ is None else environ))
+
+
 def load_routing(settings: Settings, environ: Mapping[str, str] | None = None) -> RoutingTable:
     """The routing table for ``settings``: from ESPRELAY_ROUTES_FILE, or the single provider."""
+    environ = settings.environ if environ is None else environ
     if settings.routes_file is None:
         route = Route(DEFAULT_ROUTE, (settings.provider,))
-        return RoutingTable({settings.provider: settings}, (), route)
+        return RoutingTable({settings.provider: default_provider(settings, environ)}, (), route)
     try:
         data = tomllib.loads(settings.routes_file.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"ESPRELAY_ROUTES_FILE: cannot read it: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"ESPRELAY_ROUTES_FILE: not valid TOML: {exc}") from None
-    return parse_routing(data, settings, os.environ if environ is None else environ)
+    return parse_routing(data, settings, environ)
 
 
 def parse_routing(
@@ -156,10 +161,7 @@ def parse_routing(
     raw_providers = data.get("providers") or {}
     if not isinstance(raw_providers, dict) or not raw_providers:
         raise ConfigError(f"{where}: define at least one [providers.NAME] table")
-    providers = {
-        name: _provider_settings(name, table, settings, environ)
-        for name, table in raw_providers.items()
-    }
+    providers = {name: _provider(name, table, environ) for name, table in raw_providers.items()}
 
     def route(name: str, table: Any) -> Route:
         if not isinstance(table, dict):
@@ -210,16 +212,15 @@ def _strings(value: Any, where: str) -> list[str]:
     raise ConfigError(f"{where}: expected a string or a list of strings")
 
 
-def _provider_settings(
-    name: str, table: Any, base: Settings, environ: Mapping[str, str]
-) -> Settings:
+def _provider(name: str, table: Any, environ: Mapping[str, str]) -> ProviderConfig:
     where = f"ESPRELAY_ROUTES_FILE: providers.{name}"
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
-    kind = table.get("kind")
-    if not isinstance(kind, str):
-        raise ConfigError(f"{where}.kind is required (outbox, sendgrid, mailgun, ses, postmark)")
-    update: dict[str, Any] = {"provider": kind}
+    kind_name = table.get("kind")
+    if not isinstance(kind_name, str):
+        raise ConfigError(f"{where}.kind is required (a registered provider, such as sendgrid)")
+    kind = get_kind(kind_name, where=f"{where}.kind")
+    values: dict[str, Any] = env_values(kind, environ)
     for key, value in table.items():
         if key == "kind":
             continue
@@ -228,13 +229,5 @@ def _provider_settings(
             if variable not in environ:
                 raise ConfigError(f"{where}.{key}: environment variable {variable} is not set")
             key, value = key.removesuffix("_env"), environ[variable]
-        field = f"{kind}_{key}" if f"{kind}_{key}" in _SETTINGS_FIELDS else key
-        if field not in _SETTINGS_FIELDS or field == "provider":
-            raise ConfigError(f"{where}: unknown setting {key!r} for kind {kind!r}")
-        update[field] = value
-    merged = base.model_dump()
-    merged.update(update)
-    try:
-        return Settings.model_validate(merged)
-    except ValidationError as exc:
-        raise ConfigError(f"{where}: {_describe(exc)}") from None
+        values[key] = value
+    return configure(kind, values, where=where)

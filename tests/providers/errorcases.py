@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tests.fakeesp import Recorded, Reply, Responder
+from esprelay.testing.fakeesp import Recorded, Reply, Responder
 
 
 @dataclass

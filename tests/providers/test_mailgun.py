@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from esprelay.errors import MessageRejected, ProviderConfigError, ProviderUnavailable, RateLimited
 from esprelay.models import Envelope, OutboundMessage
 from esprelay.providers.mailgun import MailgunProvider
-from tests.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.messages import corpus
 from tests.providers.common import send_case
 from tests.providers.errorcases import Cases, case_message
@@ -108,7 +108,9 @@ WITHOUT_BCC = RAW.replace(b"Bcc: hidden@example.net,\r\n\tsecret@example.net\r\n
 def test_build_request_is_what_mailgun_documents() -> None:
     rcpts = ("ops@example.org", "hidden@example.net", "secret@example.net")
     message = OutboundMessage("m1", Envelope("app@example.com", rcpts), RAW)
-    request = provider(httpx.AsyncClient(), "https://api.eu.mailgun.net/").build_request(message)
+    request = (
+        provider(httpx.AsyncClient(), "https://api.eu.mailgun.net/").build_request(message).request
+    )
     assert request.method == "POST"
     assert str(request.url) == f"https://api.eu.mailgun.net/v3/{DOMAIN}/messages.mime"
     assert request.headers["authorization"] == "Basic " + base64.b64encode(

@@ -31,7 +31,7 @@ from esprelay.providers.postmark import (
     build_payload,
     format_address,
 )
-from tests.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.messages import Case, corpus, crlf
 from tests.providers.common import queue, send_case
 from tests.relayproc import RelayProcess
@@ -230,7 +230,7 @@ def test_request_shape() -> None:
     message = OutboundMessage(
         "m1", Envelope("s@example.com", ("r@example.org",)), crlf("To: r@example.org\n\nhi\n")
     )
-    request = _provider().build_request(message)
+    request = _provider().build_request(message).request
     assert str(request.url) == "https://api.postmarkapp.com/email"
     assert request.headers["x-postmark-server-token"] == TOKEN
     assert request.headers["accept"] == "application/json"

@@ -24,7 +24,7 @@ from esprelay.providers.sendgrid import (
     build_payload,
     rate_limit_reset,
 )
-from tests.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.messages import Case, corpus, crlf
 from tests.providers.common import queue, send_case
 from tests.relayproc import RelayProcess
@@ -273,7 +273,7 @@ def test_request_and_limits() -> None:
     message = OutboundMessage(
         "m1", Envelope("s@example.com", ("r@example.org",)), crlf("To: r@example.org\n\nhi\n")
     )
-    request = provider.build_request(message)
+    request = provider.build_request(message).request
     assert str(request.url) == "https://api.eu.sendgrid.com/v3/mail/send"
     assert request.headers["authorization"] == f"Bearer {KEY}"
     assert request.headers["content-type"] == "application/json"

@@ -27,7 +27,7 @@ from esprelay.errors import (
 )
 from esprelay.models import Envelope, OutboundMessage
 from esprelay.providers.ses import MAX_ENCODED_SIZE, MAX_MESSAGE_SIZE, MAX_RECIPIENTS, SesProvider
-from tests.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.messages import corpus
 from tests.providers.common import send_case
 from tests.providers.errorcases import Cases, case_message
@@ -102,7 +102,7 @@ def test_build_request_is_what_ses_documents() -> None:
     rcpts = ("ops@example.org", "hidden@example.net", "only@example.org")
     message = OutboundMessage("m1", Envelope(SENDER, rcpts), RAW)
     ses = provider(httpx.AsyncClient(), configuration_set="transactional")
-    request = ses.build_request(message)
+    request = ses.build_request(message).request
     assert request.method == "POST"
     assert str(request.url) == f"https://email.{REGION}.amazonaws.com/v2/email/outbound-emails"
     assert request.headers["content-type"] == "application/json"
@@ -120,7 +120,7 @@ def test_build_request_is_what_ses_documents() -> None:
 def test_null_sender_and_7bit_message() -> None:
     raw = b"From: a@example.com\r\nSubject: plain\r\n\r\nascii only\r\n"
     message = OutboundMessage("m1", Envelope("", ("b@example.org",)), raw)
-    request = provider(httpx.AsyncClient(), "http://127.0.0.1:1/").build_request(message)
+    request = provider(httpx.AsyncClient(), "http://127.0.0.1:1/").build_request(message).request
     assert str(request.url) == "http://127.0.0.1:1/v2/email/outbound-emails"
     payload = json.loads(request.read())
     assert "FromEmailAddress" not in payload and "ConfigurationSetName" not in payload

@@ -23,6 +23,7 @@ import binascii
 import email.policy
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.header import Header
 from email.message import Message
@@ -77,18 +78,29 @@ def split_header(raw: bytes, *, obsolete: bool = False) -> tuple[list[_Field], b
 
 def strip_bcc(raw: bytes) -> Rewritten:
     """``raw`` without its top-level Bcc/Resent-Bcc fields; every other byte kept."""
-    # The obsolete form ("Bcc : x") counts too: a message from an older spool may not
-    # have been made unambiguous at intake, and removing a blind field is always safe.
-    fields, separator, body = split_header(raw, obsolete=True)
-    kept = [f for f in fields if f.name not in BLIND_FIELDS]
-    removed = len(fields) - len(kept)
+    stripped, removed = remove_fields(raw, lambda name: name in BLIND_FIELDS)
     if not removed:
         return Rewritten(raw)
     warning = (
         f"removed {removed} Bcc header field(s); "
         "their recipients still get the message through the envelope"
     )
-    return Rewritten(b"".join(f.raw for f in kept) + separator + body, (warning,))
+    return Rewritten(stripped, (warning,))
+
+
+def remove_fields(raw: bytes, drop: Callable[[bytes], bool]) -> tuple[bytes, int]:
+    """``raw`` without the top-level fields whose lower-cased name ``drop`` picks (with
+    their continuation lines), and how many went; every other byte kept.  ``raw`` itself
+    when none goes.  (For an ESP's control headers that its SMTP service would remove.)
+    """
+    # The obsolete form ("Bcc : x") counts too: a message from an older spool may not
+    # have been made unambiguous at intake, and removing a field is the safe side.
+    fields, separator, body = split_header(raw, obsolete=True)
+    kept = [f for f in fields if not drop(f.name)]
+    removed = len(fields) - len(kept)
+    if not removed:
+        return raw, 0
+    return b"".join(f.raw for f in kept) + separator + body, removed
 
 
 def to_7bit(raw: bytes) -> Rewritten:

@@ -1,46 +1,21 @@
-"""Providers by kind.
+"""Providers: the interface (:mod:`.base`) and the registry of kinds (:mod:`.registry`).
 
-Each provider module exposes ``from_settings(settings, client) -> Provider``.  The
-registry holds import strings, so an adapter and its dependencies are imported only
-when selected (as uvicorn does for its protocols).
+The built-in kinds (outbox, sendgrid, postmark, mailgun, ses) register as entry points
+of the ``esprelay.providers`` group, as any third-party provider does.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Protocol, cast
+from esprelay.providers.base import Built, HttpProvider, Provider, ProviderKind, ProviderSettings
+from esprelay.providers.registry import ProviderConfig, get_kind, registered
 
-import httpx
-
-from esprelay.errors import ConfigError
-from esprelay.providers.base import HttpProvider, Provider
-
-if TYPE_CHECKING:
-    from esprelay.config import Settings
-
-__all__ = ["PROVIDERS", "HttpProvider", "Provider", "build_provider"]
-
-PROVIDERS: dict[str, str] = {
-    "outbox": "esprelay.providers.outbox:from_settings",
-    "postmark": "esprelay.providers.postmark:from_settings",
-    "sendgrid": "esprelay.providers.sendgrid:from_settings",
-    "mailgun": "esprelay.providers.mailgun:from_settings",
-    "ses": "esprelay.providers.ses:from_settings",
-}
-
-
-class _Factory(Protocol):
-    def __call__(self, settings: Settings, client: httpx.AsyncClient) -> Provider: ...
-
-
-def build_provider(settings: Settings, client: httpx.AsyncClient) -> Provider:
-    """The provider selected by ``ESPRELAY_PROVIDER``."""
-    target = PROVIDERS.get(settings.provider)
-    if target is None:
-        raise ConfigError(
-            f"ESPRELAY_PROVIDER: {settings.provider!r} is not available in this version"
-            f" (available: {', '.join(sorted(PROVIDERS))})"
-        )
-    module_name, _, attribute = target.partition(":")
-    factory = cast(_Factory, getattr(importlib.import_module(module_name), attribute))
-    return factory(settings, client)
+__all__ = [
+    "Built",
+    "HttpProvider",
+    "Provider",
+    "ProviderConfig",
+    "ProviderKind",
+    "ProviderSettings",
+    "get_kind",
+    "registered",
+]

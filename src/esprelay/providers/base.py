@@ -5,13 +5,21 @@ says how it went: a :class:`~esprelay.models.SendResult`, or a
 :class:`~esprelay.errors.DeliveryError` (transient or permanent).  Providers never
 retry: the spool owns the one retry mechanism.
 
-HTTP adapters subclass :class:`HttpProvider` and fill in three hooks::
+A kind of provider is a :class:`ProviderKind`: its name, its settings (a
+:class:`ProviderSettings` model, field ``x`` being ``ESPRELAY_<KIND>_X``) and a
+function that builds the provider from them.  Kinds are registered under the
+``esprelay.providers`` entry-point group (:mod:`esprelay.providers.registry`).
 
-    build_request(message) -> httpx.Request       pure: no I/O, testable offline
+HTTP adapters subclass :class:`HttpProvider` and fill in these hooks::
+
+    build_request(message) -> Built               pure: no I/O, testable offline;
+                                                  the request and its warnings
     parse_response(response, message) -> SendResult
     classify_error(response) -> DeliveryError     overridable per ESP quirk
+    authorize(request)                            optional: sign the request (SES)
+    refusal(message) -> str | None                optional: refuse at end of DATA
 
-:meth:`HttpProvider.send` is the fixed template that runs them.
+:meth:`HttpProvider.send` is the fixed template that runs them; no adapter overrides it.
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ import asyncio
 import contextlib
 import email.utils
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
 
 import httpx
 import orjson
+from pydantic import BaseModel, ConfigDict
 
 from esprelay.budget import LARGE_MESSAGE_BUDGET, ByteBudget
 from esprelay.errors import (
@@ -43,6 +53,40 @@ from esprelay.models import OutboundMessage, SendResult
 EXCERPT_LIMIT = 300
 #: Messages up to this size (raw bytes) are turned into requests on the event loop.
 INLINE_BUILD_LIMIT = 64 * 1024
+
+
+class ProviderSettings(BaseModel):
+    """A kind's own settings; field ``x`` is ``ESPRELAY_<KIND>_X`` (or ``x`` in a
+    ``[providers.NAME]`` table of the routes file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    def api_urls(self) -> tuple[str, ...]:
+        """The URLs of the ESP's API this provider talks to (for metrics and checks)."""
+        return ()
+
+
+SettingsT = TypeVar("SettingsT", bound=ProviderSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderKind(Generic[SettingsT]):
+    """A kind of provider, as registered under the ``esprelay.providers`` entry points."""
+
+    name: str
+    settings: type[SettingsT]
+    build: Callable[[SettingsT, httpx.AsyncClient], Provider]
+    #: One line for ``--help`` and error messages.
+    summary: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """What :meth:`HttpProvider.build_request` makes of a message."""
+
+    request: httpx.Request
+    #: What the request could not carry of the message (fidelity losses), for the result.
+    warnings: tuple[str, ...] = ()
 
 
 class Provider(abc.ABC):
@@ -63,6 +107,12 @@ class Provider(abc.ABC):
     async def send(self, message: OutboundMessage) -> SendResult:
         """Deliver ``message`` or raise a DeliveryError."""
 
+    def refusal(self, message: OutboundMessage) -> str | None:
+        """Why this provider could never send ``message`` as it is (a malformed control
+        header, a part it cannot carry...), or None.  Asked at the end of DATA, where a
+        reason becomes ``550 5.6.0``; pure and cheap for the common message."""
+        return None
+
     async def aclose(self) -> None:
         """Release what the provider holds (connections, files)."""
         return None
@@ -81,8 +131,12 @@ class HttpProvider(Provider):
         self.large_messages = ByteBudget(LARGE_MESSAGE_BUDGET)
 
     @abc.abstractmethod
-    def build_request(self, message: OutboundMessage) -> httpx.Request:
-        """The exact request to send for ``message``; pure."""
+    def build_request(self, message: OutboundMessage) -> Built:
+        """The exact request to send for ``message`` and its warnings; pure."""
+
+    async def authorize(self, request: httpx.Request) -> None:
+        """Sign ``request`` just before it is sent (credentials that expire); no-op."""
+        return None
 
     @abc.abstractmethod
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
@@ -98,16 +152,22 @@ class HttpProvider(Provider):
         # message parses in well under a millisecond, less than the hop to a thread
         # costs (bench/README.md), so it is built in place.
         if len(message.raw) <= INLINE_BUILD_LIMIT:
-            request = self.build_request(message)
-            response = await self._exchange(request)
+            built = self.build_request(message)
+            await self.authorize(built.request)
+            response = await self._exchange(built.request)
         else:
             async with self.large_messages.hold(len(message.raw)):
-                request = await asyncio.to_thread(self.build_request, message)
-                response = await self._exchange(request)
-                del request
+                built = await asyncio.to_thread(self.build_request, message)
+                await self.authorize(built.request)
+                response = await self._exchange(built.request)
+        warnings = built.warnings
+        del built
         if not response.is_success:
             raise self.classify_error(response)
-        return self.parse_response(response, message)
+        result = self.parse_response(response, message)
+        if not warnings:
+            return result
+        return SendResult(result.provider_message_id, warnings=warnings + result.warnings)
 
     async def _exchange(self, request: httpx.Request) -> httpx.Response:
         with map_transport_errors(self.name):

@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import httpx
+from pydantic import SecretStr
 
 from esprelay.errors import DeliveryError, ProviderConfigError, RateLimited
 from esprelay.message.rawmime import strip_bcc
 from esprelay.models import OutboundMessage, SendResult
-from esprelay.providers.base import HttpProvider, classify_status, excerpt, parse_retry_after
-
-if TYPE_CHECKING:
-    from pydantic import SecretStr
-
-    from esprelay.config import Settings
+from esprelay.providers.base import (
+    Built,
+    HttpProvider,
+    ProviderKind,
+    ProviderSettings,
+    classify_status,
+    excerpt,
+    parse_retry_after,
+)
 
 #: Mailgun's documented maximum message size (25 MB, MIME as sent).
 MAX_MESSAGE_SIZE = 25 * 1024 * 1024
@@ -60,10 +64,10 @@ class MailgunProvider(HttpProvider):
         self.domain = domain
         self.endpoint = f"{api_url.rstrip('/')}/v3/{quote(domain, safe='')}/messages.mime"
 
-    def build_request(self, message: OutboundMessage) -> httpx.Request:
+    def build_request(self, message: OutboundMessage) -> Built:
         stripped = strip_bcc(message.raw)
         credentials = f"api:{self._api_key.get_secret_value()}".encode()
-        return httpx.Request(
+        request = httpx.Request(
             "POST",
             self.endpoint,
             headers={
@@ -73,9 +77,7 @@ class MailgunProvider(HttpProvider):
             data={"to": list(message.envelope.rcpt_tos)},
             files={"message": ("message.mime", stripped.raw, "message/rfc822")},
         )
-
-    def warnings_for(self, message: OutboundMessage) -> tuple[str, ...]:
-        return strip_bcc(message.raw).warnings
+        return Built(request, stripped.warnings)
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
         body = _json(response)
@@ -88,7 +90,7 @@ class MailgunProvider(HttpProvider):
                 provider=self.name,
                 status_code=response.status_code,
             )
-        return SendResult(provider_message_id=message_id, warnings=self.warnings_for(message))
+        return SendResult(provider_message_id=message_id)
 
     def classify_error(self, response: httpx.Response) -> DeliveryError:
         status = response.status_code
@@ -116,12 +118,21 @@ def _json(response: httpx.Response) -> Any:
         return None
 
 
-def from_settings(settings: Settings, client: httpx.AsyncClient) -> MailgunProvider:
-    assert settings.mailgun_api_key is not None  # checked by Settings
-    assert settings.mailgun_domain is not None
+class MailgunSettings(ProviderSettings):
+    """``ESPRELAY_MAILGUN_*``: the sending domain's API key and the domain."""
+
+    api_key: SecretStr
+    domain: str
+    api_url: str = "https://api.mailgun.net"
+
+    def api_urls(self) -> tuple[str, ...]:
+        return (self.api_url,)
+
+
+def build(settings: MailgunSettings, client: httpx.AsyncClient) -> MailgunProvider:
     return MailgunProvider(
-        client,
-        api_key=settings.mailgun_api_key,
-        domain=settings.mailgun_domain,
-        api_url=settings.mailgun_api_url,
+        client, api_key=settings.api_key, domain=settings.domain, api_url=settings.api_url
     )
+
+
+KIND = ProviderKind("mailgun", MailgunSettings, build, "Mailgun messages.mime (raw MIME)")

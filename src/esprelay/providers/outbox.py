@@ -22,12 +22,10 @@ from typing import TYPE_CHECKING
 
 from esprelay.errors import ProviderConfigError
 from esprelay.models import OutboundMessage, SendResult
-from esprelay.providers.base import Provider
+from esprelay.providers.base import Provider, ProviderKind, ProviderSettings
 
 if TYPE_CHECKING:
     import httpx
-
-    from esprelay.config import Settings
 
 
 class OutboxProvider(Provider):
@@ -103,6 +101,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def from_settings(settings: Settings, client: httpx.AsyncClient) -> OutboxProvider:
+class OutboxSettings(ProviderSettings):
+    """``ESPRELAY_OUTBOX_DIR``: where the messages are written."""
+
+    dir: Path = Path("outbox")
+
+
+def build(settings: OutboxSettings, client: httpx.AsyncClient) -> OutboxProvider:
     del client  # the outbox needs no HTTP
-    return OutboxProvider(settings.outbox_dir)
+    return OutboxProvider(settings.dir)
+
+
+KIND = ProviderKind("outbox", OutboxSettings, build, "write each message to a directory")

@@ -20,7 +20,7 @@ may not send, 1235 unknown message stream).
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from pydantic import SecretStr
@@ -35,16 +35,16 @@ from esprelay.errors import (
 from esprelay.message.mime import Mailbox, ParsedMessage, fallback_filename, parse, summarize
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import (
+    Built,
     HttpProvider,
     PostTarget,
+    ProviderKind,
+    ProviderSettings,
     classify_status,
     excerpt,
     json_body,
     parse_retry_after,
 )
-
-if TYPE_CHECKING:
-    from esprelay.config import Settings
 
 REQUEST_LIMIT = 10_000_000  # bytes, the whole JSON request
 BODY_LIMIT = 5_000_000  # bytes, each of TextBody and HtmlBody
@@ -53,7 +53,6 @@ FIELD_LIMIT = 50  # addresses in each of To, Cc, Bcc (and in all of them togethe
 DROPPED_HEADERS = frozenset({"received", "return-path", "dkim-signature"})
 CONFIG_CODES = frozenset({10, 400, 401, 405, 412, 413, 1235})
 _SPECIALS = set('()<>[]:;@\\,."')
-WARNINGS = "esprelay.warnings"  # request extension that carries warnings to the result
 
 
 def format_address(box: Mailbox) -> str:
@@ -173,7 +172,7 @@ class PostmarkProvider(HttpProvider):
         )
         self.message_stream = message_stream
 
-    def build_request(self, message: OutboundMessage) -> httpx.Request:
+    def build_request(self, message: OutboundMessage) -> Built:
         parsed = parse(message.raw, message.envelope)
         payload, warnings = build_payload(parsed, self.message_stream)
         body = json_body(payload)
@@ -181,10 +180,10 @@ class PostmarkProvider(HttpProvider):
             raise MessageRejected(
                 f"request of {len(body)} bytes exceeds Postmark's 10 MB limit", provider=self.name
             )
-        return self._target.request(body, {WARNINGS: tuple(warnings)})
+        return Built(self._target.request(body), tuple(warnings))
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
-        warnings: tuple[str, ...] = response.request.extensions.get(WARNINGS, ())
+        warnings: tuple[str, ...] = ()
         answer = _json(response)
         if answer is None or "ErrorCode" not in answer:
             raise ProviderConfigError(
@@ -240,11 +239,22 @@ def _json(response: httpx.Response) -> dict[str, Any] | None:
     return answer if isinstance(answer, dict) else None
 
 
-def from_settings(settings: Settings, client: httpx.AsyncClient) -> PostmarkProvider:
-    assert settings.postmark_server_token is not None  # checked by Settings
+class PostmarkSettings(ProviderSettings):
+    """``ESPRELAY_POSTMARK_*``: a server token, and the message stream (Postmark's
+    default, ``outbound``, when unset)."""
+
+    server_token: SecretStr
+    api_url: str = "https://api.postmarkapp.com"
+    message_stream: str | None = None
+
+    def api_urls(self) -> tuple[str, ...]:
+        return (self.api_url,)
+
+
+def build(settings: PostmarkSettings, client: httpx.AsyncClient) -> PostmarkProvider:
     return PostmarkProvider(
-        client,
-        settings.postmark_server_token,
-        settings.postmark_api_url,
-        settings.postmark_message_stream or None,
+        client, settings.server_token, settings.api_url, settings.message_stream or None
     )
+
+
+KIND = ProviderKind("postmark", PostmarkSettings, build, "Postmark /email (JSON)")

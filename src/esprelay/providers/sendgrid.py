@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from pydantic import SecretStr
@@ -29,16 +29,16 @@ from esprelay.errors import (
 from esprelay.message.mime import Mailbox, ParsedMessage, fallback_filename, parse, summarize
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import (
+    Built,
     HttpProvider,
     PostTarget,
+    ProviderKind,
+    ProviderSettings,
     classify_status,
     excerpt,
     json_body,
     parse_retry_after,
 )
-
-if TYPE_CHECKING:
-    from esprelay.config import Settings
 
 REQUEST_LIMIT = 30_000_000  # bytes, the whole JSON request
 #: Headers SendGrid sets itself and refuses in ``headers`` (plus every x-sg-*).
@@ -57,7 +57,6 @@ RESERVED_HEADERS = frozenset(
         "return-path",  # the ESP writes its own bounce address
     }
 )
-WARNINGS = "esprelay.warnings"  # request extension that carries warnings to the result
 
 
 def build_payload(parsed: ParsedMessage) -> tuple[dict[str, Any], list[str]]:
@@ -195,17 +194,17 @@ class SendGridProvider(HttpProvider):
             },
         )
 
-    def build_request(self, message: OutboundMessage) -> httpx.Request:
+    def build_request(self, message: OutboundMessage) -> Built:
         payload, warnings = build_payload(parse(message.raw, message.envelope))
         body = json_body(payload)
         if len(body) >= REQUEST_LIMIT:
             raise MessageRejected(
                 f"request of {len(body)} bytes exceeds SendGrid's 30 MB limit", provider=self.name
             )
-        return self._target.request(body, {WARNINGS: tuple(warnings)})
+        return Built(self._target.request(body), tuple(warnings))
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
-        warnings: tuple[str, ...] = response.request.extensions.get(WARNINGS, ())
+        warnings: tuple[str, ...] = ()
         if response.status_code != 202:
             # SendGrid answers 202 and nothing else; a 200 is some other server.
             raise ProviderConfigError(
@@ -248,6 +247,18 @@ def rate_limit_reset(response: httpx.Response, *, now: float | None = None) -> f
     return parse_retry_after(response.headers.get("retry-after"))
 
 
-def from_settings(settings: Settings, client: httpx.AsyncClient) -> SendGridProvider:
-    assert settings.sendgrid_api_key is not None  # checked by Settings
-    return SendGridProvider(client, settings.sendgrid_api_key, settings.sendgrid_api_url)
+class SendGridSettings(ProviderSettings):
+    """``ESPRELAY_SENDGRID_*``: an API key with Mail Send permission."""
+
+    api_key: SecretStr
+    api_url: str = "https://api.sendgrid.com"
+
+    def api_urls(self) -> tuple[str, ...]:
+        return (self.api_url,)
+
+
+def build(settings: SendGridSettings, client: httpx.AsyncClient) -> SendGridProvider:
+    return SendGridProvider(client, settings.api_key, settings.api_url)
+
+
+KIND = ProviderKind("sendgrid", SendGridSettings, build, "SendGrid v3 Mail Send (JSON)")

@@ -24,7 +24,7 @@ import json
 import re
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from botocore.auth import SigV4Auth
@@ -43,14 +43,14 @@ from esprelay.errors import (
 from esprelay.message.rawmime import strip_bcc, to_7bit
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import (
+    Built,
     HttpProvider,
+    ProviderKind,
+    ProviderSettings,
     classify_status,
     excerpt,
     parse_retry_after,
 )
-
-if TYPE_CHECKING:
-    from esprelay.config import Settings
 
 #: SES counts the message after base64: 40 MB.
 MAX_ENCODED_SIZE = 40 * 1024 * 1024
@@ -140,10 +140,7 @@ class SesProvider(HttpProvider):
         encoded = to_7bit(stripped.raw)
         return encoded.raw, stripped.warnings + encoded.warnings
 
-    def build_request(self, message: OutboundMessage) -> httpx.Request:
-        return self._build(message)[0]
-
-    def _build(self, message: OutboundMessage) -> tuple[httpx.Request, tuple[str, ...]]:
+    def build_request(self, message: OutboundMessage) -> Built:
         raw, warnings = self.prepare(message)
         data = base64.b64encode(raw)
         if len(data) > MAX_ENCODED_SIZE:
@@ -165,22 +162,14 @@ class SesProvider(HttpProvider):
             content=json.dumps(payload).encode(),
             headers={"Content-Type": "application/json"},
         )
-        return request, warnings
+        return Built(request, warnings)
 
     # -- sending --------------------------------------------------------------------
 
-    async def send(self, message: OutboundMessage) -> SendResult:
-        # Re-encoding a large 8-bit message is CPU work: keep it off the SMTP loop.
-        async with self.large_messages.hold(len(message.raw)):
-            request, warnings = await asyncio.to_thread(self._build, message)
-            credentials = await asyncio.to_thread(self._frozen_credentials)
-            sign(request, credentials, self.region)
-            response = await self._exchange(request)
-            del request
-        if not response.is_success:
-            raise self.classify_error(response)
-        result = self.parse_response(response, message)
-        return SendResult(result.provider_message_id, warnings=warnings)
+    async def authorize(self, request: httpx.Request) -> None:
+        """Sign with SigV4 (botocore may refresh the credentials: off the event loop)."""
+        credentials = await asyncio.to_thread(self._frozen_credentials)
+        sign(request, credentials, self.region)
 
     def _frozen_credentials(self) -> ReadOnlyCredentials:
         """Current credentials, refreshed by botocore when they near expiry (blocking)."""
@@ -280,11 +269,24 @@ def _credential_chain() -> Credentials | None:
     return get_session().get_credentials()
 
 
-def from_settings(settings: Settings, client: httpx.AsyncClient) -> SesProvider:
-    assert settings.ses_region is not None  # checked by Settings
+class SesSettings(ProviderSettings):
+    """``ESPRELAY_SES_*``: the region (credentials come from the standard AWS chain)."""
+
+    region: str
+    endpoint_url: str | None = None
+    configuration_set: str | None = None
+
+    def api_urls(self) -> tuple[str, ...]:
+        return (self.endpoint_url or default_endpoint(self.region),)
+
+
+def build(settings: SesSettings, client: httpx.AsyncClient) -> SesProvider:
     return SesProvider(
         client,
-        region=settings.ses_region,
-        endpoint_url=settings.ses_endpoint_url,
-        configuration_set=settings.ses_configuration_set,
+        region=settings.region,
+        endpoint_url=settings.endpoint_url,
+        configuration_set=settings.configuration_set,
     )
+
+
+KIND = ProviderKind("ses", SesSettings, build, "Amazon SES v2 SendEmail (raw MIME)")

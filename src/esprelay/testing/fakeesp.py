@@ -1,4 +1,4 @@
-"""A real HTTP server on loopback that plays an ESP's API for tests.
+"""A real HTTP server on loopback that plays an ESP's API, for tests of providers.
 
 It records every request (method, path, query, headers, body) and answers with
 whatever ``respond(request)`` returns, or the next scripted response.  ESP-specific

@@ -1,0 +1,125 @@
+"""Every built-in HTTP provider passes the shared adapter checks of the test kit
+(``esprelay.testing.conformance``), as a third-party provider's tests would call them."""
+
+from __future__ import annotations
+
+import base64
+import email.policy
+import json
+import sys
+from email.parser import BytesParser
+from email.utils import getaddresses, parseaddr
+from pathlib import Path
+
+import httpx
+import pytest
+from botocore.credentials import Credentials
+from pydantic import SecretStr
+
+from esprelay.providers.base import HttpProvider
+from esprelay.providers.mailgun import MailgunProvider
+from esprelay.providers.postmark import PostmarkProvider
+from esprelay.providers.sendgrid import SendGridProvider
+from esprelay.providers.ses import SesProvider
+from esprelay.testing.conformance import Probe, check_adapter, check_errors
+from esprelay.testing.fakeesp import Recorded
+from tests.providers.test_mailgun import form_fields
+
+
+def _recorded(request: httpx.Request) -> Recorded:
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    return Recorded(request.method, request.url.path, {}, headers, request.read())
+
+
+def _mime_sender(raw: bytes) -> str:
+    return parseaddr(str(BytesParser(policy=email.policy.compat32).parsebytes(raw)["From"]))[1]
+
+
+def _sendgrid() -> tuple[HttpProvider, Probe]:
+    def recipients(request: httpx.Request) -> set[str]:
+        body = json.loads(request.read())
+        return {
+            box["email"]
+            for p in body["personalizations"]
+            for field in ("to", "cc", "bcc")
+            for box in p.get(field, [])
+        }
+
+    provider = SendGridProvider(httpx.AsyncClient(), SecretStr("SG.k"), "http://127.0.0.1:9")
+    return provider, Probe(recipients, lambda r: json.loads(r.read())["from"]["email"])
+
+
+def _postmark() -> tuple[HttpProvider, Probe]:
+    def recipients(request: httpx.Request) -> set[str]:
+        body = json.loads(request.read())
+        values = [body[f] for f in ("To", "Cc", "Bcc") if body.get(f)]
+        return {address for _, address in getaddresses(values)}
+
+    provider = PostmarkProvider(httpx.AsyncClient(), SecretStr("pm"), "http://127.0.0.1:9")
+    return provider, Probe(recipients, lambda r: parseaddr(json.loads(r.read())["From"])[1])
+
+
+def _mailgun() -> tuple[HttpProvider, Probe]:
+    def field(request: httpx.Request, name: str) -> list[bytes]:
+        return [v for n, _, v in form_fields(_recorded(request)) if n == name]
+
+    provider = MailgunProvider(
+        httpx.AsyncClient(), api_key=SecretStr("k"), domain="mg.example.com", api_url="http://x"
+    )
+    return provider, Probe(
+        recipients=lambda r: {v.decode() for v in field(r, "to")},
+        sender=lambda r: _mime_sender(field(r, "message")[0]),
+        shown=lambda r: field(r, "message")[0],
+    )
+
+
+def _ses() -> tuple[HttpProvider, Probe]:
+    def raw(request: httpx.Request) -> bytes:
+        return base64.b64decode(json.loads(request.read())["Content"]["Raw"]["Data"])
+
+    provider = SesProvider(
+        httpx.AsyncClient(),
+        region="eu-west-1",
+        endpoint_url="http://127.0.0.1:9",
+        credentials=lambda: Credentials("AKID", "secret"),
+    )
+    return provider, Probe(
+        recipients=lambda r: set(json.loads(r.read())["Destination"]["ToAddresses"]),
+        sender=lambda r: _mime_sender(raw(r)),
+        shown=raw,
+    )
+
+
+def _example() -> tuple[HttpProvider, Probe]:
+    sys.path.insert(0, str(Path(__file__).parent / "plugin"))
+    try:
+        import esprelay_example_provider as example
+    finally:
+        sys.path.pop(0)
+    settings = example.ExampleSettings(url="http://127.0.0.1:9/send", token=SecretStr("t"))
+    return example.ExampleProvider(httpx.AsyncClient(), settings), Probe(
+        recipients=lambda r: set(json.loads(r.read())["to"]),
+        sender=lambda r: _mime_sender(base64.b64decode(json.loads(r.read())["raw"])),
+        shown=lambda r: base64.b64decode(json.loads(r.read())["raw"]),
+    )
+
+
+ADAPTERS = {
+    "sendgrid": _sendgrid,
+    "postmark": _postmark,
+    "mailgun": _mailgun,
+    "ses": _ses,
+    "example": _example,
+}
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_request_builder_contract(name: str) -> None:
+    provider, probe = ADAPTERS[name]()
+    check_adapter(provider, probe)
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_errors_map_onto_the_tree(name: str) -> None:
+    provider, _ = ADAPTERS[name]()
+    check_errors(provider)
