@@ -30,6 +30,7 @@ from esprelay.routing import Part, RoutingTable
 from esprelay.smtp.replies import (
     DELIVERED_F,
     FAILED_INLINE_F,
+    PROVIDER_REFUSED_F,
     PROVIDER_UNAVAILABLE_F,
     QUEUED_F,
     REJECTED_F,
@@ -101,7 +102,7 @@ class Intake:
         refusal = self._refusal(parts, raw)
         if refusal is not None:
             log.warning("not accepted: client=%s: %s", client.address, refusal)
-            return f"550 5.6.0 {reply_text(refusal)}"
+            return PROVIDER_REFUSED_F.format(reply_text(refusal))
         if self.mode == "passthrough":
             return await self._passthrough(parts, raw, client)
         return await self._queue(parts, raw, client)

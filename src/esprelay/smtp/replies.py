@@ -86,6 +86,8 @@ QUEUED_F = "250 2.0.0 Ok: queued as {}"
 FAILED_INLINE_F = "554 5.0.0 Delivery failed permanently: {}"
 DELIVERED_F = "250 2.0.0 Ok: delivered as {} ({})"
 REJECTED_F = "554 5.0.0 Rejected by the provider: {}"
+#: A provider of the route could never send the message as it is (Provider.refusal).
+PROVIDER_REFUSED_F = "550 5.6.0 {}"
 PROVIDER_UNAVAILABLE_F = "451 4.4.0 Provider unavailable, try again later: {}"
 # endregion
 
