@@ -126,6 +126,7 @@ PLAIN = crlf(
 )
 def test_signed_reason(raw: bytes, reason: str | None) -> None:
     assert signed_reason(raw) == reason
+    assert parse(raw, ENVELOPE) == parse(raw, ENVELOPE, exact=True)
 
 
 def test_signed_reason_is_case_blind_and_reads_the_message_not_the_text() -> None:

@@ -566,3 +566,33 @@ def test_end_to_end_postmark(relay_factory: type[RelayProcess]) -> None:
     (forward,) = payloads["forward"]["Attachments"]
     assert forward["ContentType"] == "message/rfc822"
     assert base64.b64decode(forward["Content"]) == INNER
+
+
+# --- the default path reads all of this as the reference path does -------------------
+
+
+def every_message() -> list[bytes]:
+    out = [OUTLOOK_INVITE, ATTACHED_INVITE, *FIDELITY_MESSAGES.values()]
+    for charset, text in SAMPLES.items():
+        head = (
+            f"Subject: {word(text, charset, 'B')}\r\nFrom: {word(text, charset, 'Q')} <s@x.org>\r\n"
+        )
+        out.append(message(text.encode(charset), ctype=f"text/plain; charset={charset}"))
+        out.append(message(b"hi", head=head.encode()))
+        out.append(
+            message(
+                text.encode(charset),
+                ctype="text/plain",
+                head=b"Subject: " + text.encode(charset) + b"\r\n",
+            )
+        )
+    for data, label, _, _ in WRONG_LABELS.values():
+        out.append(message(data, ctype=f"text/plain; charset={label}" if label else "text/plain"))
+    for headers, _ in FILENAMES.values():
+        out.append(mixed(headers + "\n%PDF\n"))
+    return out
+
+
+def test_default_path_equals_the_reference() -> None:
+    for raw in every_message():
+        assert parse(raw, ENVELOPE) == parse(raw, ENVELOPE, exact=True), raw[:200]
