@@ -596,3 +596,15 @@ def every_message() -> list[bytes]:
 def test_default_path_equals_the_reference() -> None:
     for raw in every_message():
         assert parse(raw, ENVELOPE) == parse(raw, ENVELOPE, exact=True), raw[:200]
+
+
+@adapters
+@pytest.mark.parametrize("cte", ["base64", "quoted-printable"])
+def test_forwarded_message_in_a_transfer_encoding(send: Callable[[bytes], Sent], cte: str) -> None:
+    # RFC 2046 forbids it on message/rfc822, but some clients forward so.
+    part = (
+        f"Content-Type: message/rfc822\nContent-Transfer-Encoding: {cte}\n"
+        "Content-Disposition: attachment; filename=original.eml\n\n"
+    ).encode() + encode_body(INNER, cte)
+    sent = send(mixed(part))
+    assert [(n, d) for n, _, d in sent.attachments] == [("original.eml", INNER)]

@@ -893,7 +893,17 @@ def _message_bytes(part: Message, warnings: list[str]) -> bytes:
         warnings.append("an attached message could not be re-serialised; sent empty")
         return b""
     _head, sep, body = data.partition(b"\r\n\r\n")
-    return body if sep else b""
+    if not sep:
+        return b""
+    cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+    if cte in ("base64", "quoted-printable"):
+        # Not allowed on message/* (RFC 2046), but some clients forward so: the parser
+        # read the encoded text as the message; decode it as a leaf part's payload.
+        encoded = Message()
+        encoded["Content-Transfer-Encoding"] = cte
+        encoded.set_payload(body.decode("ascii", "surrogateescape"))
+        return _payload(encoded)
+    return body
 
 
 def _text(part: Message, warnings: list[str], hint: Hint = None) -> str:
