@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     smtp_max_session_seconds: Seconds = 1800.0
     repair_headers: bool = True
     force_from: str | None = None
+    #: A signed or encrypted message (S/MIME, PGP/MIME) for a provider that rebuilds
+    #: messages from fields (SendGrid, Postmark): refused at the end of DATA, or sent
+    #: with the signature lost and a warning (esprelay.message.mime.signed_reason).
+    signed_messages: Literal["refuse", "warn"] = "refuse"
 
     # Provider selection: a registered kind (esprelay.providers.registry), whose own
     # settings are ESPRELAY_<KIND>_* (its ProviderSettings model)

@@ -27,16 +27,19 @@ never carried as a visible header.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import email.policy
+import io
 import mimetypes
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.header import decode_header, make_header
+from email.generator import BytesGenerator
+from email.header import decode_header
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
-from email.utils import getaddresses
+from email.utils import collapse_rfc2231_value, getaddresses
 
 from esprelay.message import fastheaders
 from esprelay.message.header import items as header_items
@@ -65,7 +68,10 @@ _PARSER = BytesParser(policy=email.policy.default)
 #: A message's raw header fields (name, value) in order, and by lower-cased name.
 Items = list[tuple[str, str]]
 Index = dict[str, list[str]]
+#: Names the message's charset when asked (see :class:`_Legacy`).
+Hint = Callable[[], str | None] | None
 _CHEAP_PARSER = BytesParser(policy=fastheaders.cheap)
+_AS_RECEIVED = email.policy.compat32.clone(linesep="\r\n", max_line_length=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,8 @@ class Attachment:
     filename: str | None
     content_id: str | None
     inline: bool
+    #: Content-Type parameters but name and boundary, in order: ``(("method", "REQUEST"),)``.
+    params: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,12 +162,16 @@ def _parse(raw: bytes, envelope: Envelope, *, fast: bool) -> ParsedMessage:
     # fields from a message the intake made unambiguous; tests/test_message_header.py).
     items = header_items(raw, read_header(raw))
 
-    def walk() -> tuple[str | None, str | None, tuple[Attachment, ...]]:
-        walker = _Walker(warnings, fast)
+    index = _index(items)
+
+    def walk(legacy: _Legacy) -> tuple[str | None, str | None, tuple[Attachment, ...]]:
+        walker = _Walker(warnings, fast, legacy)
         walker.walk(msg, 0)
         return walker.text, walker.html, tuple(walker.attachments)
 
-    return _assemble(items, _index(items), envelope, warnings, fast, walk)
+    return _assemble(
+        items, index, envelope, warnings, fast, walk, lambda: _message_charset(msg, index)
+    )
 
 
 def _assemble(
@@ -168,20 +180,23 @@ def _assemble(
     envelope: Envelope,
     warnings: list[str],
     fast: bool,
-    walk: Callable[[], tuple[str | None, str | None, tuple[Attachment, ...]]],
+    walk: Callable[[_Legacy], tuple[str | None, str | None, tuple[Attachment, ...]]],
+    charset: Callable[[], str | None],
 ) -> ParsedMessage:
     """The parsed view from the top-level raw headers and ``walk()``, which reads the
-    bodies (after the recipients, so that the warnings keep their order)."""
-    subject = _single(index, "subject", warnings, fast)
-    from_ = _from_address(index, envelope, warnings, fast)
-    reply_to = _addresses(index, "reply-to", warnings, fast)
-    to = _addresses(index, "to", warnings, fast)
-    cc = _addresses(index, "cc", warnings, fast)
+    bodies (after the recipients, so that the warnings keep their order).  ``charset()``
+    names the message's charset, for text that has none of its own (:class:`_Legacy`)."""
+    legacy = _Legacy(warnings, charset)
+    subject = _single(index, "subject", warnings, fast, legacy)
+    from_ = _from_address(index, envelope, warnings, fast, legacy)
+    reply_to = _addresses(index, "reply-to", warnings, fast, legacy)
+    to = _addresses(index, "to", warnings, fast, legacy)
+    cc = _addresses(index, "cc", warnings, fast, legacy)
     recipients = reconcile(to, cc, envelope.rcpt_tos, warnings)
 
-    text, html, attachments = walk()
+    text, html, attachments = walk(legacy)
 
-    headers = _other_headers(items, warnings, fast)
+    headers = _other_headers(items, warnings, fast, legacy)
     lookup = {name.lower(): value for name, value in reversed(headers)}
     return ParsedMessage(
         subject=subject,
@@ -272,13 +287,16 @@ def _parse_single_text(raw: bytes, envelope: Envelope) -> ParsedMessage | None:
 
     warnings: list[str] = []
 
-    def body() -> tuple[str | None, str | None, tuple[Attachment, ...]]:
-        decoded = _decode_text(data, charset, warnings)
+    def body(legacy: _Legacy) -> tuple[str | None, str | None, tuple[Attachment, ...]]:
+        decoded = _decode_text(data, charset, warnings, legacy.charset)
         if ctype == "text/html":
             return None, decoded, ()
         return decoded, None, ()
 
-    return _assemble(items, index, envelope, warnings, True, body)
+    def message_charset() -> str | None:
+        return charset if _legacy_charset(charset) else _words_charset(index)
+
+    return _assemble(items, index, envelope, warnings, True, body, message_charset)
 
 
 # --- recipients -----------------------------------------------------------------
@@ -337,35 +355,152 @@ def clean(value: str) -> str:
     return _CONTROL.sub("", _FOLD.sub(" ", value)).strip()
 
 
-def _legacy_text(raw: str) -> str:
-    """A raw value's 8-bit bytes (kept as surrogates) read as UTF-8, else as cp1252."""
-    data = raw.encode("utf-8", "surrogateescape")
+_WORD_CHARSET = re.compile(r"=\?([^?*]+)(?:\*[^?]*)?\?[bBqQ]\?")
+_CHARSET_HEADERS = ("subject", "from", "to", "cc", "reply-to")
+
+
+def _legacy_charset(charset: str | None) -> bool:
+    """A charset that is neither ASCII nor UTF-8 (one worth guessing with)."""
+    return codec_name(charset) not in (None, "ascii", "utf-8")
+
+
+def _words_charset(index: Index) -> str | None:
+    """The first legacy charset named by an encoded word in the main header fields."""
+    for name in _CHARSET_HEADERS:
+        for raw in index.get(name, ()):
+            for match in _WORD_CHARSET.finditer(raw):
+                if _legacy_charset(match[1]):
+                    return match[1].lower()
+    return None
+
+
+def _message_charset(msg: Message, index: Index) -> str | None:
+    """The message's charset, for text without a usable one of its own: the first
+    legacy charset a text part declares, else one its header's encoded words use."""
+    with contextlib.suppress(Exception):
+        for part in msg.walk():
+            if part.get_content_maintype() == "text":
+                charset = part.get_content_charset()
+                if _legacy_charset(charset):
+                    return charset
+    return _words_charset(index)
+
+
+class _Legacy:
+    """Where header decoding records its guesses, and the charset it guesses with: the
+    message's own (:func:`_message_charset`), asked for only when a header needs it."""
+
+    __slots__ = ("_charset", "_hint", "warnings")
+
+    def __init__(self, warnings: list[str], hint: Callable[[], str | None] | None = None) -> None:
+        self.warnings = warnings
+        self._hint = hint
+        self._charset: str | None = None
+
+    def charset(self) -> str | None:
+        if self._hint is not None:
+            self._charset, self._hint = self._hint(), None
+        return self._charset
+
+
+def _legacy_bytes(data: bytes, legacy: _Legacy, what: str) -> str:
+    """Header bytes that are not all ASCII: UTF-8 (RFC 6532) if they are, else the
+    message's charset, else windows-1252; a guess is recorded."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        return data.decode("cp1252", "replace")
+        pass
+    charset = legacy.charset()
+    codec = codec_name(charset)
+    if codec not in (None, "utf-8", "ascii"):
+        with contextlib.suppress(UnicodeDecodeError):
+            text = data.decode(codec)
+            legacy.warnings.append(
+                f"{what} has 8-bit bytes that are not UTF-8; read as {charset},"
+                " the charset of the message's text"
+            )
+            return text
+    legacy.warnings.append(f"{what} has 8-bit bytes that are not UTF-8; read as windows-1252")
+    return data.decode("cp1252", "replace")
 
 
-def _decode_raw(name: str, raw: str, fast: bool = False) -> str:
-    """A header's decoded value, tolerating legacy 8-bit (non-UTF-8) bytes."""
+def _jis(raw: str, legacy: _Legacy, what: str) -> str:
+    """Raw ISO-2022-JP (escape sequences, common in old Japanese mail headers) decoded."""
+    if "\x1b" not in raw or not raw.isascii():
+        return raw
+    for codec in ("iso2022_jp", "iso2022_jp_2", "iso2022_jp_ext", "iso2022_jp_3"):
+        with contextlib.suppress(UnicodeDecodeError):
+            text = raw.encode("ascii").decode(codec)
+            legacy.warnings.append(f"{what} has raw ISO-2022-JP text; decoded as {codec}")
+            return text
+    return raw
+
+
+def _legacy_text(raw: str, legacy: _Legacy, what: str) -> str:
+    """A raw value's 8-bit bytes (kept as surrogates) decoded (:func:`_legacy_bytes`)."""
+    if raw.isascii():
+        return _jis(raw, legacy, what)
+    return _legacy_bytes(raw.encode("utf-8", "surrogateescape"), legacy, what)
+
+
+def _redecode_words(text: str, legacy: _Legacy, what: str, *, phrase: bool = False) -> str | None:
+    """``text`` with its encoded words decoded by :func:`_decode_text` (a label's larger
+    table, UTF-8 under a wrong label...), for a value whose standard decoding left
+    replacement characters or C1 controls; None if it has no encoded word.  With
+    ``phrase`` each decoded word is quoted, so that it stays one display name."""
+    try:
+        chunks = decode_header(text)
+    except Exception:
+        return None
+    if not any(charset for _, charset in chunks):
+        return None
+    out: list[str] = []
+    notes: list[str] = []
+    for data, charset in chunks:
+        if isinstance(data, str):
+            out.append(data)
+            continue
+        if charset is None or charset == "unknown-8bit":
+            out.append(data.decode("ascii", "replace"))
+            continue
+        word = _decode_text(data, charset, notes, what=f"an encoded word in {what}")
+        if phrase:
+            word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        out.append(word)
+    legacy.warnings.extend(dict.fromkeys(notes))
+    return "".join(out)
+
+
+def _decode_raw(name: str, raw: str, fast: bool = False, legacy: _Legacy | None = None) -> str:
+    """A header's decoded value, tolerating legacy 8-bit (non-UTF-8) bytes, raw
+    ISO-2022-JP and encoded words in a charset other than the one they name."""
     value: str | None
     try:
         if fast:
             value = fastheaders.header_str(name, raw)
-            if raw.isascii():  # no undecodable bytes (surrogates): no legacy repair
-                return clean(value)
+            if raw.isascii() and "\x1b" not in raw and ("=?" not in raw or _sound(value)):
+                return clean(value)  # nothing undecodable: no repair
         else:
             value = str(email.policy.default.header_fetch_parse(name, raw))
     except Exception:
         value = None
+    if legacy is None:
+        legacy = _Legacy([])
     legacy_8bit = any("\udc80" <= c <= "\udcff" for c in raw)  # undecodable raw bytes
-    if value is None or ("\ufffd" in value and legacy_8bit):
-        text = _legacy_text(raw)
-        if value is None and "=?" in text:
-            with contextlib.suppress(Exception):
-                text = str(make_header(decode_header(text)))
+    if value is None or "\x1b" in raw or ("\ufffd" in value and legacy_8bit):
+        what = name.title()
+        text = _legacy_text(raw, legacy, what)
+        if "=?" in text:
+            text = _redecode_words(_FOLD.sub(" ", text), legacy, what) or text
         value = text
+    elif "=?" in raw and not _sound(value):
+        value = _redecode_words(_FOLD.sub(" ", raw), legacy, name.title()) or value
     return clean(value)
+
+
+def _sound(value: str) -> bool:
+    """No sign of a charset misread in a decoded value."""
+    return _MISREAD.search(value) is None
 
 
 def _index(items: Items) -> Index:
@@ -376,20 +511,39 @@ def _index(items: Items) -> Index:
     return index
 
 
-def _single(index: Index, name: str, warnings: list[str], fast: bool) -> str | None:
+def _single(
+    index: Index, name: str, warnings: list[str], fast: bool, legacy: _Legacy | None = None
+) -> str | None:
     values = index.get(name)
     if not values:
         return None
     if len(values) > 1:
         warnings.append(f"{len(values)} {name.title()} headers; the first one is used")
-    return _decode_raw(name, values[0], fast)
+    return _decode_raw(name, values[0], fast, legacy)
 
 
-def _addresses(index: Index, name: str, warnings: list[str], fast: bool) -> tuple[Mailbox, ...]:
+def _addresses(
+    index: Index, name: str, warnings: list[str], fast: bool, legacy: _Legacy | None = None
+) -> tuple[Mailbox, ...]:
+    """The mailboxes of the ``name`` fields.  Which addresses there are never depends
+    on a guessed charset (the sender rules read From with :func:`mailboxes`, without
+    one): 8-bit bytes that are not UTF-8 are parsed one character per byte, and only
+    the display names are then decoded with the message's charset."""
+    if legacy is None:
+        legacy = _Legacy(warnings)
+    what = name.title() if name != "reply-to" else "Reply-To"
     boxes: list[Mailbox] = []
     for raw in index.get(name, ()):
+        legacy_names = False
         if not raw.isascii():
-            raw = _legacy_text(raw)  # UTF-8 (or legacy 8-bit) names and addresses
+            data = raw.encode("utf-8", "surrogateescape")
+            try:
+                raw = data.decode("utf-8")  # UTF-8 names and addresses (RFC 6532)
+            except UnicodeDecodeError:
+                raw = data.decode("latin-1")  # reversible: names are decoded below
+                legacy_names = True
+        elif "\x1b" in raw:
+            raw = _jis(raw, legacy, what)
         simple = fastheaders.simple_addresses(raw) if fast else None
         if simple is not None:
             pairs = simple
@@ -402,11 +556,30 @@ def _addresses(index: Index, name: str, warnings: list[str], fast: bool) -> tupl
                 pairs = [(a.display_name, a.addr_spec) for a in header.addresses if a.username]
             except Exception:
                 pairs = getaddresses([_decode_raw("x-address", raw, fast)])
+            if "=?" in raw and not all(_sound(display) for display, _ in pairs):
+                pairs = _redecoded_addresses(raw, legacy, what) or pairs
         for display, addr in pairs:
             addr = clean(addr)
             if addr and addr != "<>":
+                if legacy_names and not display.isascii():
+                    display = _legacy_bytes(display.encode("latin-1"), legacy, f"a {what} name")
                 boxes.append(Mailbox(clean(display), addr))
     return tuple(boxes)
+
+
+def _redecoded_addresses(raw: str, legacy: _Legacy, what: str) -> list[tuple[str, str]] | None:
+    """The mailboxes of an address field whose encoded words name the wrong charset."""
+    notes = _Legacy([])
+    text = _redecode_words(_FOLD.sub(" ", raw), notes, what, phrase=True)
+    if text is None:
+        return None
+    try:
+        header = email.policy.default.header_fetch_parse("to", text)
+        pairs = [(a.display_name, a.addr_spec) for a in header.addresses if a.username]
+    except Exception:
+        return None
+    legacy.warnings.extend(notes.warnings)
+    return pairs
 
 
 def header_index(raw: bytes) -> Index:
@@ -420,9 +593,9 @@ def mailboxes(index: Index, name: str) -> tuple[Mailbox, ...]:
 
 
 def _from_address(
-    index: Index, envelope: Envelope, warnings: list[str], fast: bool
+    index: Index, envelope: Envelope, warnings: list[str], fast: bool, legacy: _Legacy | None = None
 ) -> Mailbox | None:
-    boxes = [b for b in _addresses(index, "from", warnings, fast) if "@" in b.addr]
+    boxes = [b for b in _addresses(index, "from", warnings, fast, legacy) if "@" in b.addr]
     if len(boxes) > 1:
         warnings.append(f"{len(boxes)} From addresses; only the first one is sent")
     if boxes:
@@ -433,7 +606,9 @@ def _from_address(
     return None
 
 
-def _other_headers(items: Items, warnings: list[str], fast: bool) -> tuple[tuple[str, str], ...]:
+def _other_headers(
+    items: Items, warnings: list[str], fast: bool, legacy: _Legacy | None = None
+) -> tuple[tuple[str, str], ...]:
     out: list[tuple[str, str]] = []
     bad: list[str] = []
     for name, raw in items:
@@ -443,7 +618,7 @@ def _other_headers(items: Items, warnings: list[str], fast: bool) -> tuple[tuple
         if not _HEADER_NAME.match(name):
             bad.append("a header with an invalid name")
             continue
-        value = _decode_raw(name, raw, fast)
+        value = _decode_raw(name, raw, fast, legacy)
         if not value:
             bad.append(f"empty {name}")
             continue
@@ -457,43 +632,51 @@ def _other_headers(items: Items, warnings: list[str], fast: bool) -> tuple[tuple
 
 
 class _Walker:
-    def __init__(self, warnings: list[str], fast: bool) -> None:
+    def __init__(self, warnings: list[str], fast: bool, legacy: _Legacy | None = None) -> None:
         self.warnings = warnings
         self.fast = fast
+        self.legacy = legacy if legacy is not None else _Legacy(warnings)
         self.text: str | None = None
         self.html: str | None = None
         self.attachments: list[Attachment] = []
+        self.secured = False
 
     def walk(self, part: Message, depth: int) -> None:
         if depth > MAX_DEPTH:
             self.warnings.append(f"MIME nested deeper than {MAX_DEPTH} levels; the rest dropped")
             return
         maintype = part.get_content_maintype()
+        reason = secured_reason(part, depth)
+        if reason is not None and not self.secured:
+            self.secured = True
+            self.warnings.append(_secured_warning(reason))
         if part.is_multipart():
             if maintype == "message":  # an attached message (rfc822, delivery-status...)
                 self._attach(part, _message_bytes(part, self.warnings))
                 return
             payload = part.get_payload()
             assert isinstance(payload, list)
+            if reason is not None and part.get_content_subtype() == "signed":
+                payload = payload[:1]  # the signature cannot verify any more: not sent
             for sub in payload:
                 if isinstance(sub, Message):
                     self.walk(sub, depth + 1)
             return
         if maintype == "multipart":
             self.warnings.append("multipart part without a usable boundary; sent as plain text")
-            self._body("text/plain", _text(part, self.warnings))
+            self._body("text/plain", _text(part, self.warnings, self.legacy.charset))
             return
         ctype = part.get_content_type()
         disposition = _disposition(part)
         if (
             ctype in ("text/plain", "text/html")
             and disposition != "attachment"
-            and not _filename(part)
+            and not _filename(part, self.legacy)
         ):
             if (ctype == "text/plain" and self.text is None) or (
                 ctype == "text/html" and self.html is None
             ):
-                self._body(ctype, _text(part, self.warnings))
+                self._body(ctype, _text(part, self.warnings, self.legacy.charset))
                 return
             self.warnings.append(f"a second {ctype} body is sent as an attachment")
         self._attach(part, _payload(part))
@@ -512,9 +695,10 @@ class _Walker:
             Attachment(
                 content=content,
                 content_type=part.get_content_type(),
-                filename=_filename(part),
+                filename=_filename(part, self.legacy),
                 content_id=cid,
                 inline=inline,
+                params=_params(part),
             )
         )
 
@@ -526,17 +710,154 @@ def _disposition(part: Message) -> str | None:
         return None
 
 
-def _filename(part: Message) -> str | None:
+def _filename(part: Message, legacy: _Legacy) -> str | None:
+    """The part's filename: RFC 2231 (continuations, charset, language) as the email
+    package reads it, RFC 2047 words (wrong in a parameter, but common) and raw 8-bit
+    bytes decoded like header text."""
     try:
         name = part.get_filename()
     except Exception:
         name = None
     if not name:
         return None
-    if "=?" in name:  # RFC 2047 inside a parameter: wrong, but common
-        with contextlib.suppress(Exception):
-            name = str(make_header(decode_header(name)))
+    if not _sound(name):
+        name = _legacy_filename(part, legacy) or name
+    if "=?" in name:
+        name = _redecode_words(name, legacy, "a filename") or name
     return clean(name) or None
+
+
+def _legacy_filename(part: Message, legacy: _Legacy) -> str | None:
+    """A filename the standard reading garbled: raw 8-bit bytes (decoded like 8-bit
+    header text) or encoded words naming the wrong charset (:func:`_redecode_words`)."""
+    for header, param in (("content-disposition", "filename"), ("content-type", "name")):
+        for key, raw in part.raw_items():
+            if key.lower() != header:
+                continue
+            if not raw.isascii():
+                text = _legacy_text(_FOLD.sub(" ", raw), legacy, "a filename")
+                with contextlib.suppress(Exception):
+                    value = email.policy.default.header_fetch_parse(header, text).params.get(param)
+                    if value:
+                        return str(value)
+            elif "=?" in raw:
+                # The parameter as written (compat32 leaves encoded words alone).
+                written = Message()
+                written[header] = _FOLD.sub(" ", raw)
+                value = collapse_rfc2231_value(written.get_param(param, header=header) or "")
+                if "=?" in value:
+                    return _redecode_words(value, legacy, "a filename")
+    return None
+
+
+#: Content-Type parameters that are not the part's own: its name travels as the
+#: filename, a boundary is MIME structure the ESP writes itself.
+_NOT_PARAMS = frozenset({"name", "boundary"})
+
+
+def _params(part: Message) -> tuple[tuple[str, str], ...]:
+    """The Content-Type parameters of a part (charset, method, ...), but name and boundary."""
+    out: list[tuple[str, str]] = []
+    with contextlib.suppress(Exception):
+        for key, value in (part.get_params(header="content-type") or [])[1:]:
+            key = key.strip().lower()
+            text = clean(collapse_rfc2231_value(value))
+            if key and key not in _NOT_PARAMS and text and text.isascii():
+                out.append((key, text))
+    return tuple(out)
+
+
+_PARAM_TOKEN = re.compile(r"[!#$%&'*+.0-9A-Z^_`a-z{|}~-]+")
+
+
+def full_content_type(attachment: Attachment, keep: Callable[[str], bool] | None = None) -> str:
+    """``type/subtype; name=value...`` with the attachment's parameters (those ``keep``
+    accepts), each value a token or a quoted string (RFC 2045)."""
+    out = [attachment.content_type]
+    for key, value in attachment.params:
+        if keep is not None and not keep(key):
+            continue
+        if not _PARAM_TOKEN.fullmatch(value):
+            value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        out.append(f"{key}={value}")
+    return "; ".join(out)
+
+
+def attachment_text(attachment: Attachment, warnings: list[str]) -> str:
+    """A text attachment's content as text, by its charset parameter."""
+    charset = dict(attachment.params).get("charset")
+    return _decode_text(attachment.content, charset, warnings, what=attachment.content_type)
+
+
+# --- signed and encrypted messages -------------------------------------------------
+
+#: Content types of which one must appear (in any case) for a message to be signed or
+#: encrypted; looking for them in the lower-cased bytes costs about 2.5 ms per MB.
+_SECURED_TYPES = (b"multipart/signed", b"multipart/encrypted", b"pkcs7-mime")
+
+
+def secured_reason(part: Message, depth: int = 0) -> str | None:
+    """What makes ``part`` signed or encrypted MIME (RFC 1847, S/MIME, PGP/MIME), or
+    None.  An ``application/pkcs7-mime`` part counts only as the message itself
+    (deeper, it is an attached file)."""
+    ctype = part.get_content_type()
+    if ctype in ("multipart/signed", "multipart/encrypted"):
+        protocol = str(part.get_param("protocol") or "").lower()
+        if "pkcs7" in protocol:
+            kind = "S/MIME"
+        elif "pgp" in protocol:
+            kind = "PGP/MIME"
+        else:
+            kind = "MIME"
+        what = "signed" if ctype == "multipart/signed" else "encrypted"
+        return f"{kind}-{what} ({ctype}; protocol={clean(protocol)[:60] or 'none'})"
+    if depth == 0 and ctype in ("application/pkcs7-mime", "application/x-pkcs7-mime"):
+        smime = str(part.get_param("smime-type") or "").lower()
+        what = {"signed-data": "signed", "enveloped-data": "encrypted"}.get(
+            smime, "signed or encrypted"
+        )
+        return f"S/MIME-{what} ({ctype}; smime-type={clean(smime)[:40] or 'none'})"
+    return None
+
+
+def _secured_warning(reason: str) -> str:
+    if "-signed (multipart/signed" in reason:
+        outcome = "the content is sent unsigned and the signature part is not sent"
+    else:
+        outcome = "its parts are sent as attachments and no client will read them as such"
+    return (
+        f"the message is {reason}: rebuilding it for a JSON API breaks that, so {outcome}"
+        " (ESPRELAY_SIGNED_MESSAGES=warn; a raw-MIME provider keeps it intact)"
+    )
+
+
+def signed_reason(raw: bytes) -> str | None:
+    """Why ``raw`` cannot go through a JSON API unharmed (it is signed or encrypted
+    MIME: ``"S/MIME-signed (multipart/signed; protocol=application/pkcs7-signature)"``),
+    or None.  Pure; a message without such a content type anywhere costs one scan.
+    An attached message (``message/rfc822``) that is signed is kept whole and does not
+    count."""
+    lowered = raw.lower()
+    if not any(name in lowered for name in _SECURED_TYPES):
+        return None
+    try:
+        msg = _CHEAP_PARSER.parsebytes(raw)
+    except Exception:
+        return None
+    return _find_secured(msg, 0)
+
+
+def _find_secured(part: Message, depth: int) -> str | None:
+    reason = secured_reason(part, depth)
+    if reason is not None or depth >= MAX_DEPTH:
+        return reason
+    if part.get_content_maintype() == "multipart" and part.is_multipart():
+        for sub in part.get_payload():
+            if isinstance(sub, Message):
+                reason = _find_secured(sub, depth + 1)
+                if reason is not None:
+                    return reason
+    return None
 
 
 def _content_id(part: Message, fast: bool) -> str | None:
@@ -561,45 +882,220 @@ def _payload(part: Message) -> bytes:
 
 
 def _message_bytes(part: Message, warnings: list[str]) -> bytes:
-    """The body of a message/* part (an attached message), serialised."""
+    """The body of a message/* part (an attached message), serialised as it came:
+    compat32 writes each header as received (no refolding, 8-bit bytes kept), so a
+    forwarded message keeps its exact header lines (and any DKIM signature holds)."""
+    buffer = io.BytesIO()
     try:
-        data = part.as_bytes(policy=email.policy.default.clone(linesep="\r\n"))
+        BytesGenerator(buffer, mangle_from_=False, policy=_AS_RECEIVED).flatten(part)
+        data = buffer.getvalue()
     except Exception:
         warnings.append("an attached message could not be re-serialised; sent empty")
         return b""
     _head, sep, body = data.partition(b"\r\n\r\n")
-    return body if sep else b""
+    if not sep:
+        return b""
+    cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+    if cte in ("base64", "quoted-printable"):
+        # Not allowed on message/* (RFC 2046), but some clients forward so: the parser
+        # read the encoded text as the message; decode it as a leaf part's payload.
+        encoded = Message()
+        encoded["Content-Transfer-Encoding"] = cte
+        encoded.set_payload(body.decode("ascii", "surrogateescape"))
+        return _payload(encoded)
+    return body
 
 
-def _text(part: Message, warnings: list[str]) -> str:
+def _text(part: Message, warnings: list[str], hint: Hint = None) -> str:
     data = _payload(part)
     charset = None
     with contextlib.suppress(Exception):
         charset = part.get_content_charset()
-    return _decode_text(data, charset, warnings)
+    return _decode_text(data, charset, warnings, hint)
 
 
-def _decode_text(data: bytes, charset: str | None, warnings: list[str]) -> str:
-    """A text part's bytes as text, by its declared (lower-cased) charset if any."""
-    if charset:
+# --- charsets ---------------------------------------------------------------------
+
+#: Charset labels seen in mail that Python's codecs do not know, and the codec meant.
+_LABELS = {
+    "iso-8859-6-i": "iso8859-6",
+    "iso-8859-6-e": "iso8859-6",
+    "iso-8859-8-i": "iso8859-8",
+    "iso-8859-8-e": "iso8859-8",
+    "windows-874": "cp874",
+    "x-sjis": "cp932",
+    "windows-31j": "cp932",
+    "x-euc-jp": "euc_jp",
+    "x-gbk": "gbk",
+    "x-mac-roman": "mac-roman",
+    "x-mac-cyrillic": "mac-cyrillic",
+    "x-mac-greek": "mac-greek",
+    "x-mac-turkish": "mac-turkish",
+    "x-mac-ce": "mac-latin2",
+    "cp-1252": "cp1252",
+}
+#: Codecs that are no charset, whatever a label says (they would rewrite the text).
+_NOT_CHARSETS = frozenset({"unicode_escape", "raw_unicode_escape", "idna", "punycode"})
+#: What mail clients really decode a label as when its own table fails (the WHATWG
+#: Encoding Standard maps these labels to the larger table; Windows wrote them so):
+#: curly quotes and the euro sign in "iso-8859-1", GBK in "gb2312", Windows-31J in
+#: "shift_jis", the extended ISO-2022-JP sets (NEC and IBM characters), and so on.
+_SUPERSETS: dict[str, tuple[str, ...]] = {
+    "ascii": ("utf-8", "cp1252"),
+    "iso8859-1": ("cp1252",),
+    "iso8859-9": ("cp1254",),
+    "iso8859-11": ("cp874",),
+    "tis-620": ("cp874",),
+    "gb2312": ("gbk", "gb18030"),
+    "gbk": ("gb18030",),
+    "shift_jis": ("cp932",),
+    "euc_jp": ("euc_jis_2004",),
+    "euc_kr": ("cp949",),
+    "big5": ("big5hkscs", "cp950"),
+    "iso2022_jp": ("iso2022_jp_2", "iso2022_jp_ext", "iso2022_jp_3"),
+}
+#: Codecs where every byte decodes to something, so a wrong label gives no error.
+_ANY_BYTE = frozenset(
+    {f"iso8859-{n}" for n in (1, 2, 4, 5, 9, 10, 13, 14, 15, 16)}
+    | {f"cp125{n}" for n in range(9)}
+    | {"koi8-r", "koi8-u", "mac-roman", "cp437", "cp850", "cp866"}
+)
+#: Codecs that read ASCII bytes as ASCII (not UTF-16, UTF-7, ISO-2022, EBCDIC...).
+_ASCII_SAFE = (
+    _ANY_BYTE
+    | {f"iso8859-{n}" for n in range(1, 17)}
+    | {"ascii", "utf-8", "tis-620", "cp874", "cp932", "cp949", "cp950", "big5hkscs"}
+    | {k for k in _SUPERSETS if not k.startswith("iso2022")}
+)
+#: C1 control characters: what windows-1252 text gives when read as ISO-8859-1.
+_C1 = re.compile("[\x80-\x9f]")
+#: What a decoded header value holds when a charset did not fit: replacement
+#: characters, undecodable bytes (surrogates) or C1 controls.
+_MISREAD = re.compile("[\x80-\x9f\ufffd\udc80-\udcff]")
+
+
+def codec_name(label: str | None) -> str | None:
+    """Python's codec for a MIME charset label, or None when there is none."""
+    if not label:
+        return None
+    label = label.strip().strip('"').lower()
+    try:
+        name = codecs.lookup(_LABELS.get(label, label)).name
+    except (LookupError, ValueError):
+        return None
+    if name in _NOT_CHARSETS:
+        return None
+    return name
+
+
+def _decode_text(
+    data: bytes,
+    charset: str | None,
+    warnings: list[str],
+    hint: Hint = None,
+    *,
+    what: str = "a text part",
+) -> str:
+    """A text part's bytes as text, by its declared (lower-cased) charset if any.
+
+    The best reading wins and any guess is named in ``warnings``: a label's larger
+    table when its own fails (gb2312 text with GBK characters), UTF-8 under a label
+    that would read it as mojibake without an error (UTF-8 declared ISO-8859-1),
+    windows-1252 for C1 controls under ISO-8859-1, ISO-2022-JP escapes under no or an
+    ASCII label, and for 8-bit text without a usable label the message's other
+    charset (``hint()``), else windows-1252.
+    """
+    codec = codec_name(charset)
+    if data.isascii() and (codec is None or codec in _ASCII_SAFE):
+        if b"\x1b" in data:
+            return _iso2022(data, charset, warnings, what)
+        return data.decode("ascii")  # the same in every charset of _ASCII_SAFE
+    label = clean(charset)[:40] if charset else None
+    if charset and codec is None:
+        warnings.append(f"unknown charset {label!r} in {what}")
+    if codec is not None:
         try:
-            return data.decode(charset)
-        except LookupError:
-            warnings.append(f"unknown charset {clean(charset)[:40]!r} in a text part")
-            charset = None
+            text = data.decode(codec)
         except UnicodeDecodeError:
             pass
+        else:
+            if codec in _ANY_BYTE:
+                return _any_byte(data, text, codec, label, warnings, what)
+            return text
+        for larger in _SUPERSETS.get(codec, ()):
+            with contextlib.suppress(UnicodeDecodeError):
+                text = data.decode(larger)
+                warnings.append(
+                    f"{what} declared {label} has characters outside it; decoded as {larger}"
+                )
+                return text
+    if codec is not None and codec not in _ASCII_SAFE:
+        # UTF-16, UTF-7, EBCDIC...: no other reading is more likely than this one.
+        warnings.append(f"{what} is not valid {label}; bad bytes replaced")
+        return data.decode(codec, "replace")
     try:
         text = data.decode("utf-8")
-        if charset:
-            warnings.append(f"a text part declared {charset} is UTF-8; decoded as UTF-8")
-        return text
     except UnicodeDecodeError:
         pass
-    if charset:
-        warnings.append(f"a text part is not valid {charset}; bad bytes replaced")
-        return data.decode(charset, "replace")
-    warnings.append("a text part with 8-bit bytes and no charset decoded as windows-1252")
+    else:
+        if label:
+            warnings.append(f"{what} declared {label} is UTF-8; decoded as UTF-8")
+        return text
+    if codec is None or (codec == "utf-8" and not _has_utf8_sequence(data)):
+        # Legacy 8-bit text (declared UTF-8 and without one UTF-8 sequence: not a few
+        # bad bytes in UTF-8 text but another charset).
+        return _legacy_body(data, label, warnings, hint, what)
+    warnings.append(f"{what} is not valid {label}; bad bytes replaced")
+    return data.decode(codec, "replace")
+
+
+def _any_byte(
+    data: bytes, text: str, codec: str, label: str | None, warnings: list[str], what: str
+) -> str:
+    """``text`` (``data`` read as a single-byte ``codec``), unless that is a misreading."""
+    try:
+        utf8 = data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        warnings.append(f"{what} declared {label} is UTF-8; decoded as UTF-8")
+        return utf8
+    if codec == "iso8859-1" and _C1.search(text):
+        warnings.append(f"{what} declared {label} is windows-1252; decoded as windows-1252")
+        return data.decode("cp1252", "replace")
+    return text
+
+
+def _iso2022(data: bytes, charset: str | None, warnings: list[str], what: str) -> str:
+    for codec in ("iso2022_jp", "iso2022_jp_2", "iso2022_jp_ext", "iso2022_jp_3"):
+        with contextlib.suppress(UnicodeDecodeError):
+            text = data.decode(codec)
+            how = f"declared {clean(charset)[:40]}" if charset else "without a charset"
+            warnings.append(f"{what} {how} has ISO-2022-JP escapes; decoded as {codec}")
+            return text
+    return data.decode("ascii")
+
+
+_UTF8_SEQUENCE = re.compile(
+    rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}"
+)
+
+
+def _has_utf8_sequence(data: bytes) -> bool:
+    return _UTF8_SEQUENCE.search(data) is not None
+
+
+def _legacy_body(data: bytes, label: str | None, warnings: list[str], hint: Hint, what: str) -> str:
+    """8-bit text that is not UTF-8 and has no usable label (or a wrong UTF-8 one)."""
+    how = f"declared {label}" if label else "with 8-bit bytes and no charset"
+    charset = hint() if hint is not None else None
+    codec = codec_name(charset)
+    if codec not in (None, "utf-8", "ascii"):
+        with contextlib.suppress(UnicodeDecodeError):
+            text = data.decode(codec)
+            warnings.append(f"{what} {how} decoded as {charset}, the message's charset")
+            return text
+    warnings.append(f"{what} {how} decoded as windows-1252")
     return data.decode("cp1252", "replace")
 
 

@@ -4,7 +4,8 @@ Facts from Postmark's server API (``postmark_send_swagger.yaml``, the email API
 reference and support articles): the ``X-Postmark-Server-Token`` header; From, To,
 Cc, Bcc as comma-separated address strings; one HtmlBody and one TextBody (5 MB
 each, at least one of them); ``Headers`` as Name/Value pairs; ``Attachments`` with
-Name, base64 Content, ContentType and ``ContentID: "cid:..."`` for inline images;
+Name, base64 Content, ContentType (parameters included, so a calendar invitation
+keeps ``method=REQUEST``) and ``ContentID: "cid:..."`` for inline images;
 an optional ``MessageStream``; at most 10 MB per request.  Postmark counts at most
 50 recipients per message across To, Cc and Bcc together, so that is the recipient
 limit enforced at RCPT time (the API reference says "Max 50" per field; the support
@@ -32,7 +33,14 @@ from esprelay.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from esprelay.message.mime import Mailbox, ParsedMessage, fallback_filename, parse, summarize
+from esprelay.message.mime import (
+    Mailbox,
+    ParsedMessage,
+    fallback_filename,
+    full_content_type,
+    parse,
+    summarize,
+)
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import (
     Built,
@@ -135,7 +143,10 @@ def _attachments(parsed: ParsedMessage, warnings: list[str]) -> list[dict[str, s
         item = {
             "Name": name,
             "Content": base64.b64encode(att.content).decode("ascii"),
-            "ContentType": att.content_type,
+            # With its parameters: a calendar invitation needs its method
+            # ("text/calendar; charset=utf-8; method=REQUEST", Postmark's support
+            # article 1101), a text file its charset.
+            "ContentType": full_content_type(att),
         }
         if att.inline and att.content_id:
             item["ContentID"] = f"cid:{att.content_id}"

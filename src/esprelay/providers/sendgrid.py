@@ -9,6 +9,8 @@ Content-Type, Content-Transfer-Encoding, DKIM-Signature, Received or x-sg-*; the
 whole request stays under 30 MB and 1000 recipients.  Success is ``202`` with the
 message id in ``X-Message-Id``.  Recipient names with a comma or semicolon are quoted:
 SendGrid otherwise reads part of the name as an address and drops the message.
+An attachment's ``type`` takes no parameters (SendGrid refuses a ``;``), so a calendar
+invitation goes out as a ``text/calendar; method=...`` entry of ``content``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from esprelay.errors import (
     ProviderConfigError,
     RateLimited,
 )
-from esprelay.message.mime import Mailbox, ParsedMessage, fallback_filename, parse, summarize
+from esprelay.message.mime import (
+    Attachment,
+    Mailbox,
+    ParsedMessage,
+    attachment_text,
+    fallback_filename,
+    parse,
+    summarize,
+)
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import (
     Built,
@@ -86,9 +96,12 @@ def build_payload(parsed: ParsedMessage) -> tuple[dict[str, Any], list[str]]:
     if not content:
         content = [{"type": "text/plain", "value": " "}]
         warnings.append("no text or HTML body: sent a blank text body (SendGrid requires one)")
+    invite = _invitation(parsed, warnings)
+    if invite is not None:
+        content.append(invite[1])
     payload["content"] = content
 
-    attachments = _attachments(parsed, warnings)
+    attachments = _attachments(parsed, warnings, skip=invite[0] if invite else None)
     if attachments:
         payload["attachments"] = attachments
     headers = _headers(parsed, warnings)
@@ -130,9 +143,59 @@ def _personalizations(parsed: ParsedMessage, warnings: list[str]) -> list[dict[s
     return [personalization]
 
 
-def _attachments(parsed: ParsedMessage, warnings: list[str]) -> list[dict[str, str]]:
+def _invitation(
+    parsed: ParsedMessage, warnings: list[str]
+) -> tuple[Attachment, dict[str, str]] | None:
+    """The first calendar part with a ``method`` (an invitation, a reply, a
+    cancellation...) as a ``content`` entry of its own, ``text/calendar; method=REQUEST``,
+    and the part it came from.
+
+    SendGrid refuses a ``;`` in an attachment's ``type`` ("The attachment type cannot
+    contain ';', or CRLF characters", sendgrid-nodejs#1313), and a calendar attachment
+    without its method is shown as a plain .ics file rather than an invitation; a
+    ``content`` entry keeps the parameter and goes out as a part of the message's
+    multipart/alternative, where Outlook and Gmail look for invitations (SendGrid's
+    own example, sendgrid-ruby#298).  SendGrid sends that text as UTF-8.
+    """
+    for att in parsed.attachments:
+        params = dict(att.params)
+        method = params.get("method")
+        if att.content_type != "text/calendar" or not method or not att.content:
+            continue
+        value = attachment_text(att, warnings)
+        if not value.strip() or any(c in method for c in ';"\r\n'):
+            continue
+        return att, {"type": f"text/calendar; method={method}", "value": value}
+    return None
+
+
+def _harmless(key: str, value: str) -> bool:
+    """A Content-Type parameter that does not change how an attachment is read (Apple
+    Mail's x-unix-mode, x-mac-type..., an ASCII or UTF-8 charset): dropped silently."""
+    if key.startswith("x-"):
+        return True
+    return key == "charset" and value.lower() in ("us-ascii", "utf-8", "ascii", "utf8")
+
+
+def _attachments(
+    parsed: ParsedMessage, warnings: list[str], skip: Attachment | None = None
+) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for index, att in enumerate(parsed.attachments, 1):
+        if att is skip:
+            if not att.filename:
+                continue  # an alternative part: sent as content, not as a file too
+        elif att.content_type == "text/calendar" and dict(att.params).get("method"):
+            warnings.append(
+                f"attachment {index} is a second calendar part: its method is dropped"
+                " (SendGrid takes one as content, attachment types take no parameters)"
+            )
+        dropped = [f"{k}={v}" for k, v in att.params if k != "method" and not _harmless(k, v)]
+        if dropped and att is not skip:
+            warnings.append(
+                f"attachment {index} ({att.content_type}) lost its parameters"
+                f" {'; '.join(dropped)} (SendGrid's attachment type takes none)"
+            )
         if not att.content:
             warnings.append(f"attachment {index} is empty and was dropped (SendGrid refuses it)")
             continue
