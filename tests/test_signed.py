@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import smtplib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from esprelay.errors import ConfigError
 from esprelay.message.mime import ParsedMessage, parse, signed_reason
 from esprelay.models import Envelope, OutboundMessage
 from esprelay.providers import postmark, sendgrid
-from tests.fakeesp import Recorded
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.messages import crlf
 from tests.providers import test_mailgun, test_ses
+from tests.relayproc import RelayProcess
 
 ENVELOPE = Envelope("s@example.com", ("r@example.org",))
 Build = Callable[[ParsedMessage], tuple[dict[str, Any], list[str]]]
@@ -158,9 +160,11 @@ def test_json_adapters_send_encrypted_parts_as_attachments_with_a_warning(build:
 def test_mailgun_sends_the_signed_bytes_exactly() -> None:
     for raw in (SMIME, PGP, PGP_ENCRYPTED, SMIME_ENVELOPED):
         message = OutboundMessage("m1", ENVELOPE, raw)
-        request = test_mailgun.provider(
-            httpx.AsyncClient(), "https://api.mailgun.net"
-        ).build_request(message)
+        request = (
+            test_mailgun.provider(httpx.AsyncClient(), "https://api.mailgun.net")
+            .build_request(message)
+            .request
+        )
         recorded = Recorded("POST", request.url.path, {}, dict(request.headers), request.read())
         (sent,) = [v for name, _, v in test_mailgun.form_fields(recorded) if name == "message"]
         assert sent == raw
@@ -169,7 +173,7 @@ def test_mailgun_sends_the_signed_bytes_exactly() -> None:
 def test_ses_sends_the_signed_bytes_exactly() -> None:
     for raw in (SMIME, PGP, PGP_ENCRYPTED, SMIME_ENVELOPED):
         message = OutboundMessage("m1", ENVELOPE, raw)
-        request = test_ses.provider(httpx.AsyncClient()).build_request(message)
+        request = test_ses.provider(httpx.AsyncClient()).build_request(message).request
         assert test_ses.raw_data(request) == raw
 
 
@@ -184,3 +188,50 @@ def test_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ESPRELAY_SIGNED_MESSAGES", "strip")
     with pytest.raises(ConfigError, match="ESPRELAY_SIGNED_MESSAGES"):
         load_settings(env_file=None)
+
+
+# --- end to end: refused at the end of DATA, or sent with a warning ------------------
+
+
+def _send(relay: RelayProcess, raw: bytes) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+        smtp.ehlo("client.test")
+        assert smtp.mail("s@example.com")[0] == 250
+        assert smtp.rcpt("r@example.org")[0] == 250
+        return smtp.data(raw)
+
+
+@pytest.mark.parametrize("mode", ["refuse", "warn"])
+def test_a_signed_message_through_a_json_provider(
+    mode: str, relay_factory: type[RelayProcess]
+) -> None:
+    with FakeESP(lambda request: Reply(202, b"", {"X-Message-Id": "sg-1"})) as esp:
+        relay = relay_factory(
+            {
+                "ESPRELAY_PROVIDER": "sendgrid",
+                "ESPRELAY_SENDGRID_API_KEY": "SG.key",
+                "ESPRELAY_SENDGRID_API_URL": esp.url,
+                "ESPRELAY_SIGNED_MESSAGES": mode,
+            }
+        ).start()
+        code, reply = _send(relay, PGP)
+        if mode == "refuse":
+            assert code == 554 and reply.startswith(b"5.6.3 PGP/MIME-signed"), reply
+            assert b"ESPRELAY_SIGNED_MESSAGES" in reply
+            assert esp.requests == []
+        else:
+            assert code == 250, reply
+            esp.wait_for(1)
+            relay.wait_for_log("PGP/MIME-signed")  # the warning, with the message id
+        # An unsigned message goes either way.
+        assert _send(relay, crlf("From: s@example.com\nSubject: x\n\nplain\n"))[0] == 250
+
+
+def test_a_signed_message_through_a_raw_provider_is_not_refused(
+    relay_factory: type[RelayProcess],
+) -> None:
+    relay = relay_factory({"ESPRELAY_SIGNED_MESSAGES": "refuse"}).start()  # the outbox
+    code, reply = _send(relay, SMIME)
+    assert code == 250, reply
+    (message_id,) = relay.wait_delivered(1)
+    assert (relay.outbox / f"{message_id}.eml").read_bytes() == SMIME

@@ -150,6 +150,7 @@ class Relay:
             spool=self.spool,
             deliverer=self.deliverer,
             inline_seconds=self.settings.inline_attempt_seconds,
+            signed_messages=self.settings.signed_messages,
         )
 
     async def _listen(self, providers: ProviderSet) -> None:

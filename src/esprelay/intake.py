@@ -25,6 +25,7 @@ from typing import Any, Literal
 from esprelay.delivery import Deliverer
 from esprelay.dispatch import ProviderSet, Sent
 from esprelay.errors import DeliveryError, PermanentDeliveryError, SpoolError
+from esprelay.message.mime import signed_reason
 from esprelay.models import Envelope, MessageState, OutboundMessage, SpooledMessage
 from esprelay.routing import Part, RoutingTable
 from esprelay.smtp.replies import (
@@ -34,6 +35,7 @@ from esprelay.smtp.replies import (
     PROVIDER_UNAVAILABLE_F,
     QUEUED_F,
     REJECTED_F,
+    SIGNED_REFUSED_F,
 )
 from esprelay.spool.base import NewPart, Spool, new_message_id
 
@@ -85,6 +87,7 @@ class Intake:
         spool: Spool | None = None,
         deliverer: Deliverer | None = None,
         inline_seconds: float = 0.0,
+        signed_messages: Literal["refuse", "warn"] = "refuse",
     ) -> None:
         if mode == "queue" and spool is None:
             raise ValueError("queue mode needs a spool")
@@ -95,6 +98,7 @@ class Intake:
         self.spool = spool
         self.deliverer = deliverer
         self.inline_seconds = inline_seconds
+        self.signed_messages = signed_messages
 
     async def accept(self, envelope: Envelope, raw: bytes, client: Client) -> str:
         """Take responsibility for the message, or refuse it; return the DATA reply."""
@@ -102,20 +106,34 @@ class Intake:
         refusal = self._refusal(parts, raw)
         if refusal is not None:
             log.warning("not accepted: client=%s: %s", client.address, refusal)
-            return PROVIDER_REFUSED_F.format(reply_text(refusal))
+            return refusal
         if self.mode == "passthrough":
             return await self._passthrough(parts, raw, client)
         return await self._queue(parts, raw, client)
 
     def _refusal(self, parts: list[Part], raw: bytes) -> str | None:
-        """Why a provider of a part's route could never send the message, or None."""
+        """The reply refusing the message when a provider of a part's route could never
+        send it as it is (its own reasons, or a signature it would have to break)."""
+        signed: str | None = None
         for part in parts:
             message = OutboundMessage("", part.envelope, raw)
             for name in part.providers:
-                if name in self.providers:
-                    why = self.providers[name].refusal(message)
-                    if why:
-                        return f"{name}: {why}"
+                if name not in self.providers:
+                    continue
+                provider = self.providers[name]
+                why = provider.refusal(message)
+                if why:
+                    return PROVIDER_REFUSED_F.format(reply_text(f"{name}: {why}"))
+                if provider.rebuilds_message and self.signed_messages == "refuse":
+                    if signed is None:
+                        signed = signed_reason(raw) or ""
+                    if signed:
+                        return SIGNED_REFUSED_F.format(
+                            reply_text(
+                                f"{signed} cannot be delivered intact through {name};"
+                                " see ESPRELAY_SIGNED_MESSAGES"
+                            )
+                        )
         return None
 
     async def _queue(self, parts: list[Part], raw: bytes, client: Client) -> str:

@@ -20,7 +20,7 @@ import pytest
 from esprelay.message.mime import parse
 from esprelay.models import Envelope
 from esprelay.providers import postmark, sendgrid
-from tests.fakeesp import FakeESP
+from esprelay.testing.fakeesp import FakeESP
 from tests.messages import crlf
 from tests.providers import test_postmark, test_sendgrid
 from tests.relayproc import RelayProcess

@@ -834,17 +834,48 @@ def _secured_warning(reason: str) -> str:
 def signed_reason(raw: bytes) -> str | None:
     """Why ``raw`` cannot go through a JSON API unharmed (it is signed or encrypted
     MIME: ``"S/MIME-signed (multipart/signed; protocol=application/pkcs7-signature)"``),
-    or None.  Pure; a message without such a content type anywhere costs one scan.
-    An attached message (``message/rfc822``) that is signed is kept whole and does not
-    count."""
-    lowered = raw.lower()
-    if not any(name in lowered for name in _SECURED_TYPES):
+    or None.  Pure.  Such a content type is looked for where clients put it: the
+    message's own header and the header of its first part (a mailing list's footer
+    wraps a signed message in a multipart/mixed, the signed part first); only then is
+    the message parsed.  So a plain message costs two header reads, not a pass over its
+    body (this runs at the end of DATA).  An attached message (``message/rfc822``) that is signed is
+    kept whole and does not count."""
+    if not _secured_hint(raw):
         return None
     try:
         msg = _CHEAP_PARSER.parsebytes(raw)
     except Exception:
         return None
     return _find_secured(msg, 0)
+
+
+_SECURED = re.compile(rb"(?i)multipart/(?:signed|encrypted)|pkcs7-mime")
+_PART_HEADER_LIMIT = 64 * 1024
+
+
+def _secured_hint(raw: bytes) -> bool:
+    """A secured content type in the message's header or its first part's."""
+    header = read_header(raw)
+    if _SECURED.search(raw, 0, header.end):
+        return True
+    values = header_index(raw).get("content-type")
+    if not values:
+        return False
+    holder = Message(policy=fastheaders.cheap)
+    holder.set_raw("Content-Type", values[0])
+    boundary = holder.get_boundary() if holder.get_content_maintype() == "multipart" else None
+    if not boundary:
+        return False
+    marker = b"\n--" + boundary.encode("ascii", "surrogateescape")
+    pos = header.body - 1  # the line ending before a delimiter right after the header
+    found = raw.find(marker, pos, pos + _PART_HEADER_LIMIT)  # after a short preamble
+    if found < 0:
+        return False
+    line_end = raw.find(b"\n", found + len(marker))
+    if line_end < 0:
+        return False
+    part = raw[line_end + 1 : line_end + 1 + _PART_HEADER_LIMIT]
+    return _SECURED.search(part, 0, read_header(part).end) is not None
 
 
 def _find_secured(part: Message, depth: int) -> str | None:

@@ -98,6 +98,9 @@ class Provider(abc.ABC):
     max_message_size: int | None = None
     #: Most envelope recipients per message, or None.
     max_recipients: int | None = None
+    #: The provider rebuilds the message from its parsed parts (a JSON API), so a
+    #: signature cannot survive it (ESPRELAY_SIGNED_MESSAGES).
+    rebuilds_message: ClassVar[bool] = False
 
     def __init__(self, name: str | None = None) -> None:
         #: The name used in logs, the spool and (later) routes.

@@ -238,6 +238,7 @@ def _headers(parsed: ParsedMessage, warnings: list[str]) -> dict[str, str]:
 
 class SendGridProvider(HttpProvider):
     kind = "sendgrid"
+    rebuilds_message = True
     #: Raw bytes that still fit 30 MB after base64 (4/3) with room for the JSON around.
     max_message_size = REQUEST_LIMIT * 3 // 4 - 200_000
     max_recipients = 1000

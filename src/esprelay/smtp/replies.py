@@ -88,6 +88,9 @@ DELIVERED_F = "250 2.0.0 Ok: delivered as {} ({})"
 REJECTED_F = "554 5.0.0 Rejected by the provider: {}"
 #: A provider of the route could never send the message as it is (Provider.refusal).
 PROVIDER_REFUSED_F = "550 5.6.0 {}"
+#: Signed or encrypted MIME that a provider of the route would have to rebuild
+#: (ESPRELAY_SIGNED_MESSAGES=refuse); RFC 3463 X.6.3, conversion not supported.
+SIGNED_REFUSED_F = "554 5.6.3 {}"
 PROVIDER_UNAVAILABLE_F = "451 4.4.0 Provider unavailable, try again later: {}"
 # endregion
 
