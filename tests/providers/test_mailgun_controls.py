@@ -92,6 +92,17 @@ CASES = [
         ],
         id="variables-folded-utf8-json-values",
     ),
+    pytest.param(  # as Python's email package writes {"name": "Jürgen Müller", ...}
+        b'X-Mailgun-Variables: {"name": =?utf-8?b?IkrDvHJnZW4gTcO8bGxlciIsICJjaXR5Ijog?=\r\n'
+        b' =?utf-8?q?=22Z=C3=BCrich=22=2C?=  "n": 1, "url": "https://x.example/?a=?b"}\r\n',
+        [
+            ("v:name", "Jürgen Müller"),
+            ("v:city", "Zürich"),
+            ("v:n", "1"),
+            ("v:url", "https://x.example/?a=?b"),
+        ],
+        id="variables-encoded-words",
+    ),
     pytest.param(
         b'X-Mailgun-Variables: {"a": "1", "b": "2"}\r\nX-Mailgun-Variables: {"b": "3"}\r\n',
         [("v:a", "1"), ("v:b", "3")],

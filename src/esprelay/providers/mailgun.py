@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import email.policy
 import email.utils
 import ipaddress
 import json
@@ -33,8 +34,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
-from email.errors import HeaderParseError
-from email.header import decode_header, make_header
 from typing import Any
 from urllib.parse import quote
 
@@ -172,6 +171,7 @@ CONTROL_PREFIX = b"x-mailgun-"
 #: "Send options (parameters starting with o:, h:, v:, or t:) are limited to 16KB total"
 #: (the messages.mime reference); counted here as the UTF-8 bytes of names and values.
 MAX_SEND_OPTIONS = 16 * 1024
+_OPTION_PREFIXES = ("o:", "h:", "v:", "t:")
 #: Tags: "Tags are case insensitive and should be ascii only. The maximum length of
 #: characters is 128" (https://documentation.mailgun.com/docs/mailgun/user-manual/
 #: tracking-messages/track-tagging).  That page allows 3 tags per message, Mailgun's
@@ -415,16 +415,14 @@ def sending_options(raw: bytes, header: Header) -> SendingOptions:
     return SendingOptions(tuple(fields), frozenset(texts))
 
 
-_OPTION_PREFIXES = ("o:", "h:", "v:", "t:")
-
-
 def _header_of(field: str) -> str:
     return next(c.header for c in _CONTROLS.values() if c.field == field)
 
 
 def _text(raw: bytes, item: Field) -> str:
     """A control header's value on one line: 8-bit bytes read as UTF-8, RFC 2047 encoded
-    words (what mail libraries write for non-ASCII text) decoded."""
+    words (what mail libraries write for non-ASCII text: Python's email package,
+    nodemailer) decoded."""
     text = unfolded(raw_value(raw, item))
     if not text.isascii():
         try:
@@ -433,9 +431,11 @@ def _text(raw: bytes, item: Field) -> str:
             name = raw[item.start : item.end].split(b":", 1)[0].decode("ascii", "replace")
             raise MalformedControl(f"{name.strip()}: not UTF-8") from None
     if "=?" in text:
-        # Not an encoded word after all (or an unknown charset): the text as it is.
-        with contextlib.suppress(ValueError, LookupError, HeaderParseError):
-            text = str(make_header(decode_header(text)))
+        # The email package's reading of an unstructured field: encoded words decoded
+        # where RFC 2047 allows them, any other "=?" left as it is (and a value it
+        # cannot read at all, too).
+        with contextlib.suppress(Exception):
+            text = str(email.policy.default.header_fetch_parse(item.name.decode(), text))
     return text
 
 
