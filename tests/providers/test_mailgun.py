@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import email.policy
+import json
 import re
 import uuid
 from collections.abc import Iterator
@@ -73,7 +74,91 @@ def mailgun(request: Recorded) -> Reply:
         return Reply(400, {"message": "Too many recipients"})
     if len(files[0][1]) > 25 * 1024 * 1024:
         return Reply(413, {"message": "Message size exceeds the limit"})
+    problem = option_problem([(name, value.decode()) for name, f, value in fields if f is None])
+    if problem:
+        return Reply(400, {"message": problem})
     return Reply(200, {"id": f"<{uuid.uuid4().hex}@{DOMAIN}>", "message": "Queued. Thank you."})
+
+
+# The messages.mime fields besides `to` and `message`, as the API reference documents
+# them (../shared/specs/mailgun/mailgun_send_openapi.yaml): enums, formats, which need
+# another, repeated o:tag; and the tag limits of Mailgun's Tags page.
+YES_NO = ("yes", "no", "true", "false")
+CHOICES = {
+    "o:dkim": YES_NO,
+    "o:testmode": ("yes",),
+    "o:tracking": (*YES_NO, "htmlonly"),
+    "o:tracking-clicks": (*YES_NO, "htmlonly"),
+    "o:tracking-opens": YES_NO,
+    "o:require-tls": YES_NO,
+    "o:skip-verification": YES_NO,
+    "o:tracking-pixel-location-top": (*YES_NO, "htmlonly"),
+    "t:text": ("yes",),
+}
+RFC2822 = re.compile(
+    r"(?:(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), )?\d{1,2} (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct"
+    r"|Nov|Dec) \d{4} \d{2}:\d{2}:\d{2} [+-]\d{4}"
+)
+FORMATS = {
+    "o:deliverytime": RFC2822,
+    "o:deliver-within": re.compile(r"(?:\d+h)?(?:\d+m)?"),
+    "o:deliverytime-optimize-period": re.compile(r"(?:2[4-9]|[3-6]\d|7[0-2])h"),
+    "o:time-zone-localize": re.compile(
+        r"(?:[01]\d|2[0-3]):[0-5]\d|(?:0[1-9]|1[0-2]):[0-5]\d[AaPp][Mm]"
+    ),
+    "o:secondary-dkim": re.compile(r"[^/\s]+/[^/\s]+"),
+    "o:secondary-dkim-public": re.compile(r"[^/\s]+/[^/\s]+"),
+    "o:sending-ip": re.compile(r"[0-9a-fA-F.:]+"),
+    "o:sending-ip-pool": re.compile(r"\S+"),
+    "o:archive-to": re.compile(r"https?://\S+"),
+    "o:suppress-headers": re.compile(r".+"),
+    "template": re.compile(r".+"),
+    "t:version": re.compile(r".+"),
+}
+JSON_OBJECTS = ("t:variables", "recipient-variables")
+
+
+def option_problem(fields: list[tuple[str, str]]) -> str | None:
+    """Why Mailgun would answer 400 to these form fields (all but `to` and the file)."""
+    names = [name for name, _ in fields]
+    values = dict(fields)
+    for name, value in fields:
+        if name == "to":
+            continue
+        if name.startswith(("h:", "v:")):
+            if len(name) == 2:
+                return f"'{name}' needs a name"
+            continue
+        if name != "o:tag" and names.count(name) > 1:
+            return f"'{name}' parameter given more than once"
+        if name in CHOICES:
+            if value not in CHOICES[name]:
+                return f"'{name}' parameter is not valid: {value}"
+        elif name in FORMATS:
+            if not FORMATS[name].fullmatch(value):
+                return f"'{name}' parameter is not valid: {value}"
+        elif name in JSON_OBJECTS:
+            try:
+                if not isinstance(json.loads(value), dict):
+                    raise ValueError(value)
+            except ValueError:
+                return f"'{name}' parameter should be a valid JSON object"
+        elif name != "o:tag":
+            return f"unknown parameter '{name}'"
+    tags = [value for name, value in fields if name == "o:tag"]
+    if len(tags) > 10 or any(len(t) > 128 or not t.isascii() or not t for t in tags):
+        return "'o:tag' parameter is not valid"
+    if "t:version" in values and "template" not in values:
+        return "'t:version' needs 'template'"
+    if "o:secondary-dkim-public" in values and "o:secondary-dkim" not in values:
+        return "'o:secondary-dkim-public' needs 'o:secondary-dkim'"
+    options = sum(len(n.encode()) + len(v.encode()) for n, v in fields if n[:2] in OPTIONS)
+    if options > 16 * 1024:
+        return "Send options (parameters starting with o:, h:, or v:) are limited to 16KB total"
+    return None
+
+
+OPTIONS = ("o:", "h:", "v:", "t:")
 
 
 @pytest.fixture(scope="module")
