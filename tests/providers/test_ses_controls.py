@@ -174,6 +174,23 @@ def test_a_message_without_control_headers_is_not_parsed_for_them(
     assert sent == msg.raw and warnings == ()
 
 
+@pytest.mark.parametrize(
+    ("raw", "found"),
+    [
+        (b"X-SES-MESSAGE-TAGS: a=1\r\nFrom: a@example.com\r\n\r\nbody\r\n", True),
+        (b"From: a@example.com\nX-SES-MESSAGE-TAGS: a=1\n\nbody\n", True),  # LF only
+        (b"X-SES-MESSAGE-TAGS : a=1\r\n\r\n", True),  # obsolete form, as remove_fields
+        (b"From: a@example.com\r\n\r\nX-SES-MESSAGE-TAGS: a=1\r\n", False),  # body
+        (b"From: a@example.com\nX-SES-MESSAGE-TAGS: a=1\r\n", True),  # no body
+        # A line that is not a field ends the header (esprelay.message.header).
+        (b"From: a@example.com\r\nnot a field\r\nX-SES-MESSAGE-TAGS: a=1\r\n\r\n", False),
+    ],
+)
+def test_only_the_top_level_header_counts(raw: bytes, found: bool) -> None:
+    controls = ses_module.read_controls(raw)
+    assert (controls is not None and controls.tags == (("a", "1"),)) is found
+
+
 # -- what is refused at the end of DATA --------------------------------------------------
 
 LONG = "x" * 257

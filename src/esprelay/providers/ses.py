@@ -120,18 +120,20 @@ CredentialsLoader = Callable[[], Credentials | None]
 #   (https://docs.aws.amazon.com/ses/latest/dg/event-publishing-send-email.html)
 #   esprelay turns them into SendEmail's own ConfigurationSetName and EmailTags and removes
 #   them from the raw message, as the SMTP interface would have, so that recipients never
-#   see them whatever SES v2 does with them inside raw content (its API reference does not
-#   say, and says that header tags are ignored once EmailTags are given). The header's
-#   configuration set wins over ESPRELAY_SES_CONFIGURATION_SET for its message, as it
-#   would over the SMTP credentials' default. Both are checked at the end of DATA
-#   against SES's documented rules, so a mistake is a 550 there and not a bounce later.
+#   see them whatever SES v2 does with them inside raw content (the v2 API reference does
+#   not say; the same guide says header tags are ignored once tags are given as API
+#   parameters). The header's configuration set wins over ESPRELAY_SES_CONFIGURATION_SET
+#   for its message, as the one chosen by the application. Both are checked at the end
+#   of DATA against SES's documented rules, so a mistake is a 550 there and not a bounce
+#   later.
 # - X-SES-SOURCE-ARN, X-SES-FROM-ARN, X-SES-RETURN-PATH-ARN (sending authorization).
 #   "Amazon SES removes all X-headers from the email before sending it. If you include
 #   multiple instances of an X-header, Amazon SES uses only the first instance."
 #   (https://docs.aws.amazon.com/ses/latest/dg/sending-authorization-delegate-sender-tasks-email.html)
 #   SendEmail v2 reads the first two from raw content itself: "For Raw emails, the
 #   FromEmailAddressIdentityArn value overrides the X-SES-SOURCE-ARN and X-SES-FROM-ARN
-#   headers specified in raw email message content" (SendEmail, API reference v2). v2 has
+#   headers specified in raw email message content"
+#   (https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_SendEmail.html). v2 has
 #   one field for what those two headers tell apart, and its
 #   FeedbackForwardingEmailAddressIdentityArn goes with a FeedbackForwardingEmailAddress
 #   that esprelay does not set, so translating would lose or invent an authorization:
@@ -158,14 +160,14 @@ _DISPLAY_NAMES = {
 _CONFIGURATION_SET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: MessageTag Name and Value: "It can only contain ASCII letters (a-z, A-Z), numbers
 #: (0-9), underscores (_), or dashes (-). It can contain no more than 256 characters."
-#: (https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_MessageTag.html). SES
-#: documents no limit on the number of tags of a message.
+#: (https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_MessageTag.html). An
+#: empty name or value is refused too: the header's form is name=value. SES documents no
+#: limit on the number of tags of a message (nor does its API model), so none is set here.
 _TAG_TEXT = re.compile(r"[A-Za-z0-9_-]{1,256}")
 #: An SES identity ARN, as the sending authorization guide writes them
 #: (arn:aws:ses:us-east-1:123456789012:identity/example.com; the region may be "*" for
 #: global endpoints).
 _IDENTITY_ARN = re.compile(r"arn:[a-z0-9-]+:ses:(?:[a-z0-9-]+|\*):[0-9]{12}:identity/[!-~]+")
-_CONTROL_MARK = re.compile(rb"^x-ses-", re.IGNORECASE | re.MULTILINE)
 
 
 class ControlHeaderError(ValueError):
@@ -233,11 +235,17 @@ def read_controls(raw: bytes) -> Controls | None:
 def _has_controls(raw: bytes) -> bool:
     """Whether a line of the header section may start with ``X-SES-`` (never a false no).
 
-    The header ends at the first empty line, so it lies within the first ``LF LF`` or
-    ``LF CR LF``; a line elsewhere that starts so only costs the exact read.
+    The header ends at the first empty line, so it lies within the first ``LF CR LF``
+    (or ``LF LF``); a line elsewhere that starts so only costs the exact read.  Each scan
+    stops at the end of the header of a CRLF message, whatever the size of its body.
     """
-    ends = [at + 1 for at in (raw.find(b"\n\n"), raw.find(b"\n\r\n")) if at >= 0]
-    return _CONTROL_MARK.search(raw, 0, min(ends, default=len(raw))) is not None
+    end = raw.find(b"\n\r\n")
+    end = len(raw) if end < 0 else end + 1
+    bare = raw.find(b"\n\n", 0, end)
+    if bare >= 0:
+        end = bare + 1
+    head = raw[:end].lower()  # a copy of the header only: faster than a regex over it
+    return head.startswith(b"x-ses-") or b"\nx-ses-" in head
 
 
 def _parse_tags(value: str) -> tuple[tuple[str, str], ...]:
