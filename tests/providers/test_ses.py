@@ -5,6 +5,7 @@ secret really fails), and against a fake SES on loopback for the error replies."
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.policy
 import json
 import re
@@ -259,8 +260,11 @@ def moto() -> Iterator[Moto]:
             "aws_secret_access_key": "setup",
         }
         iam = session.create_client("iam", **setup)
-        iam.create_user(UserName="esprelay")
-        key = iam.create_access_key(UserName="esprelay")["AccessKey"]
+        # moto's accounts live as long as the process, not the server: another module's
+        # server finds what this one made, so each makes its own user.
+        user = f"esprelay-{uuid.uuid4().hex[:12]}"
+        iam.create_user(UserName=user)
+        key = iam.create_access_key(UserName=user)["AccessKey"]
         policy = {
             "Version": "2012-10-17",
             "Statement": [
@@ -268,12 +272,11 @@ def moto() -> Iterator[Moto]:
                  "Resource": "*"}
             ],
         }  # fmt: skip
-        iam.put_user_policy(
-            UserName="esprelay", PolicyName="send", PolicyDocument=json.dumps(policy)
-        )
+        iam.put_user_policy(UserName=user, PolicyName="send", PolicyDocument=json.dumps(policy))
         sesv2 = session.create_client("sesv2", **setup)
-        sesv2.create_email_identity(EmailIdentity=SENDER)  # one address...
-        sesv2.create_email_identity(EmailIdentity="example.com")  # ...and a whole domain
+        for identity in (SENDER, "example.com"):  # one address and a whole domain
+            with contextlib.suppress(sesv2.exceptions.AlreadyExistsException):
+                sesv2.create_email_identity(EmailIdentity=identity)
         moto_settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on: SigV4 or 403
         yield Moto(url, key["AccessKeyId"], key["SecretAccessKey"])
     finally:

@@ -5,10 +5,13 @@
     {"FromEmailAddress": envelope sender (omitted for the null sender),
      "Destination": {"ToAddresses": [every envelope recipient]},
      "Content": {"Raw": {"Data": base64 of the message}},
-     "ConfigurationSetName": ESPRELAY_SES_CONFIGURATION_SET (when set)}
+     "ConfigurationSetName": X-SES-CONFIGURATION-SET, else ESPRELAY_SES_CONFIGURATION_SET,
+     "EmailTags": [{"Name", "Value"} of X-SES-MESSAGE-TAGS] (when given)}
 
-The message is sent as received except that its Bcc header is removed and 8-bit
-content is re-encoded (SES does not keep 8bit): see :mod:`esprelay.message.rawmime`.
+The message is sent as received except that its Bcc header is removed, the two SES
+control headers translated above are removed (as SES's SMTP interface removes them:
+see :func:`read_controls`), and 8-bit content is re-encoded (SES does not keep 8bit):
+see :mod:`esprelay.message.rawmime`.
 
 botocore supplies what we do not want to write again: the AWS credential chain
 (environment incl. AWS_SESSION_TOKEN, shared config/profile, web identity, container
@@ -24,6 +27,7 @@ import json
 import re
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -40,7 +44,8 @@ from esprelay.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from esprelay.message.rawmime import strip_bcc, to_7bit
+from esprelay.message.header import Field, raw_value, read_header, unfolded
+from esprelay.message.rawmime import remove_fields, strip_bcc, to_7bit
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import (
     Built,
@@ -103,6 +108,175 @@ _XML_MESSAGE = re.compile(r"<Message>\s*([^<]*?)\s*</Message>", re.DOTALL)
 
 CredentialsLoader = Callable[[], Credentials | None]
 
+# -- SES's control headers --------------------------------------------------------------
+#
+# Applications that used SES's SMTP interface steer it with header fields of the message
+# (the SMTP interface has no other channel):
+#
+# - X-SES-CONFIGURATION-SET and X-SES-MESSAGE-TAGS ("tagName1=tagValue1, tagName2=
+#   tagValue2"). "When you use SendRawEmail or the SMTP interface, you can specify the
+#   configuration set and the message tags by adding Amazon SES-specific headers to the
+#   email. Amazon SES removes the headers before sending the email."
+#   (https://docs.aws.amazon.com/ses/latest/dg/event-publishing-send-email.html)
+#   esprelay turns them into SendEmail's own ConfigurationSetName and EmailTags and removes
+#   them from the raw message, as the SMTP interface would have, so that recipients never
+#   see them whatever SES v2 does with them inside raw content (the v2 API reference does
+#   not say; the same guide says header tags are ignored once tags are given as API
+#   parameters). The header's configuration set wins over ESPRELAY_SES_CONFIGURATION_SET
+#   for its message, as the one chosen by the application. Both are checked at the end
+#   of DATA against SES's documented rules, so a mistake is a 550 there and not a bounce
+#   later.
+# - X-SES-SOURCE-ARN, X-SES-FROM-ARN, X-SES-RETURN-PATH-ARN (sending authorization).
+#   "Amazon SES removes all X-headers from the email before sending it. If you include
+#   multiple instances of an X-header, Amazon SES uses only the first instance."
+#   (https://docs.aws.amazon.com/ses/latest/dg/sending-authorization-delegate-sender-tasks-email.html)
+#   SendEmail v2 reads the first two from raw content itself: "For Raw emails, the
+#   FromEmailAddressIdentityArn value overrides the X-SES-SOURCE-ARN and X-SES-FROM-ARN
+#   headers specified in raw email message content"
+#   (https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_SendEmail.html). v2 has
+#   one field for what those two headers tell apart, and its
+#   FeedbackForwardingEmailAddressIdentityArn goes with a FeedbackForwardingEmailAddress
+#   that esprelay does not set, so translating would lose or invent an authorization:
+#   these stay in the message, for SES to apply and remove. They are only checked.
+#
+# A header SES reads only once: like SES, the first field of a name counts; the others
+# are removed with it (a warning says so). A message with no X-SES-* field, nearly
+# every message, is told apart with one scan of its header bytes (see _has_controls).
+
+CONFIGURATION_SET_HEADER = b"x-ses-configuration-set"
+MESSAGE_TAGS_HEADER = b"x-ses-message-tags"
+ARN_HEADERS = (b"x-ses-source-arn", b"x-ses-from-arn", b"x-ses-return-path-arn")
+#: The control headers translated into SendEmail fields, removed from the raw message.
+TRANSLATED_HEADERS = frozenset({CONFIGURATION_SET_HEADER, MESSAGE_TAGS_HEADER})
+_DISPLAY_NAMES = {
+    CONFIGURATION_SET_HEADER: "X-SES-CONFIGURATION-SET",
+    MESSAGE_TAGS_HEADER: "X-SES-MESSAGE-TAGS",
+    b"x-ses-source-arn": "X-SES-SOURCE-ARN",
+    b"x-ses-from-arn": "X-SES-FROM-ARN",
+    b"x-ses-return-path-arn": "X-SES-RETURN-PATH-ARN",
+}
+#: "Configuration set names can contain up to 64 alphanumeric characters. They can also
+#: contain hyphens (-) and underscores (_)." (https://docs.aws.amazon.com/ses/latest/dg/quotas.html)
+_CONFIGURATION_SET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: MessageTag Name and Value: "It can only contain ASCII letters (a-z, A-Z), numbers
+#: (0-9), underscores (_), or dashes (-). It can contain no more than 256 characters."
+#: (https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_MessageTag.html). An
+#: empty name or value is refused too: the header's form is name=value. SES documents no
+#: limit on the number of tags of a message (nor does its API model), so none is set here.
+_TAG_TEXT = re.compile(r"[A-Za-z0-9_-]{1,256}")
+#: An SES identity ARN, as the sending authorization guide writes them
+#: (arn:aws:ses:us-east-1:123456789012:identity/example.com; the region may be "*" for
+#: global endpoints).
+_IDENTITY_ARN = re.compile(r"arn:[a-z0-9-]+:ses:(?:[a-z0-9-]+|\*):[0-9]{12}:identity/[!-~]+")
+
+
+class ControlHeaderError(ValueError):
+    """An SES control header that SES would not accept; the text says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Controls:
+    """What a message's SES control headers ask for."""
+
+    configuration_set: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+    #: Whether a translated header is present, to be removed from the raw message.
+    translated: bool = False
+    warnings: tuple[str, ...] = ()
+
+
+def read_controls(raw: bytes) -> Controls | None:
+    """The SES control headers of ``raw``'s top-level header, checked; None without any.
+
+    Raises :class:`ControlHeaderError` for one that SES would refuse (see the notes above).
+    """
+    if not _has_controls(raw):
+        return None
+    # Read as rawmime.remove_fields reads them (the obsolete "Name :" form included), so
+    # what is translated is exactly what is removed.
+    header = read_header(raw, obsolete=True)
+    first: dict[bytes, Field] = {}
+    counts: dict[bytes, int] = {}
+    for item in header.fields:
+        if item.name in _DISPLAY_NAMES:
+            first.setdefault(item.name, item)
+            counts[item.name] = counts.get(item.name, 0) + 1
+    if not first:
+        return None
+    warnings = tuple(
+        f"{_DISPLAY_NAMES[name]} given {count} times: the first is used, as SES does"
+        for name, count in counts.items()
+        if count > 1
+    )
+    values = {name: unfolded(raw_value(raw, item)) for name, item in first.items()}
+    configuration_set = None
+    if CONFIGURATION_SET_HEADER in values:
+        configuration_set = values[CONFIGURATION_SET_HEADER]
+        if not configuration_set:
+            raise ControlHeaderError("X-SES-CONFIGURATION-SET is empty")
+        if not _CONFIGURATION_SET_NAME.fullmatch(configuration_set):
+            raise ControlHeaderError(
+                f"X-SES-CONFIGURATION-SET {_show(configuration_set)} is not a configuration"
+                " set name (1 to 64 ASCII letters, digits, '-' and '_')"
+            )
+    tags: tuple[tuple[str, str], ...] = ()
+    if MESSAGE_TAGS_HEADER in values:
+        tags = _parse_tags(values[MESSAGE_TAGS_HEADER])
+    for name in ARN_HEADERS:
+        if name in values and not _IDENTITY_ARN.fullmatch(values[name]):
+            raise ControlHeaderError(
+                f"{_DISPLAY_NAMES[name]} {_show(values[name])} is not an SES identity ARN"
+                " (arn:aws:ses:REGION:ACCOUNT:identity/NAME)"
+            )
+    translated = not TRANSLATED_HEADERS.isdisjoint(first)
+    return Controls(configuration_set, tags, translated, warnings)
+
+
+def _has_controls(raw: bytes) -> bool:
+    """Whether a line of the header section may start with ``X-SES-`` (never a false no).
+
+    The header ends at the first empty line, so it lies within the first ``LF CR LF``
+    (or ``LF LF``); a line elsewhere that starts so only costs the exact read.  Each scan
+    stops at the end of the header of a CRLF message, whatever the size of its body.
+    """
+    end = raw.find(b"\n\r\n")
+    end = len(raw) if end < 0 else end + 1
+    bare = raw.find(b"\n\n", 0, end)
+    if bare >= 0:
+        end = bare + 1
+    head = raw[:end].lower()  # a copy of the header only: faster than a regex over it
+    return head.startswith(b"x-ses-") or b"\nx-ses-" in head
+
+
+def _parse_tags(value: str) -> tuple[tuple[str, str], ...]:
+    """``name1=value1, name2=value2`` (the SMTP interface's form) as (name, value) pairs."""
+    tags: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for item in value.split(","):
+        name, equals, text = (part.strip(" \t") for part in item.partition("="))
+        if not equals or not name:
+            raise ControlHeaderError(
+                f"X-SES-MESSAGE-TAGS: {_show(item.strip())} is not name=value"
+                " (the form is: name1=value1, name2=value2)"
+            )
+        for what, checked in (("name", name), ("value", text)):
+            if not _TAG_TEXT.fullmatch(checked):
+                raise ControlHeaderError(
+                    f"X-SES-MESSAGE-TAGS: tag {what} {_show(checked)} is not 1 to 256 ASCII"
+                    " letters, digits, '-' and '_'"
+                )
+        if name in seen:
+            raise ControlHeaderError(f"X-SES-MESSAGE-TAGS: tag {_show(name)} is given twice")
+        seen.add(name)
+        tags.append((name, text))
+    return tuple(tags)
+
+
+def _show(value: str, limit: int = 60) -> str:
+    """A header value quoted for a reply or a log line: ASCII, one line, bounded."""
+    shown = ascii(value)
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
+
 
 def default_endpoint(region: str) -> str:
     return f"https://email.{region}.amazonaws.com"
@@ -134,14 +308,39 @@ class SesProvider(HttpProvider):
 
     # -- the request, pure ----------------------------------------------------------
 
-    def prepare(self, message: OutboundMessage) -> tuple[bytes, tuple[str, ...]]:
-        """The raw bytes SES gets (no Bcc header, 7bit) and what was changed."""
+    def refusal(self, message: OutboundMessage) -> str | None:
+        """A malformed SES control header (X-SES-*), refused at the end of DATA."""
+        try:
+            read_controls(message.raw)
+        except ControlHeaderError as exc:
+            return str(exc)
+        return None
+
+    def controls(self, message: OutboundMessage) -> Controls | None:
+        """The message's SES control headers; MessageRejected for a malformed one (a
+        message spooled before the check at the end of DATA existed)."""
+        try:
+            return read_controls(message.raw)
+        except ControlHeaderError as exc:
+            raise MessageRejected(str(exc), provider=self.name) from None
+
+    def prepare(
+        self, message: OutboundMessage, controls: Controls | None = None
+    ) -> tuple[bytes, tuple[str, ...]]:
+        """The raw bytes SES gets (no Bcc header, no translated control header, 7bit) and
+        what was changed."""
         stripped = strip_bcc(message.raw)
-        encoded = to_7bit(stripped.raw)
-        return encoded.raw, stripped.warnings + encoded.warnings
+        raw, warnings = stripped.raw, stripped.warnings
+        if controls is not None:
+            if controls.translated:
+                raw, _ = remove_fields(raw, TRANSLATED_HEADERS.__contains__)
+            warnings += controls.warnings
+        encoded = to_7bit(raw)
+        return encoded.raw, warnings + encoded.warnings
 
     def build_request(self, message: OutboundMessage) -> Built:
-        raw, warnings = self.prepare(message)
+        controls = self.controls(message)
+        raw, warnings = self.prepare(message, controls)
         data = base64.b64encode(raw)
         if len(data) > MAX_ENCODED_SIZE:
             raise MessageRejected(
@@ -154,8 +353,13 @@ class SesProvider(HttpProvider):
             payload["FromEmailAddress"] = message.envelope.mail_from
         payload["Destination"] = {"ToAddresses": list(message.envelope.rcpt_tos)}
         payload["Content"] = {"Raw": {"Data": data.decode("ascii")}}
-        if self.configuration_set:
-            payload["ConfigurationSetName"] = self.configuration_set
+        configuration_set = self.configuration_set
+        if controls is not None:
+            configuration_set = controls.configuration_set or configuration_set
+            if controls.tags:
+                payload["EmailTags"] = [{"Name": n, "Value": v} for n, v in controls.tags]
+        if configuration_set:
+            payload["ConfigurationSetName"] = configuration_set
         request = httpx.Request(
             "POST",
             self.endpoint,
