@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 from botocore.credentials import Credentials
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
@@ -298,6 +298,15 @@ def as_recorded(request: httpx.Request) -> Recorded:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Found by this test: SES's 7-bit re-encoding re-parsed and re-folded a From whose
+# encoded-word display name reads as an address, and so sent that address.
+@example(
+    raw=b"From:App <app@example.com>\r\n folded\r\nFrom:=?utf-8?q?evil=40other.test?="
+    b" <app@example.com>\r\n From:caf\xc3\xa9 <app@example.com>\r\n\r\nbody\r\n",
+    mail_from="",
+    repair=False,
+    user=False,
+)
 @given(
     raw=header_blocks(),
     mail_from=st.sampled_from(["", "app@example.com"]),

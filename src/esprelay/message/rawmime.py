@@ -219,6 +219,20 @@ class _Reencoder:
             decoded = value.decode("latin-1")
             self.warn(f"{where}: header {name} is not UTF-8; read as ISO-8859-1")
         decoded = " ".join(decoded.split())
+        if field.name in ADDRESS_FIELDS:
+            # Only the 8-bit words become encoded words; the structure (quotes, angle
+            # brackets, commas, existing encoded words) stays byte for byte, so every
+            # reader finds the same addresses after as before (a re-parse and re-fold
+            # could turn an encoded-word display name into a bare address).
+            words = _NON_ASCII_WORD.findall(decoded) + _ANGLE_ADDRESS.findall(decoded)
+            if any("@" in word and not word.isascii() for word in words):
+                self.warn(
+                    f"header {name} holds a non-ASCII address, which cannot be written"
+                    " in 7bit; sent as encoded words"
+                )
+            self.warn(f"header {name} had 8-bit characters; encoded as RFC 2047 words")
+            encoded = _NON_ASCII_WORD.sub(_encoded_word, decoded)
+            return _Field(field.name, f"{name}: {encoded}".encode("ascii") + newline)
         try:
             parsed = _ASCII_POLICY.header_factory(name, decoded)
             folded = parsed.fold(policy=_ASCII_POLICY).encode("ascii")
@@ -233,6 +247,20 @@ class _Reencoder:
             folded = f"{name}: {words}\r\n".encode("ascii")
         self.warn(f"header {name} had 8-bit characters; encoded as RFC 2047 words")
         return _Field(field.name, folded.replace(b"\r\n", newline))
+
+
+#: Header fields that hold addresses: 8-bit words in them are encoded one by one.
+ADDRESS_FIELDS = frozenset(
+    {b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc"}
+    | {b"resent-" + name for name in (b"from", b"sender", b"to", b"cc", b"bcc")}
+)
+_NON_ASCII_WORD = re.compile(r"[^\s<>,\"]*[^\x00-\x7f][^\s<>,\"]*")
+_ANGLE_ADDRESS = re.compile(r"<([^<>]*)>")
+
+
+def _encoded_word(match: re.Match[str]) -> str:
+    data = base64.b64encode(match.group().encode("utf-8")).decode("ascii")
+    return f"=?utf-8?b?{data}?="
 
 
 def _lenient_b64decode(data: bytes) -> bytes:
