@@ -1,18 +1,11 @@
 from __future__ import annotations
 
 from esprelay.breaker import BreakerState, CircuitBreaker
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakeclock import FakeClock
 
 
 def test_opens_after_threshold_and_half_opens_after_cooldown() -> None:
-    clock = Clock()
+    clock = FakeClock()
     breaker = CircuitBreaker("esp", threshold=3, cooldown=30, clock=clock)
     for _ in range(2):
         assert breaker.allow()
@@ -24,14 +17,14 @@ def test_opens_after_threshold_and_half_opens_after_cooldown() -> None:
     assert not breaker.allow()
     assert breaker.retry_in() == 30
 
-    clock.now += 30
+    clock.advance(30)
     assert breaker.state is BreakerState.HALF_OPEN
     assert breaker.allow()  # one trial
     assert not breaker.allow()  # and only one at a time
     breaker.record_failure()
     assert breaker.state is BreakerState.OPEN
 
-    clock.now += 31
+    clock.advance(31)
     assert breaker.allow()
     breaker.record_success()
     assert breaker.state is BreakerState.CLOSED
@@ -39,7 +32,7 @@ def test_opens_after_threshold_and_half_opens_after_cooldown() -> None:
 
 
 def test_success_resets_the_count() -> None:
-    breaker = CircuitBreaker("esp", threshold=2, cooldown=30, clock=Clock())
+    breaker = CircuitBreaker("esp", threshold=2, cooldown=30, clock=FakeClock())
     breaker.record_failure()
     breaker.record_success()
     breaker.record_failure()
@@ -47,10 +40,10 @@ def test_success_resets_the_count() -> None:
 
 
 def test_neutral_outcome_frees_the_trial() -> None:
-    clock = Clock()
+    clock = FakeClock()
     breaker = CircuitBreaker("esp", threshold=1, cooldown=5, clock=clock)
     breaker.record_failure()
-    clock.now += 5
+    clock.advance(5)
     assert breaker.allow()
     breaker.record_neutral()
     assert breaker.allow()

@@ -1,17 +1,21 @@
-"""The outcome of each attempt maps to one spool transition (delivery.py)."""
+"""The outcome of each attempt maps to one spool transition (delivery.py).
+
+The spool and the deliverer share a fake clock: a retry comes due, or a shutdown's
+grace runs out, when the test moves the clock on, and each test waits for the
+outcomes the deliverer reports, never for time to pass.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from esprelay.backoff import RetryPolicy
-from esprelay.delivery import Deliverer
+from esprelay.delivery import Deliverer, Outcome
 from esprelay.dispatch import ProviderSet
 from esprelay.errors import (
     MessageRejected,
@@ -23,6 +27,7 @@ from esprelay.models import Envelope, MessageState, OutboundMessage, SendResult
 from esprelay.providers.base import Provider
 from esprelay.spool.base import NewPart
 from esprelay.spool.sqlite import SqliteSpool
+from tests.fakeclock import FakeClock
 
 
 class ScriptedProvider(Provider):
@@ -43,36 +48,84 @@ class ScriptedProvider(Provider):
         return SendResult(provider_message_id=f"{outcome}-{len(self.sent)}")
 
 
+#: Seconds between the deliverer's looks at the spool when nothing wakes it.
+POLL = 1.0
+#: Longer than any retry delay of ``POLICY`` (15 s at most, jitter included).
+LATER = 20.0
+#: How long a test waits for what the deliverer does at once (a hang fails the test).
+PATIENCE = 10.0
+POLICY = RetryPolicy(retry_initial=10, retry_max=12.5, retry_config_error=300)
+
+
 @pytest.fixture
-async def spool(tmp_path: Path) -> AsyncIterator[SqliteSpool]:
-    spool = SqliteSpool(tmp_path / "spool.db", exclusive=True)
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def spool(tmp_path: Path, clock: FakeClock) -> AsyncIterator[SqliteSpool]:
+    spool = SqliteSpool(tmp_path / "spool.db", exclusive=True, clock=clock)
     await spool.open()
     yield spool
     await spool.close()
 
 
-def make_deliverer(
-    spool: SqliteSpool, provider: Provider, policy: RetryPolicy | None = None
-) -> Deliverer:
-    return Deliverer(
-        spool,
-        ProviderSet({provider.name: provider}, breaker_threshold=1000),
-        default_chain=(provider.name,),
-        owner="test",
-        concurrency=4,
-        lease_time=30,
-        poll_interval=0.05,
-        policy=policy or RetryPolicy(retry_initial=0.1, retry_max=0.2, retry_config_error=0.3),
-    )
+class Run:
+    """A deliverer on the fake clock, and the outcomes of its attempts as they come."""
 
+    def __init__(
+        self,
+        spool: SqliteSpool,
+        provider: Provider,
+        clock: FakeClock,
+        policy: RetryPolicy = POLICY,
+        *,
+        breaker_threshold: int = 1000,
+        breaker_cooldown: float = 30.0,
+    ) -> None:
+        self.spool = spool
+        self.clock = clock
+        self.outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
+        self.deliverer = Deliverer(
+            spool,
+            ProviderSet(
+                {provider.name: provider},
+                breaker_threshold=breaker_threshold,
+                breaker_cooldown=breaker_cooldown,
+                clock=clock,
+            ),
+            default_chain=(provider.name,),
+            owner="test",
+            concurrency=4,
+            lease_time=30,
+            poll_interval=POLL,
+            policy=policy,
+            on_outcome=self.outcomes.put_nowait,
+            clock=clock,
+        )
 
-async def wait_until(predicate: Callable[[], object], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate():  # type: ignore[misc]
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
+    async def __aenter__(self) -> Run:
+        self.deliverer.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.deliverer.stop(grace=0)
+
+    async def outcome(self) -> Outcome:
+        """The next attempt's outcome."""
+        return await asyncio.wait_for(self.outcomes.get(), PATIENCE)
+
+    async def idle(self) -> None:
+        """Until the deliverer waits for its next poll, a whole interval from now."""
+        await asyncio.wait_for(self.clock.waiting(seconds=POLL), PATIENCE)
+
+    async def later(self, seconds: float = LATER) -> None:
+        """Move the clock on by ``seconds`` (at least a poll interval), and let the one
+        poll that this lets through look at the spool."""
+        assert seconds >= POLL
+        await self.idle()
+        self.clock.advance(seconds)
+        await self.idle()
 
 
 async def put(spool: SqliteSpool, provider: str = "scripted") -> str:
@@ -81,41 +134,37 @@ async def put(spool: SqliteSpool, provider: str = "scripted") -> str:
     )
 
 
-async def run_until_state(
-    spool: SqliteSpool, deliverer: Deliverer, message_id: str, state: MessageState
+async def test_success_records_provider_id_and_drops_body(
+    spool: SqliteSpool, clock: FakeClock
 ) -> None:
-    deliverer.start()
-    try:
-
-        async def done() -> bool:
-            message = await spool.get(message_id)
-            return message is not None and message.state == state
-
-        await wait_until(done)
-    finally:
-        await deliverer.stop(grace=1)
-
-
-async def test_success_records_provider_id_and_drops_body(spool: SqliteSpool) -> None:
     provider = ScriptedProvider(["esp"])
     message_id = await put(spool)
-    await run_until_state(
-        spool, make_deliverer(spool, provider), message_id, MessageState.DELIVERED
-    )
+    async with Run(spool, provider, clock) as run:
+        assert (await run.outcome()).outcome == "delivered"
     message = await spool.get(message_id, with_body=True)
     assert message is not None
+    assert message.state == MessageState.DELIVERED
     assert message.provider_message_id == "esp-1"
     assert message.attempts == 1
     assert message.raw is None
     assert provider.sent[0].raw == b"Subject: t\r\n\r\nx\r\n"
 
 
-async def test_transient_then_success(spool: SqliteSpool) -> None:
+async def test_transient_then_success(spool: SqliteSpool, clock: FakeClock) -> None:
     provider = ScriptedProvider([ProviderUnavailable("503"), RateLimited("429"), "esp"])
     message_id = await put(spool)
-    await run_until_state(
-        spool, make_deliverer(spool, provider), message_id, MessageState.DELIVERED
-    )
+    async with Run(spool, provider, clock) as run:
+        assert (await run.outcome()).outcome == "deferred"
+        message = await spool.get(message_id)
+        assert message is not None and message.state == MessageState.QUEUED
+        # Due after the first backoff delay (10 s, give or take the jitter), not before.
+        assert 8 <= message.next_attempt_at - clock.time() <= 12
+        await run.later(7.9)
+        assert len(provider.sent) == 1
+        await run.later()
+        assert (await run.outcome()).outcome == "deferred"
+        await run.later()
+        assert (await run.outcome()).outcome == "delivered"
     message = await spool.get(message_id)
     assert message is not None
     assert [a.outcome for a in message.history] == ["deferred", "deferred", "delivered"]
@@ -123,11 +172,12 @@ async def test_transient_then_success(spool: SqliteSpool) -> None:
     assert len(provider.sent) == 3
 
 
-async def test_permanent_fails_without_retry(spool: SqliteSpool) -> None:
+async def test_permanent_fails_without_retry(spool: SqliteSpool, clock: FakeClock) -> None:
     provider = ScriptedProvider([MessageRejected("bad recipient", status_code=422)])
     message_id = await put(spool)
-    await run_until_state(spool, make_deliverer(spool, provider), message_id, MessageState.FAILED)
-    await asyncio.sleep(0.3)
+    async with Run(spool, provider, clock) as run:
+        assert (await run.outcome()).outcome == "failed"
+        await run.later(86400)  # a day later: never tried again
     message = await spool.get(message_id, with_body=True)
     assert message is not None
     assert message.state == MessageState.FAILED
@@ -136,66 +186,90 @@ async def test_permanent_fails_without_retry(spool: SqliteSpool) -> None:
     assert len(provider.sent) == 1
 
 
-async def test_retry_hint_is_honoured(spool: SqliteSpool) -> None:
+async def test_retry_hint_is_honoured(spool: SqliteSpool, clock: FakeClock) -> None:
     provider = ScriptedProvider([RateLimited("429", retry_after=120)])
     message_id = await put(spool)
-    deliverer = make_deliverer(spool, provider)
-    deliverer.start()
-
-    async def deferred() -> bool:
+    async with Run(spool, provider, clock) as run:
+        assert (await run.outcome()).outcome == "deferred"
         message = await spool.get(message_id)
-        return message is not None and message.attempts == 1
+        assert message is not None and message.state == MessageState.QUEUED
+        assert message.next_attempt_at == pytest.approx(clock.time() + 120)
+        await run.later(119)
+        assert len(provider.sent) == 1
+        await run.later(1)
+        assert (await run.outcome()).outcome == "delivered"
 
-    await wait_until(deferred)
-    await deliverer.stop(grace=1)
-    message = await spool.get(message_id)
-    assert message is not None and message.state == MessageState.QUEUED
-    assert message.next_attempt_at - time.time() > 100
 
-
-async def test_config_error_waits_at_least_the_config_delay(spool: SqliteSpool) -> None:
+async def test_config_error_waits_at_least_the_config_delay(
+    spool: SqliteSpool, clock: FakeClock
+) -> None:
     provider = ScriptedProvider([ProviderConfigError("401 bad key", status_code=401)])
     message_id = await put(spool)
-    policy = RetryPolicy(retry_initial=0.1, retry_max=0.2, retry_config_error=60)
-    deliverer = make_deliverer(spool, provider, policy)
-    deliverer.start()
-
-    async def deferred() -> bool:
+    policy = RetryPolicy(retry_initial=10, retry_max=12.5, retry_config_error=300)
+    async with Run(spool, provider, clock, policy) as run:
+        assert (await run.outcome()).outcome == "deferred"
         message = await spool.get(message_id)
-        return message is not None and message.attempts == 1
+        assert message is not None and message.state == MessageState.QUEUED
+        assert message.next_attempt_at == pytest.approx(clock.time() + 300)
+        await run.later(299)
+        assert len(provider.sent) == 1
+        await run.later(1)
+        assert (await run.outcome()).outcome == "delivered"
 
-    await wait_until(deferred)
-    await deliverer.stop(grace=1)
-    message = await spool.get(message_id)
-    assert message is not None and message.state == MessageState.QUEUED
-    assert message.next_attempt_at - time.time() > 50
 
-
-async def test_expired_message_fails(spool: SqliteSpool) -> None:
+async def test_expired_message_fails(spool: SqliteSpool, clock: FakeClock) -> None:
     provider = ScriptedProvider([ProviderUnavailable("503")] * 100)
     message_id = await put(spool)
-    policy = RetryPolicy(retry_initial=0.05, retry_max=0.05, max_queue_lifetime=0.5)
-    await run_until_state(
-        spool, make_deliverer(spool, provider, policy), message_id, MessageState.FAILED
-    )
+    policy = RetryPolicy(retry_initial=10, retry_max=12.5, max_queue_lifetime=100)
+    async with Run(spool, provider, clock, policy) as run:
+        # Tried at 0, 20, ... 80 s after it was queued; at 100 s it has expired.
+        for _ in range(5):
+            assert (await run.outcome()).outcome == "deferred"
+            await run.later()
+        outcome = await run.outcome()
+        assert outcome.outcome == "failed" and outcome.expired
     message = await spool.get(message_id)
-    assert message is not None
-    assert "expired after" in (message.last_error or "")
-    assert message.attempts >= 2
+    assert message is not None and message.state == MessageState.FAILED
+    assert "expired after 6 attempt(s)" in (message.last_error or "")
+    assert message.attempts == 6
 
 
-async def test_unexpected_exception_is_retried_not_lost(spool: SqliteSpool) -> None:
+async def test_unexpected_exception_is_retried_not_lost(
+    spool: SqliteSpool, clock: FakeClock
+) -> None:
     provider = ScriptedProvider([RuntimeError("bug"), "esp"])
-    message_id = await put(spool)
-    await run_until_state(
-        spool, make_deliverer(spool, provider), message_id, MessageState.DELIVERED
-    )
+    await put(spool)
+    async with Run(spool, provider, clock) as run:
+        assert (await run.outcome()).outcome == "deferred"
+        await run.later()
+        assert (await run.outcome()).outcome == "delivered"
     assert len(provider.sent) == 2
 
 
-async def test_concurrency_is_bounded(spool: SqliteSpool) -> None:
+async def test_an_open_circuit_defers_until_its_cool_down_ends(
+    spool: SqliteSpool, clock: FakeClock
+) -> None:
+    provider = ScriptedProvider([ProviderUnavailable("503"), "esp"])
+    message_id = await put(spool)
+    async with Run(spool, provider, clock, breaker_threshold=1, breaker_cooldown=600) as run:
+        assert (await run.outcome()).outcome == "deferred"  # and the circuit opens
+        await run.later()
+        # Due again, but the circuit is open: not sent, deferred to the end of the cool-down.
+        outcome = await run.outcome()
+        assert outcome.outcome == "deferred" and "circuit open" in str(outcome.error)
+        assert len(provider.sent) == 1
+        message = await spool.get(message_id)
+        assert message is not None
+        assert message.next_attempt_at == pytest.approx(clock.time() + 600 - LATER)
+        await run.later(600 - LATER)
+        assert (await run.outcome()).outcome == "delivered"  # the trial call closes it
+    assert len(provider.sent) == 2
+
+
+async def test_concurrency_is_bounded(spool: SqliteSpool, clock: FakeClock) -> None:
     running = 0
     peak = 0
+    full, go = asyncio.Event(), asyncio.Event()
 
     class Slow(Provider):
         kind = "scripted"
@@ -204,124 +278,118 @@ async def test_concurrency_is_bounded(spool: SqliteSpool) -> None:
             nonlocal running, peak
             running += 1
             peak = max(peak, running)
-            await asyncio.sleep(0.05)
+            if running == 4:
+                full.set()
+            await go.wait()
             running -= 1
             return SendResult(provider_message_id="x")
 
     ids = [await put(spool) for _ in range(20)]
-    deliverer = make_deliverer(spool, Slow())
-    deliverer.start()
-
-    async def all_done() -> bool:
-        stats = await spool.stats()
-        return stats.counts.get(MessageState.DELIVERED, 0) == len(ids)
-
-    await wait_until(all_done)
-    await deliverer.stop(grace=1)
+    async with Run(spool, Slow(), clock) as run:
+        await asyncio.wait_for(full.wait(), PATIENCE)
+        await run.idle()  # every slot taken: the deliverer waits
+        assert peak == 4
+        go.set()
+        outcomes = [await run.outcome() for _ in ids]
+    assert {o.outcome for o in outcomes} == {"delivered"}
+    assert sorted(o.message.id for o in outcomes) == sorted(ids)
     assert peak == 4
 
 
-async def test_stop_cancels_after_grace_and_message_stays(spool: SqliteSpool) -> None:
+async def test_stop_cancels_after_grace_and_message_stays(
+    spool: SqliteSpool, clock: FakeClock
+) -> None:
+    sending = asyncio.Event()
+
     class Hang(Provider):
         kind = "scripted"
 
         async def send(self, message: OutboundMessage) -> SendResult:
-            await asyncio.sleep(60)
+            sending.set()
+            await asyncio.Event().wait()
             raise AssertionError("not reached")
 
     message_id = await put(spool)
-    deliverer = make_deliverer(spool, Hang())
-    deliverer.start()
-
-    async def in_flight() -> bool:
-        message = await spool.get(message_id)
-        return message is not None and message.state == MessageState.IN_FLIGHT
-
-    await wait_until(in_flight)
-    started = time.monotonic()
-    await deliverer.stop(grace=0.2)
-    assert time.monotonic() - started < 5
+    run = Run(spool, Hang(), clock)
+    run.deliverer.start()
+    await asyncio.wait_for(sending.wait(), PATIENCE)
+    stopping = asyncio.create_task(run.deliverer.stop(grace=30))
+    await asyncio.wait_for(clock.waiting(seconds=30), PATIENCE)
+    clock.advance(29.5)
+    await asyncio.wait_for(clock.waiting(seconds=0.5), PATIENCE)  # still within the grace
+    assert not stopping.done()
+    clock.advance(0.5)
+    await asyncio.wait_for(stopping, PATIENCE)
+    assert run.outcomes.empty()
     message = await spool.get(message_id, with_body=True)
     assert message is not None and message.raw is not None
     assert message.state == MessageState.IN_FLIGHT  # reclaimed at the next start
 
 
 class CountingSpool(SqliteSpool):
-    """Counts lease queries; ``hold`` keeps one answered lease query from returning."""
+    """Counts lease queries; ``hold`` keeps one answered lease query from returning
+    (``held`` is set once it is being held)."""
 
     leases = 0
     hold: asyncio.Event | None = None
+    held: asyncio.Event | None = None
 
     async def lease(self, owner: str, limit: int, lease_time: float) -> list[Any]:
         self.leases += 1
         found = await super().lease(owner, limit, lease_time)
         if self.hold is not None:  # answered, but not yet seen by the caller
+            if self.held is not None:
+                self.held.set()
             await self.hold.wait()
             self.hold = None
         return found
 
 
-async def test_handed_off_messages_cost_no_lease_query(tmp_path: Path) -> None:
-    spool = CountingSpool(tmp_path / "spool.db", exclusive=True)
+async def test_handed_off_messages_cost_no_lease_query(tmp_path: Path, clock: FakeClock) -> None:
+    spool = CountingSpool(tmp_path / "spool.db", exclusive=True, clock=clock)
     await spool.open()
     provider = ScriptedProvider([])
-    deliverer = make_deliverer(spool, provider)
-    deliverer._poll_interval = 60  # only wake-ups, no polling, in this test
-    deliverer.start()
     try:
-        await asyncio.sleep(0.1)
-        queries_at_start = spool.leases  # the one at start-up (recovered work)
-        for _ in range(10):
-            assert deliverer.reserve(1)
-            (message_id,) = await spool.put_parts(
-                b"Subject: t\r\n\r\nx\r\n",
-                [NewPart(Envelope("a@example.com", ("b@example.org",)), "scripted", {})],
-                lease_owner=deliverer.owner,
-                lease_time=30,
-            )
-            message = await spool.get(message_id, with_body=True)
-            assert message is not None
-            deliverer.dispatch_reserved(message)
-        await wait_until(lambda: _true(len(provider.sent) == 10))
-        await asyncio.sleep(0.1)
-        assert spool.leases == queries_at_start
-        # A message spooled for the workers to lease still wakes them.
-        message_id = await put(spool)
-        deliverer.wake()
-
-        async def delivered() -> bool:
-            found = await spool.get(message_id)
-            return found is not None and found.state == MessageState.DELIVERED
-
-        await wait_until(delivered)
+        async with Run(spool, provider, clock) as run:
+            deliverer = run.deliverer
+            await run.idle()
+            assert spool.leases == 1  # the one at start-up (recovered work)
+            for _ in range(10):
+                assert deliverer.reserve(1)
+                (message_id,) = await spool.put_parts(
+                    b"Subject: t\r\n\r\nx\r\n",
+                    [NewPart(Envelope("a@example.com", ("b@example.org",)), "scripted", {})],
+                    lease_owner=deliverer.owner,
+                    lease_time=30,
+                )
+                message = await spool.get(message_id, with_body=True)
+                assert message is not None
+                deliverer.dispatch_reserved(message)
+                assert (await run.outcome()).outcome == "delivered"
+            assert len(provider.sent) == 10
+            # A message spooled for the workers to lease still wakes them.
+            message_id = await put(spool)
+            deliverer.wake()
+            outcome = await run.outcome()
+            assert outcome.outcome == "delivered" and outcome.message.id == message_id
+        assert spool.leases == 2  # start-up, and the wake-up
     finally:
-        await deliverer.stop(grace=1)
         await spool.close()
 
 
-async def test_wake_during_a_lease_query_is_not_lost(tmp_path: Path) -> None:
-    spool = CountingSpool(tmp_path / "spool.db", exclusive=True)
+async def test_wake_during_a_lease_query_is_not_lost(tmp_path: Path, clock: FakeClock) -> None:
+    spool = CountingSpool(tmp_path / "spool.db", exclusive=True, clock=clock)
     await spool.open()
-    provider = ScriptedProvider([])
-    deliverer = make_deliverer(spool, provider)
-    deliverer._poll_interval = 60
-    spool.hold = asyncio.Event()
-    deliverer.start()
+    spool.hold, spool.held = asyncio.Event(), asyncio.Event()
     try:
-        await asyncio.sleep(0.1)  # the start-up query found nothing, and waits on ``hold``
-        message_id = await put(spool)
-        deliverer.wake()  # while that query runs: it may not see the message
-        spool.hold.set()
-
-        async def delivered() -> bool:
-            found = await spool.get(message_id)
-            return found is not None and found.state == MessageState.DELIVERED
-
-        await wait_until(delivered, timeout=5)
+        # The clock never moves: without the wake-up, no poll would ever find it.
+        async with Run(spool, ScriptedProvider([]), clock) as run:
+            # The start-up query found nothing, and waits on ``hold``.
+            await asyncio.wait_for(spool.held.wait(), PATIENCE)
+            message_id = await put(spool)
+            run.deliverer.wake()  # while that query runs: it may not see the message
+            spool.hold.set()
+            outcome = await run.outcome()
+            assert outcome.outcome == "delivered" and outcome.message.id == message_id
     finally:
-        await deliverer.stop(grace=1)
         await spool.close()
-
-
-async def _true(value: bool) -> bool:
-    return value

@@ -22,13 +22,13 @@ from esprelay.app import Relay
 from esprelay.config import Settings
 from esprelay.smtp import auth
 from esprelay.smtp.auth import (
-    BLOCKED_REPLY,
-    INVALID_REPLY,
     FailureLimiter,
     UserDB,
     hash_password,
     login,
 )
+from esprelay.smtp.replies import AUTH_BLOCKED as BLOCKED_REPLY
+from esprelay.smtp.replies import AUTH_INVALID as INVALID_REPLY
 
 MAX_FAILURES = 5
 CLIENTS = 20

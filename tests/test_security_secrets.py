@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from esprelay.config import Settings
 from esprelay.providers.registry import configure, get_kind
 from esprelay.smtp.auth import UserDB, hash_password
@@ -54,10 +56,13 @@ def assert_clean(text: str, secrets: list[str]) -> None:
         assert secret not in text, f"secret {secret[:6]}... leaked"
 
 
-def test_full_debug_run_leaks_no_secret(relay_factory: type[RelayProcess], tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
+def test_full_debug_run_leaks_no_secret(
+    relay_factory: type[RelayProcess], tmp_path: Path, engine: str
+) -> None:
     certs = Certs(tmp_path)
     env, secrets = secrets_env(tmp_path, certs)
-    relay = relay_factory(env).start()
+    relay = relay_factory({**env, "ESPRELAY_SMTP_ENGINE": engine}).start()
     replies = []
 
     # AUTH PLAIN with an initial response, then a wrong one, over STARTTLS.

@@ -133,8 +133,9 @@ def test_command_line_too_long(relay: RelayProcess) -> None:
     dialog.close()
 
 
-def test_errors_per_session_then_421(relay_factory: type[RelayProcess]) -> None:
-    relay = relay_factory({"ESPRELAY_MAX_ERRORS": "3"}).start()
+@pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
+def test_errors_per_session_then_421(relay_factory: type[RelayProcess], engine: str) -> None:
+    relay = relay_factory({"ESPRELAY_MAX_ERRORS": "3", "ESPRELAY_SMTP_ENGINE": engine}).start()
     dialog = Dialog(relay.port)
     dialog.reply()
     dialog.command(b"EHLO client.test")
@@ -152,9 +153,16 @@ def greet(port: int, source: str = "127.0.0.1") -> tuple[Dialog, bytes]:
     return dialog, dialog.reply()
 
 
-def test_connections_per_client_limited(relay_factory: type[RelayProcess]) -> None:
+@pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
+def test_connections_per_client_limited(relay_factory: type[RelayProcess], engine: str) -> None:
     # Trusted networks are exempt (like Postfix's $mynetworks), so limit 127.0.0.2/.3.
-    relay = relay_factory({"ESPRELAY_MAX_CONNECTIONS_PER_CLIENT": "2", **ONLY_LOCALHOST}).start()
+    relay = relay_factory(
+        {
+            "ESPRELAY_MAX_CONNECTIONS_PER_CLIENT": "2",
+            "ESPRELAY_SMTP_ENGINE": engine,
+            **ONLY_LOCALHOST,
+        }
+    ).start()
     first, reply1 = greet(relay.port, source=UNTRUSTED)
     second, reply2 = greet(relay.port, source=UNTRUSTED)
     assert reply1.startswith(b"220") and reply2.startswith(b"220")
@@ -191,8 +199,9 @@ def test_trusted_clients_exempt_from_per_client_limit(relay_factory: type[RelayP
         dialog.close()
 
 
-def test_connections_in_total_limited(relay_factory: type[RelayProcess]) -> None:
-    relay = relay_factory({"ESPRELAY_MAX_CONNECTIONS": "2"}).start()
+@pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
+def test_connections_in_total_limited(relay_factory: type[RelayProcess], engine: str) -> None:
+    relay = relay_factory({"ESPRELAY_MAX_CONNECTIONS": "2", "ESPRELAY_SMTP_ENGINE": engine}).start()
     held = [greet(relay.port)[0], greet(relay.port, source="127.0.0.2")[0]]
     refused, reply = greet(relay.port, source="127.0.0.3")
     assert reply.startswith(b"421"), reply
@@ -200,9 +209,10 @@ def test_connections_in_total_limited(relay_factory: type[RelayProcess]) -> None
         dialog.close()
 
 
-def test_slow_data_cut_off_by_deadline(relay_factory: type[RelayProcess]) -> None:
+@pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
+def test_slow_data_cut_off_by_deadline(relay_factory: type[RelayProcess], engine: str) -> None:
     """Slowloris in DATA: a line every 0.2 s resets no timer; the DATA deadline ends it."""
-    relay = relay_factory({"ESPRELAY_DATA_TIMEOUT": "1s"}).start()
+    relay = relay_factory({"ESPRELAY_DATA_TIMEOUT": "1s", "ESPRELAY_SMTP_ENGINE": engine}).start()
     dialog = open_data(relay)
     started = time.monotonic()
     replies = b""
@@ -218,8 +228,11 @@ def test_slow_data_cut_off_by_deadline(relay_factory: type[RelayProcess]) -> Non
     assert spooled(relay) == []
 
 
-def test_slow_command_cut_off_by_idle_timeout(relay_factory: type[RelayProcess]) -> None:
-    relay = relay_factory({"ESPRELAY_SMTP_TIMEOUT": "1s"}).start()
+@pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
+def test_slow_command_cut_off_by_idle_timeout(
+    relay_factory: type[RelayProcess], engine: str
+) -> None:
+    relay = relay_factory({"ESPRELAY_SMTP_TIMEOUT": "1s", "ESPRELAY_SMTP_ENGINE": engine}).start()
     dialog = Dialog(relay.port)
     dialog.reply()
     started = time.monotonic()

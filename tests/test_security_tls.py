@@ -218,8 +218,9 @@ def test_commands_pipelined_before_starttls_are_discarded(
     secure.close()
 
 
+@pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
 def test_failed_starttls_handshake_runs_no_plaintext_and_frees_the_slot(
-    relay_factory: type[RelayProcess], certs: Certs
+    relay_factory: type[RelayProcess], certs: Certs, engine: str
 ) -> None:
     """Found by the fuzzer: after a STARTTLS whose handshake never happened, aiosmtpd went
     on with the plaintext pipelined behind it, as if inside TLS (AUTH allowed), and the
@@ -229,6 +230,7 @@ def test_failed_starttls_handshake_runs_no_plaintext_and_frees_the_slot(
         certs,
         ESPRELAY_SMTP_TIMEOUT="1s",
         ESPRELAY_MAX_CONNECTIONS_PER_CLIENT="1",
+        ESPRELAY_SMTP_ENGINE=engine,
     )
     dialog = Dialog(relay.port, source=UNTRUSTED)
     assert dialog.reply().startswith(b"220")

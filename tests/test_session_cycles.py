@@ -31,7 +31,9 @@ def collector_off() -> Iterator[None]:
         gc.enable()
 
 
-@pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
+# Only the native engine: aiosmtpd's session keeps bound methods of itself in private
+# attributes, which the aiosmtpd engine no longer touches (it uses aiosmtpd's public API).
+@pytest.mark.parametrize("engine", ["native"])
 async def test_ended_session_is_freed_without_the_collector(
     tmp_path: Path, collector_off: None, engine: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

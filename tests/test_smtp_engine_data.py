@@ -21,6 +21,8 @@ from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.dataread import MessageReader
 from esprelay.smtp.engine import Listener, SMTPSession
 from esprelay.smtp.guards import Guards
+from esprelay.smtp.policy import RelayPolicy
+from esprelay.smtp.session_policy import SessionPolicy
 
 LINE_LIMIT = 40
 SIZE_LIMIT = 400
@@ -72,22 +74,24 @@ class Transport:
 
 
 def _session(capture: Capture) -> tuple[SMTPSession, Transport]:
+    policy = SessionPolicy(
+        IntakeState(),
+        Guards(max_errors=100),
+        RelayPolicy.loopback(),
+        UserDB(),
+        FailureLimiter(5, 300.0),
+        implicit_tls=False,
+        sessions=set(),
+    )
     listener = Listener(
         capture,  # type: ignore[arg-type]
-        IntakeState(),
         hostname="engine.test",
         data_size_limit=SIZE_LIMIT,
         line_length_limit=LINE_LIMIT,
         command_size_limit=512,
         timeout=30.0,
-        guards=Guards(max_errors=100),
-        trusted=lambda _: True,
-        plaintext_auth_allowed=lambda _: True,
-        users=UserDB(),
-        limiter=FailureLimiter(5, 300.0),
+        policy=policy,
         tls_context=None,
-        implicit_tls=False,
-        sessions=set(),
     )
     session = SMTPSession(listener)
     transport = Transport()

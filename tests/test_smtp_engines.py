@@ -27,6 +27,7 @@ from tests.securitykit import UNTRUSTED, Dialog
 PASSWORD = "engine-Secret-9"
 MAX_SIZE = 3000
 MAX_LINE = 1001
+JUNK_LIMIT = 12  # the "misc" script stays within it, "junk commands" goes beyond
 
 
 def _b64(data: bytes) -> bytes:
@@ -54,6 +55,7 @@ def relays(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Relay
                     "ESPRELAY_MAX_COMMAND_LENGTH": "80",
                     "ESPRELAY_MAX_RECIPIENTS": "3",
                     "ESPRELAY_MAX_ERRORS": "6",
+                    "ESPRELAY_SMTP_JUNK_COMMAND_LIMIT": str(JUNK_LIMIT),
                     "ESPRELAY_HTTP_ENABLED": "false",
                 },
             ).start()
@@ -265,6 +267,23 @@ SCRIPTS = {
     "auth bad answer": [b"EHLO c\r\n", b"AUTH PLAIN\r\n", b"not base64!\r\n"],
     "starttls unavailable": [b"EHLO c\r\n", b"STARTTLS\r\n", b"STARTTLS now\r\n"],
     "error budget": [b"EHLO c\r\n"] + [b"MAIL FROM:<bad\r\n"] * 7,
+    "junk commands": [b"EHLO c\r\n", *[b"NOOP\r\n", b"RSET\r\n", b"EHLO c\r\n"] * 5],
+    "junk count after a message": [
+        b"EHLO c\r\n",
+        *[b"NOOP\r\n"] * 10,
+        *ENVELOPE,
+        *DATA,
+        *[b"HELP\r\n", b"VRFY x\r\n", b"EXPN y\r\n", b"HELO c\r\n"] * 4,
+    ],
+    "envelope bytes": [
+        b"EHLO c\r\n",
+        b"MAIL FROM:<j\xff@example.com>\r\n",
+        b"MAIL FROM:<j\xff@example.com> SMTPUTF8\r\n",
+        b"MAIL FROM:<\xc3\xa9@example.com>\r\n",
+        b"MAIL FROM:<a@example.com>\r\n",
+        b"RCPT TO:<\xc3\xa9@example.org>\r\n",
+        b"RCPT TO:<b\xfe@example.org>\r\n",
+    ],
 }
 
 
@@ -381,3 +400,51 @@ def test_half_close_during_an_auth_challenge_ends_the_session(
         transcript = _read_all(sock, time.monotonic() + 10)
     assert time.monotonic() - started < 5, transcript  # not the idle timeout
     assert transcript.endswith(b"334 VXNlciBOYW1lAA==\r\n"), transcript
+
+
+@pytest.fixture(scope="module")
+def short_lived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, RelayProcess]]:
+    made: dict[str, RelayProcess] = {}
+    try:
+        for engine in ("native", "aiosmtpd"):
+            made[engine] = RelayProcess(
+                tmp_path_factory.mktemp(f"short-{engine}"),
+                {
+                    "ESPRELAY_SMTP_ENGINE": engine,
+                    "ESPRELAY_SMTP_MAX_SESSION_SECONDS": "1",
+                    "ESPRELAY_DATA_TIMEOUT": "2",
+                    "ESPRELAY_HTTP_ENABLED": "false",
+                },
+            ).start()
+        yield made
+    finally:
+        for relay in made.values():
+            relay.kill()
+
+
+def play_until_closed(port: int, script: list[bytes]) -> bytes:
+    """Send the script in one write, no QUIT, and read until the server closes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with sock:
+        sock.sendall(b"".join(script))
+        return _normalise(_read_all(sock, time.monotonic() + 30))
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        pytest.param([b"EHLO c\r\n"], id="idle"),
+        pytest.param([b"EHLO c\r\n", *ENVELOPE, *DATA], id="after-a-message"),
+        pytest.param([b"EHLO c\r\n", *ENVELOPE, b"DATA\r\n", b"Subject: open\r\n"], id="in-data"),
+    ],
+)
+def test_session_lifetime_answered_alike(
+    short_lived: dict[str, RelayProcess], script: list[bytes]
+) -> None:
+    """The lifetime's end, idle or after a message; a DATA in progress is not cut by
+    the lifetime, only by the DATA deadline (here 2 s; both answer 421 4.4.2)."""
+    pieces = _steps(script)
+    native = play_until_closed(short_lived["native"].port, pieces)
+    reference = play_until_closed(short_lived["aiosmtpd"].port, pieces)
+    assert native == reference, (script, native, reference)
+    assert b"421 4.4.2 " in native, native

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import enum
 import logging
-import time
-from collections.abc import Callable
+
+from esprelay.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger("esprelay.breaker")
 
@@ -29,12 +29,12 @@ class CircuitBreaker:
         *,
         threshold: int = 5,
         cooldown: float = 30.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.name = name
         self.threshold = max(1, threshold)
         self.cooldown = cooldown
-        self._clock = clock
+        self._clock = clock.monotonic
         self._failures = 0
         self._opened_at: float | None = None
         self._trial_in_flight = False

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     max_command_length: int = Field(default=512, ge=64, le=65536)
     max_errors: int = Field(default=10, ge=1)
     data_timeout: Seconds = Field(default=600.0, gt=0)
+    #: NOOP, RSET, VRFY, EXPN, HELP and repeated HELO/EHLO a session may send (421 beyond)
+    smtp_junk_command_limit: int = Field(default=100, ge=1)
+    #: How long one SMTP session may last in all (0: no limit)
+    smtp_max_session_seconds: Seconds = 1800.0
     repair_headers: bool = True
     force_from: str | None = None
 

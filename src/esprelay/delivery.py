@@ -17,12 +17,13 @@ along it and the circuit breakers live in :mod:`esprelay.dispatch`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from esprelay.backoff import RetryPolicy, expired, next_delay
+from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.dispatch import ProviderSet, Sent
 from esprelay.errors import (
     DeliveryError,
@@ -77,6 +78,7 @@ class Deliverer:
         policy: RetryPolicy,
         on_outcome: OutcomeHook | None = None,
         on_failed: OutcomeHook | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._spool = spool
         self._providers = providers
@@ -88,6 +90,11 @@ class Deliverer:
         self._policy = policy
         self._on_outcome = on_outcome
         self._on_failed = on_failed
+        # Retry times are wall-clock (stored in the spool), attempt durations monotonic;
+        # the poll interval and the shutdown grace are waited for on the same clock.
+        self._time = clock.time
+        self._monotonic = clock.monotonic
+        self._timeout = clock.timeout
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[Outcome | None]] = set()
@@ -143,7 +150,11 @@ class Deliverer:
             await self._loop_task
         if self._inflight:
             log.info("waiting up to %.0fs for %d delivery(ies) in flight", grace, self.inflight)
-            _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
+            tasks = set(self._inflight)
+            with contextlib.suppress(TimeoutError):
+                async with self._timeout(grace):
+                    await asyncio.wait(tasks)
+            pending = {task for task in tasks if not task.done()}
             for task in pending:
                 task.cancel()
             if pending:
@@ -217,7 +228,8 @@ class Deliverer:
                     self._due = True
                     continue  # there may be more due work; look again at once
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval)
+                async with self._timeout(self._poll_interval):
+                    await self._wake.wait()
             except TimeoutError:
                 self._due = True
 
@@ -239,7 +251,7 @@ class Deliverer:
             chain = self._default_chain
         assert message.raw is not None
         outbound = OutboundMessage(message.id, message.envelope, message.raw)
-        started = time.monotonic()
+        started = self._monotonic()
         error: DeliveryError | None = None
         sent: Sent | None = None
         try:
@@ -249,7 +261,7 @@ class Deliverer:
         except Exception as exc:
             log.exception("unexpected error delivering id=%s", message.id)
             error = TransientDeliveryError(f"internal error: {type(exc).__name__}")
-        elapsed = time.monotonic() - started
+        elapsed = self._monotonic() - started
         provider = (
             sent.provider if sent else (error.provider if error and error.provider else chain[0])
         )
@@ -313,7 +325,7 @@ class Deliverer:
                 )
             return Outcome(message, provider, "delivered", None, elapsed)
 
-        now = time.time()
+        now = self._time()
         too_old = not isinstance(error, PermanentDeliveryError) and expired(
             self._policy, message.created_at, now
         )

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from esprelay.breaker import CircuitBreaker
+from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -44,10 +45,13 @@ class ProviderSet:
         *,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 30.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.providers = dict(providers)
         self.breakers = {
-            name: CircuitBreaker(name, threshold=breaker_threshold, cooldown=breaker_cooldown)
+            name: CircuitBreaker(
+                name, threshold=breaker_threshold, cooldown=breaker_cooldown, clock=clock
+            )
             for name in self.providers
         }
 

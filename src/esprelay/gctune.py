@@ -6,8 +6,8 @@ none of which will ever be garbage, and each full collection paused the event lo
 tens of milliseconds: the benchmark's p99 accept latency.  ``gc.freeze()`` moves what
 start-up allocated out of the collector's sight, so later collections walk only what
 serving allocates.  Per-message garbage is freed by reference counting where we control
-it (an SMTP session breaks its own reference cycles when it ends, see
-``RelaySMTP._end_reached``).
+it (a native SMTP session leaves no reference cycle behind; aiosmtpd's sessions do,
+and are left to the collector).
 """
 
 from __future__ import annotations

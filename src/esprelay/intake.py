@@ -27,6 +27,13 @@ from esprelay.dispatch import ProviderSet, Sent
 from esprelay.errors import DeliveryError, PermanentDeliveryError, SpoolError
 from esprelay.models import Envelope, MessageState, OutboundMessage, SpooledMessage
 from esprelay.routing import Part, RoutingTable
+from esprelay.smtp.replies import (
+    DELIVERED_F,
+    FAILED_INLINE_F,
+    PROVIDER_UNAVAILABLE_F,
+    QUEUED_F,
+    REJECTED_F,
+)
 from esprelay.spool.base import NewPart, Spool, new_message_id
 
 log = logging.getLogger("esprelay.smtp")
@@ -163,7 +170,7 @@ class Intake:
             )
         for callback in self.state.on_accepted:
             callback()
-        queued = f"250 2.0.0 Ok: queued as {','.join(ids)}"
+        queued = QUEUED_F.format(",".join(ids))
         if deliverer is None or not (inline or handoff):
             if deliverer is not None:
                 deliverer.wake()  # spooled for the workers to lease
@@ -191,7 +198,7 @@ class Intake:
         outcome = await deliverer.attempt_inline(leased[0], self.inline_seconds)
         if outcome is not None and outcome.outcome == "failed" and not outcome.expired:
             reason = reply_text(str(outcome.error))
-            return f"554 5.0.0 Delivery failed permanently: {reason}"
+            return FAILED_INLINE_F.format(reason)
         return queued
 
     async def _passthrough(self, parts: list[Part], raw: bytes, client: Client) -> str:
@@ -249,9 +256,9 @@ class Intake:
                 )
         permanent = [e for e in errors if isinstance(e, PermanentDeliveryError)]
         if permanent:
-            return f"554 5.0.0 Rejected by the provider: {reply_text(str(permanent[0]))}"
+            return REJECTED_F.format(reply_text(str(permanent[0])))
         if errors:
-            return f"451 4.4.0 Provider unavailable, try again later: {reply_text(str(errors[0]))}"
+            return PROVIDER_UNAVAILABLE_F.format(reply_text(str(errors[0])))
         sent = [r for r in results if isinstance(r, Sent)]
         ids = ",".join(f"{s.provider}:{s.result.provider_message_id or '-'}" for s in sent)
-        return f"250 2.0.0 Ok: delivered as {message_id} ({reply_text(ids)})"
+        return DELIVERED_F.format(message_id, reply_text(ids))

@@ -123,6 +123,8 @@ class Listeners:
                 max_connections_per_client=settings.max_connections_per_client,
                 max_errors=settings.max_errors,
                 data_timeout=settings.data_timeout,
+                junk_command_limit=settings.smtp_junk_command_limit,
+                max_session_seconds=settings.smtp_max_session_seconds,
             ),
             "tls": tls,
             "command_size_limit": settings.max_command_length,

@@ -7,7 +7,6 @@ the PostgreSQL half fails instead of skipping when the server is unreachable.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -15,7 +14,7 @@ from esprelay.errors import SpoolError
 from esprelay.models import Envelope, MessageState
 from esprelay.spool import NewPart, Spool
 from esprelay.spool.postgres import BODY_CHUNK
-from tests.spool.conftest import SpoolFactory
+from tests.spool.conftest import SpoolClock, SpoolFactory
 
 ENVELOPE = Envelope(mail_from="app@example.com", rcpt_tos=("a@example.org", "b@example.net"))
 RAW = b"From: app@example.com\r\nSubject: hi\r\n\r\nbody \xff\x00 bytes\r\n"
@@ -25,8 +24,8 @@ async def put(spool: Spool, raw: bytes = RAW, **meta: object) -> str:
     return await spool.put(ENVELOPE, raw, provider="outbox", meta=dict(meta))
 
 
-async def test_put_then_get_round_trips_everything(spool: Spool) -> None:
-    before = time.time()
+async def test_put_then_get_round_trips_everything(spool: Spool, spool_clock: SpoolClock) -> None:
+    before = spool_clock.time()
     message_id = await put(spool, client="127.0.0.1", helo="client.test")
     message = await spool.get(message_id, with_body=True)
     assert message is not None
@@ -40,8 +39,8 @@ async def test_put_then_get_round_trips_everything(spool: Spool) -> None:
     assert message.meta == {"client": "127.0.0.1", "helo": "client.test"}
     assert message.history == ()
     assert message.lease_owner is None
-    assert before - 5 < message.created_at < time.time() + 5
-    assert message.next_attempt_at <= time.time() + 5
+    assert before - 5 < message.created_at < spool_clock.time() + 5
+    assert message.next_attempt_at <= spool_clock.time() + 5
 
     without_body = await spool.get(message_id)
     assert without_body is not None
@@ -98,7 +97,7 @@ async def test_put_parts_commits_every_part_with_the_same_bytes(spool: Spool) ->
 
 
 @pytest.mark.parametrize("size", [10, 2 * BODY_CHUNK + 3])
-async def test_put_parts_already_leased(spool: Spool, size: int) -> None:
+async def test_put_parts_already_leased(spool: Spool, size: int, spool_clock: SpoolClock) -> None:
     raw = b"z" * size
     [message_id] = await spool.put_parts(
         raw, [NewPart(ENVELOPE, "outbox")], lease_owner="inline", lease_time=60
@@ -108,7 +107,7 @@ async def test_put_parts_already_leased(spool: Spool, size: int) -> None:
     assert message.state is MessageState.IN_FLIGHT
     assert message.lease_owner == "inline"
     assert message.lease_expires_at is not None
-    assert message.lease_expires_at > time.time() + 30
+    assert message.lease_expires_at > spool_clock.time() + 30
     assert message.raw == raw
     assert await spool.lease("w1", 10, 60) == []  # nobody else may take it
     assert await spool.mark_delivered(
@@ -116,8 +115,17 @@ async def test_put_parts_already_leased(spool: Spool, size: int) -> None:
     )
 
 
-async def test_list_orders_filters_and_limits(spool: Spool) -> None:
-    ids = [await put(spool) for _ in range(5)]
+async def put_in_turn(spool: Spool, spool_clock: SpoolClock, count: int) -> list[str]:
+    """``count`` messages, a millisecond apart: ids and due times in arrival order."""
+    ids = []
+    for _ in range(count):
+        ids.append(await put(spool))
+        await spool_clock.advance(0.001)
+    return ids
+
+
+async def test_list_orders_filters_and_limits(spool: Spool, spool_clock: SpoolClock) -> None:
+    ids = await put_in_turn(spool, spool_clock, 5)
     listed = await spool.list()
     assert [m.id for m in listed] == ids
     assert all(m.raw is None for m in listed)
@@ -128,8 +136,8 @@ async def test_list_orders_filters_and_limits(spool: Spool) -> None:
     assert await spool.list(state=MessageState.FAILED) == []
 
 
-async def test_lease_claims_due_messages_once(spool: Spool) -> None:
-    ids = [await put(spool) for _ in range(3)]
+async def test_lease_claims_due_messages_once(spool: Spool, spool_clock: SpoolClock) -> None:
+    ids = await put_in_turn(spool, spool_clock, 3)
     assert await spool.lease("w1", 0, 60) == []
     leased = await spool.lease("w1", 2, 60)
     assert [m.id for m in leased] == ids[:2]
@@ -138,15 +146,15 @@ async def test_lease_claims_due_messages_once(spool: Spool) -> None:
         assert message.state is MessageState.IN_FLIGHT
         assert message.lease_owner == "w1"
         assert message.lease_expires_at is not None
-        assert message.lease_expires_at > time.time() + 30
+        assert message.lease_expires_at > spool_clock.time() + 30
     assert [m.id for m in await spool.lease("w2", 10, 60)] == ids[2:]
     assert await spool.lease("w3", 10, 60) == []
 
 
-async def test_lease_takes_earliest_due_first(spool: Spool) -> None:
+async def test_lease_takes_earliest_due_first(spool: Spool, spool_clock: SpoolClock) -> None:
     ids = [await put(spool) for _ in range(3)]
     [first, second, third] = await spool.lease("w1", 3, 60)
-    now = time.time()
+    now = spool_clock.time()
     # Give them due times in the reverse order of their arrival.
     assert await spool.mark_retry(ids[0], owner="w1", provider="p", error="e", next_attempt_at=now)
     assert await spool.mark_retry(
@@ -160,11 +168,12 @@ async def test_lease_takes_earliest_due_first(spool: Spool) -> None:
     del first, second, third
 
 
-async def test_expired_lease_goes_to_another_worker(spool: Spool) -> None:
+async def test_expired_lease_goes_to_another_worker(spool: Spool, spool_clock: SpoolClock) -> None:
     message_id = await put(spool)
-    [leased] = await spool.lease("dead-worker", 1, 0.2)
+    [leased] = await spool.lease("dead-worker", 1, 60)
+    await spool_clock.advance(50)
     assert await spool.lease("w2", 1, 60) == []  # still leased
-    await asyncio.sleep(0.4)
+    await spool_clock.advance(10)
     [again] = await spool.lease("w2", 1, 60)
     assert again.id == leased.id == message_id
     assert again.lease_owner == "w2"
@@ -206,10 +215,10 @@ async def test_mark_delivered_checks_owner_and_drops_body(spool: Spool) -> None:
     )
 
 
-async def test_mark_retry_requeues_for_later(spool: Spool) -> None:
+async def test_mark_retry_requeues_for_later(spool: Spool, spool_clock: SpoolClock) -> None:
     message_id = await put(spool)
     await spool.lease("w1", 1, 60)
-    later = time.time() + 120
+    later = spool_clock.time() + 120
     assert not await spool.mark_retry(
         message_id, owner="intruder", provider="outbox", error="nope", next_attempt_at=later
     )
@@ -252,13 +261,13 @@ async def test_mark_failed_keeps_body_and_retry_now_revives(spool: Spool) -> Non
     assert leased.attempts == 1
 
 
-async def test_retry_now(spool: Spool) -> None:
+async def test_retry_now(spool: Spool, spool_clock: SpoolClock) -> None:
     assert not await spool.retry_now("00000000000ffffffffff")
     queued = await put(spool)
     await spool.lease("w1", 1, 60)
     assert not await spool.retry_now(queued)  # in flight: a worker owns it
     await spool.mark_retry(
-        queued, owner="w1", provider="outbox", error="e", next_attempt_at=time.time() + 3600
+        queued, owner="w1", provider="outbox", error="e", next_attempt_at=spool_clock.time() + 3600
     )
     assert await spool.lease("w1", 1, 60) == []
     assert await spool.retry_now(queued)
@@ -267,11 +276,11 @@ async def test_retry_now(spool: Spool) -> None:
     assert not await spool.retry_now(queued)  # delivered: the body is gone
 
 
-async def test_delete(spool: Spool) -> None:
+async def test_delete(spool: Spool, spool_clock: SpoolClock) -> None:
     message_id = await put(spool)
     await spool.lease("w1", 1, 60)
     await spool.mark_retry(
-        message_id, owner="w1", provider="outbox", error="e", next_attempt_at=time.time()
+        message_id, owner="w1", provider="outbox", error="e", next_attempt_at=spool_clock.time()
     )
     assert await spool.delete(message_id)
     assert await spool.get(message_id) is None
@@ -301,12 +310,12 @@ async def test_stats(spool: Spool) -> None:
     )
 
 
-async def test_next_due(spool: Spool) -> None:
+async def test_next_due(spool: Spool, spool_clock: SpoolClock) -> None:
     assert await spool.next_due() is None
     message_id = await put(spool)
     due = await spool.next_due()
     assert due is not None
-    assert due <= time.time() + 5
+    assert due <= spool_clock.time() + 5
     [leased] = await spool.lease("w1", 1, 600)
     # Only an in-flight message: it is "due" again when its lease expires.
     assert await spool.next_due() == pytest.approx(leased.lease_expires_at)
@@ -314,12 +323,14 @@ async def test_next_due(spool: Spool) -> None:
     assert await spool.next_due() is None
 
 
-async def test_purge_removes_only_old_finished_messages(spool: Spool) -> None:
-    ids = [await put(spool) for _ in range(4)]
+async def test_purge_removes_only_old_finished_messages(
+    spool: Spool, spool_clock: SpoolClock
+) -> None:
+    ids = await put_in_turn(spool, spool_clock, 4)
     await spool.lease("w1", 3, 60)
     await spool.mark_delivered(ids[0], owner="w1", provider="outbox", provider_message_id=None)
     await spool.mark_failed(ids[1], owner="w1", provider="outbox", error="x")
-    now = time.time()
+    now = spool_clock.time()
     # Retention not reached: nothing goes.
     assert await spool.purge(delivered_before=now - 60, failed_before=now - 60) == 0
     # Only delivered messages past retention.

@@ -15,6 +15,7 @@ from esprelay.errors import ConfigError, SpoolError
 from esprelay.models import Envelope, MessageState
 from esprelay.spool import open_spool
 from esprelay.spool.postgres import BODY_CHUNK, SCHEMA_VERSION, PostgresSpool, migrate, redact_url
+from tests.fakeclock import FakeClock
 from tests.pgutil import with_database, with_port
 
 ENVELOPE = Envelope(mail_from="app@example.com", rcpt_tos=("a@example.org",))
@@ -101,6 +102,36 @@ async def test_put_on_one_instance_wakes_listeners_on_another(pg_url: str) -> No
     finally:
         await a.close()
         await b.close()
+
+
+async def test_listener_reconnects_after_a_pause_on_its_clock(pg_url: str) -> None:
+    await _empty(pg_url)
+    clock = FakeClock()
+    spool = PostgresSpool(pg_url, clock=clock)
+    await spool.open()
+    try:
+        woken = asyncio.Event()
+        spool.add_listener(woken.set)
+        await asyncio.wait_for(woken.wait(), timeout=10)  # listening
+        woken.clear()
+        # The server ends the listening connection (a restart, an administrator).
+        conn = await asyncpg.connect(pg_url, timeout=5)
+        try:
+            ended = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = 'esprelay'"
+                " AND query LIKE 'LISTEN %'"
+            )
+        finally:
+            await conn.close()
+        assert ended == 1
+        await asyncio.wait_for(clock.waiting(seconds=0.5), timeout=10)  # pausing
+        assert not woken.is_set()
+        clock.advance(0.5)
+        # Listening again, and the callbacks run: notifications may have been missed.
+        await asyncio.wait_for(woken.wait(), timeout=10)
+    finally:
+        await spool.close()
 
 
 async def test_open_takes_back_only_its_own_leases(pg_url: str) -> None:

@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from esprelay.errors import ConfigError
+from esprelay.smtp.replies import AUTH_BLOCKED, AUTH_INVALID
 
 log = logging.getLogger("esprelay.smtp")
 
-INVALID_REPLY = "535 5.7.8 Authentication credentials invalid"
-BLOCKED_REPLY = "454 4.7.0 Too many failed logins, try again later"
 
 # scrypt with N=2**15, r=8, p=1 takes ~32 MiB and tens of milliseconds: OWASP's minimum
 # recommendation is N=2**17 for interactive logins, but AUTH runs on the event loop and is
@@ -287,14 +286,14 @@ async def login(
     token = limiter.reserve(client)
     if token is None:
         log.warning("AUTH refused: too many failures from client=%s", client)
-        return LoginResult(None, BLOCKED_REPLY)
+        return LoginResult(None, AUTH_BLOCKED)
     async with slots:
         user = await asyncio.to_thread(users.authenticate, name, password)
     if user is None:
         # A name we do not know may be a password typed into the wrong field: not logged.
         shown = name.decode("utf-8", "replace") if users.known(name) else "(unknown)"
         log.warning("AUTH failed: user=%r client=%s mechanism=%s", shown, client, mechanism)
-        return LoginResult(None, INVALID_REPLY)
+        return LoginResult(None, AUTH_INVALID)
     limiter.release(client, token)
     log.info("AUTH ok: user=%r client=%s mechanism=%s", user.name, client, mechanism)
     return LoginResult(user)

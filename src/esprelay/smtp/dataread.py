@@ -1,6 +1,6 @@
 """Reading one message's DATA from the pieces a connection delivers.
 
-The rules are aiosmtpd's (and :class:`esprelay.smtp.data.CompactDataSMTP`'s): lines end
+The rules are aiosmtpd's (its engine reads DATA itself): lines end
 at CRLF only, one leading dot is removed from a line (RFC 5321 4.5.2), the message ends
 at a line that is a lone dot; a message over the size limit is answered ``552`` and one
 with a line over the line limit (as sent, dot-stuffed) ``500``, both only after its end
@@ -15,8 +15,8 @@ Once a message is over a limit, its bytes are dropped as they come.
 
 from __future__ import annotations
 
-TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
-TOO_MUCH = "552 Error: Too much mail data"
+from esprelay.smtp.replies import DATA_LINE_TOO_LONG as TOO_LONG
+from esprelay.smtp.replies import TOO_MUCH_DATA as TOO_MUCH
 
 
 class MessageReader:

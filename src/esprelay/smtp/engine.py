@@ -9,13 +9,14 @@ task: the end of DATA (the spool's commit or the ESP's answer), AUTH (the passwo
 check runs in a thread) and STARTTLS (the handshake).  While such a step runs, later
 input is kept in order and processed when it ends.
 
-The dialogue is aiosmtpd 1.4.6's as :class:`esprelay.smtp.server.RelaySMTP` changes it:
-the same replies in the same order, the same limits (command and line length, message
-size, recipients, errors per session, unrecognised commands), the same relay checks
-(the handler's), timeouts (idle between commands, a deadline for the whole DATA phase)
-and TLS rules (no AUTH over plaintext outside the allowed networks; input pipelined
-after STARTTLS is discarded).  ``ESPRELAY_SMTP_ENGINE=aiosmtpd`` selects aiosmtpd's
-engine instead; the end-to-end tests run against both.
+The dialogue is aiosmtpd 1.4's as :class:`esprelay.smtp.server.RelaySMTP` extends it:
+the same replies in the same order (:mod:`esprelay.smtp.replies`), the same relay checks
+(the handler's), and the same session policy
+(:mod:`esprelay.smtp.session_policy`: connection limits, budgets of errors, unrecognised
+and junk commands, timeouts and the session lifetime, AUTH rules); this module only
+speaks the protocol (command and line length, message size, TLS: input pipelined after
+STARTTLS is discarded).  ``ESPRELAY_SMTP_ENGINE=aiosmtpd`` selects aiosmtpd's engine
+instead; tests/test_smtp_engines.py compares the two.
 
 Differences, by choice: input that arrives while the message is being committed is
 answered after the DATA reply (aiosmtpd too), but a client that half-closes its side
@@ -35,22 +36,67 @@ from typing import Any, cast
 import aiosmtpd.smtp
 from aiosmtpd.smtp import Envelope, Session
 
-from esprelay.errors import ShuttingDown
-from esprelay.intake import IntakeState
-from esprelay.smtp import auth
-from esprelay.smtp.auth import FailureLimiter, UserDB
+from esprelay.errors import smtp_reply
 from esprelay.smtp.dataread import MessageReader
-from esprelay.smtp.guards import Guards
 from esprelay.smtp.handler import RelayHandler, client_address, simple_path
+from esprelay.smtp.replies import (
+    AUTH_ABORTED,
+    AUTH_ALREADY,
+    AUTH_BAD_BASE64,
+    AUTH_CANNOT_SPLIT,
+    AUTH_NEEDS_TLS,
+    AUTH_NO_VALUE,
+    AUTH_NOT_RECOGNIZED,
+    AUTH_OK,
+    AUTH_TOO_MANY_VALUES,
+    AUTH_UNKNOWN_MECHANISM,
+    BAD_BODY,
+    BAD_SMTPUTF8,
+    BAD_SYNTAX,
+    BYE,
+    CANNOT_VRFY,
+    DATA_SYNTAX,
+    EHLO_SYNTAX,
+    EXTENDED_SYNTAX,
+    HELO_SYNTAX,
+    HELP_F,
+    HELP_SYNTAX,
+    LINE_TOO_LONG,
+    MAIL_PARAMETERS,
+    MAIL_SYNTAX,
+    MALFORMED_PATH,
+    NEED_MAIL,
+    NEED_RCPT,
+    NESTED_MAIL,
+    NO_EXPN,
+    NO_TLS,
+    OK,
+    QUIT_SYNTAX,
+    RCPT_PARAMETERS,
+    RCPT_SYNTAX,
+    READY_FOR_TLS,
+    RSET_SYNTAX,
+    SEND_HELO_F,
+    SIZE_TOO_LARGE,
+    START_DATA,
+    STARTTLS_SYNTAX,
+    TLS_ACTIVE,
+    UNKNOWN_COMMAND,
+    VRFY_SYNTAX,
+)
+from esprelay.smtp.session_policy import (
+    PolicyConnection,
+    SessionBudget,
+    SessionPolicy,
+    SessionTimer,
+    loggable,
+)
 
 log = logging.getLogger("esprelay.smtp")
 
 IDENT = "esprelay ESMTP"
-# aiosmtpd's limit of unrecognised commands per session.
-BOGUS_LIMIT = 5
 # Input kept while a step (DATA commit, AUTH, STARTTLS) runs, before reading pauses.
 PAUSE_AT = 1 << 20
-VERIFY_CONCURRENCY = 2
 
 _COMMAND, _DATA, _LINE, _BUSY, _CLOSED = range(5)
 _HELP = {
@@ -67,9 +113,9 @@ _HELP = {
     "STARTTLS": "STARTTLS",
     "VRFY": "VRFY <address>",
 }
-_HELP_EXTENDED = {"MAIL": " [SP <mail-parameters>]", "RCPT": " [SP <mail-parameters>]"}
+_HELP_EXTENDED = {"MAIL": EXTENDED_SYNTAX, "RCPT": EXTENDED_SYNTAX}
 _AUTH_MECHANISMS = ("LOGIN", "PLAIN")
-_SUCCESS = "235 2.7.0 Authentication successful"
+_SUCCESS = AUTH_OK  # the name _check_login answers with
 # aiosmtpd's LOGIN challenges (clients ignore the text; some tests compare it).
 _USERNAME_CHALLENGE = "User Name\x00"
 _PASSWORD_CHALLENGE = "Password\x00"
@@ -93,45 +139,34 @@ class Listener:
     def __init__(
         self,
         handler: RelayHandler,
-        intake: IntakeState,
         *,
         hostname: str,
         data_size_limit: int,
         line_length_limit: int,
         command_size_limit: int,
         timeout: float,
-        guards: Guards,
-        trusted: Callable[[str], bool],
-        plaintext_auth_allowed: Callable[[str], bool],
-        users: UserDB,
-        limiter: FailureLimiter,
+        policy: SessionPolicy,
         tls_context: ssl.SSLContext | None,
-        implicit_tls: bool,
-        sessions: set[Any],
     ) -> None:
         self.handler = handler
-        self.intake = intake
+        self.policy = policy
+        self.intake = policy.intake
         self.hostname = hostname
         self.data_size_limit = data_size_limit
         self.line_length_limit = line_length_limit
         self.command_size_limit = command_size_limit
         self.timeout = timeout
-        self.guards = guards
-        self.trusted = trusted
-        self.plaintext_auth_allowed = plaintext_auth_allowed
-        self.users = users
-        self.limiter = limiter
+        self.guards = policy.guards
+        self.users = policy.users
+        self.limiter = policy.limiter
+        self.verify_slots = policy.verify_slots
         self.tls_context = tls_context
-        self.implicit_tls = implicit_tls
-        self.sessions = sessions
-        self.verify_slots = asyncio.Semaphore(VERIFY_CONCURRENCY)
+        self.implicit_tls = policy.implicit_tls
         self.greeting = f"220 {hostname} {IDENT}\r\n".encode()
 
 
-class SMTPSession(asyncio.Protocol):
-    """One SMTP connection.  Passed to the handler as both ``server`` and ``session``'s
-    owner: it has the attributes :class:`RelayHandler` reads (``users``, ``transport``,
-    ``tls_context``, ``_auth_require_tls``, ``_tls_protocol``)."""
+class SMTPSession(PolicyConnection, asyncio.Protocol):
+    """One SMTP connection, the handler's :class:`~esprelay.smtp.handler.Connection`."""
 
     local_part_limit = 0  # aiosmtpd's default, read by its address parser
 
@@ -144,15 +179,14 @@ class SMTPSession(asyncio.Protocol):
         self.session: Session | None = None
         self.envelope = Envelope()
         self._tls_protocol: object | None = None
-        self._auth_require_tls = True
+        self._auth_needs_tls = True
         self._state = _COMMAND
         self._input = bytearray()
         self._out: list[bytes] = []
         self._stage: str | None = None
-        self._errors = 0
-        self._bogus = 0
+        self._budget = SessionBudget(listener.guards)
         self._discarding = False  # inside a command line longer than the line limit
-        self._counted_client: str | None = None
+        self._counted = False  # admitted: holds a connection slot
         self._client = ""
         self._step: asyncio.Task[None] | None = None
         self._line_waiter: asyncio.Future[bytes | None] | None = None
@@ -160,10 +194,30 @@ class SMTPSession(asyncio.Protocol):
         self._handshaking = False
         self._writing_paused = False
         self._eof = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0  # when the idle timeout (or the DATA deadline) strikes
+        self._timer = SessionTimer(self, listener.policy.max_session_seconds)
         self._loop = asyncio.get_running_loop()
         self._message: MessageReader | None = None  # in DATA
+
+    # region what the handler may ask (esprelay.smtp.handler.Connection)
+
+    @property
+    def tls(self) -> bool:
+        return self._tls_protocol is not None or (
+            self.session is not None and bool(self.session.ssl)
+        )
+
+    def close(self) -> None:
+        # Not at once: the reply being made, and those before it, are written first.
+        if self._state != _CLOSED:
+            self._state = _CLOSED
+            self._loop.call_soon(self._close_transport)
+
+    def _close_transport(self) -> None:
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    # endregion
 
     # region connection
 
@@ -178,31 +232,17 @@ class SMTPSession(asyncio.Protocol):
         session = self.session = Session(self._loop)
         session.peer = transport.get_extra_info("peername")
         client = self._client = client_address(session.peer)
-        guards = listener.guards
-        # Trusted networks are exempt from the per-client limit (Postfix's default for
-        # $mynetworks); the total limit still holds.
-        if guards.total >= guards.max_connections or (
-            guards.per_client[client] >= guards.max_connections_per_client
-            and not listener.trusted(client)
-        ):
-            log.warning("too many connections: refusing client=%s", client)
-            self._goodbye("421 4.7.0 Too many connections, try again later")
+        policy = listener.policy
+        refusal = policy.admit(self, client)
+        if refusal is not None:
+            self._goodbye(refusal)
             return
-        if listener.intake.draining:
-            # A 421 greeting rather than a refused connection: come back later.
-            self._goodbye(ShuttingDown.smtp_reply)
-            return
-        guards.total += 1
-        guards.per_client[client] += 1
-        self._counted_client = client
-        listener.sessions.add(self)
+        self._counted = True
         if listener.implicit_tls:
             session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
-        self._auth_require_tls = not (
-            listener.implicit_tls or listener.plaintext_auth_allowed(client)
-        )
+        self._auth_needs_tls = policy.auth_requires_tls(client)
         transport.write(listener.greeting)
-        self._arm(listener.timeout)
+        self._timer.arm(listener.timeout)
 
     def _goodbye(self, reply: str) -> None:
         self._state = _CLOSED
@@ -211,22 +251,14 @@ class SMTPSession(asyncio.Protocol):
         self.transport.close()
 
     def _release(self) -> None:
-        self.listener.sessions.discard(self)
-        client = self._counted_client
-        if client is not None:
-            self._counted_client = None
-            guards = self.listener.guards
-            guards.total -= 1
-            guards.per_client[client] -= 1
-            if guards.per_client[client] <= 0:
-                del guards.per_client[client]
+        if self._counted:
+            self._counted = False
+            self.listener.policy.release(self, self._client)
+        self._timer.cancel()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._state = _CLOSED
         self._release()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._line_waiter is not None and not self._line_waiter.done():
             self._line_waiter.set_result(None)
         if self._step is not None:
@@ -276,33 +308,27 @@ class SMTPSession(asyncio.Protocol):
 
     # endregion
 
-    # region timeouts: one timer per session, moved forward lazily
+    # region timeouts (esprelay.smtp.session_policy.SessionTimer)
 
-    def _arm(self, seconds: float) -> None:
-        deadline = self._deadline = self._loop.time() + seconds
-        timer = self._timer
-        if timer is not None:
-            if timer.when() <= deadline:
-                return  # it fires first and moves itself to the new deadline
-            timer.cancel()
-        self._timer = self._loop.call_at(deadline, self._check_timeout)
-
-    def _check_timeout(self) -> None:
-        self._timer = None
+    def session_timed_out(self) -> None:
         if self._state == _CLOSED or self.transport is None:
             return
-        now = self._loop.time()
-        if now < self._deadline:
-            self._timer = self._loop.call_at(self._deadline, self._check_timeout)
-            return
-        if self._handshaking:
-            log.info("TLS handshake not completed: closing client=%s (timeout)", self._client)
-        else:
-            log.info("timeout: closing client=%s", self._client)
-        self._out.append(b"421 4.4.2 Timeout exceeded, closing connection\r\n")
+        reply = self.listener.policy.timed_out(self._client, handshaking=self._handshaking)
+        self._out.append(reply.encode() + b"\r\n")
         if self._step is not None:
             self._step.cancel()
         self._close()
+
+    def session_expired(self) -> bool:
+        return self._state == _CLOSED or self._end_if_expired()
+
+    def _end_if_expired(self) -> bool:
+        """Past its lifetime and between commands: 421 and close (True)."""
+        if not self._timer.expired or self._state != _COMMAND or self._step is not None:
+            return False
+        self._out.append(self.listener.policy.lifetime_over(self._client).encode() + b"\r\n")
+        self._close()
+        return True
 
     # endregion
 
@@ -373,47 +399,45 @@ class SMTPSession(asyncio.Protocol):
 
     def _command(self, raw: bytes) -> None:
         if not raw:
-            self._reply("500 Command line too long")
+            self._reply(LINE_TOO_LONG)
             return
         line = raw.rstrip(b"\r\n")
         if not line:
-            self._reply("500 Error: bad syntax")
+            self._reply(BAD_SYNTAX)
             return
         verb_bytes, _, arg_bytes = line.partition(b" ")
         try:
             verb = verb_bytes.upper().decode("ascii")
         except UnicodeDecodeError:
-            self._reply("500 Error: bad syntax")
+            self._reply(BAD_SYNTAX)
             return
         arg = arg_bytes.strip().decode("utf-8", "surrogateescape") if arg_bytes else None
         listener = self.listener
         assert self.session is not None
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%r >> %r", self.session.peer, _loggable(verb, line))
+            log.debug("%r >> %r", self.session.peer, loggable(verb, line))
         limit = listener.command_size_limit
         if verb == "MAIL" and self.session.extended_smtp:
             limit += 36  # SIZE= and SMTPUTF8, as aiosmtpd allows after EHLO
         if len(line) > limit:
-            self._reply("500 Command line too long")
+            self._reply(LINE_TOO_LONG)
             return
         method = _COMMANDS.get(verb)
         if method is None:
-            log.info("unrecognised command from client=%s", self._client)
-            self._bogus += 1
-            if self._bogus >= BOGUS_LIMIT:
-                log.warning("too many unrecognised commands: closing client=%s", self._client)
-                self._reply("502 5.5.1 Too many unrecognized commands, goodbye.")
+            goodbye = self._budget.count_unknown(self._client)
+            if goodbye is not None:
+                self._reply(goodbye)
                 self._close()
                 return
-            self._reply("500 5.5.2 Error: command not recognized")
+            self._reply(UNKNOWN_COMMAND)
             return
-        self._arm(listener.timeout)
+        self._timer.arm(listener.timeout)
         try:
             method(self, arg)
         except Exception as error:  # a bug in a hook: answer as aiosmtpd does
             log.exception("SMTP session error")
             self._stage = None
-            self._reply(_handler_error(error))
+            self._reply(smtp_reply(error))
 
     # endregion
 
@@ -421,14 +445,12 @@ class SMTPSession(asyncio.Protocol):
 
     def _reply(self, status: str) -> None:
         if self._stage is not None and status[:1] in "45" and self.listener.intake.on_reply:
-            for callback in self.listener.intake.on_reply:
-                callback(self._stage, status)
+            self.listener.policy.observe(self._stage, status)
         self._out.append(status.encode("utf-8", "surrogateescape") + b"\r\n")
         if status[:1] == "5":
-            self._errors += 1
-            if self._errors >= self.listener.guards.max_errors and self._state != _CLOSED:
-                log.warning("too many errors: closing client=%s", self._client)
-                self._out.append(b"421 4.7.0 Too many errors, closing connection\r\n")
+            goodbye = self._budget.count_error(self._client)
+            if goodbye is not None and self._state != _CLOSED:
+                self._out.append(goodbye.encode() + b"\r\n")
                 self._close()
 
     def _flush(self) -> None:
@@ -457,9 +479,11 @@ class SMTPSession(asyncio.Protocol):
         error = task.exception()
         if error is not None:
             log.error("SMTP session error", exc_info=error)
-            self._reply(_handler_error(error))
+            self._reply(smtp_reply(error))
         if self._state == _BUSY:
             self._state = _COMMAND
+        if self._end_if_expired():
+            return
         self._update_reading()
         self._process()
 
@@ -470,16 +494,31 @@ class SMTPSession(asyncio.Protocol):
     def _helo_needed(self, verb: str = "HELO") -> bool:
         assert self.session is not None
         if not self.session.host_name:
-            self._reply(f"503 Error: send {verb} first")
+            self._reply(SEND_HELO_F.format(verb))
             return True
         return False
 
     def _rset(self) -> None:
         self.envelope = Envelope()
 
+    def _junk_command(self) -> bool:
+        """Count a command that moves no mail; past the limit answer 421 and close (True)."""
+        goodbye = self._budget.count_junk(self._client)
+        if goodbye is None:
+            return False
+        self._reply(goodbye)
+        self._close()
+        return True
+
+    def _repeated_helo(self) -> bool:
+        assert self.session is not None
+        return self.session.host_name is not None and self._junk_command()
+
     def smtp_HELO(self, arg: str | None) -> None:
+        if self._repeated_helo():
+            return
         if not arg:
-            self._reply("501 Syntax: HELO hostname")
+            self._reply(HELO_SYNTAX)
             return
         self._rset()
         assert self.session is not None
@@ -488,8 +527,10 @@ class SMTPSession(asyncio.Protocol):
         self._reply(f"250 {self.listener.hostname}")
 
     def smtp_EHLO(self, arg: str | None) -> None:
+        if self._repeated_helo():
+            return
         if not arg:
-            self._reply("501 Syntax: EHLO hostname")
+            self._reply(EHLO_SYNTAX)
             return
         listener = self.listener
         self._rset()
@@ -501,40 +542,50 @@ class SMTPSession(asyncio.Protocol):
         lines += ["250-8BITMIME", "250-SMTPUTF8"]
         if self.tls_context and not self._tls_protocol:
             lines.append("250-STARTTLS")
-        if not self._auth_require_tls or self._tls_protocol:
+        if not self._auth_needs_tls or self._tls_protocol:
             lines.append("250-AUTH " + " ".join(_AUTH_MECHANISMS))
         lines.append("250 HELP")
         lines = self.handler.ehlo(self, self.session, arg, lines)
         self._out.append("\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n")
 
     def smtp_NOOP(self, arg: str | None) -> None:
-        self._reply("250 OK")
+        if self._junk_command():
+            return
+        self._reply(OK)
 
     def smtp_QUIT(self, arg: str | None) -> None:
         if arg:
-            self._reply("501 Syntax: QUIT")
+            self._reply(QUIT_SYNTAX)
             return
-        self._reply("221 Bye")
+        self._reply(BYE)
         self._close()
 
     def smtp_RSET(self, arg: str | None) -> None:
+        if self._junk_command():
+            return
         if arg:
-            self._reply("501 Syntax: RSET")
+            self._reply(RSET_SYNTAX)
             return
         self._rset()
-        self._reply("250 OK")
+        self._reply(OK)
 
     def smtp_VRFY(self, arg: str | None) -> None:
+        if self._junk_command():
+            return
         # Never confirm or deny an address (RFC 5321 3.5.3 allows 252), never echo it.
         if not arg:
-            self._reply("501 5.5.4 Syntax: VRFY <address>")
+            self._reply(VRFY_SYNTAX)
             return
-        self._reply("252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery")
+        self._reply(CANNOT_VRFY)
 
     def smtp_EXPN(self, arg: str | None) -> None:
-        self._reply("502 EXPN not implemented")
+        if self._junk_command():
+            return
+        self._reply(NO_EXPN)
 
     def smtp_HELP(self, arg: str | None) -> None:
+        if self._junk_command():
+            return
         assert self.session is not None
         available = sorted(v for v in _HELP if v != "STARTTLS" or self.tls_context)
         code = 250
@@ -544,10 +595,10 @@ class SMTPSession(asyncio.Protocol):
                 text = _HELP[verb]
                 if self.session.extended_smtp:
                     text += _HELP_EXTENDED.get(verb, "")
-                self._reply("250 Syntax: " + text)
+                self._reply(HELP_SYNTAX + text)
                 return
             code = 501
-        self._reply(f"{code} Supported commands: {' '.join(available)}")
+        self._reply(HELP_F.format(code, " ".join(available)))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         path = simple_path(arg)
@@ -560,13 +611,13 @@ class SMTPSession(asyncio.Protocol):
         assert self.session is not None
         extended = self.session.extended_smtp
         if extended:
-            syntax += " [SP <mail-parameters>]"
+            syntax += EXTENDED_SYNTAX
         if arg is None or arg[: len(keyword)].upper() != keyword:
             self._reply(syntax)
             return None
         address, rest = self._getaddr(arg[len(keyword) :].strip())
         if address is None:
-            self._reply("553 5.1.3 Error: malformed address")
+            self._reply(MALFORMED_PATH)
             return None
         if not address or (not extended and rest):
             self._reply(syntax)
@@ -587,12 +638,12 @@ class SMTPSession(asyncio.Protocol):
     def _mail(self, arg: str | None) -> None:
         if self._helo_needed():
             return
-        syntax = "501 Syntax: MAIL FROM: <address>"
+        syntax = MAIL_SYNTAX
         path = self._path(arg, "FROM:", syntax)
         if path is None:
             return
         if self.envelope.mail_from:
-            self._reply("503 Error: nested MAIL command")
+            self._reply(NESTED_MAIL)
             return
         address, options = path
         params = _params(options)
@@ -600,11 +651,11 @@ class SMTPSession(asyncio.Protocol):
             self._reply(self._syntax(syntax))
             return
         if params.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
-            self._reply("501 Error: BODY can only be one of 7BIT, 8BITMIME")
+            self._reply(BAD_BODY)
             return
         smtputf8 = params.pop("SMTPUTF8", False)
         if not isinstance(smtputf8, bool):
-            self._reply("501 Error: SMTPUTF8 takes no arguments")
+            self._reply(BAD_SMTPUTF8)
             return
         self.envelope.smtp_utf8 = smtputf8
         size = params.pop("SIZE", None)
@@ -614,21 +665,17 @@ class SMTPSession(asyncio.Protocol):
                 return
             limit = self.listener.data_size_limit
             if limit and int(size) > limit:
-                self._reply("552 Error: message size exceeds fixed maximum message size")
+                self._reply(SIZE_TOO_LARGE)
                 return
         if params:
-            self._reply("555 MAIL FROM parameters not recognized or not implemented")
-            return
-        if self.listener.intake.draining:
-            self._reply(ShuttingDown.smtp_reply)
-            self._close()
+            self._reply(MAIL_PARAMETERS)
             return
         assert self.session is not None
         self._reply(self.handler.mail(self, self.session, self.envelope, address, options))
 
     def _syntax(self, syntax: str) -> str:
         assert self.session is not None
-        return syntax + " [SP <mail-parameters>]" if self.session.extended_smtp else syntax
+        return syntax + EXTENDED_SYNTAX if self.session.extended_smtp else syntax
 
     def smtp_RCPT(self, arg: str | None) -> None:
         self._staged("rcpt", self._rcpt, arg)
@@ -637,9 +684,9 @@ class SMTPSession(asyncio.Protocol):
         if self._helo_needed():
             return
         if not self.envelope.mail_from:
-            self._reply("503 Error: need MAIL command")
+            self._reply(NEED_MAIL)
             return
-        syntax = "501 Syntax: RCPT TO: <address>"
+        syntax = RCPT_SYNTAX
         path = self._path(arg, "TO:", syntax)
         if path is None:
             return
@@ -649,7 +696,7 @@ class SMTPSession(asyncio.Protocol):
             self._reply(self._syntax(syntax))
             return
         if params:
-            self._reply("555 RCPT TO parameters not recognized or not implemented")
+            self._reply(RCPT_PARAMETERS)
             return
         assert self.session is not None
         self._reply(self.handler.rcpt(self, self.session, self.envelope, address, options))
@@ -661,15 +708,15 @@ class SMTPSession(asyncio.Protocol):
         if self._helo_needed():
             return
         if not self.envelope.rcpt_tos:
-            self._reply("503 Error: need RCPT command")
+            self._reply(NEED_RCPT)
             return
         if arg:
-            self._reply("501 Syntax: DATA")
+            self._reply(DATA_SYNTAX)
             return
-        self._reply("354 End data with <CR><LF>.<CR><LF>")
+        self._reply(START_DATA)
         listener = self.listener
         # A deadline for the whole DATA phase: a client trickling its message is cut off.
-        self._arm(listener.guards.data_timeout)
+        self._timer.arm(listener.guards.data_timeout)
         self._state = _DATA
         self._message = MessageReader(
             size_limit=listener.data_size_limit, line_limit=listener.line_length_limit
@@ -691,11 +738,12 @@ class SMTPSession(asyncio.Protocol):
         self._state = _BUSY
         if rest:
             self._input[:0] = rest
-        self._arm(self.listener.timeout)
+        self._timer.arm(self.listener.timeout)
         if reader.error is not None:
             self._staged("data", self._refuse_message, reader.error)
             self._rset()
             self._state = _COMMAND
+            self._end_if_expired()
             return
         # No local keeps the bytes: the handler takes them from the envelope and drops
         # them there, so a repaired copy does not live beside the original.
@@ -713,8 +761,10 @@ class SMTPSession(asyncio.Protocol):
             status = await self.handler.handle_DATA(self, self.session, envelope)
         except Exception as error:
             log.exception("SMTP session error")
-            status = _handler_error(error)
+            status = smtp_reply(error)
         self._rset()
+        if status[:1] == "2":
+            self._budget.message_accepted()
         self._stage = "data"
         try:
             self._reply(status)
@@ -728,15 +778,15 @@ class SMTPSession(asyncio.Protocol):
 
     def smtp_STARTTLS(self, arg: str | None) -> None:
         if self._tls_protocol is not None:
-            self._reply("503 5.5.1 TLS already active")
+            self._reply(TLS_ACTIVE)
             return
         if arg:
-            self._reply("501 Syntax: STARTTLS")
+            self._reply(STARTTLS_SYNTAX)
             return
         if not self.tls_context:
-            self._reply("454 TLS not available")
+            self._reply(NO_TLS)
             return
-        self._reply("220 Ready to start TLS")
+        self._reply(READY_FOR_TLS)
         # RFC 3207 4.2: what the client pipelined after STARTTLS is discarded.
         self._input.clear()
         self._start(self._starttls(self.tls_context))
@@ -777,7 +827,7 @@ class SMTPSession(asyncio.Protocol):
             "cipher": secure.get_extra_info("cipher"),
         }
         self._rset()
-        self._arm(self.listener.timeout)
+        self._timer.arm(self.listener.timeout)
 
     def _abandon(self, transport: asyncio.Transport) -> None:
         """Close a connection whose TLS handshake did not complete.  Our protocol may
@@ -786,9 +836,6 @@ class SMTPSession(asyncio.Protocol):
         self._state = _CLOSED
         transport.abort()
         self._release()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     # endregion
 
@@ -797,35 +844,32 @@ class SMTPSession(asyncio.Protocol):
     def smtp_AUTH(self, arg: str | None) -> None:
         assert self.session is not None
         listener = self.listener
-        if not self.users:
-            self._reply("502 5.5.1 AUTH not available")
-            return
-        if listener.limiter.blocked(self._client):
-            log.warning("AUTH refused: too many failures from client=%s", self._client)
-            self._reply(auth.BLOCKED_REPLY)
+        refusal = listener.policy.auth_refusal(self._client)
+        if refusal is not None:
+            self._reply(refusal)
             return
         if self._helo_needed("EHLO"):
             return
         if not self.session.extended_smtp:
-            self._reply("500 Error: command 'AUTH' not recognized")
+            self._reply(AUTH_NOT_RECOGNIZED)
             return
-        if self._auth_require_tls and not self._tls_protocol:
-            self._reply("538 5.7.11 Encryption required for requested authentication mechanism")
+        if self._auth_needs_tls and not self._tls_protocol:
+            self._reply(AUTH_NEEDS_TLS)
             return
         if self.session.authenticated:
-            self._reply("503 Already authenticated")
+            self._reply(AUTH_ALREADY)
             return
         if not arg:
-            self._reply("501 Not enough value")
+            self._reply(AUTH_NO_VALUE)
             return
         args = arg.split()
         if len(args) > 2:
-            self._reply("501 Too many values")
+            self._reply(AUTH_TOO_MANY_VALUES)
             return
         # Some devices send "auth login": mechanism names are case-insensitive.
         mechanism = args[0].upper()
         if mechanism not in _AUTH_MECHANISMS:
-            self._reply("504 5.5.4 Unrecognized authentication type")
+            self._reply(AUTH_UNKNOWN_MECHANISM)
             return
         initial = args[1] if len(args) > 1 else None
         self._start(self._auth(mechanism, initial))
@@ -837,7 +881,7 @@ class SMTPSession(asyncio.Protocol):
                 return
             parts = blob.split(b"\0")
             if len(parts) != 3:
-                self._reply("501 5.5.2 Can't split auth value")
+                self._reply(AUTH_CANNOT_SPLIT)
                 return
             login, password = parts[1], parts[2]
         else:
@@ -862,17 +906,17 @@ class SMTPSession(asyncio.Protocol):
             if line is None:
                 return None
             if not line:
-                self._reply("500 Command line too long")
+                self._reply(LINE_TOO_LONG)
                 return None
             text = line.strip()
             if text == b"*":
                 log.warning("AUTH aborted by client=%s", self._client)
-                self._reply("501 5.7.0 Auth aborted")
+                self._reply(AUTH_ABORTED)
                 return None
         try:
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            self._reply("501 5.5.2 Can't decode base64")
+            self._reply(AUTH_BAD_BASE64)
             return None
 
     async def _read_line(self) -> bytes | None:
@@ -896,15 +940,7 @@ class SMTPSession(asyncio.Protocol):
     async def _check_login(self, mechanism: str, login: bytes, password: bytes) -> None:
         assert self.session is not None
         listener = self.listener
-        result = await auth.login(
-            listener.users,
-            listener.limiter,
-            listener.verify_slots,
-            client=self._client,
-            mechanism=mechanism,
-            name=login,
-            password=password,
-        )
+        result = await listener.policy.login(self._client, mechanism, login, password)
         if result.user is None:
             self._reply(result.refusal)
             return
@@ -913,21 +949,6 @@ class SMTPSession(asyncio.Protocol):
         self._reply(_SUCCESS)
 
     # endregion
-
-
-def _loggable(verb: str, line: bytes) -> bytes:
-    """A command line as DEBUG may show it: no AUTH data, nothing that is not a command
-    (a client that sends its credentials after AUTH was refused makes them "commands")."""
-    if verb not in _COMMANDS:
-        return b"<not a command: not logged>"
-    if verb == "AUTH":
-        words = line.split(None, 2)
-        return b" ".join(words[:2]) + (b" ********" if len(words) > 2 else b"")
-    return line
-
-
-def _handler_error(error: BaseException) -> str:
-    return "451 4.3.0 Requested action aborted: local error in processing"
 
 
 _COMMANDS: dict[str, Callable[[SMTPSession, str | None], None]] = {

@@ -15,14 +15,29 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from typing import Any
+from typing import Any, Protocol
 
-from esprelay.errors import ShuttingDown
+from esprelay.errors import smtp_reply
 from esprelay.intake import Client, Intake
 from esprelay.message.repair import prepare
 from esprelay.models import Envelope
-from esprelay.smtp.hooks import HookDirCache
 from esprelay.smtp.policy import RelayPolicy
+from esprelay.smtp.replies import (
+    AUTH_REQUIRED,
+    DUPLICATE_RECIPIENT,
+    HEADER_SENDER_NOT_ALLOWED_F,
+    MALFORMED_ADDRESS,
+    NEEDS_SMTPUTF8,
+    NOT_UTF8,
+    NULL_ADDRESS,
+    RECIPIENT_OK,
+    SENDER_NOT_ALLOWED_F,
+    SENDER_OK,
+    SHUTTING_DOWN,
+    SOURCE_ROUTE,
+    STARTTLS_AND_AUTH_REQUIRED,
+    TOO_MANY_RECIPIENTS_F,
+)
 
 log = logging.getLogger("esprelay.smtp")
 
@@ -49,6 +64,31 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
 _SIMPLE_PATH = re.compile(rf"<((?:{_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*)?)>(.*)", re.DOTALL)
 
 
+class Connection(Protocol):
+    """What the handler may ask of the connection it serves, whatever the engine (the
+    hooks' ``server`` argument); the rest (``session``, ``envelope``) is aiosmtpd's
+    public :class:`~aiosmtpd.smtp.Session` and :class:`~aiosmtpd.smtp.Envelope`."""
+
+    @property
+    def client(self) -> str:
+        """The client's IP address."""
+
+    @property
+    def tls(self) -> bool:
+        """True once the connection is encrypted (STARTTLS or implicit TLS)."""
+
+    @property
+    def auth_offered(self) -> bool:
+        """True if AUTH may be used on this connection as it is now."""
+
+    @property
+    def starttls_needed_for_auth(self) -> bool:
+        """True if AUTH would first need STARTTLS (offered, not done yet)."""
+
+    def close(self) -> None:
+        """Close the connection once the replies given so far are written."""
+
+
 def client_address(peer: Any) -> str:
     """The client's IP address from aiosmtpd's ``session.peer``."""
     if isinstance(peer, tuple) and peer:
@@ -56,16 +96,39 @@ def client_address(peer: Any) -> str:
     return str(peer)
 
 
-def check_address(address: str, *, allow_null: bool) -> str | None:
-    """An SMTP error reply if ``address`` cannot be used, else None."""
+def check_address(address: str, *, allow_null: bool, smtputf8: bool = False) -> str | None:
+    """An SMTP error reply if ``address`` cannot be used, else None.
+
+    ``address`` is the client's bytes decoded as UTF-8 with ``surrogateescape`` (both
+    engines), so a byte that is not UTF-8 shows as a lone surrogate.  RFC 6531: a
+    non-ASCII address (UTF-8 or not) needs the SMTPUTF8 parameter of MAIL (``553 5.6.7``
+    without it), and even with it must be UTF-8: bytes that are not are a syntax error
+    of the address (``501 5.1.3``; 5.6.7 would tell the client that SMTPUTF8 helps).
+    Nothing with a surrogate may go on: it cannot be encoded, logged as UTF-8, spooled
+    or sent to an ESP.
+    """
     if address == "":
-        return None if allow_null else "553 5.1.3 Error: null address not allowed here"
+        return None if allow_null else NULL_ADDRESS
+    if not address.isascii():
+        if not smtputf8:
+            return NEEDS_SMTPUTF8
+        if not _valid_utf8(address):
+            return NOT_UTF8
     if address.startswith("@") or "%" in address or "!" in address.rpartition("@")[0]:
         # Source routes (<@a:b@c>), percent hacks and UUCP bang paths ask us to forward.
-        return "553 5.7.1 Error: source routes and % or ! relaying are not supported"
+        return SOURCE_ROUTE
     if len(address) > MAX_ADDRESS_LENGTH or not MAILBOX.fullmatch(address):
-        return "553 5.1.3 Error: malformed address (expected local-part@domain)"
+        return MALFORMED_ADDRESS
     return None
+
+
+def _valid_utf8(text: str) -> bool:
+    """False if ``text`` holds a lone surrogate (a byte that was not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def simple_path(arg: str) -> tuple[str, str] | None:
@@ -91,7 +154,7 @@ def simple_path(arg: str) -> tuple[str, str] | None:
     return address, rest
 
 
-class RelayHandler(HookDirCache):
+class RelayHandler:
     def __init__(
         self,
         intake: Intake,
@@ -113,17 +176,13 @@ class RelayHandler(HookDirCache):
         self._repair = repair_headers
         self._force_from = force_from
 
-    def _relay_refusal(self, server: Any, session: Any) -> str | None:
+    def _relay_refusal(self, server: Connection, session: Any) -> str | None:
         """530 unless the client authenticated or is on a trusted network."""
-        if session.authenticated or self._trusted(client_address(session.peer)):
+        if session.authenticated or self._trusted(server.client):
             return None
-        if (
-            getattr(server, "_auth_require_tls", True)
-            and getattr(server, "tls_context", None) is not None
-            and not _tls(server, session)
-        ):
-            return "530 5.7.0 Must issue a STARTTLS command and authenticate first"
-        return "530 5.7.0 Authentication required"
+        if server.starttls_needed_for_auth:
+            return STARTTLS_AND_AUTH_REQUIRED
+        return AUTH_REQUIRED
 
     @staticmethod
     def _user_rules(session: Any) -> tuple[str, ...] | None:
@@ -133,71 +192,73 @@ class RelayHandler(HookDirCache):
     # The hooks are coroutines (aiosmtpd's contract); the engine in engine.py calls the
     # synchronous methods behind them directly.
     async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+        self, server: Connection, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
         return self.ehlo(server, session, hostname, responses)
 
-    def ehlo(self, server: Any, session: Any, hostname: str, responses: list[str]) -> list[str]:
+    def ehlo(
+        self, server: Connection, session: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
         session.host_name = hostname
-        if not getattr(server, "users", None):
+        if not server.auth_offered:
             responses = [r for r in responses if not r.startswith("250-AUTH")]
         # aiosmtpd processes pipelined commands in order but does not say so.
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_MAIL(
-        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+        self, server: Connection, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
         return self.mail(server, session, envelope, address, mail_options)
 
     def mail(
-        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+        self, server: Connection, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
         if self._state.draining:
-            server.transport.close()
-            return ShuttingDown.smtp_reply
+            server.close()
+            return SHUTTING_DOWN
         refusal = self._relay_refusal(server, session)
         if refusal:
-            log.warning("relay refused: client=%s not trusted, not authenticated", _peer(session))
+            log.warning("relay refused: client=%s not trusted, not authenticated", server.client)
             return refusal
         if address == "<>":
             address = ""
-        error = check_address(address, allow_null=True)
+        error = check_address(address, allow_null=True, smtputf8=envelope.smtp_utf8)
         if error:
             return error
         if address:
             why = self._policy.sender_error(address, self._user_rules(session))
             if why:
-                log.warning("sender refused: client=%s from=<%s>: %s", _peer(session), address, why)
-                return f"553 5.7.1 Sender address not allowed: {why}"
+                log.warning("sender refused: client=%s from=<%s>: %s", server.client, address, why)
+                return SENDER_NOT_ALLOWED_F.format(why)
         # aiosmtpd treats an empty mail_from as "no MAIL yet"; keep "<>" for the null
         # sender while in the session and translate at DATA.
         envelope.mail_from = address or "<>"
         envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 Sender OK"
+        return SENDER_OK
 
     async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+        self, server: Connection, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
         return self.rcpt(server, session, envelope, address, rcpt_options)
 
     def rcpt(
-        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+        self, server: Connection, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
         refusal = self._relay_refusal(server, session)
         if refusal:
             return refusal
-        error = check_address(address, allow_null=False)
+        error = check_address(address, allow_null=False, smtputf8=envelope.smtp_utf8)
         if error:
             return error
         if address in envelope.rcpt_tos:
-            return "250 2.1.5 Recipient OK (duplicate ignored)"
+            return DUPLICATE_RECIPIENT
         if len(envelope.rcpt_tos) >= self._max_recipients:
-            return f"452 4.5.3 Too many recipients (at most {self._max_recipients} per message)"
+            return TOO_MANY_RECIPIENTS_F.format(self._max_recipients)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 Recipient OK"
+        return RECIPIENT_OK
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+    async def handle_DATA(self, server: Connection, session: Any, envelope: Any) -> str:
         refusal = self._relay_refusal(server, session)
         if refusal:
             return refusal
@@ -208,11 +269,11 @@ class RelayHandler(HookDirCache):
         envelope.content = envelope.original_content = None
         mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
         message_envelope = Envelope(mail_from=mail_from, rcpt_tos=tuple(envelope.rcpt_tos))
-        peer = client_address(session.peer)
+        peer = server.client
         meta: dict[str, Any] = {"client": peer, "helo": session.host_name}
         if session.authenticated and session.auth_data is not None:
             meta["auth_user"] = getattr(session.auth_data, "name", None)
-        if _tls(server, session):
+        if server.tls:
             meta["tls"] = True
 
         prepared = prepare(
@@ -234,7 +295,7 @@ class RelayHandler(HookDirCache):
         )
         if why:
             log.warning("not accepted: client=%s: %s", peer, why)
-            return f"550 5.7.1 {why}"
+            return HEADER_SENDER_NOT_ALLOWED_F.format(why)
         client = Client(
             address=peer,
             helo=session.host_name,
@@ -245,12 +306,4 @@ class RelayHandler(HookDirCache):
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("SMTP session error")
-        return "451 4.3.0 Requested action aborted: local error in processing"
-
-
-def _peer(session: Any) -> str:
-    return client_address(session.peer)
-
-
-def _tls(server: Any, session: Any) -> bool:
-    return bool(session.ssl) or getattr(server, "_tls_protocol", None) is not None
+        return smtp_reply(error)

@@ -1,14 +1,21 @@
 """The SMTP listeners: :func:`smtp_factory`, and the aiosmtpd engine.
 
 ``smtp_factory`` makes the protocol factory of a listener for either engine: the native
-one (:mod:`esprelay.smtp.engine`, the default) or aiosmtpd's protocol with our guards
-(``ESPRELAY_SMTP_ENGINE=aiosmtpd``), described here.
+one (:mod:`esprelay.smtp.engine`, the default) or aiosmtpd's protocol
+(``ESPRELAY_SMTP_ENGINE=aiosmtpd``), described here.  Both obey one
+:class:`~esprelay.smtp.session_policy.SessionPolicy` and answer from one catalogue,
+:mod:`esprelay.smtp.replies`.
 
-On top of aiosmtpd, :class:`RelaySMTP` adds: connection limits (in total and per
-client address, ``421`` beyond them), an error budget per session (``421`` and close
-after ``max_errors`` 5xx replies), a total deadline for the DATA phase, ``421`` on
-timeouts, case-insensitive AUTH mechanism names, failed-login rate limiting and AUTH
-over plaintext only from allowlisted networks.
+:class:`RelaySMTP` is the conservative alternative: aiosmtpd's own dialogue, DATA
+reader (it holds a message as a list of lines: more memory than the native engine's one
+buffer) and AUTH exchange, extended only through aiosmtpd's public API (constructor
+options, ``smtp_*`` and ``auth_*`` methods, ``push``, ``challenge_auth``,
+``check_helo_needed``, the ``session`` and ``transport`` attributes) and asyncio's
+protocol methods, so it works on any aiosmtpd 1.4.x.  On top of aiosmtpd it adds what
+the policy asks: connection limits, the error and junk-command budgets, the session
+lifetime, ``421`` on timeouts with a deadline for the whole DATA phase (its own timer;
+aiosmtpd's is only a backstop), case-insensitive AUTH mechanism names, failed-login
+limits and AUTH over plaintext only from allowlisted networks.
 """
 
 from __future__ import annotations
@@ -18,59 +25,39 @@ import base64
 import binascii
 import collections
 import functools
-import inspect
 import logging
-import socket
-import ssl
-import types
-import warnings
-import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, AnyStr
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, AnyStr, cast
 
-import aiosmtpd
-import aiosmtpd.smtp
-from aiosmtpd.smtp import (
-    DATA_SIZE_DEFAULT,
-    AuthResult,
-    login_always_fail,
-    make_loop,
-    syntax,
-)
+from aiosmtpd.smtp import SMTP, AuthResult, syntax
 
-from esprelay.errors import ShuttingDown
 from esprelay.intake import IntakeState
-from esprelay.smtp import auth
 from esprelay.smtp.auth import FailureLimiter, UserDB
-from esprelay.smtp.data import CompactDataSMTP
-from esprelay.smtp.engine import Listener, SMTPSession
+from esprelay.smtp.engine import IDENT, Listener, SMTPSession
 from esprelay.smtp.guards import Guards
-from esprelay.smtp.handler import RelayHandler, client_address, simple_path
-from esprelay.smtp.hooks import HookDirCache
+from esprelay.smtp.handler import Connection, RelayHandler, client_address
 from esprelay.smtp.policy import RelayPolicy
+from esprelay.smtp.replies import (
+    AUTH_BAD_BASE64,
+    AUTH_CANNOT_SPLIT,
+    AUTH_NEEDS_TLS,
+    AUTH_NOT_RECOGNIZED,
+    CANNOT_VRFY,
+    TLS_ACTIVE,
+    UNKNOWN_COMMAND,
+    VRFY_SYNTAX,
+)
+from esprelay.smtp.session_policy import (
+    NOT_LOGGED,
+    PolicyConnection,
+    SessionBudget,
+    SessionPolicy,
+    SessionTimer,
+    loggable_line,
+)
 from esprelay.smtp.tls import TLSContextSource
 
 log = logging.getLogger("esprelay.smtp")
-
-IDENT = "esprelay ESMTP"
-# Password checks (scrypt, tens to hundreds of ms of CPU) run in threads, this many at
-# once: a burst of logins from many addresses cannot stall the listener or the machine.
-VERIFY_CONCURRENCY = 2
-
-
-KNOWN_COMMANDS = frozenset(
-    {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP"}
-    | {"AUTH", "STARTTLS"}
-)
-_NOT_LOGGED = b"<not a command: not logged>"
-
-
-def _known_command(line: object) -> bool:
-    if not isinstance(line, bytes):
-        return True
-    verb = line.strip().split(b" ", 1)[0].upper()
-    return verb.decode("ascii", "replace") in KNOWN_COMMANDS
 
 
 class _HideAuthDetails(logging.Filter):
@@ -78,8 +65,10 @@ class _HideAuthDetails(logging.Filter):
 
     At DEBUG aiosmtpd logs every line a client sends and every line of message content.
     A client that sends its base64 credentials after AUTH was refused (454, 503, 538)
-    makes them "unrecognised commands": a line whose first word is not an SMTP command
-    is therefore never logged, nor is an undecodable AUTH reply or message content.
+    makes them "unrecognised commands": a command line is shown as
+    :func:`~esprelay.smtp.session_policy.loggable` shows it to the native engine's log
+    (AUTH data masked, what is not a command not logged), and message content and
+    undecodable AUTH replies never.
     """
 
     _DROP = ("can't decode base64", "login_data is deprecated", "DATA readline")
@@ -91,10 +80,10 @@ class _HideAuthDetails(logging.Filter):
         args = record.args
         if isinstance(args, tuple) and args:
             if message in ("_handle_client readline: %r", "%r >> %r"):
-                if not _known_command(args[-1]):
-                    record.args = (*args[:-1], _NOT_LOGGED)
+                if isinstance(args[-1], bytes):
+                    record.args = (*args[:-1], loggable_line(args[-1]))
             elif message == "%r unrecognised: %s":
-                record.args = (*args[:-1], _NOT_LOGGED.decode())
+                record.args = (*args[:-1], NOT_LOGGED.decode())
             elif (
                 message == "%r << %r"
                 and isinstance(args[-1], bytes)
@@ -106,355 +95,202 @@ class _HideAuthDetails(logging.Filter):
 
 _filter = _HideAuthDetails()
 
-# region per-listener setup that aiosmtpd's SMTP.__init__ repeats on every connection
-# RelaySMTP.__init__ sets exactly the attributes aiosmtpd 1.4.6's SMTP.__init__ sets
-# (tests/test_smtp_fast.py compares the two), from what it learnt about the class once.
-_MIRRORED_AIOSMTPD = aiosmtpd.__version__ == "1.4.6"
-_mail_log = aiosmtpd.smtp.log
-_AuthMechAttr = aiosmtpd.smtp._AuthMechAttr
 
+class RelaySMTP(PolicyConnection, SMTP):
+    """aiosmtpd's SMTP under esprelay's session policy."""
 
-@dataclass(frozen=True)
-class _HookNames:
-    """One protocol class's hook names, as (key, attribute) pairs in aiosmtpd's order."""
-
-    smtp: tuple[tuple[str, str], ...]
-    auth: tuple[str, ...]
-
-
-# Weak keys: a listener makes its own subclass, and tests make many listeners.
-_hook_names: weakref.WeakKeyDictionary[type, _HookNames] = weakref.WeakKeyDictionary()
-_handler_hooks: weakref.WeakKeyDictionary[
-    type, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
-] = weakref.WeakKeyDictionary()
-_new_style_ehlo: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
-
-
-def _names_of(cls: type, obj: object) -> _HookNames:
-    names = _hook_names.get(cls)
-    if names is None:
-        found = dir(obj)  # HookDirCache: the hook names only, sorted
-        names = _HookNames(
-            smtp=tuple((m.replace("smtp_", ""), m) for m in found if m.startswith("smtp_")),
-            auth=tuple(m for m in found if m.startswith("auth_")),
-        )
-        _hook_names[cls] = names
-    return names
-
-
-def _handler_names(handler: Any) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    """(auth_* names, (key, handle_* name) pairs) of ``handler``, sorted like dir()."""
-    cls = type(handler)
-    cacheable = isinstance(handler, HookDirCache)  # its dir() is per class, not per object
-    names = _handler_hooks.get(cls) if cacheable else None
-    if names is None:
-        found = sorted(dir(handler))
-        names = (
-            tuple(m for m in found if m.startswith("auth_")),
-            tuple((m.replace("handle_", ""), m) for m in found if m.startswith("handle_")),
-        )
-        if cacheable:
-            _handler_hooks[cls] = names
-    return names
-
-
-def _ehlo_hook_version(hook: Any) -> str:
-    function = hook.__func__ if isinstance(hook, types.MethodType) else None
-    if function is not None and function in _new_style_ehlo:
-        return "new"
-    parameters = inspect.signature(hook).parameters
-    if len(parameters) == 4:
-        warnings.warn(
-            "Use the 5-argument handle_EHLO() hook instead of the 4-argument handle_EHLO()"
-            " hook; support for the 4-argument handle_EHLO() hook will be removed in"
-            " version 2.0",
-            DeprecationWarning,
-            stacklevel=1,
-        )
-        return "old"
-    if len(parameters) == 5:
-        if function is not None:
-            _new_style_ehlo.add(function)
-        return "new"
-    raise RuntimeError("Unsupported EHLO Hook")
-
-
-# endregion
-
-
-class RelaySMTP(HookDirCache, CompactDataSMTP):
-    """aiosmtpd's SMTP with session tracking, limits and a polite 421 while draining."""
-
-    intake: IntakeState
-    sessions: set[RelaySMTP]
-    guards: Guards
-    policy: RelayPolicy
-    #: policy.trusted and policy.plaintext_auth_allowed, remembered per client address
-    trusted: Callable[[str], bool]
-    plaintext_auth_allowed: Callable[[str], bool]
+    # Set per listener by smtp_factory (a subclass each).
+    policy: SessionPolicy
     users: UserDB
     limiter: FailureLimiter
     verify_slots: asyncio.Semaphore
-    implicit_tls: bool = False
+    idle_timeout: float
+    data_timeout: float
 
-    def __init__(
-        self,
-        handler: Any,
-        *,
-        data_size_limit: int | None = DATA_SIZE_DEFAULT,
-        enable_SMTPUTF8: bool = False,
-        decode_data: bool = False,
-        hostname: str | None = None,
-        ident: str | None = None,
-        tls_context: ssl.SSLContext | None = None,
-        require_starttls: bool = False,
-        timeout: float = 300,
-        **options: Any,
-    ) -> None:
-        if options or not _MIRRORED_AIOSMTPD:
-            # Options smtp_factory never passes (AUTH callbacks, PROXY, call limits...):
-            # aiosmtpd's own constructor.
-            super().__init__(
-                handler,
-                data_size_limit=data_size_limit,
-                enable_SMTPUTF8=enable_SMTPUTF8,
-                decode_data=decode_data,
-                hostname=hostname,
-                ident=ident,
-                tls_context=tls_context,
-                require_starttls=require_starttls,
-                timeout=timeout,
-                **options,
-            )
-        else:
-            self._setup(
-                handler,
-                data_size_limit,
-                enable_SMTPUTF8,
-                decode_data,
-                hostname,
-                ident,
-                tls_context,
-                require_starttls,
-                timeout,
-            )
+    def __init__(self, handler: Any, **options: Any) -> None:
+        super().__init__(handler, **options)
         # aiosmtpd keeps these in a class-wide dict that every EHLO grows; keep our own.
         # (The default is bound to a local, not to self: no reference cycle.)
         default_limit = self.command_size_limit
         self.command_size_limits = collections.defaultdict(lambda: default_limit)
-        self._counted_client: str | None = None
+        self._client = ""
+        self._admitted = False
         self._refused = False
-        self._errors = 0
-        self._ends = 0
+        self._auth_needs_tls = True
+        self._budget = SessionBudget(self.policy.guards)
+        self._stage: str | None = None  # the transaction stage a reply answers (metrics)
+        self._in_data = False
+        self._handshaking = False
+        self._timer: SessionTimer | None = None
+        self._busy = 0  # inside DATA, AUTH or STARTTLS: the lifetime waits for its end
 
-    def _setup(
-        self,
-        handler: Any,
-        data_size_limit: int | None,
-        enable_SMTPUTF8: bool,
-        decode_data: bool,
-        hostname: str | None,
-        ident: str | None,
-        tls_context: ssl.SSLContext | None,
-        require_starttls: bool,
-        timeout: float,
-    ) -> None:
-        """aiosmtpd 1.4.6's ``SMTP.__init__`` with its other options left at their defaults.
+    # region what the handler may ask (esprelay.smtp.handler.Connection)
 
-        The same attributes with the same values, minus the per-connection costs:
-        ``inspect.getmembers`` and ``dir()`` (hook names are learnt once per class),
-        ``inspect.signature`` of the EHLO hook (once per function), ``make_loop()`` and
-        its ``warnings.catch_warnings`` (the running loop is the one it would find),
-        and the AUTH log line built when nobody logs it.  aiosmtpd's clearing of its
-        class-wide ``command_size_limits`` is left out: we keep our own per session.
-        """
-        self.__ident__ = ident or aiosmtpd.smtp.__ident__
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = make_loop()
-        self.loop = loop
-        asyncio.StreamReaderProtocol.__init__(
-            self,
-            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected,
-            loop=loop,
-        )
-        self.event_handler = handler
-        assert data_size_limit is None or isinstance(data_size_limit, int)
-        self.data_size_limit = data_size_limit
-        self.enable_SMTPUTF8 = enable_SMTPUTF8
-        self._decode_data = decode_data
-        self.hostname = hostname if hostname else socket.getfqdn()
-        self.tls_context = tls_context
-        if tls_context:
-            if tls_context.verify_mode not in {ssl.CERT_NONE, ssl.CERT_OPTIONAL}:
-                _mail_log.warning(
-                    "tls_context.verify_mode not in {CERT_NONE, CERT_OPTIONAL}; "
-                    "this might cause client connection problems"
-                )
-            elif tls_context.check_hostname:
-                _mail_log.warning(
-                    "tls_context.check_hostname == True; this might cause client "
-                    "connection problems"
-                )
-        self.require_starttls = tls_context and require_starttls
-        self._timeout_duration = timeout
-        self._timeout_handle = None
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._auth_require_tls = True
-        self._proxy_timeout = None
-        self._authenticator = None
-        self._auth_callback = login_always_fail
-        self._auth_required = False
+    @property
+    def tls(self) -> bool:
+        return self.session is not None and self.session.ssl is not None
 
-        names = _names_of(type(self), self)
-        handler_auth, handler_hooks = _handler_names(handler)
-        auth_methods: dict[str, Any] = {}
-        for obj, auth_names in ((self, names.auth), (handler, handler_auth)):
-            for name in auth_names:
-                method = getattr(obj, name)
-                mechanism = getattr(
-                    method, "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-")
-                )
-                auth_methods[mechanism] = _AuthMechAttr(method, obj is self)
-        self._auth_methods = auth_methods
-        if _mail_log.isEnabledFor(logging.INFO):
-            _mail_log.info(
-                "Available AUTH mechanisms: "
-                + " ".join(
-                    m + "(builtin)" if impl.is_builtin else m
-                    for m, impl in sorted(auth_methods.items())
-                )
-            )
-        self._handle_hooks = {key: getattr(handler, name) for key, name in handler_hooks}
-        ehlo_hook = self._handle_hooks.get("EHLO")
-        self._ehlo_hook_ver = None if ehlo_hook is None else _ehlo_hook_version(ehlo_hook)
-        self._smtp_methods = {key: getattr(self, name) for key, name in names.smtp}
-        self._enforce_call_limit = False
+    def close(self) -> None:
+        # Not at once: the reply being made is written first.
+        transport = self.transport
+        if transport is not None:
+            asyncio.get_running_loop().call_soon(transport.close)
+
+    # endregion
+
+    # region connection: admission, slot, timers
+
+    @property
+    def in_transaction(self) -> bool:
+        envelope = self.envelope
+        return envelope is not None and bool(envelope.mail_from)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self._original_transport is None and self.transport is None
-        super().connection_made(transport)
-        if not first:
-            return  # the same connection after STARTTLS
-        assert self.session is not None
-        self.sessions.add(self)
-        client = client_address(self.session.peer)
-        guards = self.guards
-        # Like Postfix (smtpd_client_connection_limit_exceptions = $mynetworks), trusted
-        # networks are exempt from the per-client limit: a local app or a load balancer
-        # legitimately opens many sessions from one address.  The total limit still holds.
-        if guards.total >= guards.max_connections or (
-            guards.per_client[client] >= guards.max_connections_per_client
-            and not self.trusted(client)
-        ):
-            log.warning("too many connections: refusing client=%s", client)
-            self._refused = True
+        if self._admitted:
+            super().connection_made(transport)  # the same connection after STARTTLS
             return
-        guards.total += 1
-        guards.per_client[client] += 1
-        self._counted_client = client
-        if self.implicit_tls:
+        client = self._client = client_address(transport.get_extra_info("peername"))
+        refusal = self.policy.admit(self, client)
+        if refusal is not None:
+            # aiosmtpd never hears of this connection.
+            self._refused = True
+            cast(asyncio.Transport, transport).write(refusal.encode() + b"\r\n")
+            transport.close()
+            return
+        self._admitted = True
+        super().connection_made(transport)
+        policy = self.policy
+        self._auth_needs_tls = policy.auth_requires_tls(client)
+        if policy.implicit_tls:
+            assert self.session is not None
             self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
-        self._auth_require_tls = not (self.implicit_tls or self.plaintext_auth_allowed(client))
-
-    def _release(self) -> None:
-        """Free this session's connection slot (idempotent).
-
-        Called from connection_lost and when the session's coroutine ends: after a
-        STARTTLS whose handshake never completed, asyncio never calls connection_lost.
-        """
-        self.sessions.discard(self)
-        client = self._counted_client
-        if client is not None:
-            self._counted_client = None
-            self.guards.total -= 1
-            self.guards.per_client[client] -= 1
-            if self.guards.per_client[client] <= 0:
-                del self.guards.per_client[client]
+        self._timer = SessionTimer(self, policy.max_session_seconds)
+        self._timer.arm(self.idle_timeout)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
         self._release()
         super().connection_lost(error)
-        self._end_reached()
 
-    def _end_reached(self) -> None:
-        """Once both the connection and the session's coroutine have ended, drop the
-        references that point back at this object (bound methods in aiosmtpd's dispatch
-        tables, the finished task and its traceback's frames).
+    def _release(self) -> None:
+        """Free this session's slot and timers (idempotent): from connection_lost, and
+        after a STARTTLS whose handshake never completed (no connection_lost comes)."""
+        if self._admitted:
+            self._admitted = False
+            self.policy.release(self, self._client)
+        if self._timer is not None:
+            self._timer.cancel()
 
-        Without this every session is a reference cycle that only the garbage collector
-        frees: about 140 objects per message, the message bytes among them, kept until the
-        next collection, and a collector that ran several times per message.
-        """
-        self._ends += 1
-        if self._ends < 2:
-            return
-        self._smtp_methods = {}
-        self._auth_methods = {}
-        self._handle_hooks = {}
-        self._handler_coroutine = None
-        self._timeout_handle = None  # its callback is a bound method of self
-        # The writer holds this protocol.
-        self._reader = self._writer = None  # type: ignore[assignment]
-        self._client_connected_cb = None  # a bound method of self (StreamReaderProtocol)
+    def _write_and_close(self, reply: str) -> None:
+        transport = cast(asyncio.Transport | None, self.transport)
+        if transport is not None and not transport.is_closing():
+            transport.write(reply.encode() + b"\r\n")
+            transport.close()
 
-    async def _handle_client(self) -> None:
+    def _arm(self, seconds: float) -> None:
+        """Close with 421 after ``seconds`` without a reply (DATA: for the whole phase)."""
+        if self._timer is not None:
+            self._timer.arm(seconds)
+
+    def session_timed_out(self) -> None:
+        self._write_and_close(self.policy.timed_out(self._client, handshaking=self._handshaking))
+
+    def session_expired(self) -> bool:
+        if self._busy:
+            return False
+        self._write_and_close(self.policy.lifetime_over(self._client))
+        return True
+
+    async def _busy_with(self, command: Awaitable[None]) -> None:
+        """Run a command the session lifetime does not interrupt; close after it if over."""
+        self._busy += 1
         try:
-            if self._refused:
-                await self._say_goodbye("421 4.7.0 Too many connections, try again later")
-                return
-            # New sessions during shutdown get a 421 greeting instead of a refused
-            # connection, so the client knows to come back (RFC 5321 3.8).
-            if self.intake.draining:
-                await self._say_goodbye(ShuttingDown.smtp_reply)
-                return
-            await super()._handle_client()
+            await command
         finally:
-            self._release()
-            self._end_reached()
+            self._busy -= 1
+            if self._timer is not None and self._timer.expired:
+                self.session_expired()
 
-    def _handshake_started(self) -> bool:
-        return self._tls_protocol is not None
+    # endregion
 
-    @syntax("STARTTLS", when="tls_context")
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        if self._tls_protocol is not None:
-            await self.push("503 5.5.1 TLS already active")
-            return
-        await super().smtp_STARTTLS(arg)
-        assert self.session is not None
-        if self._handshake_started() and self.session.ssl is None:
-            # The handshake ended without TLS (timeout, garbage): aiosmtpd would go on
-            # reading the plaintext the client sent after STARTTLS. Close instead.
-            log.info(
-                "TLS handshake not completed: closing client=%s",
-                client_address(self.session.peer),
-            )
-            # Discard what the client pipelined (aiosmtpd does so only after success).
-            self._reader._buffer.clear()  # type: ignore[attr-defined]
-            if isinstance(self._original_transport, asyncio.Transport):
-                self._original_transport.abort()
-            if self.transport is not None:
+    # region replies: one place sees them all (budgets, metrics, idle timer)
+
+    async def push(self, status: AnyStr) -> None:
+        stage = self._stage
+        if isinstance(status, str):
+            if status.startswith('500 Error: command "'):
+                # aiosmtpd echoes the unknown line back; it may be a credential.
+                status = UNKNOWN_COMMAND
+            if stage is not None and status[:1] in ("4", "5"):
+                self.policy.observe(stage, status)
+            # Undecodable client bytes (kept as surrogates) must not make the reply fail.
+            response = status.encode("utf-8", "surrogateescape")
+        else:
+            response = status
+        if stage == "data" and response[:1] == b"2":
+            self._budget.message_accepted()
+        await super().push(response)
+        if not self._in_data:
+            self._arm(self.idle_timeout)
+        if response[:1] == b"5" and self.transport is not None:
+            goodbye = self._budget.count_error(self._client)
+            if goodbye is not None:
+                await super().push(goodbye)
                 self.transport.close()
-            assert self._handler_coroutine is not None
-            self._handler_coroutine.cancel()
 
-    # region reply observation (metrics): which transaction stage a reply answers
-    _stage: str | None = None
+    # endregion
 
-    def _observe(self, stage: str, status: Any) -> None:
-        if self.intake.on_reply:
-            text = status if isinstance(status, str) else bytes(status).decode(errors="replace")
-            for callback in self.intake.on_reply:
-                callback(stage, text)
+    # region commands
+
+    async def _junk_command(self) -> bool:
+        """Count a command that moves no mail; past the limit answer 421 and close (True)."""
+        goodbye = self._budget.count_junk(self._client)
+        if goodbye is None:
+            return False
+        await super().push(goodbye)
+        if self.transport is not None:
+            self.transport.close()
+        return True
+
+    async def _repeated_helo(self) -> bool:
+        assert self.session is not None
+        return self.session.host_name is not None and await self._junk_command()
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not await self._repeated_helo():
+            await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not await self._repeated_helo():
+            await super().smtp_EHLO(hostname)
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_RSET(arg)
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_EXPN(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_HELP(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        if await self._junk_command():
+            return
+        await self.push(CANNOT_VRFY if arg else VRFY_SYNTAX)
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -472,110 +308,73 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         finally:
             self._stage = None
 
-    # endregion
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # The common "<local@domain>" without the email package's parser; the result
-        # is the same (see simple_path), the RFC 5321 checks come after, in the handler.
-        path = simple_path(arg)
-        if path is None:
-            return super()._getaddr(arg)
-        if self.local_part_limit and len(path[0].rpartition("@")[0]) > self.local_part_limit:
-            return None, None
-        return path
-
-    @property
-    def in_transaction(self) -> bool:
-        envelope = self.envelope
-        return envelope is not None and bool(envelope.mail_from)
-
-    async def _say_goodbye(self, reply: str) -> None:
-        await self.push(reply)
-        if self.transport is not None:
-            self.transport.close()
-
-    _pending: bytes = b""  # the first lines of a multi-line reply, not yet written
-
-    async def push(self, status: AnyStr) -> None:
-        # aiosmtpd's push (encode, write, debug log, drain) and our checks in one call,
-        # and a multi-line reply (EHLO) in one write: the client acts on the last line.
-        if self._stage is not None and status[:1] in ("4", "5", b"4", b"5"):
-            self._observe(self._stage, status)
-        if isinstance(status, str):
-            if status.startswith('500 Error: command "'):
-                # aiosmtpd echoes the unknown line back; it may be a credential.
-                status = "500 5.5.2 Error: command not recognized"
-            # Undecodable client bytes (kept as surrogates) must not make the reply fail.
-            response = status.encode("utf-8", "surrogateescape")
-        else:
-            response = status
-        if response[3:4] == b"-":
-            self._pending += response + b"\r\n"
-            self._log_reply(response)
-        else:
-            await self._write_reply(response)
-        if response[:1] == b"5":
-            self._errors += 1
-            if self._errors >= self.guards.max_errors and self.transport is not None:
-                assert self.session is not None
-                log.warning("too many errors: closing client=%s", client_address(self.session.peer))
-                await self._write_reply(b"421 4.7.0 Too many errors, closing connection")
-                self.transport.close()
-
-    def _log_reply(self, response: bytes) -> None:
-        if _mail_log.isEnabledFor(logging.DEBUG):
-            assert self.session is not None
-            _mail_log.debug("%r << %r", self.session.peer, response)
-
-    async def _write_reply(self, response: bytes) -> None:
-        """Write one reply line (after the pending lines of its reply) and drain."""
-        pending = self._pending
-        if pending:
-            self._pending = b""
-            self._writer.write(pending + response + b"\r\n")
-        else:
-            self._writer.write(response + b"\r\n")
-        self._log_reply(response)
-        await self._writer.drain()
-
-    def _timeout_cb(self) -> None:
-        assert self.session is not None
-        log.info("timeout: closing client=%s", client_address(self.session.peer))
-        if self.transport is not None and not self.transport.is_closing():
-            self._writer.write(b"421 4.4.2 Timeout exceeded, closing connection\r\n")
-            self.transport.close()
-
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        # aiosmtpd resets the idle timer per command only, so this is a deadline for the
-        # whole DATA phase: a client trickling its message (slowloris) is cut off with 421.
-        self._reset_timeout(self.guards.data_timeout)
+        # A deadline for the whole DATA phase: a client trickling its message (slowloris)
+        # is cut off with 421.
+        self._arm(self.data_timeout)
+        self._in_data = True
         self._stage = "data"
         try:
-            await super().smtp_DATA(arg)
+            await self._busy_with(super().smtp_DATA(arg))
         finally:
             self._stage = None
-            if self.transport is not None:
-                self._reset_timeout()
+            self._in_data = False
+            self._arm(self.idle_timeout)
 
-    @syntax("VRFY <address>")
-    async def smtp_VRFY(self, arg: str) -> None:
-        # Never confirm or deny an address (RFC 5321 3.5.3 allows 252), never echo it.
-        if not arg:
-            await self.push("501 5.5.4 Syntax: VRFY <address>")
+    # endregion
+
+    # region STARTTLS
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await self._busy_with(self._starttls(arg))
+
+    async def _starttls(self, arg: str) -> None:
+        if self.tls and not self.policy.implicit_tls:
+            await self.push(TLS_ACTIVE)
             return
-        await self.push("252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery")
+        self._handshaking = True
+        try:
+            await super().smtp_STARTTLS(arg)
+        except BaseException:
+            # aiosmtpd closes the connection; asyncio may never call connection_lost.
+            log.info("TLS handshake not completed: closing client=%s", self._client)
+            self._release()
+            raise
+        finally:
+            self._handshaking = False
+        if not arg and self.tls_context and not self.tls:
+            # The handshake ended without TLS (the client went away): aiosmtpd would go
+            # on reading the plaintext sent after STARTTLS.  Close and end the session.
+            log.info("TLS handshake not completed: closing client=%s", self._client)
+            transport = cast(asyncio.Transport | None, self.transport)
+            if transport is not None:
+                transport.abort()
+            self._release()
+            raise asyncio.CancelledError
+
+    # endregion
+
+    # region AUTH
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
-        assert self.session is not None
-        if not self.users:
-            await self.push("502 5.5.1 AUTH not available")
+        await self._busy_with(self._auth(arg))
+
+    async def _auth(self, arg: str) -> None:
+        refusal = self.policy.auth_refusal(self._client)
+        if refusal is not None:
+            await self.push(refusal)
             return
-        client = client_address(self.session.peer)
-        if self.limiter.blocked(client):
-            log.warning("AUTH refused: too many failures from client=%s", client)
-            await self.push(auth.BLOCKED_REPLY)
+        if await self.check_helo_needed("EHLO"):
+            return
+        assert self.session is not None
+        if not self.session.extended_smtp:
+            await self.push(AUTH_NOT_RECOGNIZED)
+            return
+        if self._auth_needs_tls and not self.tls:
+            await self.push(AUTH_NEEDS_TLS)
             return
         if arg:
             # Some devices send "auth login": mechanism names are case-insensitive.
@@ -591,7 +390,7 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
             return AuthResult(success=False, handled=True)
         parts = blob.split(b"\0")
         if len(parts) != 3:
-            await self.push("501 5.5.2 Can't split auth value")
+            await self.push(AUTH_CANNOT_SPLIT)
             return AuthResult(success=False, handled=True)
         return await self._check_login("PLAIN", parts[1], parts[2])
 
@@ -615,23 +414,22 @@ class RelaySMTP(HookDirCache, CompactDataSMTP):
         try:
             return base64.b64decode(text.encode("utf-8", "surrogateescape"), validate=True)
         except (binascii.Error, ValueError):
-            await self.push("501 5.5.2 Can't decode base64")
+            await self.push(AUTH_BAD_BASE64)
             return None
 
     async def _check_login(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
         assert self.session is not None
-        result = await auth.login(
-            self.users,
-            self.limiter,
-            self.verify_slots,
-            client=client_address(self.session.peer),
-            mechanism=mechanism,
-            name=login,
-            password=password,
-        )
+        result = await self.policy.login(self._client, mechanism, login, password)
         if result.user is None:
             return AuthResult(success=False, handled=False, message=result.refusal)
         return AuthResult(success=True, auth_data=result.user)
+
+    # endregion
+
+
+if TYPE_CHECKING:
+    # The handler's hooks get the engine as their ``server``: both are Connections.
+    _connections: tuple[type[Connection], ...] = (RelaySMTP, SMTPSession)
 
 
 def smtp_factory(
@@ -659,39 +457,35 @@ def smtp_factory(
     ``engine`` is ``native`` (:mod:`esprelay.smtp.engine`) or ``aiosmtpd``
     (:class:`RelaySMTP`); both speak the same dialogue.
     """
+    if engine not in ("native", "aiosmtpd"):
+        raise ValueError(f"unknown SMTP engine {engine!r}")
     if sessions is None:
         sessions = set()
-    users = users if users is not None else UserDB()
-    limiter = limiter if limiter is not None else FailureLimiter(5, 300.0)
+    session_policy = SessionPolicy(
+        intake,
+        guards if guards is not None else Guards(),
+        policy if policy is not None else RelayPolicy.loopback(),
+        users if users is not None else UserDB(),
+        limiter if limiter is not None else FailureLimiter(5, 300.0),
+        implicit_tls=implicit_tls,
+        sessions=sessions,
+    )
+    tls_context = None if (tls is None or implicit_tls) else tls.listener_context()
     if engine == "native":
         listener = Listener(
             handler,
-            intake,
             hostname=hostname,
             data_size_limit=data_size_limit,
             line_length_limit=line_length_limit,
             command_size_limit=command_size_limit,
             timeout=timeout,
-            guards=guards if guards is not None else Guards(),
-            trusted=functools.lru_cache(maxsize=1024)(
-                (policy if policy is not None else RelayPolicy.loopback()).trusted
-            ),
-            plaintext_auth_allowed=functools.lru_cache(maxsize=1024)(
-                (policy if policy is not None else RelayPolicy.loopback()).plaintext_auth_allowed
-            ),
-            users=users,
-            limiter=limiter,
-            tls_context=None if (tls is None or implicit_tls) else tls.listener_context(),
-            implicit_tls=implicit_tls,
-            sessions=sessions,
+            policy=session_policy,
+            tls_context=tls_context,
         )
         return functools.partial(SMTPSession, listener), sessions
-    if engine != "aiosmtpd":
-        raise ValueError(f"unknown SMTP engine {engine!r}")
     mail_log = logging.getLogger("mail.log")
     if _filter not in mail_log.filters:
         mail_log.addFilter(_filter)
-    policy = policy if policy is not None else RelayPolicy.loopback()
     # A subclass per listener carries the limits, rather than mutating aiosmtpd's class.
     protocol = type(
         "RelaySMTPListener",
@@ -699,21 +493,16 @@ def smtp_factory(
         {
             "line_length_limit": line_length_limit,
             "command_size_limit": command_size_limit,
-            "intake": intake,
-            "sessions": sessions,
-            "guards": guards if guards is not None else Guards(),
-            "policy": policy,
-            "trusted": staticmethod(functools.lru_cache(maxsize=1024)(policy.trusted)),
-            "plaintext_auth_allowed": staticmethod(
-                functools.lru_cache(maxsize=1024)(policy.plaintext_auth_allowed)
-            ),
-            "users": users,
-            "limiter": limiter,
-            "implicit_tls": implicit_tls,
-            "verify_slots": asyncio.Semaphore(VERIFY_CONCURRENCY),
+            "policy": session_policy,
+            "users": session_policy.users,
+            "limiter": session_policy.limiter,
+            "verify_slots": session_policy.verify_slots,
+            "idle_timeout": timeout,
+            "data_timeout": session_policy.guards.data_timeout,
         },
     )
-    tls_context = None if (tls is None or implicit_tls) else tls.listener_context()
+    # Our timer answers 421 first; aiosmtpd's own (it only closes) is a backstop.
+    backstop = 2 * (timeout + session_policy.guards.data_timeout) + 60
 
     def factory() -> RelaySMTP:
         smtp: RelaySMTP = protocol(
@@ -723,8 +512,9 @@ def smtp_factory(
             data_size_limit=data_size_limit,
             enable_SMTPUTF8=True,
             decode_data=False,
-            timeout=timeout,
+            timeout=backstop,
             tls_context=tls_context,
+            auth_require_tls=False,  # per client address: RelaySMTP._auth checks it
         )
         return smtp
 

@@ -10,7 +10,9 @@ from sharing:
   does not reset every ``in_flight`` message (other instances may be delivering them):
   it takes back only the leases held under this instance's own owner id.
 - **Clock.** "Now" is the database server's clock (``now()``), so instances whose
-  clocks disagree still agree on when a lease has expired.
+  clocks disagree still agree on when a lease has expired.  The given
+  :class:`~esprelay.clock.Clock` only paces this process's own waits (reconnecting
+  the listener, its keep-alive).
 - **Wake-ups.** After ``put`` commits, and within ``retry_now``, the spool sends
   ``NOTIFY esprelay_spool``; PostgreSQL delivers it to every instance that listens
   (:meth:`PostgresSpool.add_listener`), so idle workers everywhere wake at once
@@ -46,6 +48,7 @@ from typing import Any
 
 import asyncpg
 
+from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import ConfigError, SpoolError, SpoolFull
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
 from esprelay.spool.base import NewPart, OnePartPut, SpoolStats, new_message_id
@@ -258,6 +261,7 @@ class PostgresSpool(OnePartPut):
         owner: str | None = None,
         auto_migrate: bool = True,
         pool_size: int = 10,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.url = url
         self.owner = owner
@@ -269,6 +273,8 @@ class PostgresSpool(OnePartPut):
         self._listen_task: asyncio.Task[None] | None = None
         self._announcing: asyncio.Task[None] | None = None
         self._announce_again = False
+        self._sleep = clock.sleep
+        self._timeout = clock.timeout
 
     def __repr__(self) -> str:
         return f"PostgresSpool({redact_url(self.url)!r})"
@@ -410,7 +416,8 @@ class PostgresSpool(OnePartPut):
                     delay = 0.5
                     while not lost.is_set():
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(lost.wait(), timeout=LISTEN_KEEPALIVE)
+                            async with self._timeout(LISTEN_KEEPALIVE):
+                                await lost.wait()
                         if not lost.is_set():
                             await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT)
                 log.warning("spool: lost the listening connection; reconnecting")
@@ -420,7 +427,7 @@ class PostgresSpool(OnePartPut):
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.terminate()
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
             delay = min(delay * 2, 10.0)
 
     # endregion

@@ -44,12 +44,12 @@ import os
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
+from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import SpoolError, SpoolFull
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
 from esprelay.spool.base import NewPart, OnePartPut, SpoolStats, new_message_id
@@ -402,9 +402,13 @@ class _BodyFiles:
 
 
 class SqliteSpool(OnePartPut):
-    def __init__(self, path: str | Path, *, exclusive: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, *, exclusive: bool = False, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.path = Path(path)
         self.exclusive = exclusive
+        # "Now" for every operation (read on the writer thread too).
+        self._time = clock.time
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
@@ -619,7 +623,7 @@ class SqliteSpool(OnePartPut):
         lease_owner: str | None = None,
         lease_time: float = 0.0,
     ) -> list[str]:
-        now = time.time()
+        now = self._time()
         size = len(raw)
         in_file = size >= BODY_FILE_MIN
         # A message spooled already leased carries its owner and expiry (_LEASED).
@@ -664,7 +668,7 @@ class SqliteSpool(OnePartPut):
             return []
 
         def claim(conn: sqlite3.Connection) -> list[SpooledMessage]:
-            now = time.time()
+            now = self._time()
             expires = now + lease_time
             rows = conn.execute(_DUE, (now, limit)).fetchall()
             if any(row[16] for row in rows):
@@ -731,13 +735,13 @@ class SqliteSpool(OnePartPut):
 
             def update_only(conn: sqlite3.Connection) -> bool:
                 cursor = self._cursor
-                cursor.execute(update_sql, (id, time.time(), provider, owner, *given))
+                cursor.execute(update_sql, (id, self._time(), provider, owner, *given))
                 return cursor.rowcount == 1
 
             return update_only
 
         def update(conn: sqlite3.Connection) -> bool:
-            now = time.time()
+            now = self._time()
             cursor = self._cursor
             cursor.execute(update_sql, (id, now, provider, owner, *given))
             if cursor.rowcount != 1:
@@ -856,7 +860,7 @@ class SqliteSpool(OnePartPut):
 
     async def retry_now(self, id: str) -> bool:
         def update(conn: sqlite3.Connection) -> bool:
-            now = time.time()
+            now = self._time()
             cursor = conn.execute(
                 "UPDATE messages SET state = ?, next_attempt_at = ?, updated_at = ?,"
                 " created_at = CASE WHEN state = ? THEN ? ELSE created_at END"
