@@ -19,8 +19,10 @@ from typing import Any, Protocol
 
 from esprelay.errors import smtp_reply
 from esprelay.intake import Client, Intake
+from esprelay.message.dsn import EnvelopeDSN
 from esprelay.message.repair import prepare
 from esprelay.models import Envelope
+from esprelay.smtp import dsnparams
 from esprelay.smtp.policy import RelayPolicy
 from esprelay.smtp.replies import (
     AUTH_REQUIRED,
@@ -85,6 +87,11 @@ class Connection(Protocol):
     def starttls_needed_for_auth(self) -> bool:
         """True if AUTH would first need STARTTLS (offered, not done yet)."""
 
+    @property
+    def dsn_parameters(self) -> list[str]:
+        """The DSN parameters (RFC 3461) of the MAIL or RCPT being answered, as the
+        client wrote them (:mod:`esprelay.smtp.dsnparams`)."""
+
     def close(self) -> None:
         """Close the connection once the replies given so far are written."""
 
@@ -120,6 +127,14 @@ def check_address(address: str, *, allow_null: bool, smtputf8: bool = False) -> 
     if len(address) > MAX_ADDRESS_LENGTH or not MAILBOX.fullmatch(address):
         return MALFORMED_ADDRESS
     return None
+
+
+def _dsn_of(envelope: Any) -> EnvelopeDSN:
+    """The DSN parameters of the transaction (set at MAIL)."""
+    dsn: EnvelopeDSN | None = getattr(envelope, "dsn", None)
+    if dsn is None:
+        dsn = envelope.dsn = EnvelopeDSN()
+    return dsn
 
 
 def _valid_utf8(text: str) -> bool:
@@ -203,7 +218,7 @@ class RelayHandler:
         if not server.auth_offered:
             responses = [r for r in responses if not r.startswith("250-AUTH")]
         # aiosmtpd processes pipelined commands in order but does not say so.
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return [*responses[:-1], "250-PIPELINING", "250-DSN", responses[-1]]
 
     async def handle_MAIL(
         self, server: Connection, session: Any, envelope: Any, address: str, mail_options: list[str]
@@ -225,6 +240,9 @@ class RelayHandler:
         error = check_address(address, allow_null=True, smtputf8=envelope.smtp_utf8)
         if error:
             return error
+        dsn = dsnparams.mail_parameters(server.dsn_parameters)
+        if isinstance(dsn, str):
+            return dsn
         if address:
             why = self._policy.sender_error(address, self._user_rules(session))
             if why:
@@ -234,6 +252,7 @@ class RelayHandler:
         # sender while in the session and translate at DATA.
         envelope.mail_from = address or "<>"
         envelope.mail_options.extend(mail_options)
+        envelope.dsn = EnvelopeDSN(ret=dsn[0], envid=dsn[1])
         return SENDER_OK
 
     async def handle_RCPT(
@@ -250,12 +269,17 @@ class RelayHandler:
         error = check_address(address, allow_null=False, smtputf8=envelope.smtp_utf8)
         if error:
             return error
+        dsn = dsnparams.rcpt_parameters(server.dsn_parameters)
+        if isinstance(dsn, str):
+            return dsn
         if address in envelope.rcpt_tos:
             return DUPLICATE_RECIPIENT
         if len(envelope.rcpt_tos) >= self._max_recipients:
             return TOO_MANY_RECIPIENTS_F.format(self._max_recipients)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        if dsn.notify is not None or dsn.orcpt is not None:
+            _dsn_of(envelope).recipients[address] = dsn
         return RECIPIENT_OK
 
     async def handle_DATA(self, server: Connection, session: Any, envelope: Any) -> str:
@@ -275,6 +299,7 @@ class RelayHandler:
             meta["auth_user"] = getattr(session.auth_data, "name", None)
         if server.tls:
             meta["tls"] = True
+        meta.update(_dsn_of(envelope).meta())
 
         prepared = prepare(
             raw,
