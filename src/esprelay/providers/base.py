@@ -98,6 +98,9 @@ class Provider(abc.ABC):
     max_message_size: int | None = None
     #: Most envelope recipients per message, or None.
     max_recipients: int | None = None
+    #: Does the ESP take UTF-8 envelope addresses (RFC 6531) as they are?  If not, domains
+    #: are sent as Punycode and a UTF-8 local part is refused (esprelay.message.idn).
+    smtputf8: bool = False
 
     def __init__(self, name: str | None = None) -> None:
         #: The name used in logs, the spool and (later) routes.

@@ -39,6 +39,7 @@ from esprelay.smtp.replies import (
     SOURCE_ROUTE,
     STARTTLS_AND_AUTH_REQUIRED,
     TOO_MANY_RECIPIENTS_F,
+    UTF8_NOT_CARRIED,
 )
 
 log = logging.getLogger("esprelay.smtp")
@@ -217,8 +218,33 @@ class RelayHandler:
         session.host_name = hostname
         if not server.auth_offered:
             responses = [r for r in responses if not r.startswith("250-AUTH")]
+        if not self.utf8_everywhere():
+            responses = [r for r in responses if r != "250-SMTPUTF8"]
         # aiosmtpd processes pipelined commands in order but does not say so.
         return [*responses[:-1], "250-PIPELINING", "250-DSN", responses[-1]]
+
+    def utf8_everywhere(self) -> bool:
+        """Can every configured provider carry UTF-8 addresses (``smtputf8``)?  Only
+        then is SMTPUTF8 advertised: the route of a message is only known per recipient,
+        after EHLO."""
+        return all(p.smtputf8 for p in self._intake.providers.providers.values())
+
+    def _utf8_refusal(self, envelope: Any, session: Any, address: str) -> str | None:
+        """553 5.6.7 if ``address`` has a UTF-8 local part that a provider it may go
+        through cannot carry: for the sender, any configured provider; for a recipient,
+        those of its route.  A UTF-8 domain alone is always carried (as Punycode where
+        the ESP needs ASCII, esprelay.message.idn)."""
+        if address.rpartition("@")[0].isascii():
+            return None
+        if not envelope.mail_from:  # the sender
+            return None if self.utf8_everywhere() else UTF8_NOT_CARRIED
+        mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
+        auth_user = getattr(session.auth_data, "name", None) if session.authenticated else None
+        [part] = self._intake.routing.plan(Envelope(mail_from, (address,)), auth_user)
+        providers = self._intake.providers
+        if all(providers[n].smtputf8 for n in part.providers if n in providers):
+            return None
+        return UTF8_NOT_CARRIED
 
     async def handle_MAIL(
         self, server: Connection, session: Any, envelope: Any, address: str, mail_options: list[str]
@@ -243,6 +269,9 @@ class RelayHandler:
         dsn = dsnparams.mail_parameters(server.dsn_parameters)
         if isinstance(dsn, str):
             return dsn
+        error = self._utf8_refusal(envelope, session, address)
+        if error:
+            return error
         if address:
             why = self._policy.sender_error(address, self._user_rules(session))
             if why:
@@ -272,6 +301,9 @@ class RelayHandler:
         dsn = dsnparams.rcpt_parameters(server.dsn_parameters)
         if isinstance(dsn, str):
             return dsn
+        error = self._utf8_refusal(envelope, session, address)
+        if error:
+            return error
         if address in envelope.rcpt_tos:
             return DUPLICATE_RECIPIENT
         if len(envelope.rcpt_tos) >= self._max_recipients:
