@@ -11,6 +11,7 @@ import email
 import email.policy
 import json
 import smtplib
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +128,42 @@ def test_smtputf8_carried_where_the_provider_can(relay: RelayProcess) -> None:
     record = json.loads((relay.outbox / f"{message_id}.json").read_text())
     assert record["mail_from"] == "jos\u00e9@example.com"
     assert record["rcpt_tos"] == ["\u7528\u6237@\u4f8b\u3048.jp"]
+
+
+def test_routes_decide_which_utf8_local_parts_are_carried(
+    relay_factory: type[RelayProcess], tmp_path: Path
+) -> None:
+    """With a routes file: SMTPUTF8 is advertised only if every provider carries UTF-8;
+    a UTF-8 local part is taken for a recipient whose route can carry it, refused for
+    one whose route cannot, and refused as a sender (it may go anywhere)."""
+    with FakeESP(test_sendgrid.SendGridAPI()) as esp:
+        routes = tmp_path / "routes.toml"
+        routes.write_text(
+            f'[providers.box]\nkind = "outbox"\ndir = "{tmp_path / "box"}"\n'
+            f'[providers.sg]\nkind = "sendgrid"\napi_key_env = "TEST_SG_KEY"\n'
+            f'api_url = "{esp.url}"\n'
+            '[[routes]]\nrecipient_domains = ["eai.example"]\nproviders = ["box"]\n'
+            '[default]\nproviders = ["sg"]\n'
+        )
+        relay = relay_factory(
+            {"ESPRELAY_ROUTES_FILE": str(routes), "TEST_SG_KEY": test_sendgrid.KEY}
+        ).start()
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as smtp:
+            smtp.command_encoding = "utf-8"
+            smtp.ehlo("client.test")
+            assert not smtp.has_extn("smtputf8")
+            code, reply = smtp.docmd("MAIL FROM:<jos\u00e9@example.com> SMTPUTF8")
+            assert (code, reply[:5]) == (553, b"5.6.7")
+            assert smtp.docmd("MAIL FROM:<app@example.com> SMTPUTF8")[0] == 250
+            assert smtp.docmd("RCPT TO:<jos\u00e9@eai.example>")[0] == 250
+            code, reply = smtp.docmd("RCPT TO:<jos\u00e9@example.org>")
+            assert (code, reply[:5]) == (553, b"5.6.7")
+            assert smtp.docmd("RCPT TO:<a@b\u00fccher.de>")[0] == 250
+            raw = crlf("From: app@example.com\nTo: a@example.org\nSubject: routes\n\nx\n")
+            assert smtp.data(raw)[0] == 250
+        [request] = esp.wait_for(1)
+        sent = test_sendgrid.recipients(request.json())
+        assert sent["bcc"] + sent["to"] == ["a@xn--bcher-kva.de"]
+        relay.wait_for_log(r"delivered id=\S+ provider=box")
+        [record] = [json.loads(p.read_text()) for p in (tmp_path / "box").glob("*.json")]
+        assert record["rcpt_tos"] == ["jos\u00e9@eai.example"]

@@ -291,6 +291,23 @@ SCRIPTS = {
         b"MAIL FROM:<a@example.com> BODY=BINARY RET=FULL\r\n",
         b"MAIL FROM:<a@example.com> ENVID=" + b"x" * 100 + b" RET=FULL\r\n",
     ],
+    "dsn keywords on the wrong command": [
+        b"EHLO c\r\n",
+        b"MAIL FROM:<a@example.com> NOTIFY=NEVER\r\n",
+        ENVELOPE[0],
+        b"RCPT TO:<b@example.org> RET=FULL\r\n",
+        b"RCPT TO:<b@example.org> ENVID=x\r\n",
+    ],
+    # ESPRELAY_MAX_COMMAND_LENGTH is 80: MAIL may have 26 (SIZE=) + 10 (SMTPUTF8) + 116
+    # (RET, ENVID) more after EHLO, RCPT 536 (NOTIFY, ORCPT).
+    "dsn line limits": [
+        b"EHLO c\r\n",
+        b"MAIL FROM:<a@example.com> ENVID=" + b"x" * 200 + b"\r\n",
+        b"MAIL FROM:<a@example.com> ENVID=" + b"x" * 201 + b"\r\n",
+        ENVELOPE[0],
+        b"RCPT TO:<b@example.org> ORCPT=rfc822;" + b"x" * 579 + b"\r\n",
+        b"RCPT TO:<b@example.org> ORCPT=rfc822;" + b"x" * 580 + b"\r\n",
+    ],
     "bad notify": [
         b"EHLO c\r\n",
         ENVELOPE[0],
