@@ -103,6 +103,9 @@ def test_no_smtputf8_where_the_provider_cannot_carry_utf8(
             assert smtp.docmd("MAIL FROM:<app@example.com> SMTPUTF8")[0] == 250
             code, reply = smtp.docmd("RCPT TO:<jos\u00e9@example.org>")
             assert (code, reply[:5]) == (553, b"5.6.7")
+            # A domain with no A-label form (IDNA 2008 disallows symbols): refused too.
+            code, reply = smtp.docmd("RCPT TO:<a@\u2603.example>")
+            assert (code, reply[:5]) == (553, b"5.6.7")
             assert smtp.docmd("RCPT TO:<a@b\u00fccher.de>")[0] == 250
             raw = crlf("From: app@example.com\nTo: a@example.org\nSubject: idn\n\nx\n")
             code, _ = smtp.data(raw)

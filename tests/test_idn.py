@@ -28,6 +28,7 @@ from esprelay.providers.ses import SesProvider
         ("josé@example.com", None),  # a UTF-8 local part has no ASCII form
         ("a@exa mple.de\u00e9", None),
         ("a@\u00e9-.de", None),  # IDNA refuses a label ending with a hyphen
+        ("a@\u2603.de", None),  # nor a symbol (a snowman): IDNA 2008 disallows it
     ],
 )
 def test_ascii_address(address: str, expected: str | None) -> None:

@@ -43,7 +43,8 @@ def ascii_message(message: OutboundMessage, provider: str) -> OutboundMessage:
         if ascii_form is None:
             raise MessageRejected(
                 f"cannot carry the non-ASCII address <{address}>: this ESP takes ASCII"
-                " addresses only, and a UTF-8 local part has no ASCII form",
+                " addresses only, and it has none (a UTF-8 local part, or a domain that"
+                " IDNA 2008 refuses)",
                 provider=provider,
             )
         converted.append(ascii_form)

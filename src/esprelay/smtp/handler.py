@@ -8,6 +8,12 @@ is not a field ends the header for every reader, and with ``repair`` missing
 Date/Message-ID/From are prepended.  The sender rules then check the From and Sender
 the providers will send.  An envelope-only recipient (Bcc) never shows up
 in the headers.
+
+The envelope's extensions: SMTPUTF8 is advertised only if every configured provider
+carries UTF-8 addresses, and an address a provider of its route cannot carry is refused
+(``553 5.6.7``); the DSN parameters (RFC 3461), which the engines hand over as
+``server.dsn_parameters``, are checked here (:mod:`esprelay.smtp.dsnparams`) and kept
+in the message's metadata for the bounce.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any, Protocol
 from esprelay.errors import smtp_reply
 from esprelay.intake import Client, Intake
 from esprelay.message.dsn import EnvelopeDSN
+from esprelay.message.idn import ascii_address
 from esprelay.message.repair import prepare
 from esprelay.models import Envelope
 from esprelay.smtp import dsnparams
@@ -230,11 +237,11 @@ class RelayHandler:
         return all(p.smtputf8 for p in self._intake.providers.providers.values())
 
     def _utf8_refusal(self, envelope: Any, session: Any, address: str) -> str | None:
-        """553 5.6.7 if ``address`` has a UTF-8 local part that a provider it may go
-        through cannot carry: for the sender, any configured provider; for a recipient,
-        those of its route.  A UTF-8 domain alone is always carried (as Punycode where
-        the ESP needs ASCII, esprelay.message.idn)."""
-        if address.rpartition("@")[0].isascii():
+        """553 5.6.7 if ``address`` has no ASCII form (a UTF-8 local part, or a domain
+        IDNA refuses) and a provider it may go through needs one: for the sender, any
+        configured provider; for a recipient, those of its route.  A UTF-8 domain alone
+        is always carried (as Punycode where the ESP needs ASCII, esprelay.message.idn)."""
+        if address.isascii() or ascii_address(address) is not None:
             return None
         if not envelope.mail_from:  # the sender
             return None if self.utf8_everywhere() else UTF8_NOT_CARRIED
