@@ -11,6 +11,7 @@ from esprelay.message.dsn import (
     RETURN_FULL_LIMIT,
     EnvelopeDSN,
     RecipientDSN,
+    address_field,
     build_dsn,
     from_meta,
     is_dsn,
@@ -176,3 +177,21 @@ def test_parameters_round_trip_through_the_metadata() -> None:
 
 
 # endregion
+
+
+def test_utf8_addresses_are_never_encoded_words() -> None:
+    """RFC 6533: a UTF-8 address in the report is of type utf-8, written with \\x{HEX};
+    a UTF-8 sender gets the report addressed in UTF-8 (RFC 6532)."""
+    dsn = build(
+        failed_recipients=["jos\u00e9@b\u00fccher.de", "a+b@example.org"],
+        original_sender="\u7528\u6237@example.com",
+        to_address="\u7528\u6237@example.com",
+    )
+    assert b"=?utf-8?" not in dsn.split(b"\r\n\r\n", 1)[0]
+    assert "To: \u7528\u6237@example.com\r\n".encode() in dsn
+    message = email.message_from_bytes(dsn, policy=email.policy.default)
+    per_message, first, second = list(message.iter_parts())[1].get_payload()
+    assert per_message["X-Original-Envelope-From"] == "utf-8; \\x{7528}\\x{6237}@example.com"
+    assert first["Final-Recipient"] == "utf-8; jos\\x{E9}@b\\x{FC}cher.de"
+    assert second["Final-Recipient"] == "rfc822; a+b@example.org"
+    assert address_field("a+b=c\\d\u00e9@x") == "utf-8; a\\x{2B}b\\x{3D}c\\x{5C}d\\x{E9}@x"

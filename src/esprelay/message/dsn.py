@@ -180,7 +180,7 @@ def build_dsn(
     per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
     per_message["X-Esprelay-Queue-ID"] = message_id
     if original_sender:
-        per_message["X-Original-Envelope-From"] = f"rfc822; {original_sender}"
+        per_message["X-Original-Envelope-From"] = address_field(original_sender)
     per_message["Arrival-Date"] = format_datetime(datetime.fromtimestamp(arrival_date, UTC))
     blocks: list[Message | str] = [per_message]
     diagnostic = " ".join(reason.split())
@@ -189,7 +189,7 @@ def build_dsn(
         orcpt = parameters.recipients.get(recipient, RecipientDSN()).orcpt
         if orcpt is not None:
             block["Original-Recipient"] = orcpt
-        block["Final-Recipient"] = f"rfc822; {recipient}"
+        block["Final-Recipient"] = address_field(recipient)
         block["Action"] = "failed"
         block["Status"] = status
         block["Diagnostic-Code"] = f"X-ESP-API; {diagnostic}"
@@ -199,8 +199,11 @@ def build_dsn(
 
     report.attach(text)
     report.attach(status_part)
+    # A UTF-8 sender (RFC 6531, only accepted where every provider carries it) is written
+    # as UTF-8 (RFC 6532), not as an RFC 2047 word, which is no address at all.
+    policy = email.policy.SMTP if to_address.isascii() else email.policy.SMTPUTF8
     if full:
-        return _with_message(report, raw)
+        return _with_message(report, raw, policy)
     headers_part = EmailMessage(policy=email.policy.SMTP)
     original_headers = _header_block(raw)
     try:
@@ -213,10 +216,24 @@ def build_dsn(
         )
 
     report.attach(headers_part)
-    return report.as_bytes(policy=email.policy.SMTP)
+    return report.as_bytes(policy=policy)
 
 
-def _with_message(report: EmailMessage, raw: bytes) -> bytes:
+def address_field(address: str) -> str:
+    """``address-type; address`` for a report: ``rfc822`` for an ASCII address, else
+    RFC 6533's ``utf-8`` type with ``\\x{HEX}`` for every character that is not a
+    QCHAR (a report in ``message/delivery-status`` stays ASCII: the address is kept
+    whole instead of becoming an RFC 2047 encoded word)."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    return "utf-8; " + "".join(
+        c if "!" <= c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):02X}}}" for c in address
+    )
+
+
+def _with_message(
+    report: EmailMessage, raw: bytes, policy: email.policy.EmailPolicy[EmailMessage]
+) -> bytes:
     """``report`` with ``raw`` attached as it is (``message/rfc822``, RFC 3462).
 
     The email package would re-serialise the message (refold, re-encode); its bytes
@@ -232,7 +249,7 @@ def _with_message(report: EmailMessage, raw: bytes) -> bytes:
     returned.set_payload(token)
     report.attach(returned)
     # (The CRLF the generator writes before the boundary belongs to the boundary.)
-    before, found, after = report.as_bytes(policy=email.policy.SMTP).partition(token.encode())
+    before, found, after = report.as_bytes(policy=policy).partition(token.encode())
     assert found
     return before + raw + after
 
