@@ -41,7 +41,7 @@ def test_ehlo_advertises_extensions(relay: RelayProcess) -> None:
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as smtp:
         code, _ = smtp.ehlo("client.test")
         assert code == 250
-        for ext in ("size", "8bitmime", "smtputf8", "pipelining"):
+        for ext in ("size", "8bitmime", "smtputf8", "pipelining", "dsn"):
             assert smtp.has_extn(ext), ext
         assert int(smtp.esmtp_features["size"]) == 25 * 1024 * 1024
 

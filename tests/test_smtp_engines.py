@@ -10,8 +10,10 @@ to both, command by command and pipelined in one write; the replies must be the 
 from __future__ import annotations
 
 import base64
+import json
 import re
 import socket
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,6 +277,69 @@ SCRIPTS = {
         *DATA,
         *[b"HELP\r\n", b"VRFY x\r\n", b"EXPN y\r\n", b"HELO c\r\n"] * 4,
     ],
+    # (ESPRELAY_MAX_ERRORS is 6: at most 5 refusals per script.)
+    "dsn parameters": [
+        b"EHLO c\r\n",
+        b"MAIL FROM:<a@example.com> RET=hdrs ENVID=Abc+2Bdef SIZE=10\r\n",
+        b"RCPT TO:<b@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;B@Example.org\r\n",
+        b"RCPT TO:<c@example.org> notify=delay orcpt=RFC822;c+40example.org\r\n",
+        b"RCPT TO:<d@example.org> ORCPT=rfc822;" + b"d" * 480 + b"\r\n",
+        b"RCPT TO:<e@example.org> FOO=1 NOTIFY=NEVER\r\n",
+        *DATA,
+        b"MAIL FROM:<a@example.com>RET=FULL\r\n",
+        b"RSET\r\n",
+        b"MAIL FROM:<a@example.com> BODY=BINARY RET=FULL\r\n",
+        b"MAIL FROM:<a@example.com> ENVID=" + b"x" * 100 + b" RET=FULL\r\n",
+    ],
+    "dsn keywords on the wrong command": [
+        b"EHLO c\r\n",
+        b"MAIL FROM:<a@example.com> NOTIFY=NEVER\r\n",
+        ENVELOPE[0],
+        b"RCPT TO:<b@example.org> RET=FULL\r\n",
+        b"RCPT TO:<b@example.org> ENVID=x\r\n",
+    ],
+    # ESPRELAY_MAX_COMMAND_LENGTH is 80: MAIL may have 26 (SIZE=) + 10 (SMTPUTF8) + 116
+    # (RET, ENVID) more after EHLO, RCPT 536 (NOTIFY, ORCPT).
+    "dsn line limits": [
+        b"EHLO c\r\n",
+        b"MAIL FROM:<a@example.com> ENVID=" + b"x" * 200 + b"\r\n",
+        b"MAIL FROM:<a@example.com> ENVID=" + b"x" * 201 + b"\r\n",
+        ENVELOPE[0],
+        b"RCPT TO:<b@example.org> ORCPT=rfc822;" + b"x" * 579 + b"\r\n",
+        b"RCPT TO:<b@example.org> ORCPT=rfc822;" + b"x" * 580 + b"\r\n",
+    ],
+    "bad notify": [
+        b"EHLO c\r\n",
+        ENVELOPE[0],
+        b"RCPT TO:<c@example.org> NOTIFY=NEVER,FAILURE\r\n",
+        b"RCPT TO:<c@example.org> NOTIFY=\r\n",
+        b"RCPT TO:<c@example.org> NOTIFY=SOMETIMES\r\n",
+        b"RCPT TO:<c@example.org> NOTIFY=DELAY NOTIFY=DELAY\r\n",
+        b"RCPT TO:<c@example.org> NOTIFY=DELAY,DELAY\r\n",
+    ],
+    "bad orcpt": [
+        b"EHLO c\r\n",
+        ENVELOPE[0],
+        b"RCPT TO:<c@example.org> ORCPT=rfc822\r\n",
+        b"RCPT TO:<c@example.org> ORCPT=rfc822;c+2\r\n",
+        b"RCPT TO:<c@example.org> ORCPT=rfc822;c+0Ax\r\n",
+        b"RCPT TO:<c@example.org> ORCPT=;c@example.org\r\n",
+        b"RCPT TO:<c@example.org> ORCPT=rfc822;\r\n",
+    ],
+    "bad ret and envid": [
+        b"EHLO c\r\n",
+        b"MAIL FROM:<a@example.com> RET=ALL\r\n",
+        b"MAIL FROM:<a@example.com> ENVID=a=b\r\n",
+        b"MAIL FROM:<a@example.com> ENVID=" + b"x" * 101 + b"\r\n",
+        b"MAIL FROM:<a@example.com> RET=FULL RET=HDRS\r\n",
+        b"MAIL FROM:<a@example.com> ENVID=\r\n",
+    ],
+    "dsn parameters after helo": [
+        b"HELO c\r\n",
+        b"MAIL FROM:<a@example.com> RET=FULL\r\n",
+        b"MAIL FROM:<a@example.com>\r\n",
+        b"RCPT TO:<b@example.org> NOTIFY=NEVER\r\n",
+    ],
     "envelope bytes": [
         b"EHLO c\r\n",
         b"MAIL FROM:<j\xff@example.com>\r\n",
@@ -313,6 +378,9 @@ PIECES = [
     ENVELOPE[0],
     ENVELOPE[1],
     b"RCPT TO:<z@example.net>\r\n",
+    b"MAIL FROM:<a@example.com> RET=FULL ENVID=Id+2B1\r\n",
+    b"RCPT TO:<y@example.net> NOTIFY=NEVER ORCPT=rfc822;Y@example.net\r\n",
+    b"RCPT TO:<x@example.net> NOTIFY=SOMETIMES\r\n",
     b"MAIL FROM:<>\r\n",
     b"MAIL FROM:<x\r\n",
     b"RCPT TO:<>\r\n",
@@ -363,6 +431,41 @@ def test_half_close_after_quit_still_gets_the_data_reply(relays: dict[str, Relay
         transcript = _read_all(sock, time.monotonic() + 10)
     assert b"250 2.0.0 Ok: queued as" in transcript, transcript
     assert transcript.endswith(b"221 Bye\r\n"), transcript
+
+
+def _spooled_meta(relay: RelayProcess, message_id: str) -> dict[str, object]:
+    with sqlite3.connect(relay.workdir / "data" / "spool.db") as db:
+        [(meta,)] = db.execute("SELECT meta FROM messages WHERE id = ?", (message_id,))
+    stored: dict[str, object] = json.loads(meta)
+    return stored
+
+
+@pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
+def test_dsn_parameters_stored_with_the_message(
+    relays: dict[str, RelayProcess], engine: str
+) -> None:
+    """RET and ENVID per message, NOTIFY and ORCPT per recipient, as the client wrote
+    them (ENVID and ORCPT decoded from xtext, their case kept)."""
+    relay = relays[engine]
+    dialog = Dialog(relay.port)
+    assert dialog.reply().startswith(b"220")
+    assert b"250-DSN" in dialog.command(b"EHLO c")
+    assert dialog.command(b"MAIL FROM:<a@example.com> RET=full ENVID=Q+2B1.x").startswith(b"250")
+    assert dialog.command(b"RCPT TO:<b@example.org> NOTIFY=NEVER").startswith(b"250")
+    rcpt = b"RCPT TO:<c@example.org> ORCPT=rfc822;C+2Bx@Example.org NOTIFY=delay,failure"
+    assert dialog.command(rcpt).startswith(b"250")
+    assert dialog.command(b"RCPT TO:<d@example.org>").startswith(b"250")
+    assert dialog.command(b"DATA").startswith(b"354")
+    reply = dialog.command(b"Subject: dsn\r\n\r\nbody\r\n.")
+    dialog.close()
+    assert reply.startswith(b"250"), reply
+    meta = _spooled_meta(relay, reply.decode().rsplit(" ", 1)[1].strip())
+    assert meta["dsn_ret"] == "FULL"
+    assert meta["dsn_envid"] == "Q+1.x"
+    assert meta["dsn_rcpts"] == {
+        "b@example.org": {"notify": ["NEVER"]},
+        "c@example.org": {"notify": ["FAILURE", "DELAY"], "orcpt": "rfc822;C+x@Example.org"},
+    }
 
 
 def test_message_sent_a_byte_at_a_time(relays: dict[str, RelayProcess], tmp_path: Path) -> None:

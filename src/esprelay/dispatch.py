@@ -24,6 +24,7 @@ from esprelay.errors import (
     ProviderUnavailable,
     TransientDeliveryError,
 )
+from esprelay.message.idn import ascii_message
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import Provider
 
@@ -76,7 +77,10 @@ class ProviderSet:
                 skipped.append(breaker)
                 continue
             try:
-                result = await provider.send(message)
+                # An ESP that takes ASCII addresses only gets IDN domains as Punycode.
+                result = await provider.send(
+                    message if provider.smtputf8 else ascii_message(message, name)
+                )
             except PermanentDeliveryError:
                 breaker.record_neutral()
                 raise

@@ -6,7 +6,10 @@ gives them their time at shutdown.
 
 - The bounce (``ESPRELAY_BOUNCE_MODE``) is built by :func:`esprelay.message.dsn.build_dsn` and
   queued in the spool like any message, on the failed message's provider chain.  None is
-  sent for a null sender or for a message that is itself a bounce.
+  sent for a null sender or for a message that is itself a bounce.  The client's DSN
+  parameters (RFC 3461, in the message's metadata) are honoured: a recipient whose
+  ``NOTIFY`` lacks ``FAILURE`` (``NEVER`` included) is not reported, and no bounce is
+  sent if that leaves none; ``RET``, ``ENVID`` and ``ORCPT`` shape the report.
 - The webhook (``ESPRELAY_FAILURE_WEBHOOK_URL``) gets one JSON record per failure; a
   webhook that fails is logged, not retried.
 """
@@ -22,7 +25,14 @@ import httpx
 
 from esprelay.delivery import Outcome, provider_chain
 from esprelay.errors import SpoolError
-from esprelay.message.dsn import build_dsn, is_dsn, status_for
+from esprelay.message.dsn import (
+    EnvelopeDSN,
+    build_dsn,
+    from_meta,
+    is_dsn,
+    status_for,
+    wants_failure_report,
+)
 from esprelay.models import Envelope
 from esprelay.spool import NewPart, Spool
 
@@ -70,8 +80,17 @@ class FailureNotifier:
         if message.raw is None or is_dsn(message.raw):
             log.info("no bounce for id=%s: it is itself a bounce", message.id)
             return
+        parameters = from_meta(message.meta)
+        reported = [
+            r
+            for r in message.envelope.rcpt_tos
+            if wants_failure_report(parameters.recipients.get(r))
+        ]
+        if not reported:
+            log.info("no bounce for id=%s: NOTIFY asks for none (RFC 3461)", message.id)
+            return
         recipient = message.envelope.mail_from if mode == "sender" else mode.split(":", 1)[1]
-        self._in_background(self._send_bounce(outcome, recipient))
+        self._in_background(self._send_bounce(outcome, recipient, reported, parameters))
 
     async def wait(self, timeout: float) -> None:
         """Give the notices under way up to ``timeout`` seconds (at shutdown)."""
@@ -83,12 +102,14 @@ class FailureNotifier:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _send_bounce(self, outcome: Outcome, recipient: str) -> None:
+    async def _send_bounce(
+        self, outcome: Outcome, recipient: str, reported: list[str], parameters: EnvelopeDSN
+    ) -> None:
         assert outcome.message.raw is not None
         message = outcome.message
         dsn = build_dsn(
             raw=outcome.message.raw,
-            failed_recipients=message.envelope.rcpt_tos,
+            failed_recipients=reported,
             original_sender=message.envelope.mail_from,
             reason=str(outcome.error) if outcome.error else "delivery failed",
             status=status_for(outcome.error, expired=outcome.expired),
@@ -97,6 +118,7 @@ class FailureNotifier:
             to_address=recipient,
             arrival_date=message.created_at,
             message_id=message.id,
+            parameters=parameters,
         )
         chain = provider_chain(message, self.default_chain)
         part = NewPart(

@@ -145,7 +145,7 @@ class Intake:
             NewPart(
                 part.envelope,
                 part.providers[0],
-                {**meta, "route": part.route, "providers": list(part.providers)},
+                {**_own_dsn(meta, part), "route": part.route, "providers": list(part.providers)},
             )
             for part in parts
         ]
@@ -281,3 +281,14 @@ class Intake:
         sent = [r for r in results if isinstance(r, Sent)]
         ids = ",".join(f"{s.provider}:{s.result.provider_message_id or '-'}" for s in sent)
         return DELIVERED_F.format(message_id, reply_text(ids))
+
+
+def _own_dsn(meta: dict[str, Any], part: Part) -> dict[str, Any]:
+    """``meta`` with the per-recipient DSN parameters (NOTIFY, ORCPT) of ``part``'s
+    recipients only: each part of a routed message is tracked and bounced on its own."""
+    rcpts = meta.get("dsn_rcpts")
+    if rcpts is None:
+        return meta
+    own = {r: rcpts[r] for r in part.envelope.rcpt_tos if r in rcpts}
+    rest = {k: v for k, v in meta.items() if k != "dsn_rcpts"}
+    return {**rest, "dsn_rcpts": own} if own else rest

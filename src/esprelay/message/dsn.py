@@ -3,24 +3,108 @@
 A DSN is a ``multipart/report; report-type=delivery-status`` with three parts: a
 human-readable explanation, the ``message/delivery-status`` fields (one block for the
 message, one per failed recipient), and the original message's headers
-(``text/rfc822-headers``, RFC 6522).  It is sent with the null sender (``<>``), so
-it can never cause another bounce.
+(``text/rfc822-headers``, RFC 6522) or, if the sender asked with ``RET=FULL`` and the
+message is at most :data:`RETURN_FULL_LIMIT` bytes, the whole message
+(``message/rfc822``).  It is sent with the null sender (``<>``), so it can never
+cause another bounce.
+
+The DSN parameters the client gave (RFC 3461, read by :mod:`esprelay.smtp.dsnparams`)
+are kept in the message's metadata (:class:`EnvelopeDSN`): ``ENVID`` comes back as
+``Original-Envelope-Id``, each ``ORCPT`` as its recipient's ``Original-Recipient``, and
+a recipient whose ``NOTIFY`` lacks ``FAILURE`` (``NEVER`` included) is left out of the
+report (:func:`wants_failure_report`).  ``NOTIFY=SUCCESS`` and ``DELAY`` are only stored.
 """
 
 from __future__ import annotations
 
 import email.policy
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, formatdate, make_msgid
+from typing import Any
 
 from esprelay.errors import DeliveryError, PermanentDeliveryError
 from esprelay.message.header import read_header
 
 _HEADER_PARSER = BytesHeaderParser(policy=email.policy.compat32)
+#: The largest message returned whole for ``RET=FULL`` (bytes); a larger one is returned
+#: as its headers only, and the report says so.
+RETURN_FULL_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientDSN:
+    """NOTIFY and ORCPT of one recipient (None: not given)."""
+
+    notify: tuple[str, ...] | None = None
+    #: ``addr-type;address``, the address decoded from xtext.
+    orcpt: str | None = None
+
+
+@dataclass(slots=True)
+class EnvelopeDSN:
+    """The DSN parameters of one transaction (RET, ENVID and per recipient)."""
+
+    ret: str | None = None
+    #: Decoded from xtext.
+    envid: str | None = None
+    recipients: dict[str, RecipientDSN] = field(default_factory=dict)
+
+    def meta(self) -> dict[str, Any]:
+        """The message metadata these parameters make (empty if none was given)."""
+        meta: dict[str, Any] = {}
+        if self.ret is not None:
+            meta["dsn_ret"] = self.ret
+        if self.envid is not None:
+            meta["dsn_envid"] = self.envid
+        recipients = {
+            address: {
+                key: value
+                for key, value in (
+                    ("notify", list(r.notify) if r.notify is not None else None),
+                    ("orcpt", r.orcpt),
+                )
+                if value is not None
+            }
+            for address, r in self.recipients.items()
+        }
+        if recipients:
+            meta["dsn_rcpts"] = recipients
+        return meta
+
+
+def from_meta(meta: Mapping[str, Any]) -> EnvelopeDSN:
+    """The parameters a message's metadata holds (the inverse of :meth:`EnvelopeDSN.meta`)."""
+    recipients: dict[str, RecipientDSN] = {}
+    stored = meta.get("dsn_rcpts")
+    if isinstance(stored, Mapping):
+        for address, values in stored.items():
+            if not isinstance(values, Mapping):
+                continue
+            notify = values.get("notify")
+            orcpt = values.get("orcpt")
+            recipients[str(address)] = RecipientDSN(
+                notify=tuple(str(n) for n in notify) if isinstance(notify, list) else None,
+                orcpt=orcpt if isinstance(orcpt, str) else None,
+            )
+    ret = meta.get("dsn_ret")
+    envid = meta.get("dsn_envid")
+    return EnvelopeDSN(
+        ret=ret if isinstance(ret, str) else None,
+        envid=envid if isinstance(envid, str) else None,
+        recipients=recipients,
+    )
+
+
+def wants_failure_report(parameters: RecipientDSN | None) -> bool:
+    """Does this recipient's NOTIFY ask for a report of its failure?  (No NOTIFY: yes,
+    RFC 3461 4.1's default; ``NEVER`` or a list without ``FAILURE``: no.)"""
+    return parameters is None or parameters.notify is None or "FAILURE" in parameters.notify
 
 
 def is_dsn(raw: bytes) -> bool:
@@ -52,8 +136,21 @@ def build_dsn(
     to_address: str,
     arrival_date: float,
     message_id: str,
+    parameters: EnvelopeDSN | None = None,
 ) -> bytes:
-    """The bytes of a DSN reporting that ``failed_recipients`` did not get ``raw``."""
+    """The bytes of a DSN reporting that ``failed_recipients`` did not get ``raw``;
+    ``parameters``: the DSN parameters of the original transaction, if any."""
+    parameters = parameters if parameters is not None else EnvelopeDSN()
+    full = parameters.ret == "FULL" and len(raw) <= RETURN_FULL_LIMIT
+    if full:
+        returned = "The message is attached."
+    elif parameters.ret == "FULL":
+        returned = (
+            f"Its headers are attached (the message, {len(raw)} bytes, is larger than"
+            f" the {RETURN_FULL_LIMIT} bytes returned whole)."
+        )
+    else:
+        returned = "Its headers are attached."
     report = EmailMessage(policy=email.policy.SMTP)
     report["From"] = f"Mail Delivery System <{from_address}>"
     report["To"] = to_address
@@ -72,22 +169,27 @@ def build_dsn(
         "Your message could not be delivered to the following recipient(s):\n\n"
         f"{recipients}\n\n"
         f"Reason: {reason}\n\n"
-        f"The message was accepted as {message_id}. Its headers are attached.\n"
+        f"The message was accepted as {message_id}. {returned}\n"
     )
 
     status_part = EmailMessage(policy=email.policy.SMTP)
     status_part["Content-Type"] = "message/delivery-status"
     per_message = Message(policy=email.policy.SMTP)
+    if parameters.envid is not None:
+        per_message["Original-Envelope-Id"] = parameters.envid
     per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
     per_message["X-Esprelay-Queue-ID"] = message_id
     if original_sender:
-        per_message["X-Original-Envelope-From"] = f"rfc822; {original_sender}"
+        per_message["X-Original-Envelope-From"] = address_field(original_sender)
     per_message["Arrival-Date"] = format_datetime(datetime.fromtimestamp(arrival_date, UTC))
     blocks: list[Message | str] = [per_message]
     diagnostic = " ".join(reason.split())
     for recipient in failed_recipients:
         block = Message(policy=email.policy.SMTP)
-        block["Final-Recipient"] = f"rfc822; {recipient}"
+        orcpt = parameters.recipients.get(recipient, RecipientDSN()).orcpt
+        if orcpt is not None:
+            block["Original-Recipient"] = orcpt
+        block["Final-Recipient"] = address_field(recipient)
         block["Action"] = "failed"
         block["Status"] = status
         block["Diagnostic-Code"] = f"X-ESP-API; {diagnostic}"
@@ -95,6 +197,13 @@ def build_dsn(
         blocks.append(block)
     status_part.set_payload(blocks)
 
+    report.attach(text)
+    report.attach(status_part)
+    # A UTF-8 sender (RFC 6531, only accepted where every provider carries it) is written
+    # as UTF-8 (RFC 6532), not as an RFC 2047 word, which is no address at all.
+    policy = email.policy.SMTP if to_address.isascii() else email.policy.SMTPUTF8
+    if full:
+        return _with_message(report, raw, policy)
     headers_part = EmailMessage(policy=email.policy.SMTP)
     original_headers = _header_block(raw)
     try:
@@ -106,10 +215,43 @@ def build_dsn(
             original_headers, maintype="text", subtype="rfc822-headers", cte="base64"
         )
 
-    report.attach(text)
-    report.attach(status_part)
     report.attach(headers_part)
-    return report.as_bytes(policy=email.policy.SMTP)
+    return report.as_bytes(policy=policy)
+
+
+def address_field(address: str) -> str:
+    """``address-type; address`` for a report: ``rfc822`` for an ASCII address, else
+    RFC 6533's ``utf-8`` type with ``\\x{HEX}`` for every character that is not a
+    QCHAR (a report in ``message/delivery-status`` stays ASCII: the address is kept
+    whole instead of becoming an RFC 2047 encoded word)."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    return "utf-8; " + "".join(
+        c if "!" <= c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):02X}}}" for c in address
+    )
+
+
+def _with_message(
+    report: EmailMessage, raw: bytes, policy: email.policy.EmailPolicy[EmailMessage]
+) -> bytes:
+    """``report`` with ``raw`` attached as it is (``message/rfc822``, RFC 3462).
+
+    The email package would re-serialise the message (refold, re-encode); its bytes
+    are put in place of a token instead, under a boundary nobody can guess, so nothing
+    in the message can end the part early.
+    """
+    token = f"esprelay-returned-message-{secrets.token_hex(16)}"
+    report.set_boundary(f"=_report_{secrets.token_hex(16)}")
+    returned = EmailMessage(policy=email.policy.SMTP)
+    returned["Content-Type"] = "message/rfc822"
+    # RFC 2046 5.2.1: 7bit, 8bit or binary only.
+    returned["Content-Transfer-Encoding"] = "7bit" if raw.isascii() else "8bit"
+    returned.set_payload(token)
+    report.attach(returned)
+    # (The CRLF the generator writes before the boundary belongs to the boundary.)
+    before, found, after = report.as_bytes(policy=policy).partition(token.encode())
+    assert found
+    return before + raw + after
 
 
 def _header_block(raw: bytes) -> bytes:

@@ -224,8 +224,8 @@ class _Reencoder:
             # brackets, commas, existing encoded words) stays byte for byte, so every
             # reader finds the same addresses after as before (a re-parse and re-fold
             # could turn an encoded-word display name into a bare address).
-            words = _NON_ASCII_WORD.findall(decoded) + _ANGLE_ADDRESS.findall(decoded)
-            if any("@" in word and not word.isascii() for word in words):
+            found = _NON_ASCII_WORD.findall(decoded) + _ANGLE_ADDRESS.findall(decoded)
+            if any("@" in word and not word.isascii() for word in found):
                 self.warn(
                     f"header {name} holds a non-ASCII address, which cannot be written"
                     " in 7bit; sent as encoded words"

@@ -101,6 +101,9 @@ class Provider(abc.ABC):
     #: The provider rebuilds the message from its parsed parts (a JSON API), so a
     #: signature cannot survive it (ESPRELAY_SIGNED_MESSAGES).
     rebuilds_message: ClassVar[bool] = False
+    #: Does the ESP take UTF-8 envelope addresses (RFC 6531) as they are?  If not, domains
+    #: are sent as Punycode and a UTF-8 local part is refused (esprelay.message.idn).
+    smtputf8: bool = False
 
     def __init__(self, name: str | None = None) -> None:
         #: The name used in logs, the spool and (later) routes.

@@ -64,6 +64,7 @@ _TRY_AGAIN = re.compile(r"try again (?:after|in) (\d+(?:\.\d+)?) ?s", re.IGNOREC
 
 class MailgunProvider(HttpProvider):
     kind = "mailgun"
+    smtputf8 = True  # UTF-8 addresses on the Messages API: documentation.mailgun.com, i18n page
     max_message_size = MAX_MESSAGE_SIZE
     max_recipients = MAX_RECIPIENTS
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 class OutboxProvider(Provider):
     kind = "outbox"
+    smtputf8 = True  # writes the envelope as it is (JSON, UTF-8)
 
     def __init__(self, directory: Path, name: str | None = None) -> None:
         super().__init__(name)

@@ -159,6 +159,7 @@ def _attachments(parsed: ParsedMessage, warnings: list[str]) -> list[dict[str, s
 class PostmarkProvider(HttpProvider):
     kind = "postmark"
     rebuilds_message = True
+    smtputf8 = False  # refuses them: "Illegal email mailbox" (error 300); IDN as Punycode
     #: Raw bytes that still fit 10 MB after base64 (4/3) with room for the JSON around.
     max_message_size = REQUEST_LIMIT * 3 // 4 - 100_000
     max_recipients = FIELD_LIMIT

@@ -239,6 +239,7 @@ def _headers(parsed: ParsedMessage, warnings: list[str]) -> dict[str, str]:
 class SendGridProvider(HttpProvider):
     kind = "sendgrid"
     rebuilds_message = True
+    smtputf8 = False  # v3 answers 202 then drops a UTF-8 local part as "Invalid"
     #: Raw bytes that still fit 30 MB after base64 (4/3) with room for the JSON around.
     max_message_size = REQUEST_LIMIT * 3 // 4 - 200_000
     max_recipients = 1000

@@ -284,6 +284,7 @@ def default_endpoint(region: str) -> str:
 
 class SesProvider(HttpProvider):
     kind = "ses"
+    smtputf8 = False  # SES API reference, Destination: no SMTPUTF8, 7-bit ASCII, Punycode
     max_message_size = MAX_MESSAGE_SIZE
     max_recipients = MAX_RECIPIENTS
 

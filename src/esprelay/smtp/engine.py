@@ -37,6 +37,7 @@ import aiosmtpd.smtp
 from aiosmtpd.smtp import Envelope, Session
 
 from esprelay.errors import smtp_reply
+from esprelay.smtp import dsnparams
 from esprelay.smtp.dataread import MessageReader
 from esprelay.smtp.handler import RelayHandler, client_address, simple_path
 from esprelay.smtp.replies import (
@@ -122,6 +123,21 @@ _PASSWORD_CHALLENGE = "Password\x00"
 _getaddr_fallback = aiosmtpd.smtp.SMTP._getaddr
 
 
+def _extended_limits(data_size_limit: int) -> dict[str, int]:
+    """What a command line may have beyond the limit after EHLO: aiosmtpd's SIZE= (26,
+    with a size limit) and SMTPUTF8 (10) on MAIL, and the DSN parameters."""
+    return {
+        "MAIL": (26 if data_size_limit else 0) + 10 + dsnparams.MAIL_LINE_EXTRA,
+        "RCPT": dsnparams.RCPT_LINE_EXTRA,
+    }
+
+
+def _options(tokens: list[str], dsn: frozenset[str]) -> tuple[list[str], list[str]]:
+    """(the upper-cased parameters, the DSN ones as written) of MAIL or RCPT."""
+    others, taken = dsnparams.take(tokens, dsn)
+    return [o.upper() for o in others], taken
+
+
 def _params(options: list[str]) -> dict[str, str | bool] | None:
     """RFC 1869 ``keyword[=value]`` parameters, or None if one is malformed."""
     result: dict[str, str | bool] = {}
@@ -153,6 +169,7 @@ class Listener:
         self.intake = policy.intake
         self.hostname = hostname
         self.data_size_limit = data_size_limit
+        self.extended_limits = _extended_limits(data_size_limit)
         self.line_length_limit = line_length_limit
         self.command_size_limit = command_size_limit
         self.timeout = timeout
@@ -197,6 +214,8 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
         self._timer = SessionTimer(self, listener.policy.max_session_seconds)
         self._loop = asyncio.get_running_loop()
         self._message: MessageReader | None = None  # in DATA
+        #: The DSN parameters of the MAIL or RCPT being answered (the handler reads them).
+        self.dsn_parameters: list[str] = []
 
     # region what the handler may ask (esprelay.smtp.handler.Connection)
 
@@ -417,8 +436,8 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%r >> %r", self.session.peer, loggable(verb, line))
         limit = listener.command_size_limit
-        if verb == "MAIL" and self.session.extended_smtp:
-            limit += 36  # SIZE= and SMTPUTF8, as aiosmtpd allows after EHLO
+        if self.session.extended_smtp:
+            limit += listener.extended_limits.get(verb, 0)
         if len(line) > limit:
             self._reply(LINE_TOO_LONG)
             return
@@ -622,7 +641,7 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
         if not address or (not extended and rest):
             self._reply(syntax)
             return None
-        return address, (rest or "").upper().split()
+        return address, (rest or "").split()
 
     def _staged(self, stage: str, command: Callable[[str | None], None], arg: str | None) -> None:
         """Run ``command`` with its replies observed as answers to ``stage`` (metrics)."""
@@ -645,7 +664,8 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
         if self.envelope.mail_from:
             self._reply(NESTED_MAIL)
             return
-        address, options = path
+        address, tokens = path
+        options, self.dsn_parameters = _options(tokens, dsnparams.MAIL_KEYWORDS)
         params = _params(options)
         if params is None:
             self._reply(self._syntax(syntax))
@@ -690,7 +710,8 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
         path = self._path(arg, "TO:", syntax)
         if path is None:
             return
-        address, options = path
+        address, tokens = path
+        options, self.dsn_parameters = _options(tokens, dsnparams.RCPT_KEYWORDS)
         params = _params(options)
         if params is None:
             self._reply(self._syntax(syntax))

@@ -8,6 +8,12 @@ is not a field ends the header for every reader, and with ``repair`` missing
 Date/Message-ID/From are prepended.  The sender rules then check the From and Sender
 the providers will send.  An envelope-only recipient (Bcc) never shows up
 in the headers.
+
+The envelope's extensions: SMTPUTF8 is advertised only if every configured provider
+carries UTF-8 addresses, and an address a provider of its route cannot carry is refused
+(``553 5.6.7``); the DSN parameters (RFC 3461), which the engines hand over as
+``server.dsn_parameters``, are checked here (:mod:`esprelay.smtp.dsnparams`) and kept
+in the message's metadata for the bounce.
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ from typing import Any, Protocol
 
 from esprelay.errors import smtp_reply
 from esprelay.intake import Client, Intake
+from esprelay.message.dsn import EnvelopeDSN
+from esprelay.message.idn import ascii_address
 from esprelay.message.repair import prepare
 from esprelay.models import Envelope
+from esprelay.smtp import dsnparams
 from esprelay.smtp.policy import RelayPolicy
 from esprelay.smtp.replies import (
     AUTH_REQUIRED,
@@ -37,6 +46,7 @@ from esprelay.smtp.replies import (
     SOURCE_ROUTE,
     STARTTLS_AND_AUTH_REQUIRED,
     TOO_MANY_RECIPIENTS_F,
+    UTF8_NOT_CARRIED,
 )
 
 log = logging.getLogger("esprelay.smtp")
@@ -85,6 +95,11 @@ class Connection(Protocol):
     def starttls_needed_for_auth(self) -> bool:
         """True if AUTH would first need STARTTLS (offered, not done yet)."""
 
+    @property
+    def dsn_parameters(self) -> list[str]:
+        """The DSN parameters (RFC 3461) of the MAIL or RCPT being answered, as the
+        client wrote them (:mod:`esprelay.smtp.dsnparams`)."""
+
     def close(self) -> None:
         """Close the connection once the replies given so far are written."""
 
@@ -120,6 +135,14 @@ def check_address(address: str, *, allow_null: bool, smtputf8: bool = False) -> 
     if len(address) > MAX_ADDRESS_LENGTH or not MAILBOX.fullmatch(address):
         return MALFORMED_ADDRESS
     return None
+
+
+def _dsn_of(envelope: Any) -> EnvelopeDSN:
+    """The DSN parameters of the transaction (set at MAIL)."""
+    dsn: EnvelopeDSN | None = getattr(envelope, "dsn", None)
+    if dsn is None:
+        dsn = envelope.dsn = EnvelopeDSN()
+    return dsn
 
 
 def _valid_utf8(text: str) -> bool:
@@ -202,8 +225,33 @@ class RelayHandler:
         session.host_name = hostname
         if not server.auth_offered:
             responses = [r for r in responses if not r.startswith("250-AUTH")]
+        if not self.utf8_everywhere():
+            responses = [r for r in responses if r != "250-SMTPUTF8"]
         # aiosmtpd processes pipelined commands in order but does not say so.
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return [*responses[:-1], "250-PIPELINING", "250-DSN", responses[-1]]
+
+    def utf8_everywhere(self) -> bool:
+        """Can every configured provider carry UTF-8 addresses (``smtputf8``)?  Only
+        then is SMTPUTF8 advertised: the route of a message is only known per recipient,
+        after EHLO."""
+        return all(p.smtputf8 for p in self._intake.providers.providers.values())
+
+    def _utf8_refusal(self, envelope: Any, session: Any, address: str) -> str | None:
+        """553 5.6.7 if ``address`` has no ASCII form (a UTF-8 local part, or a domain
+        IDNA refuses) and a provider it may go through needs one: for the sender, any
+        configured provider; for a recipient, those of its route.  A UTF-8 domain alone
+        is always carried (as Punycode where the ESP needs ASCII, esprelay.message.idn)."""
+        if address.isascii() or ascii_address(address) is not None:
+            return None
+        if not envelope.mail_from:  # the sender
+            return None if self.utf8_everywhere() else UTF8_NOT_CARRIED
+        mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
+        auth_user = getattr(session.auth_data, "name", None) if session.authenticated else None
+        [part] = self._intake.routing.plan(Envelope(mail_from, (address,)), auth_user)
+        providers = self._intake.providers
+        if all(providers[n].smtputf8 for n in part.providers if n in providers):
+            return None
+        return UTF8_NOT_CARRIED
 
     async def handle_MAIL(
         self, server: Connection, session: Any, envelope: Any, address: str, mail_options: list[str]
@@ -225,6 +273,12 @@ class RelayHandler:
         error = check_address(address, allow_null=True, smtputf8=envelope.smtp_utf8)
         if error:
             return error
+        dsn = dsnparams.mail_parameters(server.dsn_parameters)
+        if isinstance(dsn, str):
+            return dsn
+        error = self._utf8_refusal(envelope, session, address)
+        if error:
+            return error
         if address:
             why = self._policy.sender_error(address, self._user_rules(session))
             if why:
@@ -234,6 +288,7 @@ class RelayHandler:
         # sender while in the session and translate at DATA.
         envelope.mail_from = address or "<>"
         envelope.mail_options.extend(mail_options)
+        envelope.dsn = EnvelopeDSN(ret=dsn[0], envid=dsn[1])
         return SENDER_OK
 
     async def handle_RCPT(
@@ -250,12 +305,20 @@ class RelayHandler:
         error = check_address(address, allow_null=False, smtputf8=envelope.smtp_utf8)
         if error:
             return error
+        dsn = dsnparams.rcpt_parameters(server.dsn_parameters)
+        if isinstance(dsn, str):
+            return dsn
+        error = self._utf8_refusal(envelope, session, address)
+        if error:
+            return error
         if address in envelope.rcpt_tos:
             return DUPLICATE_RECIPIENT
         if len(envelope.rcpt_tos) >= self._max_recipients:
             return TOO_MANY_RECIPIENTS_F.format(self._max_recipients)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        if dsn.notify is not None or dsn.orcpt is not None:
+            _dsn_of(envelope).recipients[address] = dsn
         return RECIPIENT_OK
 
     async def handle_DATA(self, server: Connection, session: Any, envelope: Any) -> str:
@@ -275,6 +338,7 @@ class RelayHandler:
             meta["auth_user"] = getattr(session.auth_data, "name", None)
         if server.tls:
             meta["tls"] = True
+        meta.update(_dsn_of(envelope).meta())
 
         prepared = prepare(
             raw,

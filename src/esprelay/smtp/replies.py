@@ -70,6 +70,11 @@ MALFORMED_ADDRESS = "553 5.1.3 Error: malformed address (expected local-part@dom
 NEEDS_SMTPUTF8 = "553 5.6.7 Error: non-ASCII address needs the SMTPUTF8 parameter"
 #: Bytes that are not UTF-8 (with or without SMTPUTF8): a malformed address.
 NOT_UTF8 = "501 5.1.3 Error: address is not valid UTF-8"
+#: RFC 6531 3.7.4.1: an address with no ASCII form (a UTF-8 local part) for a provider
+#: of the route that takes ASCII only (a domain is sent to it as Punycode).
+UTF8_NOT_CARRIED = "553 5.6.7 Error: non-ASCII address not supported by the provider"
+#: RFC 3461: a NOTIFY, ORCPT, RET or ENVID that is malformed or repeated.
+BAD_DSN_PARAMETER_F = "501 5.5.4 Error: invalid {} parameter"
 SENDER_NOT_ALLOWED_F = "553 5.7.1 Sender address not allowed: {}"
 #: The From/Sender the providers would send is not allowed (esprelay.message.sender).
 HEADER_SENDER_NOT_ALLOWED_F = "550 5.7.1 {}"

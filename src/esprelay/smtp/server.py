@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, AnyStr, cast
 from aiosmtpd.smtp import SMTP, AuthResult, syntax
 
 from esprelay.intake import IntakeState
+from esprelay.smtp import dsnparams
 from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.engine import IDENT, Listener, SMTPSession
 from esprelay.smtp.guards import Guards
@@ -123,6 +124,8 @@ class RelaySMTP(PolicyConnection, SMTP):
         self._handshaking = False
         self._timer: SessionTimer | None = None
         self._busy = 0  # inside DATA, AUTH or STARTTLS: the lifetime waits for its end
+        #: The DSN parameters of the MAIL or RCPT being answered (the handler reads them).
+        self.dsn_parameters: list[str] = []
 
     # region what the handler may ask (esprelay.smtp.handler.Connection)
 
@@ -266,6 +269,13 @@ class RelaySMTP(PolicyConnection, SMTP):
     async def smtp_EHLO(self, hostname: str) -> None:
         if not await self._repeated_helo():
             await super().smtp_EHLO(hostname)
+            # aiosmtpd grows the MAIL limit for SIZE= and SMTPUTF8 (at every EHLO); the
+            # DSN parameters need room on MAIL and RCPT.
+            base = self.command_size_limit
+            limits = self.command_size_limits
+            limits["MAIL"] = base + (26 if self.data_size_limit else 0) + 10
+            limits["MAIL"] += dsnparams.MAIL_LINE_EXTRA
+            limits["RCPT"] = base + dsnparams.RCPT_LINE_EXTRA
 
     @syntax("NOOP [ignored]")
     async def smtp_NOOP(self, arg: str) -> None:
@@ -296,6 +306,7 @@ class RelaySMTP(PolicyConnection, SMTP):
     async def smtp_MAIL(self, arg: str | None) -> None:
         self._stage = "mail"
         try:
+            arg = self._take_dsn(arg, "FROM:", dsnparams.MAIL_KEYWORDS)
             await super().smtp_MAIL(arg)
         finally:
             self._stage = None
@@ -304,9 +315,28 @@ class RelaySMTP(PolicyConnection, SMTP):
     async def smtp_RCPT(self, arg: str | None) -> None:
         self._stage = "rcpt"
         try:
+            arg = self._take_dsn(arg, "TO:", dsnparams.RCPT_KEYWORDS)
             await super().smtp_RCPT(arg)
         finally:
             self._stage = None
+
+    def _take_dsn(self, arg: str | None, keyword: str, keywords: frozenset[str]) -> str | None:
+        """``arg`` without its DSN parameters, which go to ``dsn_parameters`` as the
+        client wrote them: aiosmtpd upper-cases parameters (ENVID and ORCPT are
+        case-sensitive) and refuses those it does not know.  The handler checks them."""
+        self.dsn_parameters = []
+        assert self.session is not None
+        if not arg or not self.session.extended_smtp or arg[: len(keyword)].upper() != keyword:
+            return arg
+        text = arg[len(keyword) :].strip()
+        address, rest = self._getaddr(text)
+        if not address or not rest:
+            return arg  # aiosmtpd answers as it would
+        others, self.dsn_parameters = dsnparams.take(rest.split(), keywords)
+        if not self.dsn_parameters:
+            return arg
+        # ``rest`` ends ``text`` (both address parsers return what follows the path).
+        return " ".join([keyword + text[: len(text) - len(rest)], *others])
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
