@@ -49,6 +49,7 @@ from esprelay.errors import (
     RateLimited,
 )
 from esprelay.models import OutboundMessage, SendResult
+from esprelay.ratelimit import RateLimit
 
 EXCERPT_LIMIT = 300
 #: Messages up to this size (raw bytes) are turned into requests on the event loop.
@@ -135,6 +136,8 @@ class HttpProvider(Provider):
         self._client = client
         #: Large messages are built and sent a few at a time (esprelay.budget).
         self.large_messages = ByteBudget(LARGE_MESSAGE_BUDGET)
+        #: The ESP's request rate, kept proactively (esprelay.ratelimit); None: no limit.
+        self.rate_limit: RateLimit | None = None
 
     @abc.abstractmethod
     def build_request(self, message: OutboundMessage) -> Built:
@@ -176,6 +179,8 @@ class HttpProvider(Provider):
         return SendResult(result.provider_message_id, warnings=warnings + result.warnings)
 
     async def _exchange(self, request: httpx.Request) -> httpx.Response:
+        if self.rate_limit is not None:
+            await self.rate_limit.acquire()
         with map_transport_errors(self.name):
             response = await self._client.send(request)
             await response.aread()
