@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from esprelay.message.dsn import RecipientDSN
+from esprelay.smtp import dsnparams
 from esprelay.smtp.dsnparams import (
     ENVID_LIMIT,
     MAIL_KEYWORDS,
@@ -104,3 +105,18 @@ def test_xtext_round_trip(text: str) -> None:
     encoded = xtext_encode(text)
     assert "=" not in encoded and " " not in encoded
     assert xtext_decode(encoded) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "left", "taken"),
+    [
+        (" <a@x.example> RET=FULL SIZE=10", " <a@x.example> SIZE=10", ["RET=FULL"]),
+        (" <a@x.example>RET=HDRS", " <a@x.example>", ["RET=HDRS"]),
+        (' <"a> RET=FULL"@x.example>', ' <"a> RET=FULL"@x.example>', []),
+        (' <"a\\" >"@x.example> ENVID=z', ' <"a\\" >"@x.example>', ["ENVID=z"]),
+        (" a@x.example RET=FULL", " a@x.example RET=FULL", []),
+    ],
+)
+def test_trailing_finds_the_path_end_outside_quotes(text: str, left: str, taken: list[str]) -> None:
+    """The aiosmtpd engine's split of a path from its DSN parameters."""
+    assert dsnparams.trailing(text, dsnparams.MAIL_KEYWORDS) == (left, taken)

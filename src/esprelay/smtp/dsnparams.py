@@ -38,6 +38,38 @@ _HEXCHAR = re.compile(r"\+([0-9A-F]{2})")
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+")  # an RFC 5322 atom
 
 
+def trailing(text: str, keywords: frozenset[str]) -> tuple[str, list[str]]:
+    """(``text`` without them, the DSN ones) of the parameters after the path of a MAIL
+    or RCPT argument (``<path> [parameters]``).  The path ends at its first ``>``
+    outside a quoted string; nothing else of it is parsed (the SMTP parser does that,
+    and answers a malformed path as it would without this)."""
+    end = _path_end(text)
+    if end < 0:
+        return text, []
+    others, dsn = take(text[end + 1 :].split(), keywords)
+    if not dsn:
+        return text, []
+    return " ".join([text[: end + 1], *others]), dsn
+
+
+def _path_end(text: str) -> int:
+    """The index of the ``>`` that closes the path, or -1."""
+    quoted = escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted:
+            if char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == ">":
+            return index
+    return -1
+
+
 def keyword(token: str) -> str:
     """The upper-cased keyword of a ``keyword[=value]`` parameter."""
     return token.partition("=")[0].upper()

@@ -328,15 +328,10 @@ class RelaySMTP(PolicyConnection, SMTP):
         assert self.session is not None
         if not arg or not self.session.extended_smtp or arg[: len(keyword)].upper() != keyword:
             return arg
-        text = arg[len(keyword) :].strip()
-        address, rest = self._getaddr(text)
-        if not address or not rest:
-            return arg  # aiosmtpd answers as it would
-        others, self.dsn_parameters = dsnparams.take(rest.split(), keywords)
+        text, self.dsn_parameters = dsnparams.trailing(arg[len(keyword) :], keywords)
         if not self.dsn_parameters:
-            return arg
-        # ``rest`` ends ``text`` (both address parsers return what follows the path).
-        return " ".join([keyword + text[: len(text) - len(rest)], *others])
+            return arg  # aiosmtpd answers as it would
+        return keyword + text
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
