@@ -43,7 +43,7 @@ from email.utils import collapse_rfc2231_value, getaddresses
 
 from esprelay.message import fastheaders
 from esprelay.message.header import items as header_items
-from esprelay.message.header import read_header
+from esprelay.message.header import raw_value, read_header
 from esprelay.models import Envelope
 
 #: Headers the parsed view maps to fields of its own, or blind ones that must never
@@ -855,14 +855,20 @@ _PART_HEADER_LIMIT = 64 * 1024
 
 def _secured_hint(raw: bytes) -> bool:
     """A secured content type in the message's header or its first part's."""
+    # The common message says neither word in its header (up to the first empty line,
+    # which the intake has made the header's end): that answer costs no header read.
+    end = raw.find(b"\r\n\r\n", 0, _PART_HEADER_LIMIT)
+    head = raw[: _PART_HEADER_LIMIT if end < 0 else end].lower()
+    if b"multipart" not in head and b"pkcs7" not in head:
+        return False
     header = read_header(raw)
     if _SECURED.search(raw, 0, header.end):
         return True
-    values = header_index(raw).get("content-type")
-    if not values:
-        return False
+    field = header.first(b"content-type")
+    if field is None or b"multipart" not in raw[field.start : field.end].lower():
+        return False  # one part: its own header was the one to look at
     holder = Message(policy=fastheaders.cheap)
-    holder.set_raw("Content-Type", values[0])
+    holder.set_raw("Content-Type", raw_value(raw, field))
     boundary = holder.get_boundary() if holder.get_content_maintype() == "multipart" else None
     if not boundary:
         return False
