@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Any
 
+from esprelay.dispatch import ProviderSet
 from esprelay.intake import IntakeState
 from esprelay.smtp.handler import RelayHandler
 from esprelay.smtp.server import smtp_factory
@@ -37,6 +38,7 @@ class _InstantIntake:
     def __init__(self) -> None:
         self.state = IntakeState()
         self.accepted = 0
+        self.providers = ProviderSet({})  # no provider: every extension is advertised
 
     async def accept(self, envelope: Any, raw: bytes, client: Any) -> str:
         self.accepted += 1
