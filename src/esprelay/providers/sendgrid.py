@@ -319,20 +319,37 @@ def read_smtpapi(raw: bytes, *, now: float | None = None) -> SmtpApi | None:
     except UnicodeError:
         raise MalformedSmtpApi("X-SMTPAPI: not UTF-8") from None
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise MalformedSmtpApi("X-SMTPAPI: nested too deeply") from None
     except ValueError:
         raise MalformedSmtpApi("X-SMTPAPI: not valid JSON") from None
     if not isinstance(value, dict):
         raise MalformedSmtpApi("X-SMTPAPI: not a JSON object")
     try:
         json_body(value)
-    except TypeError:  # orjson refuses a lone surrogate: "\ud800" is no character
-        raise MalformedSmtpApi("X-SMTPAPI: a \\u escape that is not a character") from None
+    except TypeError as exc:  # what the request's JSON encoder (orjson) cannot write
+        reason = next((r for k, r in _UNWRITABLE.items() if k in str(exc)), "not writable")
+        raise MalformedSmtpApi(f"X-SMTPAPI: {reason}") from None
     return _translate(value, time.time() if now is None else now, warnings)
+
+
+_UNWRITABLE = {
+    "surrogates": "a \\u escape that is not a character",  # a lone "\ud800"
+    "64-bit": "an integer over 64 bits",
+    "ecursion": "nested too deeply",
+}
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e400
+        raise ValueError(f"{text} is not a finite number")
+    return value
 
 
 def _translate(api: dict[str, Any], now: float, warnings: tuple[str, ...]) -> SmtpApi:
