@@ -477,6 +477,15 @@ def test_end_to_end_refused_at_data_and_translated(relay_factory: type[RelayProc
             550,
             '5.6.0 sendgrid: X-SMTPAPI "unique_args": not a JSON object',
         )
+        # Nesting deep enough to exhaust a recursive JSON parser, folded into lines a
+        # client may send: a refusal like any other, not an error in the intake.
+        deep = b"X-SMTPAPI: " + b"\r\n ".join([b"[" * 900] * 60) + b"\r\n"
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("app@example.com")
+            smtp.rcpt("ops@example.org")
+            code, reply = smtp.data(message_with(deep))
+        assert (code, reply.decode()) == (550, "5.6.0 sendgrid: X-SMTPAPI: nested too deeply")
         send_at = int(time.time()) + 3600
         good = message_with(
             b"X-SMTPAPI: "
