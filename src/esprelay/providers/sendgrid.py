@@ -11,6 +11,8 @@ message id in ``X-Message-Id``.  Recipient names with a comma or semicolon are q
 SendGrid otherwise reads part of the name as an address and drops the message.
 An attachment's ``type`` takes no parameters (SendGrid refuses a ``;``), so a calendar
 invitation goes out as a ``text/calendar; method=...`` entry of ``content``.
+The ``X-SMTPAPI`` header of SendGrid's SMTP relay becomes Mail Send fields and is never
+sent on; a malformed one is refused at the end of DATA (see :func:`read_smtpapi`).
 """
 
 from __future__ import annotations
