@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import smtplib
 import threading
 import time
@@ -121,6 +122,164 @@ def validate(payload: Any) -> list[tuple[str | None, str]]:
             errors.append(("headers", f"The following header(s) are reserved: {', '.join(bad)}"))
     if "reply_to" in payload and "reply_to_list" in payload:
         errors.append(("reply_to", "Use reply_to or reply_to_list, not both."))
+    errors += validate_fields(payload)
+    return errors
+
+
+# The other Mail Send fields, as the v3 spec documents them (../shared/specs/sendgrid/
+# tsg_mail_v3.json): types, limits, the properties of each setting.
+MESSAGE_FIELDS = {
+    "personalizations",
+    "from",
+    "reply_to",
+    "reply_to_list",
+    "subject",
+    "content",
+    "attachments",
+    "template_id",
+    "headers",
+    "categories",
+    "custom_args",
+    "send_at",
+    "batch_id",
+    "asm",
+    "ip_pool_name",
+    "mail_settings",
+    "tracking_settings",
+}
+PERSONALIZATION_FIELDS = {
+    "from",
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "headers",
+    "substitutions",
+    "dynamic_template_data",
+    "custom_args",
+    "send_at",
+}
+BYPASS = (
+    "bypass_spam_management",
+    "bypass_bounce_management",
+    "bypass_unsubscribe_management",
+)
+ENABLE = {"enable": bool}
+SETTINGS: dict[str, dict[str, dict[str, type]]] = {
+    "mail_settings": {
+        "bypass_list_management": ENABLE,
+        **{name: ENABLE for name in BYPASS},
+        "footer": {"enable": bool, "text": str, "html": str},
+        "sandbox_mode": ENABLE,
+    },
+    "tracking_settings": {
+        "click_tracking": {"enable": bool, "enable_text": bool},
+        "open_tracking": {"enable": bool, "substitution_tag": str},
+        "subscription_tracking": {
+            "enable": bool,
+            "text": str,
+            "html": str,
+            "substitution_tag": str,
+        },
+        "ganalytics": {
+            "enable": bool,
+            **{f"utm_{k}": str for k in ("source", "medium", "term", "content", "campaign")},
+        },
+    },
+}
+ARGS_LIMIT = 10_000  # custom_args and substitutions, bytes
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _string_object(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def validate_fields(
+    payload: dict[str, Any], now: float | None = None
+) -> list[tuple[str | None, str]]:
+    errors: list[tuple[str | None, str]] = []
+    for key in payload:
+        if key not in MESSAGE_FIELDS:
+            errors.append((key, "Unknown field."))
+    for i, p in enumerate(payload.get("personalizations") or []):
+        where = f"personalizations.{i}"
+        for key in p:
+            if key not in PERSONALIZATION_FIELDS:
+                errors.append((f"{where}.{key}", "Unknown field."))
+        for key in ("custom_args", "substitutions"):
+            if key not in p:
+                continue
+            # custom_args values reach the event webhook as strings; substitutions:
+            # "additionalProperties": {"type": "string"}.
+            if not _string_object(p[key]):
+                errors.append((f"{where}.{key}", "Invalid type. Expected: object of strings"))
+            elif _json_size(p[key]) > ARGS_LIMIT:
+                errors.append((f"{where}.{key}", "may not exceed 10,000 bytes"))
+        if "send_at" in p and not _integer(p["send_at"]):
+            errors.append((f"{where}.send_at", "Invalid type. Expected: integer"))
+    if "custom_args" in payload and not isinstance(payload["custom_args"], str):
+        errors.append(("custom_args", "Invalid type. Expected: string"))
+    if "categories" in payload:
+        categories = payload["categories"]
+        if not isinstance(categories, list) or not all(isinstance(c, str) for c in categories):
+            errors.append(("categories", "Invalid type. Expected: array of strings"))
+        elif len(categories) > 10:
+            errors.append(("categories", "Too many categories: at most 10"))
+        elif len(set(categories)) != len(categories):
+            errors.append(("categories", "The categories must be unique"))
+        elif any(len(c) > 255 or not c.isascii() for c in categories):
+            # The spec's maxLength; US-ASCII: SendGrid's Categories page.
+            errors.append(("categories", "A category must be US-ASCII, at most 255 characters"))
+    if "send_at" in payload:
+        send_at = payload["send_at"]
+        if not _integer(send_at):
+            errors.append(("send_at", "Invalid type. Expected: integer"))
+        elif send_at > (time.time() if now is None else now) + 72 * 3600:
+            errors.append(("send_at", "A send cannot be scheduled more than 72 hours in advance"))
+    for key in ("batch_id", "template_id"):
+        if key in payload and not isinstance(payload[key], str):
+            errors.append((key, "Invalid type. Expected: string"))
+    if "ip_pool_name" in payload:
+        pool = payload["ip_pool_name"]
+        if not isinstance(pool, str) or not 2 <= len(pool) <= 64:
+            errors.append(("ip_pool_name", "must be a string of 2 to 64 characters"))
+    if "asm" in payload:
+        asm = payload["asm"]
+        if not isinstance(asm, dict) or not _integer(asm.get("group_id")):
+            errors.append(("asm.group_id", "The group_id is required and must be an integer"))
+        elif set(asm) - {"group_id", "groups_to_display"}:
+            errors.append(("asm", "Unknown field."))
+        elif "groups_to_display" in asm:
+            groups = asm["groups_to_display"]
+            if not isinstance(groups, list) or not all(_integer(g) for g in groups):
+                errors.append(("asm.groups_to_display", "Expected: array of integers"))
+            elif len(groups) > 25:
+                errors.append(("asm.groups_to_display", "at most 25 groups"))
+    for where, known in SETTINGS.items():
+        if where not in payload:
+            continue
+        settings = payload[where]
+        if not isinstance(settings, dict):
+            errors.append((where, "Invalid type. Expected: object"))
+            continue
+        for name, value in settings.items():
+            if name not in known or not isinstance(value, dict):
+                errors.append((f"{where}.{name}", "Unknown setting."))
+                continue
+            for prop, setting in value.items():
+                if prop not in known[name] or type(setting) is not known[name][prop]:
+                    errors.append((f"{where}.{name}.{prop}", f"Expected: {known[name].get(prop)}"))
+        combined = any(b in settings for b in BYPASS)
+        if where == "mail_settings" and "bypass_list_management" in settings and combined:
+            errors.append(("mail_settings", "bypass_list_management cannot be combined"))
     return errors
 
 

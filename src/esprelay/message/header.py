@@ -22,6 +22,8 @@ every bare CR and LF into CRLF before anything reads the header.
 
 from __future__ import annotations
 
+import contextlib
+import email.policy
 import re
 from dataclasses import dataclass
 
@@ -112,3 +114,17 @@ def items(raw: bytes, header: Header) -> list[tuple[str, str]]:
         name, value = text.split(":", 1)
         out.append((name.rstrip(" \t"), value.lstrip(" \t").rstrip("\r\n")))
     return out
+
+
+def decoded_text(raw: bytes, item: Field) -> str:
+    """A field's value on one line, as a control header's reader wants it: unfolded,
+    8-bit bytes read as UTF-8 (:class:`UnicodeError` if they are not UTF-8), RFC 2047
+    encoded words (what mail libraries write for non-ASCII text: Python's email package,
+    nodemailer) decoded where RFC 2047 allows them, any other ``=?`` left as it is."""
+    text = unfolded(raw_value(raw, item))
+    if not text.isascii():
+        text = text.encode("ascii", "surrogateescape").decode("utf-8")
+    if "=?" in text:
+        with contextlib.suppress(Exception):
+            text = str(email.policy.default.header_fetch_parse(item.name.decode(), text))
+    return text

@@ -11,12 +11,16 @@ message id in ``X-Message-Id``.  Recipient names with a comma or semicolon are q
 SendGrid otherwise reads part of the name as an address and drops the message.
 An attachment's ``type`` takes no parameters (SendGrid refuses a ``;``), so a calendar
 invitation goes out as a ``text/calendar; method=...`` entry of ``content``.
+The ``X-SMTPAPI`` header of SendGrid's SMTP relay becomes Mail Send fields and is never
+sent on; a malformed one is refused at the end of DATA (see :func:`read_smtpapi`).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -28,6 +32,7 @@ from esprelay.errors import (
     ProviderConfigError,
     RateLimited,
 )
+from esprelay.message.header import decoded_text, read_header
 from esprelay.message.mime import (
     Attachment,
     Mailbox,
@@ -69,8 +74,11 @@ RESERVED_HEADERS = frozenset(
 )
 
 
-def build_payload(parsed: ParsedMessage) -> tuple[dict[str, Any], list[str]]:
-    """The Mail Send JSON for ``parsed``, and what had to change to fit; pure."""
+def build_payload(
+    parsed: ParsedMessage, smtpapi: SmtpApi | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """The Mail Send JSON for ``parsed`` (with what its X-SMTPAPI header asks for), and
+    what had to change to fit; pure."""
     warnings = list(parsed.warnings)
     if parsed.from_ is None:
         raise MessageRejected("no usable From address and no envelope sender", provider="sendgrid")
@@ -107,6 +115,11 @@ def build_payload(parsed: ParsedMessage) -> tuple[dict[str, Any], list[str]]:
     headers = _headers(parsed, warnings)
     if headers:
         payload["headers"] = headers
+    if smtpapi is not None:
+        for personalization in payload["personalizations"]:
+            personalization.update(smtpapi.personalization)
+        payload.update(smtpapi.fields)
+        warnings.extend(smtpapi.warnings)
     return payload, warnings
 
 
@@ -224,6 +237,8 @@ def _headers(parsed: ParsedMessage, warnings: list[str]) -> dict[str, str]:
     dropped: list[str] = []
     for name, value in parsed.headers:
         lname = name.lower()
+        if lname == "x-smtpapi":
+            continue  # SendGrid's relay strips it: its instructions are fields (read_smtpapi)
         if lname in RESERVED_HEADERS or lname.startswith("x-sg-"):
             dropped.append(name)
         elif lname in seen:
@@ -234,6 +249,436 @@ def _headers(parsed: ParsedMessage, warnings: list[str]) -> dict[str, str]:
     if dropped:
         warnings.append(f"headers SendGrid does not accept were dropped: {summarize(dropped)}")
     return out
+
+
+# -- SendGrid's X-SMTPAPI header ------------------------------------------------------
+#
+# An application that used SendGrid's SMTP relay sends its handling instructions as one
+# JSON object in X-SMTPAPI ("Building an X-SMTPAPI Header",
+# https://www.twilio.com/docs/sendgrid/for-developers/sending-email/building-an-x-smtpapi-header).
+# SendGrid's relay strips the header ("The X-SMTPAPI headers that you add will be
+# stripped from the final email", https://sendgrid.com/docs/API_Reference/SMTP_API/)
+# and bounces a message whose header it cannot parse ("if our system encounters a
+# parsing error, the message will be bounced to the address specified in the MAIL
+# FROM"): esprelay turns each instruction into its v3 Mail Send field (the spec in
+# ../shared/specs/sendgrid), never passes the header on, and refuses at the end of DATA
+# (550 5.6.0) an instruction SendGrid would not take or esprelay cannot carry.
+#
+# "For any request received with multiple X-SMTPAPI headers ... Twilio SendGrid will
+# adhere to the first X-SMTPAPI header instance" (same page): so does esprelay, with a
+# warning. The header may be folded (old SendGrid examples fold it with textwrap at
+# token boundaries) and may carry non-ASCII text as \u escapes (SendGrid's advice, and
+# what json.dumps writes), raw UTF-8 or RFC 2047 encoded words: each is read.
+
+SMTPAPI_HEADER = b"x-smtpapi"
+#: "The total collective size of your substitutions may not exceed 10,000 bytes per
+#: personalization object"; custom_args: "This field may not exceed 10,000 bytes" (v3
+#: spec); unique_args: "up to 10,000 bytes" (SendGrid's Unique Arguments page).  Counted
+#: as the compact UTF-8 JSON of the object.
+MAX_ARGS_BYTES = 10_000
+#: categories: "maxItems": 10, each "maxLength": 255 (v3 spec); "Categories must be in
+#: 7bit encoding using the US-ASCII character set" (SendGrid's Categories page).
+MAX_CATEGORIES = 10
+MAX_CATEGORY_LENGTH = 255
+#: send_at: "A send cannot be scheduled more than 72 hours in advance" (v3 spec).
+MAX_SCHEDULE_AHEAD = 72 * 3600
+#: asm.groups_to_display: "maxItems": 25 (v3 spec; "You can specify up to 25 groups to
+#: display", SendGrid's Suppression Groups page).
+MAX_GROUPS_TO_DISPLAY = 25
+#: ip_pool_name: "minLength": 2, "maxLength": 64 (v3 spec).
+IP_POOL_LENGTH = (2, 64)
+
+
+class MalformedSmtpApi(ValueError):
+    """An X-SMTPAPI header SendGrid would not apply or esprelay cannot carry."""
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpApi:
+    """What a message's X-SMTPAPI header becomes in the Mail Send request."""
+
+    #: Message-level fields: categories, send_at, batch_id, asm, ip_pool_name,
+    #: template_id, mail_settings, tracking_settings.
+    fields: dict[str, Any]
+    #: Fields of every personalization: custom_args, substitutions.
+    personalization: dict[str, Any]
+    warnings: tuple[str, ...] = ()
+
+
+def read_smtpapi(raw: bytes, *, now: float | None = None) -> SmtpApi | None:
+    """The Mail Send fields ``raw``'s X-SMTPAPI header asks for, None without one; raises
+    :class:`MalformedSmtpApi` with the reason for one SendGrid would not apply.
+    ``now`` (epoch seconds, default the clock) bounds ``send_at``."""
+    header = read_header(raw, obsolete=True)
+    found = header.all(SMTPAPI_HEADER)
+    if not found:
+        return None
+    warnings: tuple[str, ...] = ()
+    if len(found) > 1:
+        warnings = (f"{len(found)} X-SMTPAPI headers: the first is used, as SendGrid does",)
+    try:
+        text = decoded_text(raw, found[0])
+    except UnicodeError:
+        raise MalformedSmtpApi("X-SMTPAPI: not UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise MalformedSmtpApi("X-SMTPAPI: nested too deeply") from None
+    except ValueError:
+        raise MalformedSmtpApi("X-SMTPAPI: not valid JSON") from None
+    if not isinstance(value, dict):
+        raise MalformedSmtpApi("X-SMTPAPI: not a JSON object")
+    try:
+        json_body(value)
+    except TypeError as exc:  # what the request's JSON encoder (orjson) cannot write
+        reason = next((r for k, r in _UNWRITABLE.items() if k in str(exc)), "not writable")
+        raise MalformedSmtpApi(f"X-SMTPAPI: {reason}") from None
+    return _translate(value, time.time() if now is None else now, warnings)
+
+
+_UNWRITABLE = {
+    "surrogates": "a \\u escape that is not a character",  # a lone "\ud800"
+    "64-bit": "an integer over 64 bits",
+    "ecursion": "nested too deeply",
+}
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e400
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def _translate(api: dict[str, Any], now: float, warnings: tuple[str, ...]) -> SmtpApi:
+    unknown = [key for key in api if key not in _KEYS]
+    if unknown:
+        raise MalformedSmtpApi(
+            f"X-SMTPAPI: unknown {_names(unknown)} (SendGrid's keys: {', '.join(_KEYS)})"
+        )
+    for key, reason in _REFUSED.items():
+        if key in api:
+            raise MalformedSmtpApi(f'X-SMTPAPI "{key}": {reason}')
+    fields: dict[str, Any] = {}
+    personalization: dict[str, Any] = {}
+    if "category" in api:
+        categories = _categories(api["category"])
+        if categories:
+            fields["categories"] = categories
+    if "unique_args" in api:
+        args = _string_map("unique_args", api["unique_args"])
+        if args:
+            personalization["custom_args"] = args
+    if "sub" in api:
+        subs = _substitutions(api["sub"])
+        if subs:
+            personalization["substitutions"] = subs
+    if "send_at" in api:
+        fields["send_at"] = _send_at(api["send_at"], now)
+    if "batch_id" in api:
+        fields["batch_id"] = _text("batch_id", api["batch_id"])
+    if "asm_groups_to_display" in api and "asm_group_id" not in api:
+        raise MalformedSmtpApi(
+            'X-SMTPAPI "asm_groups_to_display" without "asm_group_id" (Mail Send takes'
+            " the groups to display only with the group)"
+        )
+    if "asm_group_id" in api:
+        asm: dict[str, Any] = {"group_id": _group_id("asm_group_id", api["asm_group_id"])}
+        if "asm_groups_to_display" in api:
+            asm["groups_to_display"] = _groups(api["asm_groups_to_display"])
+        fields["asm"] = asm
+    if "ip_pool" in api:
+        pool = _text("ip_pool", api["ip_pool"])
+        low, high = IP_POOL_LENGTH
+        if not low <= len(pool) <= high:
+            raise MalformedSmtpApi(f'X-SMTPAPI "ip_pool": not {low} to {high} characters')
+        fields["ip_pool_name"] = pool
+    if "filters" in api:
+        warnings += _filters(api["filters"], fields)
+    return SmtpApi(fields, personalization, warnings)
+
+
+#: X-SMTPAPI's keys, as SendGrid's SMTP API pages name them.
+_KEYS = (
+    "to",
+    "sub",
+    "section",
+    "category",
+    "unique_args",
+    "send_at",
+    "send_each_at",
+    "batch_id",
+    "asm_group_id",
+    "asm_groups_to_display",
+    "ip_pool",
+    "filters",
+)
+_REFUSED = {
+    # SendGrid's relay sends one copy to each address of "to" (with its "sub" values)
+    # instead of to the RCPT TO recipients; esprelay's envelope decides who receives.
+    "to": "esprelay sends to the SMTP envelope; give these recipients as RCPT TO",
+    # "send_each_at is a sequence of UNIX timestamps ... one timestamp per email" of "to".
+    "send_each_at": 'schedules each "to" recipient, which esprelay does not take; use send_at',
+    # Sections are substitution values shared by the "to" recipients; the v3 Mail Send
+    # spec (../shared/specs/sendgrid) has no field for them.
+    "section": "Mail Send has no sections; write the text into the sub values",
+}
+
+
+def _names(keys: list[str]) -> str:
+    return ", ".join(_quoted(k) for k in keys[:5]) + (" ..." if len(keys) > 5 else "")
+
+
+def _quoted(text: str, limit: int = 40) -> str:
+    """A value from the header for a reply line: ASCII, quoted, bounded."""
+    shown = ascii(text if len(text) <= limit else text[: limit - 3] + "...")
+    return '"' + shown[1:-1].replace('"', '\\"') + '"'
+
+
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise MalformedSmtpApi(f'X-SMTPAPI "{key}": not a non-empty string')
+    return value
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _group_id(key: str, value: Any) -> int:
+    # "When passing asm_group_id please make sure to only use integers" (Suppression
+    # Groups page); v3 asm.group_id and groups_to_display items are integers.
+    if not _integer(value) or value <= 0:
+        raise MalformedSmtpApi(f'X-SMTPAPI "{key}": not a group id (a positive integer)')
+    return int(value)
+
+
+def _groups(value: Any) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise MalformedSmtpApi('X-SMTPAPI "asm_groups_to_display": not a list of group ids')
+    if len(value) > MAX_GROUPS_TO_DISPLAY:
+        raise MalformedSmtpApi(
+            f'X-SMTPAPI "asm_groups_to_display": {len(value)} groups; SendGrid displays at'
+            f" most {MAX_GROUPS_TO_DISPLAY}"
+        )
+    return [_group_id("asm_groups_to_display", v) for v in value]
+
+
+def _categories(value: Any) -> list[str]:
+    # "category" is a string or a list of strings (Building an X-SMTPAPI Header).
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
+        raise MalformedSmtpApi('X-SMTPAPI "category": not a string or a list of strings')
+    categories = list(dict.fromkeys(items))  # the spec's "uniqueItems": repeats merged
+    for category in categories:
+        if not category.isascii() or not category.isprintable():
+            raise MalformedSmtpApi(
+                f'X-SMTPAPI "category" {_quoted(category)}: not printable US-ASCII'
+            )
+        if len(category) > MAX_CATEGORY_LENGTH:
+            raise MalformedSmtpApi(
+                f'X-SMTPAPI "category" {_quoted(category)}: over {MAX_CATEGORY_LENGTH} characters'
+            )
+    if len(categories) > MAX_CATEGORIES:
+        raise MalformedSmtpApi(
+            f'X-SMTPAPI "category": {len(categories)} categories; SendGrid takes at most'
+            f" {MAX_CATEGORIES}"
+        )
+    return categories
+
+
+def _scalar_text(key: str, name: str, value: Any) -> str:
+    """A value Mail Send takes only as a string: a number or boolean as its JSON text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return json.dumps(value)
+    raise MalformedSmtpApi(f'X-SMTPAPI "{key}" {_quoted(name)}: not a string or number')
+
+
+def _string_map(key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise MalformedSmtpApi(f'X-SMTPAPI "{key}": not a JSON object')
+    out: dict[str, str] = {}
+    for name, item in value.items():
+        if not name:
+            raise MalformedSmtpApi(f'X-SMTPAPI "{key}": an empty name')
+        out[name] = _scalar_text(key, name, item)
+    _bounded(key, out)
+    return out
+
+
+def _bounded(key: str, value: dict[str, str]) -> None:
+    size = len(json_body(value))
+    if size > MAX_ARGS_BYTES:
+        raise MalformedSmtpApi(
+            f'X-SMTPAPI "{key}": {size} bytes; SendGrid takes at most {MAX_ARGS_BYTES}'
+        )
+
+
+def _substitutions(value: Any) -> dict[str, str]:
+    # "sub": each tag has a list with one value per "to" recipient.  Without "to" (which
+    # esprelay refuses) the message is one copy: one value, or a plain string.
+    if not isinstance(value, dict):
+        raise MalformedSmtpApi('X-SMTPAPI "sub": not a JSON object')
+    out: dict[str, str] = {}
+    for tag, values in value.items():
+        if not tag:
+            raise MalformedSmtpApi('X-SMTPAPI "sub": an empty tag')
+        if isinstance(values, list):
+            if len(values) != 1:
+                raise MalformedSmtpApi(
+                    f'X-SMTPAPI "sub" {_quoted(tag)}: {len(values)} values, one per "to"'
+                    " recipient; esprelay sends one copy to the envelope: give one value"
+                )
+            values = values[0]
+        out[tag] = _scalar_text("sub", tag, values)
+    _bounded("sub", out)
+    return out
+
+
+def _send_at(value: Any, now: float) -> int:
+    if not _integer(value) or value < 0:
+        raise MalformedSmtpApi('X-SMTPAPI "send_at": not a UNIX timestamp (an integer)')
+    if value > now + MAX_SCHEDULE_AHEAD:
+        raise MalformedSmtpApi(
+            'X-SMTPAPI "send_at": more than 72 hours ahead; SendGrid schedules up to 72'
+        )
+    return int(value)
+
+
+# SendGrid's SMTP Filters page
+# (https://www.twilio.com/docs/sendgrid/for-developers/sending-email/smtp-filters):
+# {"filters": {"<filter>": {"settings": {"<setting>": value}}}}, "All filters and setting
+# names must be lowercase", "enable" is 0 or 1.  Each filter with a Mail Send field, by
+# (where, field) and {setting: field setting}; "enable" becomes a boolean.
+_FILTERS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "clicktrack": (
+        "tracking_settings",
+        "click_tracking",
+        {"enable": "enable", "enable_text": "enable_text"},
+    ),
+    "opentrack": (
+        "tracking_settings",
+        "open_tracking",
+        {"enable": "enable", "replace": "substitution_tag"},
+    ),
+    "subscriptiontrack": (
+        "tracking_settings",
+        "subscription_tracking",
+        {
+            "enable": "enable",
+            "text/html": "html",
+            "text/plain": "text",
+            "replace": "substitution_tag",
+        },
+    ),
+    "ganalytics": (
+        "tracking_settings",
+        "ganalytics",
+        {
+            k: k
+            for k in (
+                "enable",
+                "utm_source",
+                "utm_medium",
+                "utm_term",
+                "utm_content",
+                "utm_campaign",
+            )
+        },
+    ),
+    "footer": (
+        "mail_settings",
+        "footer",
+        {"enable": "enable", "text/html": "html", "text/plain": "text"},
+    ),
+    "bypass_list_management": ("mail_settings", "bypass_list_management", {"enable": "enable"}),
+}
+_BOOLEAN_SETTINGS = frozenset({"enable", "enable_text"})
+#: Filters SendGrid retired ("Due to low usage, this setting has been removed"): its
+#: relay no longer applies them, so neither does esprelay (a warning says so).
+_RETIRED_FILTERS = frozenset({"bcc", "spamcheck"})
+#: Filters with no Mail Send field: refused rather than dropped.
+_UNCARRIED_FILTERS = {
+    "dkim": "Mail Send has no per-message DKIM domain",
+    "template": "the legacy template app has no Mail Send field",
+}
+
+
+def _filters(value: Any, fields: dict[str, Any]) -> tuple[str, ...]:
+    if not isinstance(value, dict):
+        raise MalformedSmtpApi('X-SMTPAPI "filters": not a JSON object')
+    warnings: list[str] = []
+    for name, item in value.items():
+        settings = item.get("settings") if isinstance(item, dict) else None
+        if not isinstance(settings, dict):
+            raise MalformedSmtpApi(f'X-SMTPAPI filter {_quoted(name)}: not {{"settings": {{...}}}}')
+        if name in _RETIRED_FILTERS:
+            warnings.append(f"X-SMTPAPI filter {name!r} was retired by SendGrid: not applied")
+            continue
+        if name in _UNCARRIED_FILTERS:
+            raise MalformedSmtpApi(f"X-SMTPAPI filter {name!r}: {_UNCARRIED_FILTERS[name]}")
+        if name == "templates":
+            template = _template(settings)
+            if template:
+                fields["template_id"] = template
+            continue
+        if name not in _FILTERS:
+            raise MalformedSmtpApi(
+                f"X-SMTPAPI filter {_quoted(name)}: not one of SendGrid's (lowercase)"
+                f" filters: {', '.join([*_FILTERS, 'templates'])}"
+            )
+        where, field, known = _FILTERS[name]
+        setting: dict[str, Any] = {}
+        for key, raw_setting in settings.items():
+            if key not in known:
+                raise MalformedSmtpApi(
+                    f"X-SMTPAPI filter {name!r}: unknown setting {_quoted(key)}"
+                    f" (it takes {', '.join(known)})"
+                )
+            if key in _BOOLEAN_SETTINGS:
+                setting[known[key]] = _switch(name, key, raw_setting)
+            elif isinstance(raw_setting, str):
+                setting[known[key]] = raw_setting
+            else:
+                raise MalformedSmtpApi(f"X-SMTPAPI filter {name!r}: {key!r} is not a string")
+        fields.setdefault(where, {})[field] = setting
+    return tuple(warnings)
+
+
+def _switch(name: str, key: str, value: Any) -> bool:
+    # The documented values are 0 and 1 (true/false for enable_text); SendGrid's own
+    # smtpapi libraries pass what they are given, often "1".
+    if value in (0, 1) or value in ("0", "1"):  # True and False are 1 and 0
+        return value in (1, "1")
+    raise MalformedSmtpApi(f"X-SMTPAPI filter {name!r}: {key!r} is not 0 or 1")
+
+
+def _template(settings: dict[str, Any]) -> str | None:
+    unknown = [k for k in settings if k not in ("enable", "template_id")]
+    if unknown:
+        raise MalformedSmtpApi(f"X-SMTPAPI filter 'templates': unknown {_names(unknown)}")
+    if not _switch("templates", "enable", settings.get("enable", 0)):
+        return None
+    return _text("templates.template_id", settings.get("template_id"))
+
+
+def _has_smtpapi(raw: bytes) -> bool:
+    """Whether a line of the header section may start with ``X-SMTPAPI`` (never a false
+    no); the header ends at the first empty line, so it lies before the first ``LF CR LF``
+    or ``LF LF``."""
+    end = raw.find(b"\n\r\n")
+    end = len(raw) if end < 0 else end + 1
+    bare = raw.find(b"\n\n", 0, end)
+    if bare >= 0:
+        end = bare + 1
+    head = raw[:end].lower()
+    return head.startswith(SMTPAPI_HEADER) or b"\n" + SMTPAPI_HEADER in head
 
 
 class SendGridProvider(HttpProvider):
@@ -259,8 +704,25 @@ class SendGridProvider(HttpProvider):
             },
         )
 
+    def refusal(self, message: OutboundMessage) -> str | None:
+        """A malformed X-SMTPAPI header, refused at the end of DATA."""
+        if not _has_smtpapi(message.raw):
+            return None
+        try:
+            read_smtpapi(message.raw)
+        except MalformedSmtpApi as exc:
+            return str(exc)
+        return None
+
     def build_request(self, message: OutboundMessage) -> Built:
-        payload, warnings = build_payload(parse(message.raw, message.envelope))
+        parsed = parse(message.raw, message.envelope)
+        smtpapi = None
+        if _has_smtpapi(message.raw):
+            try:
+                smtpapi = read_smtpapi(message.raw)
+            except MalformedSmtpApi as exc:  # spooled before the intake refused these
+                raise MessageRejected(str(exc), provider=self.name) from None
+        payload, warnings = build_payload(parsed, smtpapi)
         body = json_body(payload)
         if len(body) >= REQUEST_LIMIT:
             raise MessageRejected(
