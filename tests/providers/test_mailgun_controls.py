@@ -389,3 +389,13 @@ def test_end_to_end_refused_at_data_and_translated(relay_factory: type[RelayProc
     assert sent == message_with(b"X-Mailgun-Sid: stays\r\n")
     assert b"X-Mailgun-Tag:" not in sent.split(b"\r\n\r\n")[0]
     assert "not accepted" in relay.log and "X-Mailgun-Variables: not valid JSON" in relay.log
+
+
+def test_deeply_nested_variables_are_refused_not_crashed() -> None:
+    """A RecursionError in the JSON reader would be answered 451 and retried."""
+    deep = "[" * 100_000
+    folded = "\r\n ".join(deep[i : i + 900] for i in range(0, len(deep), 900))
+    raw = f"From: a@example.com\r\nX-Mailgun-Variables: {folded}\r\n\r\nb\r\n".encode()
+    message = OutboundMessage("m1", Envelope("app@example.com", RCPTS), raw)
+    reason = provider(httpx.AsyncClient(), "http://127.0.0.1:9").refusal(message)
+    assert reason is not None and "nested too deeply" in reason

@@ -128,3 +128,18 @@ def decoded_text(raw: bytes, item: Field) -> str:
         with contextlib.suppress(Exception):
             text = str(email.policy.default.header_fetch_parse(item.name.decode(), text))
     return text
+
+
+def may_have(raw: bytes, prefix: bytes) -> bool:
+    """Whether a line of ``raw``'s header section may start with ``prefix`` (lower case;
+    never a false no), for a provider's control headers: the common message, without
+    any, is told apart by one scan of its header bytes, not a header read.  The header
+    ends at the first empty line, so it lies within the first ``LF CR LF`` (or ``LF LF``);
+    a line elsewhere that starts so only costs the exact read."""
+    end = raw.find(b"\n\r\n")
+    end = len(raw) if end < 0 else end + 1
+    bare = raw.find(b"\n\n", 0, end)
+    if bare >= 0:
+        end = bare + 1
+    head = raw[:end].lower()  # a copy of the header only: faster than a regex over it
+    return head.startswith(prefix) or b"\n" + prefix in head

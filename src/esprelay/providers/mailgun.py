@@ -25,7 +25,6 @@ inside the MIME.  A malformed one is refused at the end of DATA (:meth:`refusal`
 from __future__ import annotations
 
 import base64
-import contextlib
 import email.policy
 import email.utils
 import ipaddress
@@ -41,7 +40,7 @@ import httpx
 from pydantic import SecretStr
 
 from esprelay.errors import DeliveryError, MessageRejected, ProviderConfigError, RateLimited
-from esprelay.message.header import Field, Header, raw_value, read_header, unfolded
+from esprelay.message.header import Field, Header, decoded_text, read_header
 from esprelay.message.rawmime import BLIND_FIELDS, Rewritten, remove_fields, strip_bcc
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import (
@@ -293,6 +292,8 @@ def _json_object(header: str, text: str) -> dict[str, Any]:
         value = json.loads(text, parse_constant=_no_constant)
     except ValueError:
         raise MalformedControl(f"{header}: not valid JSON") from None
+    except RecursionError:  # "[[[[..." folded over many lines
+        raise MalformedControl(f"{header}: nested too deeply") from None
     if not isinstance(value, dict):
         raise MalformedControl(f"{header}: not a JSON object")
     return value
@@ -421,23 +422,12 @@ def _header_of(field: str) -> str:
 
 
 def _text(raw: bytes, item: Field) -> str:
-    """A control header's value on one line: 8-bit bytes read as UTF-8, RFC 2047 encoded
-    words (what mail libraries write for non-ASCII text: Python's email package,
-    nodemailer) decoded."""
-    text = unfolded(raw_value(raw, item))
-    if not text.isascii():
-        try:
-            text = text.encode("ascii", "surrogateescape").decode("utf-8")
-        except UnicodeError:
-            name = raw[item.start : item.end].split(b":", 1)[0].decode("ascii", "replace")
-            raise MalformedControl(f"{name.strip()}: not UTF-8") from None
-    if "=?" in text:
-        # The email package's reading of an unstructured field: encoded words decoded
-        # where RFC 2047 allows them, any other "=?" left as it is (and a value it
-        # cannot read at all, too).
-        with contextlib.suppress(Exception):
-            text = str(email.policy.default.header_fetch_parse(item.name.decode(), text))
-    return text
+    """A control header's value on one line (message.header.decoded_text)."""
+    try:
+        return decoded_text(raw, item)
+    except UnicodeError:
+        name = raw[item.start : item.end].split(b":", 1)[0].decode("ascii", "replace")
+        raise MalformedControl(f"{name.strip()}: not UTF-8") from None
 
 
 def _shown(text: str) -> str:

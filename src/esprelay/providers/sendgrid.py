@@ -32,7 +32,7 @@ from esprelay.errors import (
     ProviderConfigError,
     RateLimited,
 )
-from esprelay.message.header import decoded_text, read_header
+from esprelay.message.header import decoded_text, may_have, read_header
 from esprelay.message.mime import (
     Attachment,
     Mailbox,
@@ -668,19 +668,6 @@ def _template(settings: dict[str, Any]) -> str | None:
     return _text("templates.template_id", settings.get("template_id"))
 
 
-def _has_smtpapi(raw: bytes) -> bool:
-    """Whether a line of the header section may start with ``X-SMTPAPI`` (never a false
-    no); the header ends at the first empty line, so it lies before the first ``LF CR LF``
-    or ``LF LF``."""
-    end = raw.find(b"\n\r\n")
-    end = len(raw) if end < 0 else end + 1
-    bare = raw.find(b"\n\n", 0, end)
-    if bare >= 0:
-        end = bare + 1
-    head = raw[:end].lower()
-    return head.startswith(SMTPAPI_HEADER) or b"\n" + SMTPAPI_HEADER in head
-
-
 class SendGridProvider(HttpProvider):
     kind = "sendgrid"
     rebuilds_message = True
@@ -706,7 +693,7 @@ class SendGridProvider(HttpProvider):
 
     def refusal(self, message: OutboundMessage) -> str | None:
         """A malformed X-SMTPAPI header, refused at the end of DATA."""
-        if not _has_smtpapi(message.raw):
+        if not may_have(message.raw, SMTPAPI_HEADER):
             return None
         try:
             read_smtpapi(message.raw)
@@ -717,7 +704,7 @@ class SendGridProvider(HttpProvider):
     def build_request(self, message: OutboundMessage) -> Built:
         parsed = parse(message.raw, message.envelope)
         smtpapi = None
-        if _has_smtpapi(message.raw):
+        if may_have(message.raw, SMTPAPI_HEADER):
             try:
                 smtpapi = read_smtpapi(message.raw)
             except MalformedSmtpApi as exc:  # spooled before the intake refused these

@@ -44,7 +44,7 @@ from esprelay.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from esprelay.message.header import Field, raw_value, read_header, unfolded
+from esprelay.message.header import Field, may_have, raw_value, read_header, unfolded
 from esprelay.message.rawmime import remove_fields, strip_bcc, to_7bit
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import (
@@ -141,7 +141,7 @@ CredentialsLoader = Callable[[], Credentials | None]
 #
 # A header SES reads only once: like SES, the first field of a name counts; the others
 # are removed with it (a warning says so). A message with no X-SES-* field, nearly
-# every message, is told apart with one scan of its header bytes (see _has_controls).
+# every message, is told apart with one scan of its header bytes (see message.header.may_have).
 
 CONFIGURATION_SET_HEADER = b"x-ses-configuration-set"
 MESSAGE_TAGS_HEADER = b"x-ses-message-tags"
@@ -190,7 +190,7 @@ def read_controls(raw: bytes) -> Controls | None:
 
     Raises :class:`ControlHeaderError` for one that SES would refuse (see the notes above).
     """
-    if not _has_controls(raw):
+    if not may_have(raw, b"x-ses-"):
         return None
     # Read as rawmime.remove_fields reads them (the obsolete "Name :" form included), so
     # what is translated is exactly what is removed.
@@ -230,22 +230,6 @@ def read_controls(raw: bytes) -> Controls | None:
             )
     translated = not TRANSLATED_HEADERS.isdisjoint(first)
     return Controls(configuration_set, tags, translated, warnings)
-
-
-def _has_controls(raw: bytes) -> bool:
-    """Whether a line of the header section may start with ``X-SES-`` (never a false no).
-
-    The header ends at the first empty line, so it lies within the first ``LF CR LF``
-    (or ``LF LF``); a line elsewhere that starts so only costs the exact read.  Each scan
-    stops at the end of the header of a CRLF message, whatever the size of its body.
-    """
-    end = raw.find(b"\n\r\n")
-    end = len(raw) if end < 0 else end + 1
-    bare = raw.find(b"\n\n", 0, end)
-    if bare >= 0:
-        end = bare + 1
-    head = raw[:end].lower()  # a copy of the header only: faster than a regex over it
-    return head.startswith(b"x-ses-") or b"\nx-ses-" in head
 
 
 def _parse_tags(value: str) -> tuple[tuple[str, str], ...]:
