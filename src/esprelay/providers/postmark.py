@@ -206,11 +206,14 @@ def _attachments(parsed: ParsedMessage, warnings: list[str]) -> list[dict[str, s
 #   of TrackLinks in Postmark's server API definition, ../shared/specs/postmark;
 #   https://postmarkapp.com/developer/user-guide/tracking-links).
 #
-# Other X-PM-* headers stay in Headers, where Postmark's API reads them as its SMTP
-# service does: X-PM-KeepID ("true": keep the message's own Message-ID) and
-# X-PM-Bounce-Type (test bounces to bounce-testing.postmarkapp.com).
+# Other X-PM-* headers stay in Headers as they are.  X-PM-KeepID ("true": keep the
+# message's own Message-ID, which Postmark's SMTP service otherwise replaces; same SMTP
+# page) is read there by the API too: Postmark's own Swift Mailer transport
+# (wildbit/swiftmailer-postmark, which posts to /email) adds X-PM-KeepID: true to Headers
+# next to a Message-ID.
 
 CONTROL_PREFIX = b"x-pm-"
+_CONTROL_LINE = b"\n" + CONTROL_PREFIX
 TAG_HEADER = "x-pm-tag"
 METADATA_PREFIX = "x-pm-metadata-"
 STREAM_HEADER = "x-pm-message-stream"
@@ -339,15 +342,16 @@ def _check_metadata(key: str, value: str, seen: dict[str, str]) -> None:
 
 
 def _may_have_controls(raw: bytes) -> bool:
-    """Whether a line of the header section may start with ``X-PM-`` (never a false no);
-    a scan of the header only, whatever the size of the body."""
-    end = raw.find(b"\n\r\n")
-    end = len(raw) if end < 0 else end + 1
-    bare = raw.find(b"\n\n", 0, end)
-    if bare >= 0:
-        end = bare + 1
-    head = raw[:end].lower()  # a copy of the header only: faster than a regex over it
-    return head.startswith(CONTROL_PREFIX) or b"\n" + CONTROL_PREFIX in head
+    """Whether a line of the header section may start with ``X-PM-`` (never a false no).
+
+    The intake makes every line ending CRLF, so the header ends at the first CRLF CRLF
+    and only the header is scanned, whatever the size of the body; a message with other
+    line endings is scanned whole (a line of its body that starts so only costs the
+    exact read).
+    """
+    end = raw.find(b"\r\n\r\n")
+    head = (raw if end < 0 else raw[:end]).lower()  # faster than a regex over it
+    return head.startswith(CONTROL_PREFIX) or _CONTROL_LINE in head
 
 
 def _written_name(raw: bytes, item: Field) -> str:
