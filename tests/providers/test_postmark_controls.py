@@ -274,6 +274,8 @@ async def test_unknown_stream_named_by_the_message_is_rejected(esp: FakeESP) -> 
         configured = provider(client, esp.url, stream="no-such-stream")
         with pytest.raises(ProviderConfigError):
             await configured.send(OutboundMessage("m2", ENVELOPE, message_with(b"")))
+        with pytest.raises(ProviderConfigError):  # the message only named that one too
+            await configured.send(chosen)
 
 
 # -- end to end: refused at DATA, translated on the way out -------------------------

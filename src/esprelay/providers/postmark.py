@@ -232,7 +232,10 @@ MAX_METADATA_VALUE = 80
 TRACK_LINKS = ("None", "HtmlAndText", "HtmlOnly", "TextOnly")
 _TRACK_LINKS = {value.lower(): value for value in TRACK_LINKS}
 _BOOLEANS = {"true": True, "false": False}
-#: The request extension naming the stream a message chose (X-PM-Message-Stream).
+#: The stream Postmark uses when a request names none.
+DEFAULT_STREAM = "outbound"
+#: The request extension naming the stream a message chose (X-PM-Message-Stream) when it
+#: is not the configured one.
 CHOSEN_STREAM = "esprelay.postmark.chosen_stream"
 
 
@@ -430,8 +433,10 @@ class PostmarkProvider(HttpProvider):
             raise MessageRejected(
                 f"request of {len(body)} bytes exceeds Postmark's 10 MB limit", provider=self.name
             )
+        # A stream of the message's own choosing, for _error_for_code to tell apart.
         chosen = controls.stream if controls is not None else None
-        extensions = {CHOSEN_STREAM: chosen} if chosen else None
+        own = chosen is not None and chosen != (self.message_stream or DEFAULT_STREAM)
+        extensions = {CHOSEN_STREAM: chosen} if own else None
         return Built(self._target.request(body, extensions), tuple(warnings))
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
