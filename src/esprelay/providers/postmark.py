@@ -197,7 +197,8 @@ def _attachments(parsed: ParsedMessage, warnings: list[str]) -> list[dict[str, s
 #   renamed differently or dropped.
 # - X-PM-Message-Stream -> MessageStream (over ESPRELAY_POSTMARK_MESSAGE_STREAM): the
 #   stream's id.  Only Postmark knows which streams exist (ErrorCode 1235 for one that
-#   does not): that is answered by Postmark, and rejects the message (see _error_for_code).
+#   does not): its answer rejects the message, unless the stream it named is the
+#   configured one (then the operator must act; see _error_for_code).
 # - X-PM-TrackOpens -> TrackOpens, a boolean: "add the header X-PM-TrackOpens to your email
 #   and set it to true. If the header is not present or set to false Postmark will not
 #   add open tracking" (https://postmarkapp.com/developer/user-guide/tracking-opens/
