@@ -38,6 +38,8 @@ from tests.relayproc import RelayProcess
 
 TOKEN = "pm-server-token-not-secret"
 STREAM = "outbound-test"
+#: The other streams of the fake's server (a message may choose one: X-PM-Message-Stream).
+OTHER_STREAMS = frozenset({"broadcast-test"})
 FIELDS = {
     "From",
     "To",
@@ -97,9 +99,55 @@ def validate(payload: Any, stream: str | None = STREAM) -> list[str]:
             errors.append("Attachment content must be base64")
         if "ContentID" in att and not att["ContentID"].startswith("cid:"):
             errors.append("ContentID must start with cid:")
-    if stream is not None and payload.get("MessageStream") != stream:
-        errors.append("The message stream for the provided 'MessageStream' was not found")
+    errors += _control_fields(payload)
+    unknown_stream = stream_error(payload, stream)
+    if unknown_stream:
+        errors.append(unknown_stream)
     return errors
+
+
+def _control_fields(payload: dict[str, Any]) -> list[str]:
+    """Tag, Metadata, TrackOpens and TrackLinks as Postmark documents them: one tag of at
+    most 1,000 characters (send-email-with-smtp); at most 10 metadata fields, keys of at
+    most 20 characters, string values of at most 80, no key twice even in another case
+    (Custom metadata FAQ); TrackOpens a boolean; TrackLinks one of the enum of
+    ../shared/specs/postmark."""
+    errors = []
+    tag = payload.get("Tag")
+    if "Tag" in payload and (not isinstance(tag, str) or not tag or len(tag) > 1000):
+        errors.append("Tag must be a string of 1 to 1000 characters")
+    metadata = payload.get("Metadata", {})
+    if not isinstance(metadata, dict) or len(metadata) > 10:
+        errors.append("Metadata must be an object of at most 10 fields")
+    else:
+        if len({k.lower() for k in metadata}) != len(metadata):
+            errors.append("Metadata keys must be unique (case-insensitive)")
+        for key, value in metadata.items():
+            if not key or len(key) > 20:
+                errors.append("Metadata keys are 1 to 20 characters")
+            if not isinstance(value, str) or len(value) > 80:
+                errors.append("Metadata values are strings of at most 80 characters")
+    if "TrackOpens" in payload and not isinstance(payload["TrackOpens"], bool):
+        errors.append("TrackOpens must be a boolean")
+    if "TrackLinks" in payload and payload["TrackLinks"] not in (
+        "None",
+        "HtmlAndText",
+        "HtmlOnly",
+        "TextOnly",
+    ):
+        errors.append("TrackLinks must be one of None, HtmlAndText, HtmlOnly, TextOnly")
+    return errors
+
+
+def stream_error(payload: Any, stream: str | None = STREAM) -> str | None:
+    """Postmark's ErrorCode 1235 text when the MessageStream is not one of the server's
+    (the configured one, or another one of the server's streams)."""
+    if stream is None or not isinstance(payload, dict):
+        return None
+    chosen = payload.get("MessageStream")
+    if chosen == stream or chosen in OTHER_STREAMS:
+        return None
+    return "The message stream for the provided 'MessageStream' was not found"
 
 
 class PostmarkAPI:
@@ -118,7 +166,10 @@ class PostmarkAPI:
             payload = request.json()
         except ValueError:
             return _error(422, 402, "Invalid JSON")
-        errors = validate(payload)
+        unknown_stream = stream_error(payload)
+        if unknown_stream:
+            return _error(422, 1235, unknown_stream)
+        errors = validate(payload, stream=None)
         if errors:
             return _error(422, 300, "; ".join(errors))
         return Reply(
