@@ -241,6 +241,16 @@ def test_bad_custom_headers_are_refused(headers: str, says: str) -> None:
     assert says in str(info.value) and "\n" not in str(info.value)
 
 
+def test_the_module_does_not_shadow_the_http_package() -> None:
+    """esprelay.providers.http shares its last name with the standard library's http."""
+    import http.client
+
+    from esprelay.providers import http as ours
+
+    assert http.client.__name__ == "http.client" and http.HTTPStatus.OK == 200
+    assert ours.__name__ == "esprelay.providers.http" and ours.KIND.name == "http"
+
+
 def test_headers_token_and_url_checks() -> None:
     # A routes file may give the headers as a TOML table.
     assert settings(api_headers={"X-Tenant": "acme"}).api_headers["X-Tenant"].get_secret_value()
@@ -250,6 +260,8 @@ def test_headers_token_and_url_checks() -> None:
     basic = provider(api_headers='{"Authorization": "Basic eDp5"}')  # without a token: fine
     message = OutboundMessage("a1", Envelope("a@example.com", ("b@example.org",)), RAW)
     assert basic.build_request(message).request.headers["authorization"] == "Basic eDp5"
+    accept = provider(api_headers='{"accept": "application/vnd.acme+json"}').build_request(message)
+    assert accept.request.headers.get_list("accept") == ["application/vnd.acme+json"]
     with pytest.raises(ConfigError, match=r"ESPRELAY_HTTP_API_TOKEN: .*printable ASCII"):
         settings(api_token="two words")
     for url in ("ftp://x.example/in", "/relative/path", "https://", "not a url"):

@@ -252,7 +252,8 @@ class HttpApiProvider(HttpProvider):
         if settings.api_token is not None:
             headers["Authorization"] = f"Bearer {settings.api_token.get_secret_value()}"
         headers["Content-Type"] = "application/json"
-        headers.setdefault("Accept", "application/json")
+        if not any(name.lower() == "accept" for name in headers):
+            headers["Accept"] = "application/json"
         self._target = PostTarget(self.endpoint, headers)
 
     def build_request(self, message: OutboundMessage) -> Built:
