@@ -17,6 +17,7 @@ from botocore.credentials import Credentials
 from pydantic import SecretStr
 
 from esprelay.providers.base import HttpProvider
+from esprelay.providers.http import HttpApiProvider, HttpApiSettings
 from esprelay.providers.mailgun import MailgunProvider
 from esprelay.providers.postmark import PostmarkProvider
 from esprelay.providers.sendgrid import SendGridProvider
@@ -90,6 +91,22 @@ def _ses() -> tuple[HttpProvider, Probe]:
     )
 
 
+def _http() -> tuple[HttpProvider, Probe]:
+    def raw(request: httpx.Request) -> bytes:
+        return base64.b64decode(json.loads(request.read())["raw"])
+
+    settings = HttpApiSettings(
+        api_url="http://127.0.0.1:9/in",
+        api_secret=SecretStr("whsec_" + base64.b64encode(b"k" * 32).decode()),
+        api_parsed=True,
+    )
+    return HttpApiProvider(httpx.AsyncClient(), settings), Probe(
+        recipients=lambda r: set(json.loads(r.read())["envelope"]["rcpt_to"]),
+        sender=lambda r: _mime_sender(raw(r)),
+        shown=raw,
+    )
+
+
 def _example() -> tuple[HttpProvider, Probe]:
     sys.path.insert(0, str(Path(__file__).parent / "plugin"))
     try:
@@ -109,6 +126,7 @@ ADAPTERS = {
     "postmark": _postmark,
     "mailgun": _mailgun,
     "ses": _ses,
+    "http": _http,
     "example": _example,
 }
 
