@@ -16,6 +16,7 @@ import time
 import uuid
 from email.header import decode_header, make_header
 from email.utils import getaddresses
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -46,6 +47,8 @@ from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.fakeclock import FakeClock
 from tests.messages import Case, corpus, crlf
 from tests.providers.common import queue, send_case
+from tests.providers.test_mailgun import DOMAIN, mailgun
+from tests.providers.test_mailgun import KEY as MAILGUN_KEY
 from tests.relayproc import RelayProcess
 
 API_KEY = "re_test_key_not_secret"
@@ -644,9 +647,9 @@ def test_corpus_end_to_end(relay_factory: type[RelayProcess]) -> None:
     assert API_KEY not in relay.log
 
 
-def _case(subject: str) -> Case:
-    raw = crlf(f"From: s@example.com\nTo: r@example.org\nSubject: {subject}\n\nhi\n")
-    return Case(subject, raw, "s@example.com", ("r@example.org",), "", (), (), (), None, None, None)
+def _case(subject: str, sender: str = "s@example.com") -> Case:
+    raw = crlf(f"From: {sender}\nTo: r@example.org\nSubject: {subject}\n\nhi\n")
+    return Case(subject, raw, sender, ("r@example.org",), "", (), (), (), None, None, None)
 
 
 def test_a_retry_sends_the_same_key_and_never_a_second_copy(
@@ -719,3 +722,46 @@ def test_blind_recipients_get_a_copy_each_end_to_end(relay_factory: type[RelayPr
     assert request.headers["idempotency-key"] == spool_id
     assert [e["to"] for e in api.sent] == [[r] for r in rcpts]
     assert not any("bcc" in e or "cc" in e for e in api.sent)
+
+
+def test_failover_between_resend_and_an_older_provider(
+    relay_factory: type[RelayProcess], tmp_path: Path
+) -> None:
+    """A route from Mailgun (down) to Resend, and one from Resend (down) to Mailgun."""
+    api = ResendAPI()
+    down = Reply(503, "Service Unavailable")
+    resend_down = error(500, "internal_server_error", "An unexpected error occurred.")
+    with (
+        FakeESP(lambda r: down) as mg_down,
+        FakeESP(mailgun) as mg,
+        FakeESP(lambda r: resend_down) as rs_down,
+        FakeESP(api) as rs,
+    ):
+        routes = "".join(
+            f'[providers.{name}]\nkind = "mailgun"\napi_key_env = "TEST_MAILGUN_KEY"\n'
+            f'domain = "{DOMAIN}"\napi_url = "{esp.url}"\n'
+            for name, esp in (("mg-down", mg_down), ("mg", mg))
+        ) + "".join(
+            f'[providers.{name}]\nkind = "resend"\napi_key_env = "TEST_RESEND_KEY"\n'
+            f'api_url = "{esp.url}"\n'
+            for name, esp in (("rs-down", rs_down), ("rs", rs))
+        )
+        routes += (
+            '[[routes]]\nsender_domains = ["a.example"]\nproviders = ["mg-down", "rs"]\n'
+            '[[routes]]\nsender_domains = ["b.example"]\nproviders = ["rs-down", "mg"]\n'
+            '[default]\nproviders = ["rs"]\n'
+        )
+        (tmp_path / "routes.toml").write_text(routes)
+        env = {
+            "TEST_MAILGUN_KEY": MAILGUN_KEY,
+            "TEST_RESEND_KEY": API_KEY,
+            "ESPRELAY_ROUTES_FILE": str(tmp_path / "routes.toml"),
+        }
+        relay = relay_factory(env).start()
+        to_resend = send_case(relay, _case("a", "s@a.example"))
+        to_mailgun = send_case(relay, _case("b", "s@b.example"))
+        relay.wait_for_log(rf"delivered id={to_resend} provider=rs attempt=1")
+        relay.wait_for_log(rf"delivered id={to_mailgun} provider=mg attempt=1")
+    assert [p["subject"] for p in api.sent] == ["a"]
+    assert rs.requests[0].headers["idempotency-key"] == to_resend
+    assert len(mg.requests) == 1 and len(mg_down.requests) == 1 and len(rs_down.requests) == 1
