@@ -39,6 +39,8 @@ from esprelay.providers.resend import (
     ID_TAG,
     REQUEST_LIMIT,
     ResendProvider,
+    ResendSettings,
+    build,
     build_payload,
     format_address,
     format_from,
@@ -463,7 +465,12 @@ def test_resend_idempotency_key_header_wins_and_is_not_sent_on() -> None:
     assert provider.refusal(_message(raw)) is None
     request = provider.build_request(_message(raw)).request
     assert request.headers["idempotency-key"] == "welcome-user/123456789"
-    assert json.loads(request.read())["headers"] == {"X-Entity-Ref-ID": "42"}
+    payload = json.loads(request.read())
+    assert payload["headers"] == {"X-Entity-Ref-ID": "42"}
+    # The same bytes submitted again (another spool id) make the same request, which
+    # Resend answers as the first time instead of refusing the key (409).
+    again = provider.build_request(_message(raw, id="another-spool-id")).request
+    assert "tags" not in payload and again.read() == request.read()
     for bad in ("x" * 257, "caf\u00e9"):
         raw = crlf(f"From: s@example.com\nResend-Idempotency-Key: {bad}\n\nhi\n")
         assert "Resend-Idempotency-Key" in (provider.refusal(_message(raw)) or "")
@@ -528,6 +535,18 @@ _REQUEST = httpx.Request("POST", "https://api.resend.com/emails")
 def _answer(status: int, name: str = "", headers: dict[str, str] | None = None) -> httpx.Response:
     body = {"statusCode": status, "name": name, "message": "..."} if name else {}
     return httpx.Response(status, json=body, headers=headers or {}, request=_REQUEST)
+
+
+def test_settings_and_rate() -> None:
+    settings = ResendSettings(api_key=SecretStr(API_KEY), rate=5)
+    provider = build(settings, httpx.AsyncClient())
+    assert provider.endpoint == "https://api.resend.com/emails"
+    assert provider.rate_limit is not None
+    assert (provider.rate_limit.rate, provider.rate_limit.burst) == (5.0, 5)
+    assert settings.api_urls() == ("https://api.resend.com",)
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError):
+            ResendSettings(api_key=SecretStr(API_KEY), rate=bad)
 
 
 @pytest.mark.parametrize(

@@ -391,8 +391,11 @@ class ResendProvider(HttpProvider):
             key, key_warnings = read_idempotency_key(message.raw)
         except ControlHeaderError as exc:  # spooled before the check at DATA existed
             raise MessageRejected(str(exc), provider=self.name) from None
+        # With the application's own key, the request must not vary with the spool id: the
+        # same message submitted again (same bytes, new spool id) is then the same request,
+        # which Resend answers from its first answer instead of a 409.
         payload, warnings = build_payload(
-            parse(message.raw, message.envelope), message.id, provider=self.name
+            parse(message.raw, message.envelope), "" if key else message.id, provider=self.name
         )
         warnings.extend(key_warnings)
         body = json_body(payload)
