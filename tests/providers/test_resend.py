@@ -32,7 +32,7 @@ from esprelay.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from esprelay.message.mime import Mailbox, parse
+from esprelay.message.mime import Mailbox, address_key, parse
 from esprelay.models import Envelope, OutboundMessage
 from esprelay.providers.resend import (
     BLOCKED_EXTENSIONS,
@@ -52,6 +52,8 @@ from tests.providers.common import queue, send_case
 from tests.providers.test_mailgun import DOMAIN, mailgun
 from tests.providers.test_mailgun import KEY as MAILGUN_KEY
 from tests.relayproc import RelayProcess
+from tests.test_corpora import FILES as CORPUS_FILES
+from tests.test_corpora import envelope_for
 
 API_KEY = "re_test_key_not_secret"
 
@@ -784,3 +786,37 @@ def test_failover_between_resend_and_an_older_provider(
     assert [p["subject"] for p in api.sent] == ["a"]
     assert rs.requests[0].headers["idempotency-key"] == to_resend
     assert len(mg.requests) == 1 and len(mg_down.requests) == 1 and len(rs_down.requests) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CORPUS_FILES, reason="no MIME corpora (optional test data)")
+def test_public_corpora_make_requests_resend_accepts() -> None:
+    """Real-world and malformed messages: a request the fake accepts, or a clear refusal
+    (several blind recipients with attachments), and exactly the envelope's recipients."""
+    problems: list[str] = []
+    for path in CORPUS_FILES:
+        raw = path.read_bytes()
+        if b"\r\n" not in raw:
+            raw = raw.replace(b"\n", b"\r\n")
+        envelope = envelope_for(raw)
+        try:
+            payload, _ = build_payload(parse(raw, envelope), "0190f3a1b2c3d4e5f6a7b")
+        except MessageRejected as exc:
+            if "blind recipients" not in str(exc):
+                problems.append(f"{path.name}: {exc}")
+            continue
+        emails = payload if isinstance(payload, list) else [payload]
+        problem = ResendAPI.validate_batch(emails) if isinstance(payload, list) else None
+        for email in emails:
+            problem = problem or validate(email)
+        if problem is not None:
+            problems.append(f"{path.name}: the fake refuses: {problem.body!r}")
+        sent = {
+            address_key(a)
+            for e in emails
+            for f in ("to", "cc", "bcc")
+            for _, a in addresses(e.get(f))
+        }
+        if sent != {address_key(a) for a in envelope.rcpt_tos}:
+            problems.append(f"{path.name}: recipients {sorted(sent)} != the envelope")
+    assert not problems, "\n".join(problems)
