@@ -10,6 +10,7 @@ import sys
 from email.parser import BytesParser
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from esprelay.providers.base import HttpProvider
 from esprelay.providers.http import HttpApiProvider, HttpApiSettings
 from esprelay.providers.mailgun import MailgunProvider
 from esprelay.providers.postmark import PostmarkProvider
+from esprelay.providers.resend import ResendProvider
 from esprelay.providers.sendgrid import SendGridProvider
 from esprelay.providers.ses import SesProvider
 from esprelay.testing.conformance import Probe, check_adapter, check_errors
@@ -107,6 +109,23 @@ def _http() -> tuple[HttpProvider, Probe]:
     )
 
 
+def _resend() -> tuple[HttpProvider, Probe]:
+    def emails(request: httpx.Request) -> list[dict[str, Any]]:
+        body = json.loads(request.read())
+        return body if isinstance(body, list) else [body]  # /emails/batch or /emails
+
+    def recipients(request: httpx.Request) -> set[str]:
+        values = [v for e in emails(request) for f in ("to", "cc", "bcc") for v in e.get(f, [])]
+        return {address for _, address in getaddresses(values)}
+
+    def sender(request: httpx.Request) -> str:
+        (address,) = {parseaddr(e["from"])[1] for e in emails(request)}
+        return address
+
+    provider = ResendProvider(httpx.AsyncClient(), SecretStr("re_k"), "http://127.0.0.1:9")
+    return provider, Probe(recipients, sender)
+
+
 def _example() -> tuple[HttpProvider, Probe]:
     sys.path.insert(0, str(Path(__file__).parent / "plugin"))
     try:
@@ -127,6 +146,7 @@ ADAPTERS = {
     "mailgun": _mailgun,
     "ses": _ses,
     "http": _http,
+    "resend": _resend,
     "example": _example,
 }
 
