@@ -17,6 +17,7 @@ from botocore.credentials import Credentials
 from pydantic import SecretStr
 
 from esprelay.providers.base import HttpProvider
+from esprelay.providers.brevo import BrevoProvider
 from esprelay.providers.mailgun import MailgunProvider
 from esprelay.providers.postmark import PostmarkProvider
 from esprelay.providers.sendgrid import SendGridProvider
@@ -90,6 +91,16 @@ def _ses() -> tuple[HttpProvider, Probe]:
     )
 
 
+def _brevo() -> tuple[HttpProvider, Probe]:
+    def recipients(request: httpx.Request) -> set[str]:
+        body = json.loads(request.read())
+        versions = [body, *body.get("messageVersions", [])]
+        return {p["email"] for v in versions for f in ("to", "cc", "bcc") for p in v.get(f, [])}
+
+    provider = BrevoProvider(httpx.AsyncClient(), SecretStr("xkeysib-k"), "http://127.0.0.1:9")
+    return provider, Probe(recipients, lambda r: json.loads(r.read())["sender"]["email"])
+
+
 def _example() -> tuple[HttpProvider, Probe]:
     sys.path.insert(0, str(Path(__file__).parent / "plugin"))
     try:
@@ -109,6 +120,7 @@ ADAPTERS = {
     "postmark": _postmark,
     "mailgun": _mailgun,
     "ses": _ses,
+    "brevo": _brevo,
     "example": _example,
 }
 
