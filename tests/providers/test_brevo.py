@@ -496,11 +496,13 @@ def test_corpus_end_to_end(relay_factory: type[RelayProcess]) -> None:
         check_payload(request.json(), case)
     relay.wait_for_log(rf"id={ids['printer']} provider=brevo changed the message: .*filename")
     assert KEY not in relay.log
+    assert "providers=brevo(brevo)" in relay.log
 
 
 def test_sandbox_end_to_end(relay_factory: type[RelayProcess]) -> None:
     with FakeESP(BrevoAPI()) as esp:
         relay = relay_factory(relay_env(esp, ESPRELAY_BREVO_SANDBOX="true")).start()
+        assert "providers=brevo(brevo:sandbox)" in relay.log
         (case,) = [c for c in corpus() if c.id == "printer"]
         send_case(relay, case)
         (request,) = esp.wait_for(1)
