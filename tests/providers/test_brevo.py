@@ -26,6 +26,7 @@ from esprelay.errors import (
     ProviderUnavailable,
     RateLimited,
 )
+from esprelay.message import mime
 from esprelay.message.mime import parse
 from esprelay.models import Envelope, OutboundMessage
 from esprelay.providers import brevo as brevo_module
@@ -218,6 +219,10 @@ def test_names_brevo_would_drop_are_encoded() -> None:
     # Non-ASCII and a comma: Brevo drops such a name, so it goes as an encoded word.
     assert hans["name"].startswith("=?utf-8?") and _decoded(hans["name"]) == "Müller, Hans"
     assert payload["sender"] == {"email": "app@example.com", "name": "Jürgen Müller"}
+    long = brevo_module._mailbox(mime.Mailbox("Müller, Hans — " + "sehr lang " * 12, "h@x.org"))
+    words = long["name"].split(" ")
+    assert len(words) > 1 and all(len(w) <= 75 and w.startswith("=?utf-8?") for w in words)
+    assert _decoded(long["name"]) == "Müller, Hans — " + "sehr lang " * 12
     assert payload["replyTo"] == {"email": "support@example.com", "name": "Support"}
     # Threading and identity headers are standard ones: dropped, and said so.
     assert not {"Message-ID", "In-Reply-To", "References", "Date"} & set(payload["headers"])
@@ -411,6 +416,7 @@ def test_window_reset_reads_the_headers() -> None:
     assert reset(429, {"Retry-After": "7", "x-sib-ratelimit-reset": "3"}) == 7.0
     assert reset(201, {"Retry-After": "7"}) is None  # only a 429's Retry-After counts
     assert reset(429, {"x-sib-ratelimit-reset": "999999999"}) == brevo_module.MAX_HOLD
+    assert reset(201, {"x-sib-ratelimit-reset": "nan"}) is None
 
 
 async def test_a_spent_window_holds_every_request() -> None:

@@ -51,8 +51,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
+import itertools
+import math
 import re
-from email.header import Header
+from email.charset import Charset
 from typing import Any
 
 import httpx
@@ -186,6 +188,7 @@ CONFIG_CODES = frozenset(
 )
 _SPECIALS = set('()<>[]:;@\\,."')
 _TEXTUAL = ("text", "message")
+_UTF8 = Charset("utf-8")
 
 
 # --- attachments: Brevo's extension list ------------------------------------------
@@ -270,8 +273,10 @@ def _mailbox(box: Mailbox) -> dict[str, str]:
     name = box.name
     if name:
         if not name.isascii() and any(c in _SPECIALS for c in name):
-            # Brevo drops such a name silently; an encoded word it sends as it is.
-            name = Header(name, "utf-8").encode(maxlinelen=0)
+            # Brevo drops such a name silently; encoded words it sends as they are
+            # (each at most 75 characters, RFC 2047, on one line, space-separated).
+            words = _UTF8.header_encode_lines(name, itertools.repeat(75))
+            name = " ".join(w for w in words if w)
         out["name"] = name
     return out
 
@@ -499,9 +504,8 @@ class BrevoProvider(HttpProvider):
         """Hold every request while Brevo's window is spent (``x-sib-ratelimit-remaining``
         0, or a 429); return the seconds until it resets, if said."""
         hold = window_reset(response)
-        spent = response.status_code == 429 or response.headers.get(
-            "x-sib-ratelimit-remaining", ""
-        ).strip() in ("0", "0.0")
+        remaining = _number(response.headers.get("x-sib-ratelimit-remaining"))
+        spent = response.status_code == 429 or remaining == 0
         if spent and hold is not None and self.rate_limit is not None:
             self.rate_limit.hold_until(hold)
         return hold
@@ -511,15 +515,23 @@ def window_reset(response: httpx.Response) -> float | None:
     """Seconds until Brevo's window resets: ``x-sib-ratelimit-reset`` (seconds from now)
     and, on a 429, ``Retry-After``, whichever is later; at most :data:`MAX_HOLD`."""
     found: list[float] = []
-    value = response.headers.get("x-sib-ratelimit-reset")
-    if value:
-        with contextlib.suppress(ValueError):
-            found.append(max(0.0, float(value)))
+    reset = _number(response.headers.get("x-sib-ratelimit-reset"))
+    if reset is not None:
+        found.append(max(0.0, reset))
     if response.status_code == 429:
         after = parse_retry_after(response.headers.get("retry-after"))
         if after is not None:
             found.append(after)
     return min(max(found), MAX_HOLD) if found else None
+
+
+def _number(value: str | None) -> float | None:
+    if value:
+        with contextlib.suppress(ValueError):
+            number = float(value)
+            if math.isfinite(number):
+                return number
+    return None
 
 
 def _json(response: httpx.Response) -> dict[str, Any] | None:
