@@ -285,6 +285,13 @@ def test_inline_image_is_sent_as_an_attachment_with_a_warning() -> None:
     assert any("no inline images" in w for w in warnings)
 
 
+def test_an_invitation_loses_its_method_with_a_warning() -> None:
+    raw = _with_attachment('text/calendar; method=REQUEST; charset="utf-8"; name="invite.ics"')
+    payload, warnings = build_payload(parse(raw, Envelope("s@example.com", ("r@example.org",))))
+    assert [a["name"] for a in payload["attachment"]] == ["invite.ics"]
+    assert any("lost its parameters method=REQUEST (" in w for w in warnings), warnings
+
+
 def _with_attachment(ctype: str, disposition: str = "") -> bytes:
     return crlf(
         "From: s@example.com\nTo: r@example.org\nSubject: x\nMIME-Version: 1.0\n"

@@ -381,8 +381,23 @@ def _attachments(parsed: ParsedMessage, warnings: list[str]) -> list[dict[str, s
                 f"inline part {index} ({name}) is sent as an ordinary attachment:"
                 " Brevo has no inline images"
             )
+        lost = [f"{k}={v}" for k, v in att.params if _meaningful(k, v)]
+        if lost:
+            # A calendar invitation's method=REQUEST, a text file's charset...
+            warnings.append(
+                f"attachment {index} ({att.content_type}) lost its parameters"
+                f" {'; '.join(lost)} (Brevo types attachments by their extension)"
+            )
         out.append({"content": base64.b64encode(att.content).decode("ascii"), "name": name})
     return out
+
+
+def _meaningful(key: str, value: str) -> bool:
+    """A Content-Type parameter that changes how an attachment is read (not Apple Mail's
+    x-unix-mode and the like, nor an ASCII or UTF-8 charset)."""
+    if key.startswith("x-"):
+        return False
+    return key != "charset" or value.lower() not in ("us-ascii", "utf-8", "ascii", "utf8")
 
 
 def _headers(parsed: ParsedMessage, warnings: list[str]) -> tuple[dict[str, str], list[str]]:
