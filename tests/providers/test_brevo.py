@@ -13,6 +13,7 @@ import smtplib
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -42,6 +43,8 @@ from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.fakeclock import FakeClock
 from tests.messages import Case, corpus, crlf
 from tests.providers.common import queue, send_case
+from tests.providers.test_mailgun import DOMAIN, form_fields, mailgun
+from tests.providers.test_mailgun import KEY as MAILGUN_KEY
 from tests.relayproc import RelayProcess
 
 KEY = "xkeysib-not-a-secret-0123456789"
@@ -603,3 +606,58 @@ def test_spent_window_holds_the_next_message_end_to_end(
         assert len(esp.requests) == 2
     # The first answer said the window was spent for 2 s: the second request waited.
     assert seen[1] - seen[0] >= 1.9
+
+
+def test_failover_between_brevo_and_mailgun_end_to_end(
+    relay_factory: type[RelayProcess], tmp_path: Path
+) -> None:
+    """A route mixing Brevo and an older provider fails over both ways."""
+    api = BrevoAPI()
+
+    def brevo_down_for_some(request: Recorded) -> Reply:
+        if request.json()["to"][0]["email"].startswith("via-mailgun"):
+            return _error(503, "service_unavailable", "maintenance")
+        return api(request)
+
+    def mailgun_down_for_some(request: Recorded) -> Reply:
+        rcpts = [v.decode() for n, _, v in form_fields(request) if n == "to"]
+        if rcpts[0].startswith("via-brevo"):
+            return Reply(503, "Service Unavailable")
+        return mailgun(request)
+
+    with FakeESP(brevo_down_for_some) as brevo, FakeESP(mailgun_down_for_some) as mg:
+        routes = tmp_path / "routes.toml"
+        routes.write_text(
+            f'[providers.br]\nkind = "brevo"\napi_key_env = "TEST_BREVO_KEY"\n'
+            f'api_url = "{brevo.url}"\n'
+            f'[providers.mg]\nkind = "mailgun"\napi_key_env = "TEST_MAILGUN_KEY"\n'
+            f'domain = "{DOMAIN}"\napi_url = "{mg.url}"\n'
+            '[[routes]]\nsender_domains = ["old.example"]\nproviders = ["mg", "br"]\n'
+            '[default]\nproviders = ["br", "mg"]\n'
+        )
+        relay = relay_factory(
+            {
+                "TEST_BREVO_KEY": KEY,
+                "TEST_MAILGUN_KEY": MAILGUN_KEY,
+                "ESPRELAY_ROUTES_FILE": str(routes),
+                "ESPRELAY_RETRY_INITIAL": "0.2s",
+            }
+        ).start()
+        for sender, rcpt in (
+            ("app@example.com", "via-mailgun@example.org"),
+            ("app@old.example", "via-brevo@example.org"),
+        ):
+            raw = crlf(f"From: {sender}\nTo: {rcpt}\nSubject: failover\n\nhi\n")
+            send_case(relay, Case(rcpt, raw, sender, (rcpt,), "", (), (), (), None, None, None))
+        relay.wait_for_log(r"delivered id=\S+ provider=mg", timeout=30)
+        relay.wait_for_log(r"delivered id=\S+ provider=br", timeout=30)
+    # Each was tried first on its route's first provider, then delivered by the other.
+    assert [r.json()["to"][0]["email"] for r in brevo.requests] == [
+        "via-mailgun@example.org",
+        "via-brevo@example.org",
+    ]
+    assert validate(brevo.requests[1].json()) == []
+    assert sorted(v.decode() for r in mg.requests for n, _, v in form_fields(r) if n == "to") == [
+        "via-brevo@example.org",
+        "via-mailgun@example.org",
+    ]
