@@ -500,7 +500,8 @@ class BrevoProvider(HttpProvider):
         answer = _json(response) or {}
         code = answer.get("code")
         if isinstance(code, str):
-            detail = f"HTTP {status} {code}: {str(answer.get('message', ''))[:300]}"
+            said = " ".join(str(answer.get("message", "")).split())  # one line
+            detail = f"HTTP {status} {code}: {said[:300]}"
         else:
             detail = f"HTTP {status}: {excerpt(response)}"
         if status == 429:
