@@ -18,6 +18,7 @@ from botocore.credentials import Credentials
 from pydantic import SecretStr
 
 from esprelay.providers.base import HttpProvider
+from esprelay.providers.brevo import BrevoProvider
 from esprelay.providers.http import HttpApiProvider, HttpApiSettings
 from esprelay.providers.mailgun import MailgunProvider
 from esprelay.providers.postmark import PostmarkProvider
@@ -126,6 +127,16 @@ def _resend() -> tuple[HttpProvider, Probe]:
     return provider, Probe(recipients, sender)
 
 
+def _brevo() -> tuple[HttpProvider, Probe]:
+    def recipients(request: httpx.Request) -> set[str]:
+        body = json.loads(request.read())
+        versions = [body, *body.get("messageVersions", [])]
+        return {p["email"] for v in versions for f in ("to", "cc", "bcc") for p in v.get(f, [])}
+
+    provider = BrevoProvider(httpx.AsyncClient(), SecretStr("xkeysib-k"), "http://127.0.0.1:9")
+    return provider, Probe(recipients, lambda r: json.loads(r.read())["sender"]["email"])
+
+
 def _example() -> tuple[HttpProvider, Probe]:
     sys.path.insert(0, str(Path(__file__).parent / "plugin"))
     try:
@@ -147,6 +158,7 @@ ADAPTERS = {
     "ses": _ses,
     "http": _http,
     "resend": _resend,
+    "brevo": _brevo,
     "example": _example,
 }
 

@@ -180,7 +180,10 @@ class Relay:
             settings.smtp_host,
             self.listeners.port,
             settings.delivery_mode,
-            ",".join(f"{name}({p.kind})" for name, p in self.providers.providers.items()),
+            ",".join(
+                f"{name}({p.kind}{':sandbox' if getattr(p, 'sandbox', False) else ''})"
+                for name, p in self.providers.providers.items()
+            ),
             settings.spool_url.split("://", 1)[0] if self.spool else "none",
             self.listeners.size_limit,
         )
