@@ -7,16 +7,21 @@ import base64
 import email.policy
 import json
 import sys
+from email.message import Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import pytest
 from botocore.credentials import Credentials
 from pydantic import SecretStr
 
+from esprelay.message.rawmime import strip_bcc
 from esprelay.providers.base import HttpProvider
+from esprelay.providers.graph import GraphProvider
+from esprelay.providers.graphauth import TokenSource
 from esprelay.providers.mailgun import MailgunProvider
 from esprelay.providers.postmark import PostmarkProvider
 from esprelay.providers.sendgrid import SendGridProvider
@@ -90,6 +95,34 @@ def _ses() -> tuple[HttpProvider, Probe]:
     )
 
 
+def _graph() -> tuple[HttpProvider, Probe]:
+    # Graph sends to the To, Cc and Bcc addresses of the MIME, and Exchange removes the
+    # Bcc field from what it delivers ([MS-OXCMAIL] 2.1.3.1.1.2): that is what is shown.
+    def mime(request: httpx.Request) -> Message:
+        return BytesParser(policy=email.policy.compat32).parsebytes(
+            base64.b64decode(request.read())
+        )
+
+    def recipients(request: httpx.Request) -> set[str]:
+        parsed = mime(request)
+        values = [str(v) for name in ("To", "Cc", "Bcc") for v in parsed.get_all(name, [])]
+        return {address for _, address in getaddresses(values) if address}
+
+    def shown(request: httpx.Request) -> bytes:
+        return strip_bcc(base64.b64decode(request.read())).raw
+
+    client = httpx.AsyncClient()
+    tokens = TokenSource(
+        client, url="http://127.0.0.1:9/t", client_id="c", scope="s", secret=SecretStr("x")
+    )
+    provider = GraphProvider(client, tokens=tokens, api_url="http://127.0.0.1:9")
+    return provider, Probe(
+        recipients=recipients,
+        sender=lambda r: unquote(r.url.path.split("/")[-2]),
+        shown=shown,
+    )
+
+
 def _example() -> tuple[HttpProvider, Probe]:
     sys.path.insert(0, str(Path(__file__).parent / "plugin"))
     try:
@@ -109,6 +142,7 @@ ADAPTERS = {
     "postmark": _postmark,
     "mailgun": _mailgun,
     "ses": _ses,
+    "graph": _graph,
     "example": _example,
 }
 
