@@ -27,6 +27,8 @@ import email.message
 import email.policy
 import itertools
 import logging
+import re
+import smtplib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,6 +61,8 @@ from esprelay.providers.graph import MAX_MESSAGE_SIZE, GraphProvider
 from esprelay.providers.graphauth import Certificate, TokenSource, graph_scope, token_url
 from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.fakeclock import FakeClock
+from tests.relayproc import RelayProcess
+from tests.test_e2e_smtp import queued_id, send_raw
 
 TENANT = "11111111-2222-3333-4444-555555555555"
 CLIENT_ID = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
@@ -536,3 +540,63 @@ async def test_throttling_holds_the_mailbox() -> None:
             # Another mailbox is not held.
             other = b"From: other@example.com\r\nTo: b@example.org\r\n\r\nb\r\n"
             await sender.send(outbound(other))
+
+
+# -- end to end: SMTP in, the fake Graph out ----------------------------------------------
+
+
+def graph_env(graph: FakeGraph, **extra: str) -> dict[str, str]:
+    return {
+        "ESPRELAY_PROVIDER": "graph",
+        "ESPRELAY_GRAPH_TENANT_ID": TENANT,
+        "ESPRELAY_GRAPH_CLIENT_ID": CLIENT_ID,
+        "ESPRELAY_GRAPH_CLIENT_SECRET": SECRET,
+        "ESPRELAY_GRAPH_API_URL": graph.url,
+        "ESPRELAY_GRAPH_AUTHORITY_URL": graph.url,
+        "ESPRELAY_RETRY_INITIAL": "0.1",
+        "ESPRELAY_RETRY_MAX": "0.2",
+        **extra,
+    }
+
+
+def test_smtp_to_graph(relay_factory: type[RelayProcess]) -> None:
+    with FakeGraph() as graph:
+        env = graph_env(graph, ESPRELAY_GRAPH_ALLOWED_SENDERS="app@example.com, @example.net")
+        relay = relay_factory(env).start()
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+            smtp.ehlo("client.test")
+            assert int(smtp.esmtp_features["size"]) == MAX_MESSAGE_SIZE
+            # A sender the app may not send as: refused at the end of DATA.
+            smtp.mail("someone@elsewhere.example")
+            smtp.rcpt("b@example.org")
+            code, reply = smtp.data(
+                b"From: someone@elsewhere.example\r\nTo: b@example.org\r\n\r\nx\r\n"
+            )
+            assert code == 550 and b"ESPRELAY_GRAPH_ALLOWED_SENDERS" in reply, reply
+        rcpts = ["b@example.org", "c@example.org", "hidden@example.net"]
+        first = queued_id(send_raw(relay, MAILBOX, rcpts, RAW))
+        bcc_only = b"From: app@example.com\r\nSubject: bcc only\r\n\r\nnobody listed\r\n"
+        second = queued_id(send_raw(relay, MAILBOX, ["x@example.org", "y@example.org"], bcc_only))
+        for message_id in (first, second):
+            relay.wait_for_log(
+                rf"delivered id={message_id} provider=graph attempt=1 .*provider_id=None"
+            )
+        # A 504 after the request went: retried, and said to be a possible duplicate.
+        graph.esp.then(graph_error(504, "GatewayTimeout", "The gateway did not receive a response"))
+        retried = RAW.replace(b"Subject: report", b"Subject: retried")
+        third = queued_id(send_raw(relay, MAILBOX, ["b@example.org"], retried))
+        relay.wait_for_log(rf"delivered id={third} provider=graph attempt=2")
+    by_subject = {s.parsed()["Subject"]: s for s in graph.sent}
+    assert by_subject["report"].recipients() == set(rcpts)
+    assert by_subject["report"].mailbox == MAILBOX
+    assert by_subject["bcc only"].recipients() == {"x@example.org", "y@example.org"}
+    assert by_subject["bcc only"].parsed()["To"] is None
+    # Cc c@example.org is not in this one's envelope: not mailed.
+    assert by_subject["retried"].recipients() == {"b@example.org"}
+    assert len(graph.token_requests) == 1
+    assert re.search(rf"id={third} provider=graph: Graph timed out \(504\).*may have been sent",
+                     relay.log)  # fmt: skip
+    assert re.search(
+        rf"deferred id={third} .*HTTP 504 GatewayTimeout.*may have been sent", relay.log
+    )
+    assert SECRET not in relay.log and "fake-token" not in relay.log
