@@ -59,6 +59,7 @@ from esprelay.errors import (
 from esprelay.models import Envelope, OutboundMessage
 from esprelay.providers.graph import MAX_MESSAGE_SIZE, GraphProvider
 from esprelay.providers.graphauth import Certificate, TokenSource, graph_scope, token_url
+from esprelay.providers.registry import configure, get_kind
 from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.fakeclock import FakeClock
 from tests.relayproc import RelayProcess
@@ -600,3 +601,26 @@ def test_smtp_to_graph(relay_factory: type[RelayProcess]) -> None:
         rf"deferred id={third} .*HTTP 504 GatewayTimeout.*may have been sent", relay.log
     )
     assert SECRET not in relay.log and "fake-token" not in relay.log
+
+
+def test_settings_name_what_is_missing(tmp_path: Path) -> None:
+    kind = get_kind("graph")
+    base = {"tenant_id": TENANT, "client_id": CLIENT_ID}
+    with pytest.raises(ConfigError, match="set ESPRELAY_GRAPH_CLIENT_SECRET, or"):
+        configure(kind, base)
+    with pytest.raises(ConfigError, match="not both"):
+        configure(kind, {**base, "client_secret": "x", "certificate_thumbprint": "0" * 40})
+    with pytest.raises(ConfigError, match="SENDER_MODE=fixed needs ESPRELAY_GRAPH_SENDER"):
+        configure(kind, {**base, "client_secret": "x", "sender_mode": "fixed"})
+    with pytest.raises(ConfigError, match="ESPRELAY_GRAPH_MAILBOX_CONCURRENCY"):
+        configure(kind, {**base, "client_secret": "x", "mailbox_concurrency": "5"})
+    config = configure(
+        kind,
+        {**base, "client_secret": "hush-42", "allowed_senders": "a@example.com, @example.net",
+         "api_url": "http://127.0.0.1:1/", "authority_url": "http://127.0.0.1:2"},
+    )  # fmt: skip
+    built = config.build(httpx.AsyncClient(), "m365")
+    assert isinstance(built, GraphProvider) and built.name == "m365"
+    assert built.allowed == {"a@example.com", "@example.net"}
+    assert config.settings.api_urls() == ("http://127.0.0.1:1", "http://127.0.0.1:2")
+    assert "hush-42" not in repr(config.settings)
