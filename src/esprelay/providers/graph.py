@@ -17,7 +17,7 @@ client credentials grant (:mod:`esprelay.providers.graphauth`).
   Sent Items ("When using MIME format: ... This method saves the message in the Sent
   Items folder"); ``saveToSentItems`` is a parameter of the JSON form only.
   ``ESPRELAY_GRAPH_SAVE_TO_SENT_ITEMS=false`` therefore cannot be honoured by sendMail
-  and is reported at start (a warning); ``true`` is what happens.
+  and is reported at start (logged); ``true`` is what happens.
 - **Size**: a Graph request is at most 4 MB, so the raw message may be 3/4 of that
   minus room for the rewrites; EHLO SIZE says so.  The upload session for larger
   messages (draft plus attachment upload, Mail.ReadWrite) is not implemented yet:
