@@ -7,18 +7,23 @@ import base64
 import email.policy
 import json
 import sys
+from email.message import Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import pytest
 from botocore.credentials import Credentials
 from pydantic import SecretStr
 
+from esprelay.message.rawmime import strip_bcc
 from esprelay.providers.base import HttpProvider
 from esprelay.providers.brevo import BrevoProvider
+from esprelay.providers.graph import GraphProvider
+from esprelay.providers.graphauth import TokenSource
 from esprelay.providers.http import HttpApiProvider, HttpApiSettings
 from esprelay.providers.mailgun import MailgunProvider
 from esprelay.providers.postmark import PostmarkProvider
@@ -137,6 +142,34 @@ def _brevo() -> tuple[HttpProvider, Probe]:
     return provider, Probe(recipients, lambda r: json.loads(r.read())["sender"]["email"])
 
 
+def _graph() -> tuple[HttpProvider, Probe]:
+    # Graph sends to the To, Cc and Bcc addresses of the MIME, and Exchange removes the
+    # Bcc field from what it delivers ([MS-OXCMAIL] 2.1.3.1.1.2): that is what is shown.
+    def mime(request: httpx.Request) -> Message:
+        return BytesParser(policy=email.policy.compat32).parsebytes(
+            base64.b64decode(request.read())
+        )
+
+    def recipients(request: httpx.Request) -> set[str]:
+        parsed = mime(request)
+        values = [str(v) for name in ("To", "Cc", "Bcc") for v in parsed.get_all(name, [])]
+        return {address for _, address in getaddresses(values) if address}
+
+    def shown(request: httpx.Request) -> bytes:
+        return strip_bcc(base64.b64decode(request.read())).raw
+
+    client = httpx.AsyncClient()
+    tokens = TokenSource(
+        client, url="http://127.0.0.1:9/t", client_id="c", scope="s", secret=SecretStr("x")
+    )
+    provider = GraphProvider(client, tokens=tokens, api_url="http://127.0.0.1:9")
+    return provider, Probe(
+        recipients=recipients,
+        sender=lambda r: unquote(r.url.path.split("/")[-2]),
+        shown=shown,
+    )
+
+
 def _example() -> tuple[HttpProvider, Probe]:
     sys.path.insert(0, str(Path(__file__).parent / "plugin"))
     try:
@@ -159,6 +192,7 @@ ADAPTERS = {
     "http": _http,
     "resend": _resend,
     "brevo": _brevo,
+    "graph": _graph,
     "example": _example,
 }
 
