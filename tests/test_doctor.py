@@ -228,6 +228,7 @@ def test_closed_port_is_a_failure_with_its_fix(tmp_path: Path) -> None:
     assert text.returncode == 1
     assert f"[FAIL] tcp 127.0.0.1:{port}: cannot connect" in text.stdout
     assert "       fix: allow outbound TCP" in text.stdout
+    assert "       ESPRELAY_SENDGRID_API_KEY=********  # environment" in text.stdout
     assert "Traceback" not in text.stderr
 
 

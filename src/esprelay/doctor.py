@@ -17,6 +17,7 @@ import base64
 import contextlib
 import datetime
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -109,6 +110,10 @@ class Report:
             lines.append(f"[{check.status.upper():4}] {check.name}: {self.redact(check.detail)}")
             if check.fix:
                 lines.append(f"       fix: {self.redact(check.fix)}")
+            if check.name == "configuration" and check.status == "pass":
+                # What differs from the defaults, and where it came from (masked).
+                changed = [row for row in self.config if row.source != "default"]
+                lines.extend(f"       {line}" for line in config_text(changed).splitlines())
         fails = sum(check.status == "fail" for check in self.checks)
         warns = sum(check.status == "warn" for check in self.checks)
         lines.append(f"{len(self.checks)} check(s): {fails} failed, {warns} warning(s)")
@@ -214,8 +219,6 @@ def config_text(rows: Iterable[SettingValue]) -> str:
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value)
 
 
@@ -815,7 +818,7 @@ CREDENTIAL_CHECKS: dict[str, CredentialProbe] = {
     "ses": CredentialProbe(
         lambda s: httpx.Request(
             "GET",
-            _url(s.endpoint_url or f"https://email.{s.region}.amazonaws.com", "/v2/email/account"),
+            _url(s.api_urls()[0], "/v2/email/account"),
             headers={"Content-Type": "application/json"},
         ),
         "give the process AWS credentials allowed ses:GetAccount and ses:SendEmail"
