@@ -18,7 +18,7 @@ import trustme
 from cryptography import x509
 
 from esprelay.config import Settings
-from esprelay.doctor import listener_tls_checks, not_after
+from esprelay.doctor import DEFAULT_SMTP_PROBE_HOST, listener_tls_checks, not_after
 from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.securitykit import Certs
 
@@ -260,6 +260,13 @@ def test_outbound_smtp_refused_is_reported_not_failed(tmp_path: Path) -> None:
     assert "blocked or no network" in found["smtp egress 25"]["detail"]
     assert "Connection refused" in found["smtp egress 25"]["detail"]
     assert result.returncode == 0  # blocked SMTP is why esprelay exists, not a failure
+
+
+def test_help_names_the_default_probe_host(tmp_path: Path) -> None:
+    # The CLI does not import esprelay.doctor (sendmail starts through it): its help
+    # repeats the default, which must stay the one doctor uses.
+    shown = esprelay(tmp_path, "doctor", "--help")
+    assert DEFAULT_SMTP_PROBE_HOST in " ".join(shown.stdout.split())
 
 
 def test_missing_spool_is_reported_and_not_created(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 from esprelay import __version__
 from esprelay.config import Settings, load_settings
-from esprelay.doctor import DEFAULT_SMTP_PROBE_HOST
 from esprelay.errors import ConfigError, SpoolError
 from esprelay.models import MessageState, SpooledMessage
 from esprelay.queueview import detail, summary, table_time
@@ -148,8 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="one JSON object")
     doctor.add_argument(
         "--smtp-probe-host",
-        default=DEFAULT_SMTP_PROBE_HOST,
-        help="host whose SMTP ports (25, 465, 587, 2525) are tried (default: %(default)s)",
+        help="host whose SMTP ports (25, 465, 587, 2525) are tried"
+        " (default: gmail-smtp-in.l.google.com, a well-known MX)",
     )
     doctor.add_argument(
         "--timeout", type=float, default=5.0, help="seconds per network check (default: 5)"
@@ -404,7 +403,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
     from esprelay import doctor
 
-    report = doctor.run(doctor.Options(smtp_probe_host=args.smtp_probe_host, timeout=args.timeout))
+    probe_host = args.smtp_probe_host or doctor.DEFAULT_SMTP_PROBE_HOST
+    report = doctor.run(doctor.Options(smtp_probe_host=probe_host, timeout=args.timeout))
     if args.send_test:
         settings = load_settings() if report.config else None
         if settings is None:
