@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.func is _hash_password:
         code: int = _hash_password(args)  # needs no configuration, so no settings
         return code
+    if args.func in (_doctor, _config):
+        reported: int = args.func(args)  # they load (and report) the configuration themselves
+        return reported
     try:
         settings = load_settings()
     except ConfigError as exc:
@@ -135,6 +138,28 @@ def _parser() -> argparse.ArgumentParser:
     send_test.add_argument("--subject", default="esprelay test message")
     send_test.add_argument("--server", help="HOST:PORT (default: ESPRELAY_SMTP_HOST:PORT)")
     send_test.set_defaults(func=_send_test)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check the configuration, spool, network, providers and certificates;"
+        " each finding with its fix",
+    )
+    doctor.add_argument("--json", action="store_true", help="one JSON object")
+    doctor.add_argument(
+        "--smtp-probe-host",
+        help="host whose SMTP ports (25, 465, 587, 2525) are tried"
+        " (default: gmail-smtp-in.l.google.com, a well-known MX)",
+    )
+    doctor.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds per network check (default: 5)"
+    )
+    doctor.add_argument(
+        "--send-test", metavar="ADDR", help="also send a test message through the running bridge"
+    )
+    doctor.set_defaults(func=_doctor)
+    config = commands.add_parser("config", help="print the effective configuration, secrets masked")
+    config.add_argument("--json", action="store_true", help="one JSON object")
+    config.set_defaults(func=_config)
     return parser
 
 
@@ -369,4 +394,65 @@ def _send_test(settings: Settings, args: argparse.Namespace) -> int:
     print(f"{code} {text.decode(errors='replace')} (to {', '.join(accepted)} via {host}:{port})")
     if len(accepted) < len(args.to):
         return 1
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    import contextlib
+    import io
+
+    from esprelay import doctor
+
+    probe_host = args.smtp_probe_host or doctor.DEFAULT_SMTP_PROBE_HOST
+    report = doctor.run(doctor.Options(smtp_probe_host=probe_host, timeout=args.timeout))
+    if args.send_test:
+        settings = load_settings() if report.config else None
+        if settings is None:
+            report.add(doctor.Check("send-test", "fail", "not sent: the configuration is broken"))
+        else:
+            output = io.StringIO()
+            test = argparse.Namespace(
+                to=[args.send_test],
+                sender="esprelay-test@localhost",
+                subject="esprelay doctor test message",
+                server=None,
+            )
+            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+                code = _send_test(settings, test)
+            text = " ".join(output.getvalue().split())
+            report.add(
+                doctor.Check("send-test", "pass", text)
+                if code == 0
+                else doctor.Check(
+                    "send-test",
+                    "fail",
+                    text,
+                    "is `esprelay serve` running at ESPRELAY_SMTP_HOST:PORT? see its log",
+                )
+            )
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print(f"esprelay doctor ({__version__})")
+        print(report.as_text())
+    return 0 if report.ok else 1
+
+
+def _config(args: argparse.Namespace) -> int:
+    from esprelay import doctor
+    from esprelay.routing import load_routing
+
+    try:
+        settings = load_settings()
+        providers = load_routing(settings).providers
+    except ConfigError as exc:
+        print(f"esprelay: configuration error: {exc}", file=sys.stderr)
+        return EX_USAGE
+    rows = doctor.effective_config(settings, providers)
+    if args.json:
+        print(
+            json.dumps({row.variable: {"value": row.value, "source": row.source} for row in rows})
+        )
+    else:
+        print(doctor.config_text(rows))
     return 0
