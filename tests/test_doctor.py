@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import trustme
-from cryptography import x509
 
 from esprelay.config import Settings
-from esprelay.doctor import DEFAULT_SMTP_PROBE_HOST, listener_tls_checks, not_after
+from esprelay.doctor import DEFAULT_SMTP_PROBE_HOST, listener_tls_checks
 from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.securitykit import Certs
 
@@ -337,13 +336,6 @@ def test_send_test_only_when_asked(tmp_path: Path, relay_factory: type) -> None:
 
 
 # -- the listener's certificate, with a driven clock --------------------------------------------
-
-
-def test_not_after_reads_the_certificate(tmp_path: Path) -> None:
-    certs = Certs(tmp_path)
-    der = certs.leaf_der()
-    expected = x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
-    assert not_after(der) == expected
 
 
 def test_listener_certificate_expiry(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 import httpx
+from cryptography import x509
 from dotenv import dotenv_values
 from pydantic import BaseModel, SecretStr
 
@@ -452,8 +453,7 @@ def listener_tls_checks(settings: Settings, now: float | None = None) -> list[Ch
     name = "listener tls"
     try:
         build_context(cert_file, key_file, min_version=settings.tls_min_version)
-        pem = cert_file.read_text(encoding="ascii", errors="replace")
-        expires = not_after(ssl.PEM_cert_to_DER_cert(_first_pem(pem)))
+        expires = not_after(cert_file.read_bytes())
     except (OSError, ssl.SSLError, ValueError) as exc:
         return [
             Check(
@@ -473,44 +473,11 @@ def listener_tls_checks(settings: Settings, now: float | None = None) -> list[Ch
     return [Check(name, "pass", f"{cert_file} valid until {when} ({days:.0f} days)")]
 
 
-def _first_pem(text: str) -> str:
-    match = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, re.DOTALL)
-    if match is None:
-        raise ValueError("no PEM certificate in the file")
-    return match.group(0)
-
-
-def _der(data: bytes, at: int) -> tuple[int, int, int]:
-    """The tag, content start and content end of the DER element at ``at``."""
-    tag, length = data[at], data[at + 1]
-    at += 2
-    if length & 0x80:
-        count = length & 0x7F
-        length = int.from_bytes(data[at : at + count], "big")
-        at += count
-    if at + length > len(data):
-        raise ValueError("truncated certificate")
-    return tag, at, at + length
-
-
-def not_after(der: bytes) -> float:
-    """The notAfter time of a DER X.509 certificate (RFC 5280, 4.1), as a POSIX time."""
-    _, start, _ = _der(der, 0)  # Certificate
-    _, at, _ = _der(der, start)  # tbsCertificate
-    tag, _, end = _der(der, at)
-    if tag == 0xA0:  # [0] version
-        at = end
-    for _ in range(3):  # serialNumber, signature, issuer
-        _, _, at = _der(der, at)
-    _, validity, _ = _der(der, at)
-    _, _, at = _der(der, validity)  # notBefore
-    tag, start, end = _der(der, at)
-    text = der[start:end].decode("ascii")
-    form = {0x17: "%y%m%d%H%M%SZ", 0x18: "%Y%m%d%H%M%SZ"}.get(tag)
-    if form is None:
-        raise ValueError("unexpected notAfter encoding")
-    moment = datetime.datetime.strptime(text, form).replace(tzinfo=datetime.UTC)
-    return moment.timestamp()
+def not_after(pem: bytes) -> float:
+    """The notAfter time of the first certificate of a PEM file, as a POSIX time (read
+    with ``cryptography``, installed with PyJWT[crypto])."""
+    certificate = x509.load_pem_x509_certificate(pem)
+    return certificate.not_valid_after_utc.timestamp()
 
 
 # -- network: the providers' API hosts, and outbound SMTP ---------------------------------------
