@@ -149,6 +149,8 @@ class FakeGraph:
     #: Answer the PUTs to upload URLs with these numbers (1 = the first PUT) with 500.
     fail_puts: set[int] = field(default_factory=set)
     puts: int = 0
+    #: What the upload URL refused (a test asserts there is nothing).
+    problems: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _counter: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -344,16 +346,15 @@ class FakeGraph:
             return graph_error(404, "ErrorItemNotFound", "The upload session was not found.")
         if number in self.fail_puts:
             return graph_error(500, "InternalServerError", "An internal server error occurred.")
-        # The upload URL is pre-authenticated: a PUT with an Authorization header fails.
-        assert "authorization" not in request.headers, "PUT to an upload URL with a token"
+        problem = self.upload_problem(request, session)
+        if problem:
+            with self._lock:
+                self.problems.append(problem)
+            return graph_error(400, "InvalidRequest", problem)
         found = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", request.headers["content-range"])
-        assert found, request.headers["content-range"]
+        assert found is not None
         start, end, total = (int(g) for g in found.groups())
-        size = int(session.item["size"])
-        assert total == size and start == len(session.received), (start, total, size)
-        assert end - start + 1 == len(request.body) <= REQUEST_LIMIT
         last = end + 1 == total
-        assert last or len(request.body) % 327_680 == 0, len(request.body)
         with self._lock:
             session.received += request.body
             session.puts.append((start, end))
@@ -380,6 +381,24 @@ class FakeGraph:
                 draft.attachments.append(attached)
         location = f"{self.url}/v1.0/Users('x')/Messages('{session.draft_id}')/Attachments('a')"
         return Reply(201, b"", {"Location": location})
+
+    @staticmethod
+    def upload_problem(request: Recorded, session: Session) -> str:
+        """Why Outlook would refuse this PUT to an upload URL, or ``""``."""
+        # The URL is pre-authenticated: a PUT that carries a token is refused.
+        if "authorization" in request.headers:
+            return "an Authorization header on a PUT to the upload URL"
+        found = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", request.headers.get("content-range", ""))
+        if found is None:
+            return f"Content-Range {request.headers.get('content-range')!r}"
+        start, end, total = (int(g) for g in found.groups())
+        if total != int(session.item["size"]) or start != len(session.received):
+            return f"range {start}-{end}/{total}, expected {len(session.received)}-"
+        if end - start + 1 != len(request.body) or len(request.body) > REQUEST_LIMIT:
+            return f"range {start}-{end} with {len(request.body)} bytes"
+        if end + 1 != total and len(request.body) % 327_680:
+            return f"a chunk of {len(request.body)} bytes, not a multiple of 320 KiB"
+        return ""
 
     def send_draft(self, draft_id: str, draft: Draft) -> Reply:
         denied = self.send_as_denied(draft.mime, draft.mailbox)

@@ -18,7 +18,9 @@ from esprelay.errors import MessageRejected, ProviderUnavailable
 from esprelay.providers.graph import MAX_MESSAGE_SIZE, Upload
 from esprelay.providers.graphupload import CHUNK_SIZE, CHUNK_UNIT, chunks, split_attachments
 from tests.providers.test_graph import (
+    CLIENT_ID,
     MAILBOX,
+    SECRET,
     FakeGraph,
     graph_env,
     outbound,
@@ -180,7 +182,7 @@ async def test_draft_attachments_and_send_through_the_fake() -> None:
     assert (pdf.via, pdf.data, pdf.name) == ("session", PDF, "Rapport été.pdf")
     (session,) = graph.sessions.values()
     assert session.puts == [(0, CHUNK_SIZE - 1), (CHUNK_SIZE, len(PDF) - 1)]
-    assert not graph.drafts and not graph.deleted
+    assert not graph.drafts and not graph.deleted and not graph.problems
     puts = [r for r in graph.esp.requests if r.method == "PUT"]
     assert puts and all("authorization" not in r.headers for r in puts)
 
@@ -253,7 +255,7 @@ def test_smtp_to_graph_upload_session(relay_factory: type[RelayProcess]) -> None
     assert [p.get_content_type() for p in parsed.iter_parts()] == ["text/plain"]
     assert bcc.recipients() == {"x@example.org", "y@example.org"}
     assert bcc.parsed()["To"] is None and bcc.attachments[0].data == bcc_data
-    assert not graph.drafts
+    assert not graph.drafts and not graph.problems
 
 
 def test_without_upload_sessions_size_is_the_request_limit(
@@ -273,3 +275,39 @@ def test_without_upload_sessions_size_is_the_request_limit(
             code, reply = smtp.data(LARGE)
             assert code == 552, reply
     assert not graph.sent and not graph.drafts
+
+
+def test_the_fake_upload_url_refuses_what_outlook_refuses() -> None:
+    with FakeGraph() as graph, httpx.Client(base_url=graph.url) as client:
+        form = {"client_id": CLIENT_ID, "client_secret": SECRET, "scope": f"{graph.url}/.default"}
+        token = client.post(graph.token_url, data={**form, "grant_type": "client_credentials"})
+        auth = {"Authorization": f"Bearer {token.json()['access_token']}"}
+        mime = base64.b64encode(b"From: app@example.com\r\n\r\nx\r\n")
+        draft = client.post(
+            f"/v1.0/users/{MAILBOX}/messages",
+            content=mime,
+            headers={**auth, "Content-Type": "text/plain"},
+        )
+        assert draft.status_code == 201
+        item = {"attachmentType": "file", "name": "a.bin", "size": 1_000_000}
+        session = client.post(
+            f"/v1.0/users/{MAILBOX}/messages/{draft.json()['id']}/attachments/createUploadSession",
+            json={"AttachmentItem": item},
+            headers=auth,
+        )
+        assert session.status_code == 201 and session.json()["nextExpectedRanges"] == ["0-"]
+        url = session.json()["uploadUrl"]
+        assert url.startswith(graph.url + "/upload/")
+
+        def put(start: int, size: int, **headers: str) -> httpx.Response:
+            rng = f"bytes {start}-{start + size - 1}/1000000"
+            return client.put(url, content=bytes(size), headers={"Content-Range": rng, **headers})
+
+        assert put(0, CHUNK_UNIT, **auth).status_code == 400  # a token on the upload URL
+        assert put(0, CHUNK_UNIT + 1).status_code == 400  # not a multiple of 320 KiB
+        assert put(CHUNK_UNIT, CHUNK_UNIT).status_code == 400  # not contiguous
+        first = put(0, 2 * CHUNK_UNIT)
+        assert first.status_code == 200
+        assert first.json()["nextExpectedRanges"] == [str(2 * CHUNK_UNIT)]
+        assert put(2 * CHUNK_UNIT, 1_000_000 - 2 * CHUNK_UNIT).status_code == 201
+    assert len(graph.problems) == 3
