@@ -149,6 +149,8 @@ class FakeGraph:
     #: Answer the PUTs to upload URLs with these numbers (1 = the first PUT) with 500.
     fail_puts: set[int] = field(default_factory=set)
     puts: int = 0
+    #: Answer DELETEs of drafts with 503 (the draft stays).
+    fail_deletes: bool = False
     #: What the upload URL refused (a test asserts there is nothing).
     problems: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -197,6 +199,8 @@ class FakeGraph:
             return graph_error(404, "ErrorItemNotFound", "The specified object was not found.")
         action = (request.method, *rest[2:])
         if action == ("DELETE",):
+            if self.fail_deletes:
+                return graph_error(503, "ServiceUnavailable", "Service unavailable.")
             with self._lock:
                 self.drafts.pop(rest[1], None)
                 self.deleted.append(rest[1])

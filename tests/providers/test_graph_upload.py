@@ -187,7 +187,7 @@ async def test_draft_attachments_and_send_through_the_fake() -> None:
     assert puts and all("authorization" not in r.headers for r in puts)
 
 
-async def test_a_failure_after_the_draft_deletes_it() -> None:
+async def test_a_failure_after_the_draft_deletes_it(caplog: pytest.LogCaptureFixture) -> None:
     with FakeGraph(fail_puts={2}) as graph:
         async with httpx.AsyncClient() as client:
             sender = provider(client, graph.url)
@@ -199,8 +199,16 @@ async def test_a_failure_after_the_draft_deletes_it() -> None:
             with pytest.raises(MessageRejected, match="ErrorSendAsDenied"):
                 await fixed.send(outbound(LARGE))
             assert len(graph.deleted) == 2 and not graph.drafts and not graph.sent
+            # The draft cannot be deleted: said in the log, the first error raised.
+            graph.fail_deletes = True
+            graph.fail_puts = {graph.puts + 1}
+            with pytest.raises(ProviderUnavailable, match="uploading attachment"):
+                await sender.send(outbound(LARGE, ("b@example.org",)))
+            assert len(graph.drafts) == 1 and len(graph.deleted) == 2
+            graph.drafts.clear()
             await sender.send(outbound(LARGE))
     assert len(graph.sent) == 1 and graph.sent[0].attachments[1].data == PDF
+    assert "id=m1 provider=graph: could not delete the unsent draft (HTTP 503)" in caplog.text
 
 
 # -- end to end: SMTP in, the fake Graph out -------------------------------------------------

@@ -99,6 +99,8 @@ REQUEST_LIMIT = 4 * 1024 * 1024
 MAX_MESSAGE_SIZE = REQUEST_LIMIT * 3 // 4 - 64 * 1024
 #: Raw message size advertised with upload sessions: Exchange Online's 150 MB.
 UPLOAD_MAX_MESSAGE_SIZE = UPLOAD_LIMIT
+#: How long deleting an unsent draft may take (it is best effort).
+DISCARD_TIMEOUT = 60.0
 #: Exchange Online's default recipient limit per message.
 MAX_RECIPIENTS = 500
 #: Outlook service limits per app and mailbox.
@@ -475,9 +477,14 @@ class GraphProvider(HttpProvider):
     async def _discard(self, box: _Mailbox, draft_url: str, message: OutboundMessage) -> None:
         """Delete the draft after a failure (best effort: it may stay in Drafts)."""
         try:
-            response = await self._call(box, httpx.Request("DELETE", draft_url))
+            # Not for longer than a minute: a mailbox held by a long Retry-After would
+            # hold this delivery too.
+            async with asyncio.timeout(DISCARD_TIMEOUT):
+                response = await self._call(box, httpx.Request("DELETE", draft_url))
         except DeliveryError as exc:
             failed = f"{type(exc).__name__}: {exc}"
+        except TimeoutError:
+            failed = f"no answer within {DISCARD_TIMEOUT:.0f}s"
         else:
             if response.is_success:
                 return
