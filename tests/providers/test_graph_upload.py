@@ -319,3 +319,23 @@ def test_the_fake_upload_url_refuses_what_outlook_refuses() -> None:
         assert first.json()["nextExpectedRanges"] == [str(2 * CHUNK_UNIT)]
         assert put(2 * CHUNK_UNIT, 1_000_000 - 2 * CHUNK_UNIT).status_code == 201
     assert len(graph.problems) == 3
+
+
+def test_draft_gets_the_recipient_and_quoted_printable_rewrites() -> None:
+    qp = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable"
+    raw = HEAD + (
+        b"--mix\r\n"
+        + qp
+        + b"\r\n\r\ncaf=C3=A9 =\r\nend\r\n--mix\r\n"
+        + PDF_PART
+        + b"\r\n--mix--\r\n"
+    )
+    graph = provider(httpx.AsyncClient(), "https://graph.example")
+    upload = graph.plan(outbound(raw, ("b@example.org", "hidden@example.net")))
+    assert isinstance(upload, Upload) and upload.attachments[0].data == PDF
+    draft = BytesParser(policy=email.policy.default).parsebytes(draft_mime(upload))
+    assert draft["Bcc"] == "hidden@example.net"
+    (text,) = draft.iter_parts()
+    assert text["Content-Transfer-Encoding"] == "base64"
+    assert text.get_payload(decode=True) == "café end".encode()
+    assert any("quoted-printable" in w for w in upload.warnings)
