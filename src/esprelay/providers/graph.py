@@ -18,10 +18,14 @@ client credentials grant (:mod:`esprelay.providers.graphauth`).
   Items folder"); ``saveToSentItems`` is a parameter of the JSON form only.
   ``ESPRELAY_GRAPH_SAVE_TO_SENT_ITEMS=false`` therefore cannot be honoured by sendMail
   and is reported at start (logged); ``true`` is what happens.
-- **Size**: a Graph request is at most 4 MB, so the raw message may be 3/4 of that
-  minus room for the rewrites; EHLO SIZE says so.  The upload session for larger
-  messages (draft plus attachment upload, Mail.ReadWrite) is not implemented yet:
-  ``ESPRELAY_GRAPH_UPLOAD_SESSIONS`` is accepted and has no effect.
+- **Size**: a Graph request is at most 4 MB.  With ``ESPRELAY_GRAPH_UPLOAD_SESSIONS``
+  (the default) a message whose request would be larger, up to Exchange Online's
+  150 MB, goes as a draft without its largest attachments, the attachments (an upload
+  session from 3 MB) and a send (:mod:`esprelay.providers.graphupload`; the app needs
+  Mail.ReadWrite as well as Mail.Send); a failure after the draft exists deletes the
+  draft (best effort) and the message is retried or bounced as for sendMail.  Without
+  upload sessions the raw message may be 3/4 of 4 MB minus room for the rewrites, and
+  EHLO SIZE says so.
 - **Errors** (Graph's body: ``{"error": {"code", "message"}}``): 400 (invalid MIME,
   ``ErrorMimeContentInvalidBase64String`` and friends) and 413 are permanent;
   403 ``ErrorSendAsDenied`` is permanent and names the mailbox; any other 403 is the
@@ -39,8 +43,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 from pathlib import Path
@@ -69,10 +74,19 @@ from esprelay.providers.base import (
     ProviderSettings,
     classify_status,
     excerpt,
+    json_body,
     parse_retry_after,
 )
 from esprelay.providers.graphauth import Certificate, TokenSource, graph_scope, token_url
 from esprelay.providers.graphmime import envelope_recipients, qp_to_base64
+from esprelay.providers.graphupload import (
+    SMALL_ATTACHMENT,
+    UPLOAD_LIMIT,
+    Attachment,
+    Split,
+    chunks,
+    split_attachments,
+)
 from esprelay.ratelimit import RateLimit
 
 log = logging.getLogger("esprelay.providers.graph")
@@ -83,6 +97,10 @@ REQUEST_LIMIT = 4 * 1024 * 1024
 #: Raw message size advertised: the request is base64 (4/3), and the rewrites may add
 #: a Bcc field or grow a quoted-printable part (checked exactly when the request is built).
 MAX_MESSAGE_SIZE = REQUEST_LIMIT * 3 // 4 - 64 * 1024
+#: Raw message size advertised with upload sessions: Exchange Online's 150 MB.
+UPLOAD_MAX_MESSAGE_SIZE = UPLOAD_LIMIT
+#: How long deleting an unsent draft may take (it is best effort).
+DISCARD_TIMEOUT = 60.0
 #: Exchange Online's default recipient limit per message.
 MAX_RECIPIENTS = 500
 #: Outlook service limits per app and mailbox.
@@ -106,6 +124,15 @@ NO_MAILBOX = frozenset(
 ACCOUNT_BLOCKED = frozenset(
     {"ErrorQuotaExceeded", "ErrorMessageSubmissionBlocked", "ErrorAccountDisabled"}
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A message too large for one request: the draft's request and its attachments."""
+
+    draft: httpx.Request
+    attachments: tuple[Attachment, ...]
+    warnings: tuple[str, ...]
 
 
 class NoMailbox(ValueError):
@@ -138,6 +165,7 @@ class GraphProvider(HttpProvider):
         allowed_senders: Iterable[str] = (),
         mailbox_concurrency: int = MAILBOX_CONCURRENCY,
         mailbox_rate: float = MAILBOX_RATE,
+        upload_sessions: bool = True,
         name: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
@@ -155,6 +183,9 @@ class GraphProvider(HttpProvider):
         self.mailbox_burst = max(1, int(WINDOW_REQUESTS - mailbox_rate * WINDOW_SECONDS))
         self._clock = clock
         self._mailboxes: dict[str, _Mailbox] = {}
+        self.upload_sessions = upload_sessions
+        if upload_sessions:
+            self.max_message_size = UPLOAD_MAX_MESSAGE_SIZE
 
     # -- which mailbox sends ---------------------------------------------------------
 
@@ -194,7 +225,11 @@ class GraphProvider(HttpProvider):
         """The MIME Graph gets and what was changed in it."""
         routed = envelope_recipients(message.raw, message.envelope.rcpt_tos)
         fixed = qp_to_base64(routed.raw)
-        if fixed.changed and _encoded_size(fixed.raw) > REQUEST_LIMIT >= _encoded_size(routed.raw):
+        if (
+            fixed.changed
+            and not self.upload_sessions
+            and _encoded_size(len(fixed.raw)) > REQUEST_LIMIT >= _encoded_size(len(routed.raw))
+        ):
             # Better a quoted-printable part Exchange may damage than no message.
             return routed.raw, (
                 *routed.warnings,
@@ -204,25 +239,67 @@ class GraphProvider(HttpProvider):
         return fixed.raw, routed.warnings + fixed.warnings
 
     def build_request(self, message: OutboundMessage) -> Built:
+        """The sendMail request (a message that fits in one request)."""
+        built = self.plan(message)
+        if isinstance(built, Upload):
+            raise MessageRejected(
+                "message is over Graph's request limit: it needs an upload session",
+                provider=self.name,
+            )
+        return built
+
+    def plan(self, message: OutboundMessage) -> Built | Upload:
+        """sendMail for a message that fits in one request; otherwise, with upload
+        sessions, the draft to create and the attachments to add to it.  Pure."""
         try:
             mailbox = self.mailbox(message)
         except NoMailbox as exc:  # spooled before the check at the end of DATA
             raise MessageRejected(str(exc), provider=self.name) from None
         raw, warnings = self.prepare(message)
-        data = base64.b64encode(raw)
-        if len(data) > REQUEST_LIMIT:
+        size = _encoded_size(len(raw))
+        if size > REQUEST_LIMIT and self.upload_sessions:
+            return self._upload_plan(mailbox, raw, warnings)
+        if size > REQUEST_LIMIT:
             raise MessageRejected(
-                f"message is {len(data)} bytes after base64, over Graph's request limit of"
-                f" {REQUEST_LIMIT}",
+                f"message is {size} bytes after base64, over Graph's request limit of"
+                f" {REQUEST_LIMIT} (ESPRELAY_GRAPH_UPLOAD_SESSIONS is off)",
                 provider=self.name,
             )
         request = httpx.Request(
             "POST",
-            f"{self.api_url}/v1.0/users/{quote(mailbox, safe='@')}/sendMail",
-            content=data,
+            f"{self._user_url(mailbox)}/sendMail",
+            content=base64.b64encode(raw),
             headers={"Content-Type": "text/plain"},
         )
         return Built(request, warnings)
+
+    def _upload_plan(self, mailbox: str, raw: bytes, warnings: tuple[str, ...]) -> Upload:
+        split = split_attachments(raw, lambda size: _encoded_size(size) <= REQUEST_LIMIT)
+        if split is None:
+            raise MessageRejected(
+                f"message is {_encoded_size(len(raw))} bytes after base64, over Graph's"
+                f" request limit of {REQUEST_LIMIT} even without its attachments (only"
+                " attachment parts outside signed or encrypted parts can be uploaded"
+                " separately)",
+                provider=self.name,
+            )
+        too_big = [a for a in split.attachments if a.size > UPLOAD_LIMIT]
+        if too_big:
+            raise MessageRejected(
+                f"attachment {too_big[0].name!r} is {too_big[0].size} bytes, over"
+                f" Exchange Online's limit of {UPLOAD_LIMIT}",
+                provider=self.name,
+            )
+        draft = httpx.Request(
+            "POST",
+            f"{self._user_url(mailbox)}/messages",
+            content=base64.b64encode(split.raw),
+            headers={"Content-Type": "text/plain"},
+        )
+        return Upload(draft, split.attachments, (*warnings, _upload_warning(split)))
+
+    def _user_url(self, mailbox: str) -> str:
+        return f"{self.api_url}/v1.0/users/{quote(mailbox, safe='@')}"
 
     # -- sending ---------------------------------------------------------------------
 
@@ -239,54 +316,186 @@ class GraphProvider(HttpProvider):
         except NoMailbox as exc:
             raise MessageRejected(str(exc), provider=self.name) from None
         if len(message.raw) <= INLINE_BUILD_LIMIT:
-            built = self.build_request(message)
-            response = await self._deliver(mailbox, built.request)
+            built = self.plan(message)
+            response = await self._deliver(mailbox, built, message)
         else:
             async with self.large_messages.hold(len(message.raw)):
-                built = await asyncio.to_thread(self.build_request, message)
-                response = await self._deliver(mailbox, built.request)
+                built = await asyncio.to_thread(self.plan, message)
+                response = await self._deliver(mailbox, built, message)
         warnings = built.warnings
         del built
-        if not response.is_success:
-            error = self.classify_error(response)
-            if error.status_code == 504:
-                log.warning(
-                    "id=%s provider=%s: Graph timed out (504) after the request was sent;"
-                    " the message may have been sent, and the retry may deliver it twice",
-                    message.id,
-                    self.name,
-                )
-            raise error
         result = self.parse_response(response, message)
         return SendResult(result.provider_message_id, warnings=warnings + result.warnings)
 
-    async def _deliver(self, mailbox: str, request: httpx.Request) -> httpx.Response:
+    async def _deliver(
+        self, mailbox: str, built: Built | Upload, message: OutboundMessage
+    ) -> httpx.Response:
+        """The answer of sendMail, or of the draft's send; DeliveryError if it failed."""
+        async with self._slot(mailbox) as box:
+            if isinstance(built, Upload):
+                return await self._upload(box, built, message)
+            return self._checked(await self._call(box, built.request), message)
+
+    def _checked(self, response: httpx.Response, message: OutboundMessage) -> httpx.Response:
+        """The answer of a send, or its DeliveryError raised (a 504 said to be a risk)."""
+        if response.is_success:
+            return response
+        error = self.classify_error(response)
+        if error.status_code == 504:
+            log.warning(
+                "id=%s provider=%s: Graph timed out (504) after the request was sent;"
+                " the message may have been sent, and the retry may deliver it twice",
+                message.id,
+                self.name,
+            )
+        raise error
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, mailbox: str) -> AsyncIterator[_Mailbox]:
+        """One of the mailbox's concurrent requests (or request sequences)."""
         box = self._mailbox_state(mailbox)
         box.users += 1
         try:
             async with box.slots:
-                for attempt in (1, 2):
-                    await box.rate.acquire()
-                    token = await self._tokens.token()
-                    request.headers["Authorization"] = f"Bearer {token}"
-                    response = await self._exchange(request)
-                    if response.status_code == 401 and attempt == 1:
-                        log.warning(
-                            "provider=%s: Graph refused the access token (401); fetching a new one",
-                            self.name,
-                        )
-                        self._tokens.invalidate(token)
-                        continue
-                    break
+                yield box
         finally:
             box.users -= 1
             if not box.users and len(self._mailboxes) > 1024:
                 self._mailboxes.pop(mailbox.lower(), None)
+
+    async def _call(self, box: _Mailbox, request: httpx.Request) -> httpx.Response:
+        """One Graph request with the app's token: the mailbox's rate is kept, and a
+        401 fetches a new token and tries once more."""
+        for attempt in (1, 2):
+            await box.rate.acquire()
+            token = await self._tokens.token()
+            request.headers["Authorization"] = f"Bearer {token}"
+            response = await self._exchange(request)
+            if response.status_code == 401 and attempt == 1:
+                log.warning(
+                    "provider=%s: Graph refused the access token (401); fetching a new one",
+                    self.name,
+                )
+                self._tokens.invalidate(token)
+                continue
+            break
         if response.status_code in (429, 503):
             hint = parse_retry_after(response.headers.get("retry-after"))
             if hint:
                 box.rate.hold_until(hint)
         return response
+
+    # -- messages over 4 MB: a draft, its attachments, send ----------------------------
+
+    async def _upload(
+        self, box: _Mailbox, upload: Upload, message: OutboundMessage
+    ) -> httpx.Response:
+        response = await self._call(box, upload.draft)
+        if not response.is_success:
+            raise self.classify_error(response)
+        draft_id = _draft_id(response)
+        if draft_id is None:
+            raise ProviderConfigError(
+                f"HTTP {response.status_code} without the draft's id where Graph answers"
+                f" 201 and the message; is ESPRELAY_GRAPH_API_URL Microsoft Graph?"
+                f" {excerpt(response, 120)}",
+                provider=self.name,
+                status_code=response.status_code,
+            )
+        draft_url = f"{str(upload.draft.url).rsplit('?', 1)[0]}/{quote(draft_id, safe='')}"
+        try:
+            for attachment in upload.attachments:
+                await self._attach(box, draft_url, attachment)
+            send = httpx.Request("POST", f"{draft_url}/send", headers={"Content-Length": "0"})
+            return self._checked(await self._call(box, send), message)
+        except BaseException:
+            await self._discard(box, draft_url, message)
+            raise
+
+    async def _attach(self, box: _Mailbox, draft_url: str, attachment: Attachment) -> None:
+        headers = {"Content-Type": "application/json"}
+        if attachment.size < SMALL_ATTACHMENT:
+            body = json_body(attachment.file_attachment())
+            request = httpx.Request(
+                "POST", f"{draft_url}/attachments", content=body, headers=headers
+            )
+            response = await self._call(box, request)
+            if not response.is_success:
+                raise self.classify_error(response)
+            return
+        body = json_body(attachment.upload_session())
+        request = httpx.Request(
+            "POST", f"{draft_url}/attachments/createUploadSession", content=body, headers=headers
+        )
+        response = await self._call(box, request)
+        if not response.is_success:
+            raise self.classify_error(response)
+        upload_url = _upload_url(response)
+        if upload_url is None:
+            raise ProviderUnavailable(
+                f"HTTP {response.status_code}: createUploadSession answered without an"
+                f" http(s) uploadUrl: {excerpt(response, 120)}",
+                provider=self.name,
+                status_code=response.status_code,
+            )
+        total = attachment.size
+        for start, end in chunks(total):
+            # The upload URL carries its own token: no Authorization header.
+            put = httpx.Request(
+                "PUT",
+                upload_url,
+                content=attachment.data[start:end],
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"bytes {start}-{end - 1}/{total}",
+                },
+            )
+            response = await self._exchange(put)
+            if not response.is_success:
+                raise self._upload_error(response, attachment)
+
+    def _upload_error(self, response: httpx.Response, attachment: Attachment) -> DeliveryError:
+        """A PUT to the upload URL failed: the session may have expired (401, 403, 404)
+        or the service is busy; all transient but a refused size or range."""
+        status = response.status_code
+        code, text = error_details(response)
+        detail = (
+            f"uploading attachment {attachment.name!r} ({attachment.size} bytes): HTTP"
+            f" {status} {code or 'error'}: {text}"
+        )
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if status == 429:
+            return RateLimited(
+                detail, retry_after=retry_after, provider=self.name, status_code=status
+            )
+        if status in (400, 413, 416):
+            return MessageRejected(detail, provider=self.name, status_code=status)
+        return ProviderUnavailable(
+            detail, retry_after=retry_after, provider=self.name, status_code=status
+        )
+
+    async def _discard(self, box: _Mailbox, draft_url: str, message: OutboundMessage) -> None:
+        """Delete the draft after a failure (best effort: it may stay in Drafts)."""
+        try:
+            # Not for longer than a minute: a mailbox held by a long Retry-After would
+            # hold this delivery too.
+            async with asyncio.timeout(DISCARD_TIMEOUT):
+                response = await self._call(box, httpx.Request("DELETE", draft_url))
+        except DeliveryError as exc:
+            failed = f"{type(exc).__name__}: {exc}"
+        except TimeoutError:
+            failed = f"no answer within {DISCARD_TIMEOUT:.0f}s"
+        else:
+            if response.is_success:
+                return
+            failed = f"HTTP {response.status_code}"
+        log.warning(
+            "id=%s provider=%s: could not delete the unsent draft (%s); it stays in the"
+            " mailbox's Drafts",
+            message.id,
+            self.name,
+            failed,
+        )
 
     def _mailbox_state(self, mailbox: str) -> _Mailbox:
         key = mailbox.lower()
@@ -302,7 +511,7 @@ class GraphProvider(HttpProvider):
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
         if response.status_code != 202:
             raise ProviderConfigError(
-                f"HTTP {response.status_code} where sendMail answers 202; is"
+                f"HTTP {response.status_code} where sendMail (or a draft's send) answers 202; is"
                 f" ESPRELAY_GRAPH_API_URL Microsoft Graph? {excerpt(response, 120)}",
                 provider=self.name,
                 status_code=response.status_code,
@@ -332,10 +541,13 @@ class GraphProvider(HttpProvider):
                 **common,
             )
         if status == 403 or code in ACCOUNT_BLOCKED:
+            permission = "Mail.Send"
+            if not _is_send_mail(response):  # a draft: messages over 4 MB
+                permission = "Mail.Send and Mail.ReadWrite"
             return ProviderConfigError(
-                f"{detail}; the app may not send as mailbox {mailbox}: check the Mail.Send"
-                " application permission, admin consent and the Exchange application"
-                " access policy",
+                f"{detail}; the app may not send as mailbox {mailbox}: check the"
+                f" {permission} application permission, admin consent and the Exchange"
+                " application access policy",
                 **common,
             )
         if status == 404 or code in NO_MAILBOX:
@@ -371,14 +583,52 @@ def error_details(response: httpx.Response) -> tuple[str, str]:
 
 
 def _mailbox_of(response: httpx.Response) -> str:
-    """The mailbox of the sendMail URL the response answers ("?" if not one)."""
+    """The mailbox of the Graph URL the response answers ("?" if not one)."""
     try:
         parts = response.request.url.path.split("/")
     except RuntimeError:  # a response built without its request
         return "?"
-    if len(parts) >= 5 and parts[-3] == "users" and parts[-1] == "sendMail":
-        return unquote(parts[-2])
+    if len(parts) >= 5 and parts[1:3] == ["v1.0", "users"]:
+        return unquote(parts[3])
     return "?"
+
+
+def _is_send_mail(response: httpx.Response) -> bool:
+    try:
+        return response.request.url.path.endswith("/sendMail")
+    except RuntimeError:
+        return True
+
+
+def _draft_id(response: httpx.Response) -> str | None:
+    """The ``id`` of the message resource Graph created (``201 Created``)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    value = body.get("id") if isinstance(body, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def _upload_url(response: httpx.Response) -> str | None:
+    """The ``uploadUrl`` of an uploadSession resource, if it is an http(s) URL."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    value = body.get("uploadUrl") if isinstance(body, dict) else None
+    if isinstance(value, str) and value.startswith(("https://", "http://")):
+        return value
+    return None
+
+
+def _upload_warning(split: Split) -> str:
+    sizes = ", ".join(f"{a.name!r} ({a.size} bytes)" for a in split.attachments)
+    return (
+        f"over Graph's 4 MB request limit: sent as a draft with {len(split.attachments)}"
+        f" attachment(s) added separately: {sizes}; other header fields of those parts"
+        " are not carried"
+    )
 
 
 def from_address(raw: bytes) -> str:
@@ -399,8 +649,8 @@ def _allowed(address: str, allowed: frozenset[str]) -> bool:
     return address in allowed or "@" + address.rpartition("@")[2] in allowed
 
 
-def _encoded_size(raw: bytes) -> int:
-    return (len(raw) + 2) // 3 * 4
+def _encoded_size(size: int) -> int:
+    return (size + 2) // 3 * 4
 
 
 def _parse_list(value: object) -> object:
@@ -471,12 +721,6 @@ def build(settings: GraphSettings, client: httpx.AsyncClient) -> GraphProvider:
             "ESPRELAY_GRAPH_SAVE_TO_SENT_ITEMS=false cannot be honoured: Graph's MIME"
             " sendMail always saves the message in the mailbox's Sent Items"
         )
-    if settings.upload_sessions:
-        log.info(
-            "ESPRELAY_GRAPH_UPLOAD_SESSIONS: upload sessions are not available yet;"
-            " messages above %d bytes are refused (552)",
-            MAX_MESSAGE_SIZE,
-        )
     tokens = TokenSource(
         client,
         url=token_url(settings.authority_url, settings.tenant_id),
@@ -495,6 +739,7 @@ def build(settings: GraphSettings, client: httpx.AsyncClient) -> GraphProvider:
             allowed_senders=settings.allowed_senders,
             mailbox_concurrency=settings.mailbox_concurrency,
             mailbox_rate=settings.mailbox_rate,
+            upload_sessions=settings.upload_sessions,
         )
     except ValueError as exc:
         raise ConfigError(f"ESPRELAY_GRAPH_*: {exc}") from None
