@@ -39,6 +39,8 @@ class RelayProcess:
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        #: More arguments for `esprelay serve` (--host, --port).
+        self.args: list[str] = []
         self.port: int = int(self.env["ESPRELAY_SMTP_PORT"])
         self.http_port: int = 0
         self._lines: list[bytes] = []
@@ -60,7 +62,7 @@ class RelayProcess:
             self._lines.append(b"--- start ---\n")
         self.port = 0
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "esprelay", "serve"],
+            [sys.executable, "-m", "esprelay", "serve", *self.args],
             cwd=self.workdir,
             env=environ,
             stdin=subprocess.DEVNULL,

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from esprelay import __version__
@@ -51,11 +52,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.func is _hash_password:
         code: int = _hash_password(args)  # needs no configuration, so no settings
         return code
+    try:
+        env_file = _env_file(args)
+    except ConfigError as exc:
+        print(f"esprelay: configuration error: {exc}", file=sys.stderr)
+        return EX_USAGE
+    args.env_file = env_file
     if args.func in (_doctor, _config):
         reported: int = args.func(args)  # they load (and report) the configuration themselves
         return reported
     try:
-        settings = load_settings()
+        settings = load_settings(env_file)
+        if args.func is _serve and (args.host is not None or args.port is not None):
+            update = {"smtp_host": args.host, "smtp_port": args.port}
+            settings = settings.model_copy(
+                update={k: v for k, v in update.items() if v is not None}
+            )
     except ConfigError as exc:
         print(f"esprelay: configuration error: {exc}", file=sys.stderr)
         return EX_USAGE
@@ -73,6 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result
 
 
+def _env_file(args: argparse.Namespace) -> str:
+    """The .env file every command reads: ``--env-file``, else ``ESPRELAY_ENV_FILE``, else
+    ``.env`` in the working directory (which may be missing).  A file named explicitly
+    must exist: a typo would otherwise run on defaults."""
+    named = args.env_file or os.environ.get("ESPRELAY_ENV_FILE")
+    if not named:
+        return ".env"
+    if not Path(named).is_file():
+        where = "--env-file" if args.env_file else "ESPRELAY_ENV_FILE"
+        raise ConfigError(f"{where}: {named} is not a file")
+    return str(named)
+
+
 def setup_logging(level: str, fmt: str = "text") -> None:
     from esprelay.logsetup import setup_logging as _setup
 
@@ -86,9 +111,19 @@ def _parser() -> argparse.ArgumentParser:
         " Configuration comes from ESPRELAY_* variables and .env.",
     )
     parser.add_argument("--version", action="version", version=f"esprelay {__version__}")
+    parser.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="read settings from this file instead of ./.env (also ESPRELAY_ENV_FILE);"
+        " the environment still wins over it",
+    )
     commands = parser.add_subparsers(title="commands")
 
     serve = commands.add_parser("serve", help="accept SMTP and deliver through the provider")
+    serve.add_argument("--host", help="listen on this address (ESPRELAY_SMTP_HOST)")
+    serve.add_argument(
+        "--port", type=int, help="listen on this port (ESPRELAY_SMTP_PORT)", metavar="PORT"
+    )
     serve.set_defaults(func=_serve)
 
     queue = commands.add_parser("queue", help="inspect and act on the spool")
@@ -404,9 +439,11 @@ def _doctor(args: argparse.Namespace) -> int:
     from esprelay import doctor
 
     probe_host = args.smtp_probe_host or doctor.DEFAULT_SMTP_PROBE_HOST
-    report = doctor.run(doctor.Options(smtp_probe_host=probe_host, timeout=args.timeout))
+    report = doctor.run(
+        doctor.Options(smtp_probe_host=probe_host, timeout=args.timeout, env_file=args.env_file)
+    )
     if args.send_test:
-        settings = load_settings() if report.config else None
+        settings = load_settings(args.env_file) if report.config else None
         if settings is None:
             report.add(doctor.Check("send-test", "fail", "not sent: the configuration is broken"))
         else:
@@ -443,12 +480,12 @@ def _config(args: argparse.Namespace) -> int:
     from esprelay.routing import load_routing
 
     try:
-        settings = load_settings()
+        settings = load_settings(args.env_file)
         providers = load_routing(settings).providers
     except ConfigError as exc:
         print(f"esprelay: configuration error: {exc}", file=sys.stderr)
         return EX_USAGE
-    rows = doctor.effective_config(settings, providers)
+    rows = doctor.effective_config(settings, providers, env_file=args.env_file)
     if args.json:
         print(
             json.dumps({row.variable: {"value": row.value, "source": row.source} for row in rows})

@@ -56,6 +56,11 @@ def _parse_size(value: object) -> object:
     return value
 
 
+def _upper(value: object) -> object:
+    """``info`` as well as ``INFO``."""
+    return value.upper() if isinstance(value, str) else value
+
+
 def _parse_list(value: object) -> object:
     """Accept ``a, b c`` (commas and/or spaces) as well as a real list."""
     if isinstance(value, str):
@@ -169,7 +174,9 @@ class Settings(BaseSettings):
     http_transport: Literal["auto", "aiohttp", "httpx"] = "auto"
 
     # Logging
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = (
+        "INFO"
+    )
     log_format: Literal["text", "json"] = "text"
 
     # Operations HTTP endpoint (/healthz, /readyz, /metrics, admin API)
@@ -183,9 +190,16 @@ class Settings(BaseSettings):
     #: where the providers' own ``ESPRELAY_<KIND>_*`` settings are read.
     _environ: dict[str, str] = PrivateAttr(default_factory=lambda: dict(os.environ))
 
+    #: The .env file the settings were read from (a reload reads the same one).
+    _env_file: str | None = PrivateAttr(default=".env")
+
     @property
     def environ(self) -> Mapping[str, str]:
         return self._environ
+
+    @property
+    def env_file(self) -> str | None:
+        return self._env_file
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -216,6 +230,7 @@ def load_settings(env_file: str | Path | None = ".env") -> Settings:
         settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    settings._env_file = None if env_file is None else str(env_file)
     if env_file is not None and Path(env_file).is_file():
         from_file = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
         settings._environ = {**from_file, **os.environ}

@@ -69,7 +69,7 @@ class Reloader:
         """Re-read the settings (environment and .env) and run every reload callback."""
         log.info("SIGHUP: reloading configuration")
         try:
-            fresh = await asyncio.to_thread(load_settings)
+            fresh = await asyncio.to_thread(load_settings, self.settings.env_file)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
