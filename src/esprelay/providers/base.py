@@ -187,6 +187,22 @@ class HttpProvider(Provider):
         return response
 
 
+def json_object(response: httpx.Response) -> dict[str, Any] | None:
+    """An ESP's answer as a JSON object, or None when it is not one (HTML, text, a
+    list, undecodable bytes): the one reading of answer bodies for every adapter."""
+    try:
+        answer = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def no_json_constant(name: str) -> Any:
+    """``json.loads(..., parse_constant=no_json_constant)``: NaN and Infinity are not
+    JSON, and a control header that holds them is refused like any other bad JSON."""
+    raise ValueError(f"{name} is not JSON")
+
+
 def json_body(payload: Any) -> bytes:
     """``payload`` (a tree of dicts, lists, strings, numbers) as compact UTF-8 JSON.
 

@@ -84,6 +84,7 @@ from esprelay.providers.base import (
     classify_status,
     excerpt,
     json_body,
+    json_object,
     parse_retry_after,
 )
 from esprelay.ratelimit import RateLimit
@@ -478,7 +479,7 @@ class BrevoProvider(HttpProvider):
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
         self._keep_window(response)
-        answer = _json(response)
+        answer = json_object(response)
         ids: list[str] = []
         if answer is not None:
             if isinstance(answer.get("messageId"), str):
@@ -497,7 +498,7 @@ class BrevoProvider(HttpProvider):
     def classify_error(self, response: httpx.Response) -> DeliveryError:
         hold = self._keep_window(response)
         status = response.status_code
-        answer = _json(response) or {}
+        answer = json_object(response) or {}
         code = answer.get("code")
         if isinstance(code, str):
             said = " ".join(str(answer.get("message", "")).split())  # one line
@@ -548,14 +549,6 @@ def _number(value: str | None) -> float | None:
             if math.isfinite(number):
                 return number
     return None
-
-
-def _json(response: httpx.Response) -> dict[str, Any] | None:
-    try:
-        answer = response.json()
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return answer if isinstance(answer, dict) else None
 
 
 class BrevoSettings(ProviderSettings):

@@ -38,7 +38,6 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import jwt
@@ -48,7 +47,7 @@ from pydantic import SecretStr
 
 from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import ConfigError, DeliveryError, ProviderConfigError, ProviderUnavailable
-from esprelay.providers.base import map_transport_errors, parse_retry_after
+from esprelay.providers.base import json_object, map_transport_errors, parse_retry_after
 
 log = logging.getLogger("esprelay.providers.graph")
 
@@ -211,7 +210,7 @@ class TokenSource:
         self.fetches += 1
         if response.status_code != 200:
             raise self._token_error(response)
-        body = _json(response)
+        body = json_object(response)
         token = body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
             raise ProviderConfigError(
@@ -220,6 +219,7 @@ class TokenSource:
                 provider=self.provider,
                 status_code=response.status_code,
             )
+        assert body is not None  # the token came from it
         try:
             lifetime = float(body.get("expires_in", 3599))
         except (TypeError, ValueError):
@@ -230,7 +230,7 @@ class TokenSource:
 
     def _token_error(self, response: httpx.Response) -> DeliveryError:
         status = response.status_code
-        body = _json(response)
+        body = json_object(response)
         code = description = ""
         if isinstance(body, dict):
             code = str(body.get("error") or "")
@@ -253,10 +253,3 @@ class TokenSource:
             provider=self.provider,
             status_code=status,
         )
-
-
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None

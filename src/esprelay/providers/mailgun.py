@@ -50,6 +50,8 @@ from esprelay.providers.base import (
     ProviderSettings,
     classify_status,
     excerpt,
+    json_object,
+    no_json_constant,
     parse_retry_after,
 )
 
@@ -129,7 +131,7 @@ class MailgunProvider(HttpProvider):
         return Built(request, stripped.warnings)
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
-        body = _json(response)
+        body = json_object(response)
         message_id = body.get("id") if isinstance(body, dict) else None
         if not isinstance(message_id, str) or not message_id:
             raise ProviderConfigError(
@@ -289,7 +291,7 @@ def _local_time(header: str, text: str) -> str:
 
 def _json_object(header: str, text: str) -> dict[str, Any]:
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=no_json_constant)
     except ValueError:
         raise MalformedControl(f"{header}: not valid JSON") from None
     except RecursionError:  # "[[[[..." folded over many lines
@@ -301,10 +303,6 @@ def _json_object(header: str, text: str) -> dict[str, Any]:
 
 def _compact(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _object_text(header: str, text: str) -> str:
@@ -433,13 +431,6 @@ def _text(raw: bytes, item: Field) -> str:
 def _shown(text: str) -> str:
     """A value quoted for a reply line, cut short."""
     return repr(text if len(text) <= 40 else text[:37] + "...")
-
-
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
 
 
 class MailgunSettings(ProviderSettings):

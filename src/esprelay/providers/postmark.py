@@ -60,6 +60,7 @@ from esprelay.providers.base import (
     classify_status,
     excerpt,
     json_body,
+    json_object,
     parse_retry_after,
 )
 
@@ -418,7 +419,7 @@ class PostmarkProvider(HttpProvider):
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
         warnings: tuple[str, ...] = ()
-        answer = _json(response)
+        answer = json_object(response)
         if answer is None or "ErrorCode" not in answer:
             raise ProviderConfigError(
                 f"HTTP {response.status_code} is not a Postmark answer (check"
@@ -438,7 +439,7 @@ class PostmarkProvider(HttpProvider):
 
     def classify_error(self, response: httpx.Response) -> DeliveryError:
         status = response.status_code
-        answer = _json(response)
+        answer = json_object(response)
         if status in (400, 422) and answer is not None and isinstance(answer.get("ErrorCode"), int):
             return self._error_for_code(response, answer)
         if status in (404, 405):
@@ -481,14 +482,6 @@ def _chosen_stream(response: httpx.Response) -> str | None:
         return None
     chosen = request.extensions.get(CHOSEN_STREAM)
     return chosen if isinstance(chosen, str) else None
-
-
-def _json(response: httpx.Response) -> dict[str, Any] | None:
-    try:
-        answer = response.json()
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return answer if isinstance(answer, dict) else None
 
 
 class PostmarkSettings(ProviderSettings):

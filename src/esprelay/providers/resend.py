@@ -81,6 +81,7 @@ from esprelay.providers.base import (
     classify_status,
     excerpt,
     json_body,
+    json_object,
     parse_retry_after,
 )
 from esprelay.ratelimit import RateLimit
@@ -412,7 +413,7 @@ class ResendProvider(HttpProvider):
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
         self._note_window(response)
-        answer = _json(response) or {}
+        answer = json_object(response) or {}
         ids = [answer.get("id")]  # /emails: {"id"}; /emails/batch: {"data": [{"id"}...]}
         if isinstance(answer.get("data"), list):
             ids = [item.get("id") if isinstance(item, dict) else None for item in answer["data"]]
@@ -428,7 +429,7 @@ class ResendProvider(HttpProvider):
 
     def classify_error(self, response: httpx.Response) -> DeliveryError:
         status = response.status_code
-        answer = _json(response) or {}
+        answer = json_object(response) or {}
         name = answer.get("name") if isinstance(answer.get("name"), str) else ""
         detail = f"HTTP {status}: {excerpt(response)}"
         retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -484,14 +485,6 @@ def _seconds(response: httpx.Response, header: str) -> float | None:
     except ValueError:
         return None
     return max(0.0, value) if math.isfinite(value) else None
-
-
-def _json(response: httpx.Response) -> dict[str, Any] | None:
-    try:
-        answer = response.json()
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return answer if isinstance(answer, dict) else None
 
 
 class ResendSettings(ProviderSettings):

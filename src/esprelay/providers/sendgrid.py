@@ -52,6 +52,7 @@ from esprelay.providers.base import (
     classify_status,
     excerpt,
     json_body,
+    no_json_constant,
     parse_retry_after,
 )
 
@@ -321,7 +322,7 @@ def read_smtpapi(raw: bytes, *, now: float | None = None) -> SmtpApi | None:
     except UnicodeError:
         raise MalformedSmtpApi("X-SMTPAPI: not UTF-8") from None
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+        value = json.loads(text, parse_constant=no_json_constant, parse_float=_finite)
     except RecursionError:
         raise MalformedSmtpApi("X-SMTPAPI: nested too deeply") from None
     except ValueError:
@@ -341,10 +342,6 @@ _UNWRITABLE = {
     "64-bit": "an integer over 64 bits",
     "ecursion": "nested too deeply",
 }
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _finite(text: str) -> float:

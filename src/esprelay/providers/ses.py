@@ -54,6 +54,7 @@ from esprelay.providers.base import (
     ProviderSettings,
     classify_status,
     excerpt,
+    json_object,
     parse_retry_after,
 )
 
@@ -380,7 +381,7 @@ class SesProvider(HttpProvider):
             ) from None
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
-        body = _json(response)
+        body = json_object(response)
         message_id = body.get("MessageId") if isinstance(body, dict) else None
         if not isinstance(message_id, str) or not message_id:
             raise ProviderConfigError(
@@ -431,7 +432,7 @@ def error_details(response: httpx.Response) -> tuple[str, str]:
     """SES's error code and message, from the header, a JSON body or an XML body."""
     code = response.headers.get("x-amzn-errortype", "").split(":", 1)[0].strip()
     message = ""
-    body = _json(response)
+    body = json_object(response)
     if isinstance(body, dict):
         found = body.get("__type") or body.get("code") or body.get("Code") or ""
         code = code or str(found).rsplit("#", 1)[-1]
@@ -445,13 +446,6 @@ def error_details(response: httpx.Response) -> tuple[str, str]:
         if match_message:
             message = match_message.group(1)
     return code, " ".join(message.split())[:300] or excerpt(response)
-
-
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
 
 
 def _credential_chain() -> Credentials | None:

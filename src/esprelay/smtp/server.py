@@ -177,7 +177,7 @@ class RelaySMTP(PolicyConnection, SMTP):
         super().connection_lost(error)
 
     def _release(self) -> None:
-        """Free this session's slot and timers (idempotent): from connection_lost, and
+        """Free this connection's slot and timers (idempotent): from connection_lost, and
         after a STARTTLS whose handshake never completed (no connection_lost comes)."""
         if self._admitted:
             self._admitted = False
