@@ -331,8 +331,9 @@ async def _sqlite_checks(settings: Settings) -> list[Check]:
                 "fail",
                 f"no spool at {path.resolve()} (looked there for ESPRELAY_SPOOL_URL="
                 f"{settings.spool_url}, from {Path.cwd()})",
-                "run doctor with the service's configuration (its env file and working"
-                " directory); a new spool is made by `esprelay serve` or `esprelay db upgrade`",
+                "run doctor with the service's configuration (`esprelay --env-file PATH"
+                " doctor`, from its working directory); a new spool is made by"
+                " `esprelay serve` or `esprelay db upgrade`",
             )
         ]
     if not (os.access(path, os.R_OK | os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)):
