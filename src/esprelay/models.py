@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from esprelay.errors import DeliveryError
 
 
 class MessageState(enum.StrEnum):
@@ -58,10 +61,15 @@ class SpooledMessage:
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
-    """A provider accepted the message."""
+    """A provider accepted the message: for every recipient, or all but ``rejected``."""
 
     provider_message_id: str | None
     warnings: tuple[str, ...] = ()
+    #: Recipients the provider refused while it accepted the message for the others
+    #: (a per-recipient result, as SparkPost and Mailjet give), each with the error
+    #: that decides its fate: a transient one is retried for that recipient alone,
+    #: a permanent one is bounced.  Empty: every envelope recipient was accepted.
+    rejected: tuple[tuple[str, DeliveryError], ...] = ()
 
 
 class OutboundMessage:
