@@ -338,7 +338,11 @@ def _mj_people(value: Any, kind: str, errors: list[tuple[int, str, str, str]]) -
 
 def mailjet_errors(message: Any) -> list[tuple[int, str, str, str]]:
     """What Mailjet's Send API v3.1 refuses in one message (after Globals are merged):
-    ``(StatusCode, ErrorCode, ErrorMessage, ErrorRelatedTo)`` each."""
+    ``(StatusCode, ErrorCode, ErrorMessage, ErrorRelatedTo)`` each.
+
+    Two checks are stricter than Mailjet documents, so that a test fails where the
+    adapter would rely on undocumented leniency: an unknown property, and a header name
+    or value that is not ASCII (esprelay sends 7-bit header values, RFC 2047)."""
     errors: list[tuple[int, str, str, str]] = []
     if not isinstance(message, dict):
         return [(400, "mj-0004", "A message is an object", "Messages")]
