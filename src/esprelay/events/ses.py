@@ -21,7 +21,9 @@ Checked, in this order, before anything is fetched or stored:
 A ``SubscriptionConfirmation`` so verified is confirmed by fetching its
 ``SubscribeURL`` (which must be on the same SNS host); one for any other topic is
 refused before anything is fetched.  The SNS ``MessageId`` plus the recipient is each
-event's id, so SNS's retries are stored once.
+event's id, so SNS's retries are stored once.  The signed ``Timestamp`` is not held to
+the tolerance of the other ESPs: SNS keeps it through retries that a delivery policy
+may spread over hours, and a replayed notification changes nothing (its id is stored).
 
 Which SES events: ``Bounce`` (every bounce is ``bounced``, SES tries no more; the
 recipient's ``status`` says whether it was permanent, 5.x.x, or not, 4.x.x),

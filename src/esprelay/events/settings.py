@@ -14,7 +14,7 @@ webhook; one with some set but not all that are required stops start-up with a
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,8 @@ class SourceContext:
     now: Callable[[], float]
     #: For the sources that fetch (SNS signing certificates, subscription confirmations).
     client: httpx.AsyncClient
-    #: Overrides of a source's own checks, for tests; by kind, then by name.
+    #: Replacements of a source's own checks, by name, for tests: ``sns_url_allowed``
+    #: (esprelay.events.ses) lets the SES source fetch from a loopback server.
     overrides: Mapping[str, Any]
 
 
@@ -61,9 +62,6 @@ class SourceKind:
     name: str
     settings: type[WebhookSettings]
     build: Callable[[str, Any, SourceContext], EventSource]
-
-
-Builder = Callable[[str, Any, SourceContext], Awaitable[EventSource]]
 
 
 def prefix(provider: str) -> str:
