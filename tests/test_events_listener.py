@@ -571,3 +571,51 @@ async def test_bad_keys_stop_start_up(tmp_path: Path) -> None:
 
 
 # endregion
+
+
+async def test_listener_over_tls(tmp_path: Path) -> None:
+    """With a certificate the listener speaks HTTPS only."""
+    import ssl
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from esprelay.events.fakes import self_signed
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = self_signed(key, "127.0.0.1", ip="127.0.0.1")
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    h = Harness(tmp_path)
+    try:
+        await h.start(
+            events_tls_cert_file=tmp_path / "cert.pem", events_tls_key_file=tmp_path / "key.pem"
+        )
+        assert h.listener is not None
+        url = f"https://127.0.0.1:{h.listener.port}/webhooks/sendgrid"
+        body, headers = h.sendgrid.request([h.sendgrid.event("bounce", "x@example.net")])
+        context = ssl.create_default_context(cadata=cert_pem.decode())
+        async with httpx.AsyncClient(verify=context) as client:
+            response = await client.post(url, content=body, headers=headers)
+        assert response.status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            await h.http.post(url.replace("https", "http"), content=body, headers=headers)
+        assert len(await h.stored()) == 1
+    finally:
+        await h.close()
+
+
+async def test_tls_files_go_together(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    try:
+        with pytest.raises(ConfigError, match="go together"):
+            await h.start(events_tls_cert_file=tmp_path / "cert.pem")
+    finally:
+        await h.close()
