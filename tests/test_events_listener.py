@@ -619,3 +619,13 @@ async def test_tls_files_go_together(tmp_path: Path) -> None:
             await h.start(events_tls_cert_file=tmp_path / "cert.pem")
     finally:
         await h.close()
+
+
+async def test_ses_topic_test_message_is_acknowledged_not_stored(harness: Harness) -> None:
+    """SES's plain-text test message when an event destination is added: genuine, no event."""
+    text = "Successfully validated SNS topic for Amazon SES event publishing."
+    body, headers = harness.sns.notification(text, cert_url=harness.certs.cert_url)
+    response = await harness.post("ses", (body, headers))
+    assert response.status_code == 200
+    assert response.json()["received"] == 0
+    assert await harness.stored() == []

@@ -187,7 +187,7 @@ class FakeSns:
 
     def notification(
         self,
-        ses_event: dict[str, Any],
+        ses_event: dict[str, Any] | str,
         *,
         cert_url: str,
         version: str = "2",
@@ -198,7 +198,9 @@ class FakeSns:
             "Type": "Notification",
             "MessageId": message_id or str(uuid.uuid4()),
             "TopicArn": topic_arn or self.topic_arn,
-            "Message": orjson.dumps(ses_event).decode(),
+            "Message": ses_event
+            if isinstance(ses_event, str)
+            else orjson.dumps(ses_event).decode(),
             "Timestamp": _iso(_now()),
             "SigningCertURL": cert_url,
             "UnsubscribeURL": "https://sns.eu-west-1.amazonaws.com/?Action=Unsubscribe",

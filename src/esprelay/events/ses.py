@@ -250,8 +250,22 @@ class SesEvents:
         body = message.get("Message")
         if not isinstance(sns_id, str) or not isinstance(body, str):
             raise malformed("the SNS notification has no MessageId or Message")
-        ses = json_object(json_body(body.encode("utf-8")), "the SES event")
+        try:
+            ses = json_object(json_body(body.encode("utf-8")), "the SES event")
+        except Rejected:
+            ses = {}
         name = text(ses.get("eventType")) or text(ses.get("notificationType"))
+        if name is None:
+            # Genuine (verified, a configured topic) but no SES event: SES's test message
+            # when an event destination is added, or a message someone published to the
+            # topic.  Acknowledged, so that SNS does not send it again; nothing stored.
+            log.info(
+                "events %s: SNS message %s on %s is no SES event; acknowledged, not stored",
+                self.provider,
+                sns_id,
+                message.get("TopicArn"),
+            )
+            return []
         mail = ses.get("mail")
         mail = mail if isinstance(mail, dict) else {}
         sent_at = epoch(mail.get("timestamp"))
