@@ -7,6 +7,7 @@ Each job has its own module; :class:`Relay` builds them in order and takes them 
   failure webhook (:mod:`esprelay.failures`) and retention (:mod:`esprelay.purge`);
 - :mod:`esprelay.listeners`: the SMTP and SMTPS listeners and their sessions;
 - :mod:`esprelay.ops`: the ops HTTP server, with the checks of :mod:`esprelay.readiness`;
+- :mod:`esprelay.events`: the ESP event webhooks (``ESPRELAY_EVENTS_PORT``);
 - :mod:`esprelay.reload`: SIGHUP.
 
 Shutdown (SIGTERM/SIGINT) follows uvicorn's shape:
@@ -34,6 +35,8 @@ import httpx
 from esprelay.config import Settings
 from esprelay.delivery import Deliverer
 from esprelay.dispatch import ProviderSet
+from esprelay.events.listener import EventsListener
+from esprelay.events.service import start_events
 from esprelay.gctune import return_large_blocks_to_the_system, tune_for_serving
 from esprelay.httpapi import OpsServer, ReadinessCheck
 from esprelay.intake import Intake, IntakeState
@@ -68,6 +71,7 @@ class Relay:
         self.intake: Intake | None = None
         self.listeners: Listeners | None = None
         self.http: OpsServer | None = None
+        self.events: EventsListener | None = None
         self._stop = asyncio.Event()
         #: Readiness checks for /readyz, by name; :meth:`start` puts the relay's own first.
         self.readiness: list[tuple[str, ReadinessCheck]] = []
@@ -122,6 +126,9 @@ class Relay:
             metrics=self.metrics,
             readiness=self.readiness,
             on_retry=self.deliverer.wake if self.deliverer is not None else None,
+        )
+        self.events = await start_events(
+            self.settings, routing=self.routing, spool=self.spool, metrics=self.metrics
         )
         if self.queue is not None:
             self.queue.start()
@@ -222,6 +229,8 @@ class Relay:
     async def shutdown(self) -> None:
         grace = self.settings.shutdown_grace
         self.intake_state.draining = True
+        if self.events is not None:
+            await self.events.close()
         if self.listeners is not None:
             await self.listeners.close(grace)
         if self.queue is not None:

@@ -186,6 +186,19 @@ class Settings(BaseSettings):
     #: Bearer token for the queue admin API and page; without it those routes are off.
     admin_token: SecretStr | None = None
 
+    # ESP event webhooks (esprelay.events): a listener of its own, off unless the port
+    # is set; each provider's keys are ESPRELAY_<NAME>_WEBHOOK_* (esprelay.events.settings)
+    events_host: str = "127.0.0.1"
+    events_port: int | None = Field(default=None, ge=0, le=65535)
+    events_tls_cert_file: Path | None = None
+    events_tls_key_file: Path | None = None
+    events_max_request_size: Bytes = Field(default=4 * 1024 * 1024, ge=1024)
+    #: Requests a second (on average) and at once (burst) from one peer address
+    events_rate_limit: float = Field(default=100.0, gt=0)
+    events_rate_burst: int = Field(default=500, ge=1)
+    #: How far a signed timestamp may be from now (SendGrid, Mailgun)
+    events_timestamp_tolerance: Seconds = Field(default=300.0, gt=0)
+
     #: The environment the settings came from (``.env`` under the process environment),
     #: where the providers' own ``ESPRELAY_<KIND>_*`` settings are read.
     _environ: dict[str, str] = PrivateAttr(default_factory=lambda: dict(os.environ))

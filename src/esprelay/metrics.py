@@ -137,6 +137,33 @@ class RelayMetrics:
             "Scrapes that could not read the spool's statistics.",
             registry=r,
         )
+        # ESP event webhooks (esprelay.events); the provider label is a configured name
+        # (or "unknown" for a path that names none), the reason a fixed word.
+        self.events_received = Counter(
+            "esprelay_events_received",
+            "Verified ESP events stored in the inbox, by provider and kind.",
+            ["provider", "kind"],
+            registry=r,
+        )
+        self.events_duplicates = Counter(
+            "esprelay_events_duplicates",
+            "Verified ESP events the inbox had already (an ESP's retry), by provider.",
+            ["provider"],
+            registry=r,
+        )
+        self.events_unknown_message = Counter(
+            "esprelay_events_unknown_message",
+            "Stored ESP events that name no message in the spool, by provider.",
+            ["provider"],
+            registry=r,
+        )
+        self.events_rejected = Counter(
+            "esprelay_events_rejected",
+            "ESP event requests refused (signature, credentials, stale, replayed, topic,"
+            " malformed, too_large, rate_limited, ...), by provider and reason.",
+            ["provider", "reason"],
+            registry=r,
+        )
         for state in MessageState:
             self.spool_messages.labels(state.value)
         self._outcome_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}

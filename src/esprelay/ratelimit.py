@@ -53,3 +53,15 @@ class RateLimit:
         until = self._clock.monotonic() + max(0.0, seconds_from_now)
         self._held_until = max(self._held_until, until)
         self._tokens = 0.0
+
+    def try_acquire(self) -> bool:
+        """Count a request if a token is left now, else refuse it (False) without waiting:
+        for a server that answers 429 rather than queue a flood (esprelay.events)."""
+        now = self._clock.monotonic()
+        if now < self._held_until:
+            return False
+        self._refill(now)
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False

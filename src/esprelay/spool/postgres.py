@@ -50,6 +50,8 @@ import asyncpg
 
 from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import ConfigError, SpoolError, SpoolFull
+from esprelay.events.model import Event, InboxResult, StoredEvent
+from esprelay.events.rows import EVENT_COLUMNS, event_row, stored_event
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
 from esprelay.spool.base import NewPart, OnePartPut, SpoolStats, new_message_id
 
@@ -119,6 +121,28 @@ MIGRATIONS: tuple[str, ...] = (
         provider_message_id text,
         PRIMARY KEY (message_id, number)
     );
+    """,
+    # 2: the inbox of verified ESP events (esprelay.events), each stored once.
+    """
+    CREATE TABLE esprelay_events (
+        seq bigserial PRIMARY KEY,
+        provider text NOT NULL,
+        event_id text NOT NULL,
+        kind text NOT NULL,
+        recipient text,
+        at double precision NOT NULL,
+        smtp_status text,
+        diagnostic text,
+        esp_message_id text,
+        esprelay_id text,
+        remote_mta text,
+        raw text NOT NULL,
+        received_at double precision NOT NULL,
+        message_id text,
+        processed_at double precision,
+        UNIQUE (provider, event_id)
+    );
+    CREATE INDEX esprelay_events_pending ON esprelay_events (seq) WHERE processed_at IS NULL;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -782,6 +806,63 @@ class PostgresSpool(OnePartPut):
         return int(removed)
 
     # endregion
+    # region event inbox (esprelay.events): verified ESP events, stored once each
+
+    async def put_events(self, events: Sequence[Event]) -> _InboxResults:
+        """Store ``events`` in one statement; return once committed (see EventInbox)."""
+        if not events:
+            return []
+        # The first of several events with one key is the one stored; the others are
+        # duplicates, as they would be in separate requests.
+        first: dict[tuple[str, str], int] = {}
+        for index, event in enumerate(events):
+            first.setdefault((event.provider, event.provider_event_id), index)
+        columns: list[list[Any]] = [[] for _ in range(11)]
+        for index in first.values():
+            for column, value in zip(columns, event_row(events[index]), strict=True):
+                column.append(_no_nul(value))
+        rows = await self._fetch("storing events", _INSERT_EVENTS, *columns)
+        inserted = {(row["provider"], row["event_id"]): row["message_id"] for row in rows}
+        results = []
+        for index, event in enumerate(events):
+            key = (_no_nul(event.provider), _no_nul(event.provider_event_id))
+            stored = first.get((event.provider, event.provider_event_id)) == index
+            stored = stored and key in inserted
+            results.append(InboxResult(stored, inserted.get(key) if stored else None))
+        return results
+
+    async def pending_events(self, limit: int = 100) -> _StoredEvents:
+        rows = await self._fetch(
+            "reading events",
+            f"SELECT {EVENT_COLUMNS} FROM esprelay_events WHERE processed_at IS NULL"
+            " ORDER BY seq LIMIT $1",
+            limit,
+        )
+        return [stored_event(tuple(row)) for row in rows]
+
+    async def finish_events(self, seqs: Sequence[int]) -> int:
+        if not seqs:
+            return 0
+        count = await self._fetchval(
+            "finishing events",
+            "WITH done AS (UPDATE esprelay_events SET processed_at = "
+            f"{_NOW} WHERE seq = ANY($1::bigint[]) AND processed_at IS NULL RETURNING 1)"
+            " SELECT count(*) FROM done",
+            list(seqs),
+        )
+        return int(count)
+
+    async def purge_events(self, *, processed_before: float) -> int:
+        count = await self._fetchval(
+            "purging events",
+            "WITH removed AS (DELETE FROM esprelay_events"
+            " WHERE processed_at IS NOT NULL AND processed_at < $1 RETURNING 1)"
+            " SELECT count(*) FROM removed",
+            processed_before,
+        )
+        return int(count)
+
+    # endregion
 
 
 def _set_event(event: asyncio.Event, *_: object) -> None:
@@ -817,3 +898,34 @@ def _record_to_message(
 
 
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresSpool", "migrate", "redact_url", "upgrade"]
+
+
+# region event inbox statements (esprelay.events)
+
+# (``list`` in the class is its method of that name.)
+_InboxResults = list[InboxResult]
+_StoredEvents = list[StoredEvent]
+
+# One statement for a whole request's events: arrays of columns, unnested; the
+# spool message an echoed id names is looked up on the way in.
+_INSERT_EVENTS = (
+    "INSERT INTO esprelay_events (provider, event_id, kind, recipient, at, smtp_status,"
+    " diagnostic, esp_message_id, esprelay_id, remote_mta, raw, received_at, message_id)"
+    " SELECT e.provider, e.event_id, e.kind, e.recipient, e.at, e.smtp_status, e.diagnostic,"
+    f" e.esp_message_id, e.esprelay_id, e.remote_mta, e.raw, {_NOW},"
+    " (SELECT m.id FROM esprelay_messages AS m WHERE m.id = e.esprelay_id)"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[],"
+    " $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])"
+    " AS e(provider, event_id, kind, recipient, at, smtp_status, diagnostic, esp_message_id,"
+    " esprelay_id, remote_mta, raw)"
+    " ON CONFLICT (provider, event_id) DO NOTHING"
+    " RETURNING provider, event_id, message_id"
+)
+
+
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text holds no NUL character: an ESP's string loses them."""
+    return value.replace("\x00", "") if isinstance(value, str) else value
+
+
+# endregion

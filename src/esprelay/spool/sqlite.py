@@ -51,6 +51,8 @@ from typing import Any, TypeVar
 
 from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import SpoolError, SpoolFull
+from esprelay.events.model import Event, InboxResult, StoredEvent
+from esprelay.events.rows import EVENT_COLUMNS, event_row, stored_event
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
 from esprelay.spool.base import NewPart, OnePartPut, SpoolStats, new_message_id
 
@@ -958,6 +960,63 @@ class SqliteSpool(OnePartPut):
         return cursor.rowcount
 
     # endregion
+    # region event inbox (esprelay.events): verified ESP events, stored once each
+
+    async def put_events(self, events: Sequence[Event]) -> _InboxResults:
+        """Store ``events``; return once committed and fsync'd (see EventInbox)."""
+        rows = [event_row(event) for event in events]
+
+        def insert(conn: sqlite3.Connection) -> _InboxResults:
+            now = self._time()
+            results = []
+            for event, row in zip(events, rows, strict=True):
+                message_id = None
+                if event.esprelay_id is not None:
+                    found = conn.execute(
+                        "SELECT id FROM messages WHERE id = ?", (event.esprelay_id,)
+                    ).fetchone()
+                    message_id = None if found is None else found[0]
+                cursor = conn.execute(_INSERT_EVENT, (*row, now, message_id))
+                results.append(InboxResult(cursor.rowcount == 1, message_id))
+            return results
+
+        return await self._run(insert) if events else []
+
+    async def pending_events(self, limit: int = 100) -> _StoredEvents:
+        def select(conn: sqlite3.Connection) -> _StoredEvents:
+            rows = conn.execute(
+                f"SELECT {EVENT_COLUMNS} FROM event_inbox WHERE processed_at IS NULL"
+                " ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [stored_event(row) for row in rows]
+
+        return await self._run(select, durable=False)
+
+    async def finish_events(self, seqs: Sequence[int]) -> int:
+        def update(conn: sqlite3.Connection) -> int:
+            now = self._time()
+            return sum(
+                conn.execute(
+                    "UPDATE event_inbox SET processed_at = ?"
+                    " WHERE seq = ? AND processed_at IS NULL",
+                    (now, seq),
+                ).rowcount
+                for seq in seqs
+            )
+
+        return await self._run(update) if seqs else 0
+
+    async def purge_events(self, *, processed_before: float) -> int:
+        def remove(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM event_inbox WHERE processed_at IS NOT NULL AND processed_at < ?",
+                (processed_before,),
+            ).rowcount
+
+        return await self._run(remove, durable=False)
+
+    # endregion
 
 
 def _with_delivery(row: tuple[Any, ...], history: tuple[Attempt, ...]) -> tuple[Attempt, ...]:
@@ -1007,3 +1066,45 @@ def _row_to_message(
         history=history,
         meta=json.loads(meta),
     )
+
+
+# region event inbox schema and rows (esprelay.events)
+#
+# A table of its own, created with the others at every open (``_SCHEMA``): a file
+# written before it gets it then, and an esprelay from before ignores it, so it needs
+# no version of its own.  ``seq`` orders the events as they arrived; the unique key
+# stores an event an ESP sends again (a retried webhook) once.
+_SCHEMA += """
+CREATE TABLE IF NOT EXISTS event_inbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    provider TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    recipient TEXT,
+    at REAL NOT NULL,
+    smtp_status TEXT,
+    diagnostic TEXT,
+    esp_message_id TEXT,
+    esprelay_id TEXT,
+    remote_mta TEXT,
+    raw TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    message_id TEXT,
+    processed_at REAL,
+    UNIQUE (provider, event_id)
+);
+CREATE INDEX IF NOT EXISTS event_inbox_pending ON event_inbox (seq) WHERE processed_at IS NULL;
+"""
+
+# (``list`` in the class is its method of that name.)
+_InboxResults = list[InboxResult]
+_StoredEvents = list[StoredEvent]
+
+_INSERT_EVENT = (
+    "INSERT INTO event_inbox (provider, event_id, kind, recipient, at, smtp_status, diagnostic,"
+    " esp_message_id, esprelay_id, remote_mta, raw, received_at, message_id)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (provider, event_id) DO NOTHING"
+)
+
+
+# endregion
