@@ -694,3 +694,43 @@ def test_failover_between_sparkpost_and_mailgun_end_to_end(
         "via-mailgun@example.org",
         "via-sparkpost@example.org",
     ]
+
+
+# --- esprelay doctor: the credential check ----------------------------------------------
+
+
+def _account(request: Recorded) -> Reply:
+    """GET /api/v1/account: 200 for the key, 403 for a key without Account: Read-only
+    (SparkPost's "permission denied"), 401 for any other."""
+    auth = request.headers.get("authorization")
+    if request.method != "GET" or request.path != "/api/v1/account":
+        return _error(404, "1101", "invalid URI")
+    if auth == KEY:
+        return Reply(200, {"results": {"customer_id": 1, "status": "active"}})
+    if auth == "send-only-key":
+        return _error(403, "1100", "permission denied")
+    return _error(401, "1100", "Unauthorized.")
+
+
+@pytest.mark.parametrize(
+    ("key", "status", "said"),
+    [(KEY, "pass", "credentials accepted"), ("send-only-key", "warn", "Transmissions"),
+     ("wrong-key-4798", "fail", "HTTP 401")],
+)  # fmt: skip
+def test_doctor_checks_the_key(tmp_path: Path, key: str, status: str, said: str) -> None:
+    from tests.test_doctor import checks, doctor, make_spool
+
+    make_spool(tmp_path)
+    with FakeESP(_account) as esp:
+        env = {
+            "ESPRELAY_PROVIDER": "sparkpost",
+            "ESPRELAY_SPARKPOST_API_KEY": key,
+            "ESPRELAY_SPARKPOST_API_URL": esp.url,
+        }
+        result = doctor(tmp_path, env, "--json")
+    check = checks(result)["credentials sparkpost"]
+    assert check["status"] == status, check
+    assert said in check["detail"]
+    assert (check["fix"] != "") == (status != "pass")
+    assert key not in result.stdout + result.stderr
+    assert [(r.method, r.path) for r in esp.requests] == [("GET", "/api/v1/account")]
