@@ -212,8 +212,10 @@ def validate(payload: Any) -> list[str]:
         if "\r\n\r\n" not in text:
             problems.append("email_rfc822 has no header section")
     options = payload.get("options", {})
-    if not isinstance(options, dict) or not all(isinstance(v, bool) for v in options.values()):
-        problems.append("options must be booleans here")
+    if not isinstance(options, dict) or not all(
+        isinstance(v, str) if k == "ip_pool" else isinstance(v, bool) for k, v in options.items()
+    ):
+        problems.append("options must be booleans (ip_pool a string)")
     for key in ("metadata", "substitution_data"):
         if key in payload and not isinstance(payload[key], dict):
             problems.append(f"{key} must be an object")
@@ -248,7 +250,12 @@ def test_request_shape() -> None:
         {"address": {"email": "r@example.org"}},
         {"address": {"email": "b@example.org"}},
     ]
-    assert body["options"] == {"perform_substitutions": False}
+    # SparkPost's SMTP relay defaults: no tracking (links and HTML as written).
+    assert body["options"] == {
+        "open_tracking": False,
+        "click_tracking": False,
+        "perform_substitutions": False,
+    }
     assert body["metadata"] == {"esprelay_id": "m1"}
     assert "substitution_data" not in body
     assert body["content"]["email_rfc822"] == without_bcc(raw).decode()
@@ -364,6 +371,53 @@ def test_base64_encoded_braces_are_refused_at_data() -> None:
     with pytest.raises(MessageRejected):
         build_payload(_message(raw))
     assert _provider().refusal(_message(TEMPLATED)) is None
+
+
+# --- X-MSYS-API: coming from SparkPost's SMTP relay ------------------------------------------
+
+
+def test_msys_api_becomes_transmission_fields() -> None:
+    raw = crlf(
+        "From: app@example.com\nTo: r@example.org\nSubject: x\n"
+        'X-MSYS-API: {"campaign_id": "welcome", "metadata": {"plan": "pro"},\n'
+        ' "tags": ["a", "b"], "options": {"click_tracking": true, "ip_pool": "p1",\n'
+        ' "perform_substitutions": true}, "substitution_data": {"x": 1}}\n\nhi\n'
+    )
+    payload, warnings = build_payload(_message(raw, "r@example.org", "s@example.org"))
+    assert validate(payload) == []
+    assert payload["campaign_id"] == "welcome"
+    assert payload["metadata"] == {"plan": "pro", "esprelay_id": "m1"}
+    assert [r["tags"] for r in payload["recipients"]] == [["a", "b"], ["a", "b"]]
+    assert payload["options"] == {
+        "open_tracking": False,
+        "click_tracking": True,
+        "ip_pool": "p1",
+        "perform_substitutions": False,  # never on, whatever the header says
+    }
+    assert b"x-msys-api" not in payload["content"]["email_rfc822"].lower().encode()
+    assert any("options.perform_substitutions" in w for w in warnings)
+    assert any("substitution_data ignored" in w for w in warnings)
+    assert _provider().refusal(_message(raw)) is None
+
+
+@pytest.mark.parametrize(
+    ("header", "said"),
+    [
+        ("{not json", "not valid JSON"),
+        ('["a"]', "JSON object"),
+        ('{"metadata": "x"}', "'metadata' must be of type 'json object'"),
+        ('{"campaign_id": "' + "c" * 65 + '"}', "64 bytes"),
+        ('{"options": {"open_tracking": "yes"}}', "options.open_tracking must be a boolean"),
+        ('{"bcc": ["x@example.org"]}', "outside the envelope"),
+        ('{"tags": [1]}', "array of strings"),
+    ],
+)
+def test_msys_api_refused_at_data(header: str, said: str) -> None:
+    raw = crlf(f"From: app@example.com\nTo: r@example.org\nX-MSYS-API: {header}\n\nhi\n")
+    reason = _provider().refusal(_message(raw))
+    assert reason is not None and said in reason, reason
+    with pytest.raises(MessageRejected):
+        build_payload(_message(raw))
 
 
 # --- the answer: success, partial results, errors -----------------------------------------
@@ -546,6 +600,30 @@ def test_unprotectable_header_is_refused_at_data(relay_factory: type[RelayProces
     assert esp.requests == []
 
 
+def test_msys_api_end_to_end(relay_factory: type[RelayProcess]) -> None:
+    api = SparkPostAPI()
+    raw = crlf(
+        "From: app@example.com\nTo: r@example.org\nSubject: relay\n"
+        'X-MSYS-API: {"campaign_id": "c1", "options": {"open_tracking": true}}\n\nhi\n'
+    )
+    with FakeESP(api) as esp:
+        relay = relay_factory(relay_env(esp)).start()
+        send_case(relay, _case("relay", raw))
+        (request,) = esp.wait_for(1)
+        relay.wait_for_log(r"delivered id=\S+ provider=sparkpost")
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("app@example.com")
+            smtp.rcpt("r@example.org")
+            code, reply = smtp.data(raw.replace(b'"c1"', b'"c1"}'))
+        assert (code, reply[:5]) == (550, b"5.6.0"), reply
+        assert b"X-MSYS-API is not valid JSON" in reply
+    body = request.json()
+    assert body["campaign_id"] == "c1" and body["options"]["open_tracking"] is True
+    ((_, sent),) = api.delivered
+    assert b"X-MSYS-API" not in sent and sent.startswith(b"From: app@example.com\r\n")
+
+
 def test_sandbox_end_to_end(relay_factory: type[RelayProcess]) -> None:
     api = SparkPostAPI()
     with FakeESP(api) as esp:
@@ -555,7 +633,7 @@ def test_sandbox_end_to_end(relay_factory: type[RelayProcess]) -> None:
         send_case(relay, _case("sandbox", raw, "t@sparkpostbox.com"))
         (request,) = esp.wait_for(1)
         relay.wait_for_log(r"delivered id=\S+ provider=sparkpost")
-    assert request.json()["options"] == {"perform_substitutions": False, "sandbox": True}
+    assert request.json()["options"]["sandbox"] is True
 
 
 def test_partial_result_end_to_end(relay_factory: type[RelayProcess]) -> None:

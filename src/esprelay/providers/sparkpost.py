@@ -37,10 +37,21 @@ Facts from SparkPost's API Blueprint (SparkPost/developers.sparkpost.com,
   ``7001`` "Unconfigured or unverified sending domain".
 - ``options.sandbox``: SparkPost's sandbox sending domain (``sparkpostbox.com``, five
   messages over an account's life), ``ESPRELAY_SPARKPOST_SANDBOX``.
+
+Coming from SparkPost's SMTP relay (``smtp-api.apib``): its ``X-MSYS-API`` header (a
+JSON object) is read as the relay reads it and leaves the message: ``campaign_id``,
+``metadata``, ``tags`` and ``options`` become the transmission's fields
+(:func:`read_msys_api`).  Its ``cc``, ``bcc`` and ``archive`` lists would add recipients
+outside the envelope, so such a message is refused at the end of DATA, as is one whose
+header is not JSON (the relay answers ``550 5.6.0`` too).  "SMTP click and open tracking
+are disabled by default" while the REST API turns click tracking on unless told
+otherwise: every transmission sets both off, so links and HTML arrive as written,
+unless ``X-MSYS-API`` options turn them on.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -54,7 +65,7 @@ from esprelay.errors import (
     RateLimited,
 )
 from esprelay.message.header import Field, decoded_text, read_header
-from esprelay.message.rawmime import strip_bcc, to_7bit
+from esprelay.message.rawmime import remove_fields, strip_bcc, to_7bit
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import (
     Built,
@@ -66,6 +77,7 @@ from esprelay.providers.base import (
     excerpt,
     json_body,
     json_object,
+    no_json_constant,
     parse_retry_after,
 )
 from esprelay.ratelimit import RateLimit
@@ -100,6 +112,32 @@ QUOTA_CODES = frozenset({"2101", "2102", "2103"})
 CONFIG_CODES = frozenset({"1100", "1303", "1304", "7001"})
 #: The code of a 200 that refused some recipients.
 PARTIAL_CODE = "2000"
+
+
+#: SparkPost's SMTP relay control header (lower case).
+MSYS_HEADER = b"x-msys-api"
+#: Its options: the booleans and the one string (``smtp-api.apib``).
+MSYS_FLAGS = frozenset(
+    {
+        "open_tracking",
+        "click_tracking",
+        "transactional",
+        "sandbox",
+        "skip_suppression",
+        "smart_send",
+        "inline_css",
+    }
+)
+#: "campaign_id ... Maximum length: 64 bytes"; "Maximum number of tags is 10 per recipient".
+CAMPAIGN_LIMIT = 64
+TAG_LIMIT = 10
+#: The relay's defaults: "SMTP click and open tracking are disabled by default".
+TRACKING_OFF = {"open_tracking": False, "click_tracking": False}
+
+
+class ControlHeaderError(ValueError):
+    """An X-MSYS-API header SparkPost's relay would refuse, or that asks for what the
+    envelope does not say; the text says why."""
 
 
 class TemplateHazard(ValueError):
@@ -172,6 +210,81 @@ def _brace_variable(match: re.Match[bytes]) -> bytes:
     return _OPEN if match[0] == b"{" else _CLOSE
 
 
+# -- X-MSYS-API: SparkPost's SMTP relay control header ---------------------------------
+
+
+def read_msys_api(raw: bytes) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The transmission fields the message's ``X-MSYS-API`` header asks for (empty
+    without one) and warnings.  Raises :class:`ControlHeaderError` for a header the
+    relay would refuse or that adds recipients."""
+    header = read_header(raw, obsolete=True)
+    fields = header.all(MSYS_HEADER)
+    if not fields:
+        return {}, ()
+    if len(fields) > 1:
+        raise ControlHeaderError(f"X-MSYS-API given {len(fields)} times; SparkPost takes one")
+    try:
+        text = decoded_text(raw, fields[0])
+        found = json.loads(text, parse_constant=no_json_constant)
+    except ValueError as exc:  # UnicodeError and JSONDecodeError both
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise ControlHeaderError(f"X-MSYS-API is not valid JSON: {reason}") from None
+    if not isinstance(found, dict):
+        raise ControlHeaderError("X-MSYS-API must be a JSON object")
+    added = sorted(k for k in ("cc", "bcc", "archive") if found.get(k))
+    if added:
+        raise ControlHeaderError(
+            f"X-MSYS-API {'/'.join(added)} would add recipients outside the envelope;"
+            " give them as RCPT TO instead (the envelope decides who receives)"
+        )
+    fields_out: dict[str, Any] = {}
+    warnings: list[str] = []
+    campaign = found.get("campaign_id")
+    if campaign is not None:
+        if not isinstance(campaign, str) or len(campaign.encode()) > CAMPAIGN_LIMIT:
+            raise ControlHeaderError(
+                f"X-MSYS-API campaign_id must be a string of at most {CAMPAIGN_LIMIT} bytes"
+            )
+        fields_out["campaign_id"] = campaign
+    metadata = found.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise ControlHeaderError("X-MSYS-API 'metadata' must be of type 'json object'")
+        fields_out["metadata"] = metadata
+    tags = found.get("tags")
+    if tags is not None:
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ControlHeaderError("X-MSYS-API 'tags' must be an array of strings")
+        if len(tags) > TAG_LIMIT:
+            warnings.append(
+                f"X-MSYS-API has {len(tags)} tags; SparkPost keeps the first {TAG_LIMIT}"
+            )
+        fields_out["tags"] = tags
+    options = found.get("options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise ControlHeaderError("X-MSYS-API 'options' must be of type 'json object'")
+        taken: dict[str, Any] = {}
+        for key, value in options.items():
+            expected = bool if key in MSYS_FLAGS else str if key == "ip_pool" else None
+            if expected is not None and isinstance(value, expected):
+                taken[key] = value
+            elif expected is not None:
+                kind = "a boolean" if expected is bool else "a string"
+                raise ControlHeaderError(f"X-MSYS-API options.{key} must be {kind}")
+            else:
+                warnings.append(f"X-MSYS-API options.{key} is not an SMTP API option: ignored")
+        fields_out["options"] = taken
+    if "substitution_data" in found:
+        warnings.append("X-MSYS-API substitution_data ignored (the SMTP API ignores it too)")
+    unknown = sorted(
+        set(found) - {"campaign_id", "metadata", "tags", "options", "substitution_data"}
+    )
+    if unknown:
+        warnings.append(f"X-MSYS-API fields not in the SMTP API ignored: {', '.join(unknown)}")
+    return fields_out, tuple(warnings)
+
+
 # -- the request, pure -----------------------------------------------------------------
 
 
@@ -203,23 +316,40 @@ def build_payload(
     """The transmission for ``message``, and what had to change to fit; pure."""
     if not message.envelope.rcpt_tos:
         raise MessageRejected("no recipients", provider=provider)
-    stripped = strip_bcc(message.raw)
-    warnings = list(stripped.warnings)
-    try:
-        protected, fields = protect_headers(stripped.raw)
-    except TemplateHazard as exc:  # spooled before the check at DATA existed
+    try:  # spooled before the checks at DATA existed: refused now
+        controls, warned = read_msys_api(message.raw)
+        stripped = strip_bcc(message.raw)
+        # The relay consumes its control header: it never reaches recipients.
+        raw, _ = remove_fields(stripped.raw, lambda name: name == MSYS_HEADER)
+        protected, fields = protect_headers(raw)
+    except (ControlHeaderError, TemplateHazard) as exc:
         raise MessageRejected(str(exc), provider=provider) from None
+    warnings = [*stripped.warnings, *warned]
     text, changed = rfc822_text(protected)
     warnings += changed
-    options: dict[str, Any] = {"perform_substitutions": False}
+    # SparkPost's SMTP relay defaults (tracking off), then the message's own options;
+    # substitutions stay off whatever they say.
+    options: dict[str, Any] = {**TRACKING_OFF, **controls.get("options", {})}
     if sandbox:
         options["sandbox"] = True
+    options["perform_substitutions"] = False
+    recipient: dict[str, Any] = {}
+    if controls.get("tags"):
+        recipient["tags"] = controls["tags"]
+    metadata = dict(controls.get("metadata", {}))
+    if ID_METADATA in metadata:
+        warnings.append(f"X-MSYS-API metadata {ID_METADATA} replaced by the spool id")
+    metadata[ID_METADATA] = message.id
     payload: dict[str, Any] = {
         "options": options,
-        "recipients": [{"address": {"email": rcpt}} for rcpt in message.envelope.rcpt_tos],
+        "recipients": [
+            {"address": {"email": rcpt}, **recipient} for rcpt in message.envelope.rcpt_tos
+        ],
         "content": {"email_rfc822": text},
-        "metadata": {ID_METADATA: message.id},
+        "metadata": metadata,
     }
+    if "campaign_id" in controls:
+        payload["campaign_id"] = controls["campaign_id"]
     if fields:
         payload["substitution_data"] = dict(SUBSTITUTIONS)
         warnings.append(
@@ -308,11 +438,12 @@ class SparkPostProvider(HttpProvider):
         self.rate_limit = RateLimit(SEND_RATE, burst=int(SEND_RATE))
 
     def refusal(self, message: OutboundMessage) -> str | None:
-        """A header SparkPost's template engine would rewrite and esprelay cannot
-        protect, refused at the end of DATA."""
+        """A malformed X-MSYS-API header, or a header SparkPost's template engine would
+        rewrite and esprelay cannot protect, refused at the end of DATA."""
         try:
+            read_msys_api(message.raw)
             protect_headers(message.raw)
-        except TemplateHazard as exc:
+        except (ControlHeaderError, TemplateHazard) as exc:
             return str(exc)
         return None
 
