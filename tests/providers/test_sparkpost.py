@@ -373,6 +373,15 @@ def test_base64_encoded_braces_are_refused_at_data() -> None:
     assert _provider().refusal(_message(TEMPLATED)) is None
 
 
+def test_only_what_is_sent_is_judged() -> None:
+    # A Bcc header never reaches SparkPost: braces there are no hazard.
+    word = email.header.Header("Grüße {{x}}", "utf-8").encode()
+    raw = crlf(f"From: a@example.com\nBcc: {word} <b@example.org>\n\nb\n")
+    assert _provider().refusal(_message(raw)) is None
+    payload, _ = build_payload(_message(raw))
+    assert "substitution_data" not in payload and "Bcc" not in payload["content"]["email_rfc822"]
+
+
 # --- X-MSYS-API: coming from SparkPost's SMTP relay ------------------------------------------
 
 

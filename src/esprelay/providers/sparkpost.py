@@ -64,7 +64,7 @@ from esprelay.errors import (
     ProviderConfigError,
     RateLimited,
 )
-from esprelay.message.header import Field, decoded_text, read_header
+from esprelay.message.header import Field, decoded_text, may_have, read_header
 from esprelay.message.rawmime import remove_fields, strip_bcc, to_7bit
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import (
@@ -217,6 +217,8 @@ def read_msys_api(raw: bytes) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The transmission fields the message's ``X-MSYS-API`` header asks for (empty
     without one) and warnings.  Raises :class:`ControlHeaderError` for a header the
     relay would refuse or that adds recipients."""
+    if not may_have(raw, MSYS_HEADER):  # the common message: one scan of its header
+        return {}, ()
     header = read_header(raw, obsolete=True)
     fields = header.all(MSYS_HEADER)
     if not fields:
@@ -288,6 +290,18 @@ def read_msys_api(raw: bytes) -> tuple[dict[str, Any], tuple[str, ...]]:
 # -- the request, pure -----------------------------------------------------------------
 
 
+def _without_msys(raw: bytes) -> bytes:
+    """``raw`` without X-MSYS-API: the relay consumes its control header."""
+    if not may_have(raw, MSYS_HEADER):
+        return raw
+    return remove_fields(raw, lambda name: name == MSYS_HEADER)[0]
+
+
+def _sendable(raw: bytes) -> bytes:
+    """The header fields of ``raw`` that reach SparkPost (no Bcc, no X-MSYS-API)."""
+    return _without_msys(strip_bcc(raw).raw)
+
+
 def rfc822_text(raw: bytes) -> tuple[str, tuple[str, ...]]:
     """The message as the JSON string ``email_rfc822``, and what had to change.
 
@@ -319,9 +333,7 @@ def build_payload(
     try:  # spooled before the checks at DATA existed: refused now
         controls, warned = read_msys_api(message.raw)
         stripped = strip_bcc(message.raw)
-        # The relay consumes its control header: it never reaches recipients.
-        raw, _ = remove_fields(stripped.raw, lambda name: name == MSYS_HEADER)
-        protected, fields = protect_headers(raw)
+        protected, fields = protect_headers(_without_msys(stripped.raw))
     except (ControlHeaderError, TemplateHazard) as exc:
         raise MessageRejected(str(exc), provider=provider) from None
     warnings = [*stripped.warnings, *warned]
@@ -442,9 +454,15 @@ class SparkPostProvider(HttpProvider):
         rewrite and esprelay cannot protect, refused at the end of DATA."""
         try:
             read_msys_api(message.raw)
-            protect_headers(message.raw)
-        except (ControlHeaderError, TemplateHazard) as exc:
+        except ControlHeaderError as exc:
             return str(exc)
+        try:
+            protect_headers(message.raw)
+        except TemplateHazard:
+            try:  # the rare case: judged on what is sent (no Bcc, no X-MSYS-API)
+                protect_headers(_sendable(message.raw))
+            except TemplateHazard as exc:
+                return str(exc)
         return None
 
     def build_request(self, message: OutboundMessage) -> Built:
