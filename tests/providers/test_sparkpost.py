@@ -511,6 +511,12 @@ def test_error_table(status: int, code: str, error: type[DeliveryError]) -> None
         assert f"{code} m: d" in str(found)
 
 
+def test_a_proxys_html_400_is_retried() -> None:
+    html = "<html><head><title>400 Bad Request</title></head><body>openresty</body></html>"
+    response = httpx.Response(400, text=html, request=_REQUEST)
+    assert type(_provider().classify_error(response)) is ProviderUnavailable
+
+
 async def test_a_429_holds_every_request() -> None:
     clock = FakeClock()
     api = SparkPostAPI()

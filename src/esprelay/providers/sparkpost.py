@@ -62,6 +62,7 @@ from esprelay.errors import (
     DeliveryError,
     MessageRejected,
     ProviderConfigError,
+    ProviderUnavailable,
     RateLimited,
 )
 from esprelay.message.header import Field, decoded_text, may_have, read_header
@@ -557,6 +558,16 @@ class SparkPostProvider(HttpProvider):
                 f"{detail} (check ESPRELAY_SPARKPOST_API_URL: scheme and host only)",
                 provider=self.name,
                 status_code=status,
+            )
+        if status == 400 and json_object(response) is None:
+            # SparkPost's own refusals are JSON; an HTML 400 is the front proxy's
+            # (php-sparkpost issue 140: "400 Bad Request ... openresty" for a few of
+            # thousands of identical requests): not the message's fault, retried.
+            return ProviderUnavailable(
+                f"{detail} (not SparkPost's JSON answer: retried)",
+                provider=self.name,
+                status_code=status,
+                retry_after=retry_after,
             )
         if status in (400, 409):
             return MessageRejected(detail, provider=self.name, status_code=status)
