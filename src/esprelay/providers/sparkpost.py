@@ -111,10 +111,6 @@ QUOTA_CODES = frozenset({"2101", "2102", "2103"})
 #: Codes an operator must act on, whatever the message (extended error codes table):
 #: permission denied, unauthorized tenant or user, unconfigured sending domain.
 CONFIG_CODES = frozenset({"1100", "1303", "1304", "7001"})
-#: The code of a 200 that refused some recipients.
-PARTIAL_CODE = "2000"
-
-
 #: SparkPost's SMTP relay control header (lower case).
 MSYS_HEADER = b"x-msys-api"
 #: Its options: the booleans and the one string (``smtp-api.apib``).
