@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import email.header
-import itertools
 import re
 import smtplib
 import threading
@@ -36,7 +35,10 @@ from esprelay.providers.sparkpost import (
     protect_headers,
 )
 from esprelay.ratelimit import RateLimit
-from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, Recorded, Reply, SparkPostAPI
+from esprelay.testing.fakeesp import sparkpost_error as _error
+from esprelay.testing.fakeesp import sparkpost_problems as validate
+from esprelay.testing.fakeesp import sparkpost_render_headers as render_headers
 from tests.fakeclock import FakeClock
 from tests.messages import Case, corpus, crlf
 from tests.providers.common import queue, send_case
@@ -49,179 +51,13 @@ KEY = "0123456789abcdef0123456789abcdef01234567"
 #: The sending domains the fake's account has verified.
 VERIFIED = {"example.com", "old.example"}
 
-# --- a fake that validates like SparkPost ----------------------------------------------
+# --- the fake (esprelay.testing.fakeesp.SparkPostAPI), with this test's account ------------
 
 
-def _error(status: int, code: str, message: str, description: str = "", **headers: str) -> Reply:
-    item = {"message": message, "code": code}
-    if description:
-        item["description"] = description
-    return Reply(status, {"errors": [item]}, dict(headers))
-
-
-_EXPRESSION = re.compile(r"\{\{\{?\s*([A-Za-z_][A-Za-z0-9_]*)?[^{}]*?\s*\}?\}\}")
-_ADDRESS = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
-
-
-def substitute(text: str, data: dict[str, Any]) -> str:
-    """SparkPost's expressions, as far as these tests need them: ``{{ name }}`` and
-    ``{{{ name }}}`` become the variable's value, an unknown variable or anything else
-    (a statement, a macro) the empty string ("An empty string is substituted for
-    variables that do not exist")."""
-
-    def value(match: re.Match[str]) -> str:
-        name = match[1]
-        found = data.get(name) if name else None
-        return "" if found is None else str(found)
-
-    return _EXPRESSION.sub(value, text)
-
-
-def render_headers(raw: bytes, data: dict[str, Any]) -> bytes:
-    """What the engine makes of the top-level header fields: encoded words decoded to
-    look for expressions; a field with one substituted, written back (RFC 2047 base64
-    when it is no longer ASCII, as template-language.apib's encoding rules say)."""
-    head, separator, body = raw.partition(b"\r\n\r\n")
-    fields = re.split(rb"\r\n(?![ \t])", head)
-    out = []
-    for field in fields:
-        name, _, value = field.partition(b":")
-        text = value.decode("utf-8", "surrogateescape")
-        if "=?" in text:
-            decoded = str(email.header.make_header(email.header.decode_header(text)))
-            if "{{" in decoded:
-                new = substitute(decoded, data).strip()
-                if not new.isascii():
-                    new = email.header.Header(new, "utf-8").encode()
-                out.append(name + b": " + new.encode("ascii"))
-                continue
-        out.append(name + b":" + substitute(text, data).encode("utf-8", "surrogateescape"))
-    return b"\r\n".join(out) + separator + body
-
-
-class SparkPostAPI:
-    """POST /api/v1/transmissions with ``email_rfc822`` content, as the API Blueprint
-    describes it; ``delivered`` holds (envelope recipient, message as sent) pairs."""
-
-    def __init__(self, *, refuse: set[str] | frozenset[str] = frozenset(), name: bool = False):
-        #: Recipients refused at injection (as a malformed address would be).
-        self.refuse = set(refuse)
-        #: Name refused recipients in rcpt_to_errors (SparkPost's own words never do).
-        self.name = name
-        self.sandbox_sent = 0
-        self.delivered: list[tuple[str, bytes]] = []
-        self.bodies: list[dict[str, Any]] = []
-        self._ids = itertools.count(11668787484950529)
-        self._lock = threading.Lock()
-
-    def __call__(self, request: Recorded) -> Reply:
-        if request.path.rstrip("/") != "/api/v1/transmissions":
-            return _error(404, "1101", "invalid URI")
-        if request.method != "POST":
-            return _error(405, "1102", "invalid HTTP method")
-        if request.headers.get("authorization") != KEY:
-            return _error(401, "1100", "Unauthorized.")
-        if not request.headers.get("content-type", "").startswith("application/json"):
-            return _error(415, "1300", "invalid data format/type")
-        try:
-            payload = request.json()
-        except ValueError:
-            return _error(400, "1300", "invalid data format/type", "invalid JSON")
-        with self._lock:
-            self.bodies.append(payload)
-            return self._transmit(payload)
-
-    def _transmit(self, payload: Any) -> Reply:
-        problems = validate(payload)
-        if problems:
-            return _error(422, "1300", "invalid data format/type", "; ".join(problems))
-        content = payload["content"]["email_rfc822"]
-        raw = content.encode("utf-8")
-        sender = re.search(rb"(?im)^from:.*?([^\s<@]+@([^\s>]+))", raw)
-        if sender is None:
-            return _error(422, "1300", "invalid data format/type", "Unable to parse MIME")
-        options = payload.get("options", {})
-        if options.get("sandbox"):
-            if self.sandbox_sent >= 5:
-                return _error(420, "2103", "Exceed Sending Limit (sandbox)")
-            self.sandbox_sent += 1
-        elif sender[2].decode().lower() not in VERIFIED:
-            return _error(
-                400, "7001", "Invalid domain", "Unconfigured or unverified sending domain."
-            )
-        data = payload.get("substitution_data", {})
-        rendered = render_headers(raw, data)
-        if options.get("perform_substitutions", True) is not False:
-            head, separator, body = rendered.partition(b"\r\n\r\n")
-            rendered = head + separator + substitute(body.decode("utf-8"), data).encode()
-        accepted, errors = [], []
-        for recipient in payload["recipients"]:
-            address = recipient["address"]["email"]
-            if address in self.refuse or not _ADDRESS.fullmatch(address):
-                where = f" ({address})" if self.name else ""
-                errors.append(
-                    {
-                        "message": "invalid data format/type",
-                        "description": f"Invalid recipient address.email{where}",
-                        "code": "1300",
-                    }
-                )
-            else:
-                accepted.append(address)
-        if not accepted:
-            return _error(400, "5002", "At least one valid recipient is required")
-        self.delivered += [(address, rendered) for address in accepted]
-        results: dict[str, Any] = {
-            "total_rejected_recipients": len(errors),
-            "total_accepted_recipients": len(accepted),
-            "id": str(next(self._ids)),
-        }
-        answer: dict[str, Any] = {"results": results}
-        if errors:
-            results["rcpt_to_errors"] = errors
-            answer["errors"] = [
-                {"message": "transmission created, but with validation errors", "code": "2000"}
-            ]
-        return Reply(200, answer)
-
-
-def validate(payload: Any) -> list[str]:
-    """What the transmissions API documents as required or forbidden for rfc822."""
-    if not isinstance(payload, dict):
-        return ["request body must be an object"]
-    problems = []
-    recipients = payload.get("recipients")
-    if not isinstance(recipients, list) or not recipients:
-        problems.append("recipients must be a non-empty array")
-    else:
-        for item in recipients:
-            address = item.get("address") if isinstance(item, dict) else None
-            if not isinstance(address, dict) or not isinstance(address.get("email"), str):
-                problems.append("address.email is required for each recipient")
-            elif set(address) - {"email", "name", "header_to"}:
-                problems.append("unknown address field")
-    content = payload.get("content")
-    if not isinstance(content, dict) or not isinstance(content.get("email_rfc822"), str):
-        problems.append("content.email_rfc822 is required")
-    else:
-        if set(content) != {"email_rfc822"}:
-            problems.append("email_rfc822 cannot be combined with other content fields")
-        text = content["email_rfc822"]
-        if text.endswith("\r\n.\r\n"):
-            problems.append("email_rfc822 must not end in the SMTP terminator")
-        if "\r\n\r\n" not in text:
-            problems.append("email_rfc822 has no header section")
-    options = payload.get("options", {})
-    if not isinstance(options, dict) or not all(
-        isinstance(v, str) if k == "ip_pool" else isinstance(v, bool) for k, v in options.items()
-    ):
-        problems.append("options must be booleans (ip_pool a string)")
-    for key in ("metadata", "substitution_data"):
-        if key in payload and not isinstance(payload[key], dict):
-            problems.append(f"{key} must be an object")
-    if len(str(payload.get("metadata", ""))) > 10_000:
-        problems.append("metadata too large")
-    return problems
+def sparkpost_api(
+    *, refuse: set[str] | frozenset[str] = frozenset(), name: bool = False
+) -> SparkPostAPI:
+    return SparkPostAPI(KEY, verified=VERIFIED, refuse=refuse, name_refused=name)
 
 
 # --- the pure builder ----------------------------------------------------------------
@@ -519,7 +355,7 @@ def test_a_proxys_html_400_is_retried() -> None:
 
 async def test_a_429_holds_every_request() -> None:
     clock = FakeClock()
-    api = SparkPostAPI()
+    api = sparkpost_api()
     with FakeESP(api) as esp:
         esp.then(_error(429, "", "Too many requests", **{"Retry-After": "3"}))
         async with httpx.AsyncClient() as client:
@@ -540,7 +376,7 @@ async def test_a_429_holds_every_request() -> None:
 async def test_rejected_survive_the_bcc_warning() -> None:
     """The send template merges build warnings into the result without losing
     ``rejected``."""
-    api = SparkPostAPI(refuse={"b@example.org"}, name=True)
+    api = sparkpost_api(refuse={"b@example.org"}, name=True)
     raw = crlf("From: app@example.com\nTo: a@example.org\nBcc: b@example.org\nSubject: x\n\nhi\n")
     with FakeESP(api) as esp:
         async with httpx.AsyncClient() as client:
@@ -572,7 +408,7 @@ def _case(subject: str, raw: bytes, sender: str = "app@example.com", *rcpts: str
 
 def test_corpus_end_to_end(relay_factory: type[RelayProcess]) -> None:
     cases = corpus()
-    api = SparkPostAPI()
+    api = sparkpost_api()
     with FakeESP(api) as esp:
         relay = relay_factory(relay_env(esp)).start()
         assert "providers=sparkpost(sparkpost)" in relay.log
@@ -603,7 +439,7 @@ def test_corpus_end_to_end(relay_factory: type[RelayProcess]) -> None:
 def test_unprotectable_header_is_refused_at_data(relay_factory: type[RelayProcess]) -> None:
     word = email.header.Header("Grüße {{name}}", "utf-8").encode()
     raw = crlf(f"From: app@example.com\nTo: r@example.org\nSubject: {word}\n\nb\n")
-    with FakeESP(SparkPostAPI()) as esp:
+    with FakeESP(sparkpost_api()) as esp:
         relay = relay_factory(relay_env(esp)).start()
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
             smtp.ehlo("client.test")
@@ -616,7 +452,7 @@ def test_unprotectable_header_is_refused_at_data(relay_factory: type[RelayProces
 
 
 def test_msys_api_end_to_end(relay_factory: type[RelayProcess]) -> None:
-    api = SparkPostAPI()
+    api = sparkpost_api()
     raw = crlf(
         "From: app@example.com\nTo: r@example.org\nSubject: relay\n"
         'X-MSYS-API: {"campaign_id": "c1", "options": {"open_tracking": true}}\n\nhi\n'
@@ -640,7 +476,7 @@ def test_msys_api_end_to_end(relay_factory: type[RelayProcess]) -> None:
 
 
 def test_sandbox_end_to_end(relay_factory: type[RelayProcess]) -> None:
-    api = SparkPostAPI()
+    api = sparkpost_api()
     with FakeESP(api) as esp:
         relay = relay_factory(relay_env(esp, ESPRELAY_SPARKPOST_SANDBOX="true")).start()
         assert "providers=sparkpost(sparkpost:sandbox)" in relay.log
@@ -652,7 +488,7 @@ def test_sandbox_end_to_end(relay_factory: type[RelayProcess]) -> None:
 
 
 def test_partial_result_end_to_end(relay_factory: type[RelayProcess]) -> None:
-    api = SparkPostAPI(refuse={"refused@example.org"})
+    api = sparkpost_api(refuse={"refused@example.org"})
     rcpts = ("ok@example.org", "refused@example.org")
     raw = crlf("From: app@example.com\nTo: ok@example.org, refused@example.org\nSubject: p\n\nhi\n")
     with FakeESP(api) as esp:
@@ -667,7 +503,7 @@ def test_partial_result_end_to_end(relay_factory: type[RelayProcess]) -> None:
 def test_error_mapping_end_to_end(relay_factory: type[RelayProcess]) -> None:
     attempts: dict[str, list[float]] = {}
     lock = threading.Lock()
-    api = SparkPostAPI()
+    api = sparkpost_api()
 
     def respond(request: Recorded) -> Reply:
         found = re.search(r"Subject: (\S+)", request.json()["content"]["email_rfc822"])
@@ -704,7 +540,7 @@ def test_error_mapping_end_to_end(relay_factory: type[RelayProcess]) -> None:
 
 
 def test_invalid_message_bounces_end_to_end(relay_factory: type[RelayProcess]) -> None:
-    api = SparkPostAPI()
+    api = sparkpost_api()
 
     def respond(request: Recorded) -> Reply:
         head = request.json()["content"]["email_rfc822"].split("\r\n\r\n", 1)[0]
@@ -731,7 +567,7 @@ def test_failover_between_sparkpost_and_mailgun_end_to_end(
     relay_factory: type[RelayProcess], tmp_path: Path
 ) -> None:
     """A route mixing SparkPost and an older provider fails over both ways."""
-    api = SparkPostAPI()
+    api = sparkpost_api()
 
     def sparkpost_down_for_some(request: Recorded) -> Reply:
         if request.json()["recipients"][0]["address"]["email"].startswith("via-mailgun"):
@@ -793,16 +629,11 @@ def test_failover_between_sparkpost_and_mailgun_end_to_end(
 
 
 def _account(request: Recorded) -> Reply:
-    """GET /api/v1/account: 200 for the key, 403 for a key without Account: Read-only
-    (SparkPost's "permission denied"), 401 for any other."""
-    auth = request.headers.get("authorization")
-    if request.method != "GET" or request.path != "/api/v1/account":
-        return _error(404, "1101", "invalid URI")
-    if auth == KEY:
-        return Reply(200, {"results": {"customer_id": 1, "status": "active"}})
-    if auth == "send-only-key":
+    """The fake's GET /api/v1/account, and 403 for a key without Account: Read-only
+    (SparkPost's "permission denied")."""
+    if request.headers.get("authorization") == "send-only-key":
         return _error(403, "1100", "permission denied")
-    return _error(401, "1100", "Unauthorized.")
+    return sparkpost_api()(request)
 
 
 @pytest.mark.parametrize(
