@@ -176,7 +176,11 @@ class HttpProvider(Provider):
         result = self.parse_response(response, message)
         if not warnings:
             return result
-        return SendResult(result.provider_message_id, warnings=warnings + result.warnings)
+        return SendResult(
+            result.provider_message_id,
+            warnings=warnings + result.warnings,
+            rejected=result.rejected,
+        )
 
     async def _exchange(self, request: httpx.Request) -> httpx.Response:
         if self.rate_limit is not None:
