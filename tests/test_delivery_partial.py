@@ -30,7 +30,7 @@ from esprelay.errors import (
     RateLimited,
 )
 from esprelay.failures import FailureNotifier
-from esprelay.message.dsn import EnvelopeDSN, RecipientDSN
+from esprelay.message.dsn import EnvelopeDSN, RecipientDSN, build_dsn
 from esprelay.metrics import RelayMetrics
 from esprelay.models import Envelope, MessageState, OutboundMessage, SendResult
 from esprelay.providers.base import Provider
@@ -253,8 +253,9 @@ async def test_every_recipient_refused_for_now_defers_the_message_whole(
 
 
 async def test_no_recipient_accepted_still_splits_bounce_and_retry(
-    spool: SqliteSpool, clock: FakeClock
+    spool: SqliteSpool, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "esprelay")
     provider = PartialProvider([{B: refused(), C: later_please(retry_after=60)}, {}])
     message_id = await put(spool, B, C)
     async with Run(spool, provider, clock) as run:
@@ -267,6 +268,8 @@ async def test_no_recipient_accepted_still_splits_bounce_and_retry(
         await run.later(61)
         assert (await run.outcome()).outcome == "delivered"
     assert [m.envelope.rcpt_tos for m in provider.sent] == [(B, C), (C,)]
+    assert f"partial id={message_id} provider=partial attempt=1 " in caplog.text
+    assert "rcpts=0 provider_id=esp-1 rejected=2" in caplog.text
 
 
 async def test_a_retried_recipient_expires_and_is_bounced_alone(
@@ -384,3 +387,78 @@ async def test_the_bounce_names_only_the_refused_with_their_dsn_parameters(
     assert blocks[1]["Status"] == "5.0.0"
     assert "mailbox unknown" in blocks[1]["Diagnostic-Code"]
     assert blocks[0]["Original-Envelope-Id"] == "env-1"
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "mode", "bounced_to"),
+    [
+        (SENDER, "sender", SENDER),
+        (SENDER, "address:postmaster@example.net", "postmaster@example.net"),
+        (SENDER, "off", None),
+        ("", "sender", None),  # a null sender gets no bounce
+    ],
+)
+async def test_the_bounce_of_a_partial_outcome_follows_the_bounce_rules(
+    spool: SqliteSpool, clock: FakeClock, mail_from: str, mode: str, bounced_to: str | None
+) -> None:
+    message_id = await spool.put(Envelope(mail_from, (A, B)), RAW, provider="partial")
+    [message] = await spool.lease("test", 1, 30)
+    outcome = Outcome(
+        message, "partial", "partial", None, 0.1, bounced=((B, refused()),), accepted=(A,)
+    )
+    async with httpx.AsyncClient() as client:
+        notifier = FailureNotifier(
+            spool=spool,
+            client=client,
+            hostname="relay.test",
+            bounce_mode=mode,
+            bounce_from=None,
+            webhook_url=None,
+            default_chain=("partial",),
+            wake=lambda: None,
+        )
+        notifier.on_failed(outcome)
+        await notifier.wait(PATIENCE)
+    bounces = [m for m in await spool.list(limit=10) if m.id != message_id]
+    if bounced_to is None:
+        assert bounces == []
+        return
+    [bounce] = bounces
+    assert bounce.envelope == Envelope("", (bounced_to,))
+    stored = await spool.get(bounce.id, with_body=True)
+    assert stored is not None and stored.raw is not None
+    report = email.message_from_bytes(stored.raw, policy=email.policy.default)
+    blocks = report.get_payload()[1].get_payload()
+    assert [b["Final-Recipient"] for b in blocks[1:]] == [f"rfc822; {B}"]
+
+
+async def test_a_bounce_refused_in_part_is_not_bounced(spool: SqliteSpool) -> None:
+    dsn = build_dsn(
+        raw=RAW,
+        failed_recipients=[A],
+        original_sender=SENDER,
+        reason="x",
+        status="5.0.0",
+        reporting_mta="relay.test",
+        from_address="MAILER-DAEMON@relay.test",
+        to_address=SENDER,
+        arrival_date=0.0,
+        message_id="m0",
+    )
+    message_id = await spool.put(Envelope(SENDER, (A, B)), dsn, provider="partial")
+    [message] = await spool.lease("test", 1, 30)
+    outcome = Outcome(message, "partial", "partial", None, 0.1, bounced=((B, refused()),))
+    async with httpx.AsyncClient() as client:
+        notifier = FailureNotifier(
+            spool=spool,
+            client=client,
+            hostname="relay.test",
+            bounce_mode="sender",
+            bounce_from=None,
+            webhook_url=None,
+            default_chain=("partial",),
+            wake=lambda: None,
+        )
+        notifier.on_failed(outcome)
+        await notifier.wait(PATIENCE)
+    assert [m.id for m in await spool.list(limit=10)] == [message_id]

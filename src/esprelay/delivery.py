@@ -512,7 +512,9 @@ class Deliverer:
             next_attempt_at=now + delay if retried else None,
         )
         log.info(
-            "delivered id=%s provider=%s attempt=%d ms=%.0f rcpts=%d provider_id=%s rejected=%d",
+            # "delivered" to the accepted recipients; with none accepted, "partial".
+            "%s id=%s provider=%s attempt=%d ms=%.0f rcpts=%d provider_id=%s rejected=%d",
+            "delivered" if accepted else "partial",
             message.id,
             provider,
             attempt,
