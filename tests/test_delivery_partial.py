@@ -320,6 +320,13 @@ async def test_refusals_name_recipients_in_any_case_and_unknown_ones_are_ignored
     assert [r for r, _ in outcome.bounced] == [B]
     assert "refused <stranger@example.net>, which is not an envelope recipient" in caplog.text
 
+    idn = "b@bücher.example"
+    provider.script = [{"B@xn--bcher-kva.example": refused()}]  # as an ASCII-only ESP got it
+    await put(spool, A, idn)
+    async with Run(spool, provider, clock) as run:
+        outcome = await run.outcome()
+    assert [r for r, _ in outcome.bounced] == [idn]
+
     provider.script = [{"stranger@example.net": refused()}]
     await put(spool, A)
     async with Run(spool, provider, clock) as run:

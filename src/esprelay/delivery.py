@@ -39,6 +39,7 @@ from esprelay.errors import (
     SpoolError,
     TransientDeliveryError,
 )
+from esprelay.message.idn import ascii_address
 from esprelay.models import OutboundMessage, SpooledMessage
 from esprelay.spool.base import Spool
 
@@ -403,10 +404,14 @@ class Deliverer:
         message: SpooledMessage, provider: str, rejected: Sequence[tuple[str, DeliveryError]]
     ) -> dict[str, DeliveryError]:
         """The envelope recipients a provider refused, in envelope order, each with the
-        first error given for it.  A provider may give an address in another case; one
+        first error given for it.  A provider may give an address in another case, or
+        with its domain in Punycode (an ASCII-only ESP gets it so, see dispatch.py); one
         that names no envelope recipient at all is logged and left out."""
         rcpts = message.envelope.rcpt_tos
-        folded = {rcpt.casefold(): rcpt for rcpt in reversed(rcpts)}
+        folded: dict[str, str] = {}
+        for envelope_rcpt in reversed(rcpts):
+            folded[envelope_rcpt.casefold()] = envelope_rcpt
+            folded[(ascii_address(envelope_rcpt) or envelope_rcpt).casefold()] = envelope_rcpt
         found: dict[str, DeliveryError] = {}
         for address, error in rejected:
             rcpt = address if address in rcpts else folded.get(address.casefold())
