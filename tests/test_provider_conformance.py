@@ -26,6 +26,7 @@ from esprelay.providers.graph import GraphProvider
 from esprelay.providers.graphauth import TokenSource
 from esprelay.providers.http import HttpApiProvider, HttpApiSettings
 from esprelay.providers.mailgun import MailgunProvider
+from esprelay.providers.mailjet import MailjetProvider
 from esprelay.providers.postmark import PostmarkProvider
 from esprelay.providers.resend import ResendProvider
 from esprelay.providers.sendgrid import SendGridProvider
@@ -142,6 +143,26 @@ def _brevo() -> tuple[HttpProvider, Probe]:
     return provider, Probe(recipients, lambda r: json.loads(r.read())["sender"]["email"])
 
 
+def _mailjet() -> tuple[HttpProvider, Probe]:
+    def messages(request: httpx.Request) -> list[dict[str, Any]]:
+        body = json.loads(request.read())
+        return [{**body.get("Globals", {}), **m} for m in body["Messages"]]
+
+    def recipients(request: httpx.Request) -> set[str]:
+        return {
+            p["Email"] for m in messages(request) for f in ("To", "Cc", "Bcc") for p in m.get(f, [])
+        }
+
+    def sender(request: httpx.Request) -> str:
+        (address,) = {m["From"]["Email"] for m in messages(request)}
+        return address
+
+    provider = MailjetProvider(
+        httpx.AsyncClient(), SecretStr("k"), SecretStr("s"), "http://127.0.0.1:9"
+    )
+    return provider, Probe(recipients, sender)
+
+
 def _graph() -> tuple[HttpProvider, Probe]:
     # Graph sends to the To, Cc and Bcc addresses of the MIME, and Exchange removes the
     # Bcc field from what it delivers ([MS-OXCMAIL] 2.1.3.1.1.2): that is what is shown.
@@ -192,6 +213,7 @@ ADAPTERS = {
     "http": _http,
     "resend": _resend,
     "brevo": _brevo,
+    "mailjet": _mailjet,
     "graph": _graph,
     "example": _example,
 }

@@ -809,6 +809,22 @@ CREDENTIAL_CHECKS: dict[str, CredentialProbe] = {
         ),
         "create a v3 API key (not an SMTP key) and set ESPRELAY_BREVO_API_KEY",
     ),
+    # Mailjet: GET /v3/REST/apikey (the key's own record), Basic auth key:secret.
+    "mailjet": CredentialProbe(
+        lambda s: httpx.Request(
+            "GET",
+            _url(s.api_url, "/v3/REST/apikey"),
+            headers={
+                "Authorization": "Basic "
+                + base64.b64encode(
+                    f"{s.api_key.get_secret_value()}:{s.secret_key.get_secret_value()}".encode()
+                ).decode(),
+                "Accept": "application/json",
+            },
+        ),
+        "set ESPRELAY_MAILJET_API_KEY and ESPRELAY_MAILJET_SECRET_KEY to a pair from"
+        " Mailjet's API key management page (the key must be active)",
+    ),
 }
 
 

@@ -4,10 +4,14 @@ It records every request (method, path, query, headers, body) and answers with
 whatever ``respond(request)`` returns, or the next scripted response.  ESP-specific
 checks (auth header, required fields) live in each provider's test module, as
 ``respond`` functions that validate like the real API and answer as it does.
+:class:`MailjetAPI` (below) is such a responder for Mailjet's Send API v3.1, kept here
+so that any test can play Mailjet, partial results included.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import threading
 import time
@@ -138,3 +142,286 @@ class FakeESP:
             do_GET = do_POST = do_PUT = do_DELETE = _handle
 
         return Handler
+
+
+# --- Mailjet Send API v3.1 ---------------------------------------------------------------
+#
+# Written from Mailjet's documentation of the Send API v3.1 (message properties, the
+# error table, sandbox mode, the order of results), independently of the adapter: its
+# own list of forbidden headers, its own limits.  ``refuse(address)`` makes every
+# message with that recipient fail with the given error while the others are sent, as
+# Mailjet processes each message of a request separately.
+
+#: Message properties of the Send API v3.1 (mailjet/api-documentation, _send-api.md).
+MAILJET_PROPERTIES = frozenset(
+    {
+        "From",
+        "Sender",
+        "To",
+        "Cc",
+        "Bcc",
+        "ReplyTo",
+        "Subject",
+        "TextPart",
+        "HTMLPart",
+        "TemplateID",
+        "TemplateLanguage",
+        "TemplateErrorReporting",
+        "TemplateErrorDeliver",
+        "Attachments",
+        "InlinedAttachments",
+        "Priority",
+        "CustomCampaign",
+        "DeduplicateCampaign",
+        "TrackOpens",
+        "TrackClicks",
+        "CustomID",
+        "EventPayload",
+        "MonitoringCategory",
+        "URLTags",
+        "Headers",
+        "Variables",
+    }
+)
+#: "List of forbidden headers" of the Send API guide (send-0011).
+MAILJET_FORBIDDEN = frozenset(
+    h.lower()
+    for h in [
+        "From",
+        "Sender",
+        "Subject",
+        "To",
+        "Cc",
+        "Bcc",
+        "Return-Path",
+        "Delivered-To",
+        "DKIM-Signature",
+        "DomainKey-Status",
+        "Received-SPF",
+        "Authentication-Results",
+        "Received",
+        "X-Mailjet-Prio",
+        "X-Mailjet-Debug",
+        "User-Agent",
+        "X-Mailer",
+        "X-MJ-CustomID",
+        "X-MJ-EventPayload",
+        "X-MJ-Vars",
+        "X-MJ-TemplateErrorDeliver",
+        "X-MJ-TemplateErrorReporting",
+        "X-MJ-TemplateLanguage",
+        "X-Mailjet-TrackOpen",
+        "X-Mailjet-TrackClick",
+        "X-MJ-TemplateID",
+        "X-MJ-WorkflowID",
+        "X-Feedback-Id",
+        "X-Mailjet-Segmentation",
+        "List-Id",
+        "X-MJ-MID",
+        "X-MJ-ErrorMessage",
+        "Date",
+        "X-CSA-Complaints",
+        "Message-Id",
+        "X-Mailjet-Campaign",
+        "X-MJ-StatisticsContactsListID",
+    ]
+)
+MailjetError = tuple[int, str, str]  # (StatusCode, ErrorCode, ErrorMessage)
+
+
+class MailjetAPI:
+    """A responder for :class:`FakeESP` that validates like Mailjet's ``POST /v3.1/send``
+    (and answers ``GET /v3/REST/apikey``, the doctor's credential check)."""
+
+    def __init__(
+        self,
+        api_key: str,
+        secret_key: str,
+        *,
+        refuse: Callable[[str], MailjetError | None] | None = None,
+    ) -> None:
+        self.auth = "Basic " + base64.b64encode(f"{api_key}:{secret_key}".encode()).decode()
+        self.refuse = refuse or (lambda address: None)
+        self._next_id = 70_650_219_165_027_410
+        self._lock = threading.Lock()
+
+    def __call__(self, request: Recorded) -> Reply:
+        if request.headers.get("authorization") != self.auth:
+            return Reply(401, _mj_global(401, "mj-0015", "API key authentication failure"))
+        if request.method == "GET" and request.path == "/v3/REST/apikey":
+            return Reply(200, {"Count": 1, "Data": [{"IsActive": True}], "Total": 1})
+        if request.method != "POST" or request.path != "/v3.1/send":
+            return Reply(404, _mj_global(404, "mj-0000", "Not Found"))
+        try:
+            payload = request.json()
+        except ValueError:
+            return Reply(400, _mj_global(400, "mj-0002", "Malformed JSON"))
+        if not isinstance(payload, dict) or set(payload) - {"Messages", "Globals", "SandboxMode"}:
+            return Reply(400, _mj_global(400, "mj-0003", "Unknown or missing root property"))
+        messages = payload.get("Messages")
+        if not isinstance(messages, list) or not messages:
+            return Reply(400, _mj_global(400, "mj-0007", "Messages cannot be empty"))
+        if len(messages) > 50:
+            return Reply(400, _mj_global(400, "mj-0008", "Messages has over 50 elements"))
+        shared = payload.get("Globals", {})
+        sandbox = payload.get("SandboxMode") is True
+        results = [self._message({**shared, **m}, sandbox) for m in messages]
+        failed = any(r["Status"] == "error" for r in results)
+        return Reply(400 if failed else 200, {"Messages": results})
+
+    def _message(self, message: dict[str, Any], sandbox: bool) -> dict[str, Any]:
+        errors = mailjet_errors(message)
+        if not errors:
+            for box in message["To"] + message.get("Cc", []) + message.get("Bcc", []):
+                refused = self.refuse(box["Email"])
+                if refused is not None:
+                    errors = [(*refused, "To")]
+                    break
+        if errors:
+            return {
+                "Status": "error",
+                "Errors": [
+                    {
+                        "ErrorIdentifier": f"{abs(hash((code, text))):x}",
+                        "ErrorCode": code,
+                        "StatusCode": status,
+                        "ErrorMessage": text,
+                        "ErrorRelatedTo": [related],
+                    }
+                    for status, code, text, related in errors
+                ],
+            }
+        result: dict[str, Any] = {"Status": "success", "CustomID": message.get("CustomID", "")}
+        for kind in ("To", "Cc", "Bcc"):
+            result[kind] = [self._sent(box["Email"], sandbox) for box in message.get(kind, [])]
+        return result
+
+    def _sent(self, address: str, sandbox: bool) -> dict[str, Any]:
+        if sandbox:  # "omitting only the MessageID and MessageUUID"
+            return {"Email": address, "MessageUUID": "", "MessageID": 0, "MessageHref": ""}
+        with self._lock:
+            self._next_id += 1
+            number = self._next_id
+        return {
+            "Email": address,
+            "MessageUUID": f"{number:032x}",
+            "MessageID": number,
+            "MessageHref": f"https://api.mailjet.com/v3/REST/message/{number}",
+        }
+
+
+def _mj_global(status: int, code: str, message: str) -> dict[str, Any]:
+    return {
+        "ErrorIdentifier": f"{abs(hash(code)):x}",
+        "ErrorCode": code,
+        "ErrorMessage": message,
+        "StatusCode": status,
+    }
+
+
+def _mj_people(value: Any, kind: str, errors: list[tuple[int, str, str, str]]) -> list[str]:
+    if not isinstance(value, list):
+        errors.append((400, "mj-0004", "Type mismatch. Expected type array of emails.", kind))
+        return []
+    out = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) - {"Email", "Name"}:
+            errors.append((400, "mj-0004", "Expected {Email, Name}", kind))
+        elif not isinstance(item.get("Email"), str) or "@" not in item["Email"]:
+            errors.append((400, "mj-0013", f'"{item.get("Email")}" is an invalid email', kind))
+        elif item.get("Name") == "":
+            errors.append((400, "mj-0012", "Name cannot be empty", kind))
+        else:
+            out.append(item["Email"].lower())
+    return out
+
+
+def mailjet_errors(message: Any) -> list[tuple[int, str, str, str]]:
+    """What Mailjet's Send API v3.1 refuses in one message (after Globals are merged):
+    ``(StatusCode, ErrorCode, ErrorMessage, ErrorRelatedTo)`` each.
+
+    Two checks are stricter than Mailjet documents, so that a test fails where the
+    adapter would rely on undocumented leniency: an unknown property, and a header name
+    or value that is not ASCII (esprelay sends 7-bit header values, RFC 2047)."""
+    errors: list[tuple[int, str, str, str]] = []
+    if not isinstance(message, dict):
+        return [(400, "mj-0004", "A message is an object", "Messages")]
+    for name in set(message) - MAILJET_PROPERTIES:
+        errors.append((400, "mj-0003", f"Unknown property {name}", name))
+    sender = message.get("From")
+    if not isinstance(sender, dict) or "@" not in str(sender.get("Email", "")):
+        errors.append((400, "mj-0003", "The From is mandatory but missing", "From"))
+    if "Sender" in message:
+        errors.append((403, "send-0006", "The API key may not use a Sender", "SenderID"))
+    if not message.get("To"):
+        errors.append((400, "mj-0003", "The To is mandatory but missing from the input", "To"))
+    people = [
+        p for kind in ("To", "Cc", "Bcc") for p in _mj_people(message.get(kind, []), kind, errors)
+    ]
+    if len(set(people)) > 50:
+        errors.append((400, "send-0015", "Too many recipients", "To, Cc, Bcc"))
+    subject = message.get("Subject")
+    if subject is not None and (not isinstance(subject, str) or len(subject) > 255):
+        errors.append((400, "mj-0006", "Subject is over 255 characters", "Subject"))
+    parts = [message.get(p) for p in ("TextPart", "HTMLPart")]
+    if not any(isinstance(p, str) and p for p in parts):
+        errors.append(
+            (400, "send-0003", 'At least "HTMLPart", "TextPart" or "TemplateID" must be provided.',
+             "TextPart")
+        )  # fmt: skip
+    total = 0
+    for kind in ("Attachments", "InlinedAttachments"):
+        items = message.get(kind, [])
+        if not isinstance(items, list):
+            errors.append((400, "mj-0004", "Expected an array", kind))
+            continue
+        allowed = {"ContentType", "Filename", "Base64Content"} | (
+            {"ContentID"} if kind == "InlinedAttachments" else set()
+        )
+        for item in items:
+            if not isinstance(item, dict) or set(item) - allowed:
+                errors.append((400, "mj-0004", "Unexpected attachment property", kind))
+                continue
+            for key in ("ContentType", "Filename", "Base64Content"):
+                if not isinstance(item.get(key), str) or not item[key]:
+                    errors.append((400, "mj-0012", f"{key} cannot be empty", f"{kind}.{key}"))
+            try:
+                total += len(base64.b64decode(str(item.get("Base64Content", "")), validate=True))
+            except (binascii.Error, ValueError):
+                errors.append((400, "mj-0004", "Base64Content is not base64", kind))
+    if total > 15 * 1000 * 1000:
+        errors.append((400, "mj-0011", "Attachments are over 15 MB", "Attachments"))
+    headers = message.get("Headers", {})
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        errors.append((400, "mj-0004", "Headers map names to strings", "Headers"))
+    else:
+        for name in headers:
+            if name.lower() in MAILJET_FORBIDDEN:
+                errors.append(
+                    (400, "send-0011", f"The {name} header cannot be set", f'Headers["{name}"]')
+                )
+            elif not name.isascii() or not headers[name].isascii():
+                errors.append((400, "mj-0004", "Header lines are ASCII", f'Headers["{name}"]'))
+    reply_to = message.get("ReplyTo")
+    if reply_to is not None and (
+        not isinstance(reply_to, dict) or "@" not in str(reply_to.get("Email"))
+    ):
+        errors.append((400, "mj-0013", "ReplyTo needs an Email", "ReplyTo"))
+    for key in ("CustomID", "EventPayload", "CustomCampaign", "MonitoringCategory"):
+        if key in message and (not isinstance(message[key], str) or not message[key]):
+            errors.append((400, "mj-0012", f"{key} must be a non-empty string", key))
+    if message.get("DeduplicateCampaign") is True and "CustomCampaign" not in message:
+        errors.append(
+            (400, "send-0012", "DeduplicateCampaign needs a CustomCampaign", "CustomCampaign")
+        )
+    for key in ("TrackOpens", "TrackClicks"):
+        if key in message and (
+            message[key] not in ("account_default", "disabled", "enabled")
+            or not message.get("HTMLPart")
+        ):
+            errors.append((400, "mj-0005", f"{key} is not an allowed value here", key))
+    if "Priority" in message and (
+        not isinstance(message["Priority"], int) or isinstance(message["Priority"], bool)
+    ):
+        errors.append((400, "mj-0004", "Priority is an integer", "Priority"))
+    return errors
