@@ -6,7 +6,8 @@ third-party provider would be) POSTs to a loopback HTTP server.  That server acc
 A, refuses B and D for good and C for now on the first call, and accepts C on the
 second.  A is sent to exactly once, C is retried alone, and the sender receives one
 DSN naming B only (D asked for none with NOTIFY=NEVER).  On SQLite and PostgreSQL
-spools, and with the client waiting for the first attempt (inline) or not.
+spools, and with the client waiting for the first attempt (inline) or not; and once
+more through the Mailjet adapter and its fake (``esprelay.testing.fakeesp.MailjetAPI``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import json
 import smtplib
 import threading
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
+from esprelay.testing.fakeesp import FakeESP, MailjetAPI, MailjetError, Recorded, Reply
 from tests.opshttp import TOKEN, admin, scrape, value
 from tests.pgutil import temporary_database
 from tests.relayproc import RelayProcess
@@ -164,3 +166,53 @@ def test_partial_result_end_to_end(
         for fate in ("accepted", "bounced", "retried")
     }
     assert fates == {"accepted": 1, "bounced": 2, "retried": 1}
+
+
+def test_mailjet_partial_result_end_to_end(relay_factory: type[RelayProcess]) -> None:
+    """The same through a real adapter: Mailjet answers per message (one per blind
+    recipient), refusing one for good and another for now on the first call only."""
+    blind = (A, B, C)
+    lock = threading.Lock()
+    tries: dict[str, int] = {}
+
+    def refuse(address: str) -> MailjetError | None:
+        with lock:
+            tries[address] = tries.get(address, 0) + 1
+            first = tries[address] == 1
+        if address == B:
+            return (400, "mj-0013", f"invalid email {address}")
+        if address == C and first:
+            return (500, "mj-0000", "Internal error")
+        return None
+
+    key, secret = "mj-key-for-partial", "mj-secret-for-partial"
+    with FakeESP(MailjetAPI(key, secret, refuse=refuse)) as esp:
+        relay = relay_factory(
+            {
+                "ESPRELAY_PROVIDER": "mailjet",
+                "ESPRELAY_MAILJET_API_KEY": key,
+                "ESPRELAY_MAILJET_SECRET_KEY": secret,
+                "ESPRELAY_MAILJET_API_URL": esp.url,
+                "ESPRELAY_RETRY_INITIAL": "0.5",
+                "ESPRELAY_RETRY_MAX": "1",
+            }
+        ).start()
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail(SENDER)
+            for rcpt in blind:
+                assert smtp.rcpt(rcpt)[0] == 250
+            code, reply = smtp.data(
+                f"From: {SENDER}\r\nTo: undisclosed-recipients:;\r\nSubject: p\r\n\r\nhi\r\n"
+            )
+        assert code == 250, reply
+        message_id = reply.decode().rsplit(" ", 1)[1]
+        relay.wait_for_log(rf"delivered id={message_id} provider=mailjet attempt=2 ")
+        relay.wait_for_log(rf"bounce id=\w+ for={message_id} to=<{SENDER}> size=\d+ rcpts=1")
+        esp.wait_for(3)
+        requests = [r.json() for r in esp.requests]
+    sends = [[m["To"][0]["Email"] for m in body["Messages"]] for body in requests]
+    assert sends[0] == [A, B, C]
+    assert [C] in sends[1:] and [SENDER] in sends[1:] and len(sends) == 3
+    [dsn] = [body for body in requests if body["Messages"][0]["To"][0]["Email"] == SENDER]
+    assert B in json.dumps(dsn) and f"<{A}>" not in json.dumps(dsn)
