@@ -623,6 +623,7 @@ class PostgresSpool(OnePartPut):
         provider_message_id: str | None,
         next_attempt_at: float | None,
         drop_body: bool,
+        rcpt_tos: Sequence[str] | None = None,
     ) -> bool:
         finished = await self._fetchval(
             f"recording a {outcome} attempt",
@@ -632,6 +633,7 @@ class PostgresSpool(OnePartPut):
             " last_error = $4, provider = $5,"
             " provider_message_id = COALESCE($6, provider_message_id),"
             " next_attempt_at = COALESCE($7, next_attempt_at)"
+            + (", rcpt_tos = $9" if rcpt_tos is not None else "")
             + (", has_body = false" if drop_body else "")
             + " WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2"
             " RETURNING id, attempts, updated_at)"
@@ -655,6 +657,7 @@ class PostgresSpool(OnePartPut):
             provider_message_id,
             next_attempt_at,
             outcome,
+            *(() if rcpt_tos is None else (list(rcpt_tos),)),
         )
         return finished is not None
 
@@ -699,6 +702,34 @@ class PostgresSpool(OnePartPut):
             provider_message_id=None,
             next_attempt_at=None,
             drop_body=False,
+        )
+
+    async def mark_partial(
+        self,
+        id: str,
+        *,
+        owner: str,
+        provider: str,
+        provider_message_id: str | None,
+        note: str,
+        rcpt_tos: Sequence[str],
+        next_attempt_at: float | None,
+    ) -> bool:
+        # One statement: the envelope narrowed to the recipients still to be tried and
+        # the attempt recorded commit together, or neither does (the lease then
+        # expires and the message is tried again whole).
+        requeue = bool(rcpt_tos)
+        return await self._finish(
+            id,
+            owner,
+            provider,
+            state=MessageState.QUEUED if requeue else MessageState.DELIVERED,
+            outcome="partial",
+            error=note,
+            provider_message_id=provider_message_id,
+            next_attempt_at=next_attempt_at if requeue else None,
+            drop_body=not requeue,
+            rcpt_tos=rcpt_tos if requeue else None,
         )
 
     async def get(self, id: str, *, with_body: bool = False) -> SpooledMessage | None:

@@ -94,7 +94,8 @@ CREATE TABLE IF NOT EXISTS messages (
     meta TEXT NOT NULL DEFAULT '{}',
     body_file INTEGER NOT NULL DEFAULT 0
 );
--- One row per attempt that carries information of its own: a deferral or a failure.
+-- One row per attempt that carries information of its own: a deferral, a failure or a
+-- partial delivery (some recipients accepted; see ``mark_partial``).
 -- A delivery is the message's last attempt and the messages row holds all of it
 -- (number = attempts, at = updated_at, provider, provider_message_id), so it gets no
 -- row; ``get`` puts it back into the history.  Files written before keep theirs.
@@ -234,6 +235,29 @@ def _finish_statements(
         " FROM messages WHERE id = ?1",
     )
 
+
+# A partial attempt (``mark_partial``), for (id, now, provider, owner, note,
+# provider_message_id[, rcpt_tos, next_attempt_at]): queued again for the recipients
+# still to be tried, or delivered (the others were bounced) with its body dropped.
+_PARTIAL_SET = (
+    "attempts = attempts + 1, updated_at = ?2, lease_owner = NULL, lease_expires_at = NULL,"
+    " provider = ?3, last_error = ?5, provider_message_id = COALESCE(?6, provider_message_id)"
+)
+_PARTIAL_WHERE = " WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?4"
+_PARTIAL_REQUEUE = (
+    f"UPDATE messages SET state = 'queued', {_PARTIAL_SET}, rcpt_tos = ?7,"
+    f" next_attempt_at = ?8{_PARTIAL_WHERE}"
+)
+_PARTIAL_DELIVERED = (
+    f"UPDATE messages SET state = 'delivered', {_PARTIAL_SET}, raw = NULL,"
+    f" body_file = 0{_PARTIAL_WHERE}"
+)
+# (id, now, provider, note, provider_message_id): the attempt row, numbered as counted.
+_PARTIAL_ATTEMPT = (
+    "INSERT OR REPLACE INTO attempts (message_id, number, at, provider, outcome, error,"
+    " provider_message_id) SELECT ?1, attempts, ?2, ?3, 'partial', ?4, ?5"
+    " FROM messages WHERE id = ?1"
+)
 
 _STATES = {state.value: state for state in MessageState}
 
@@ -820,6 +844,41 @@ class SqliteSpool(OnePartPut):
                 )
             )
         )
+
+    async def mark_partial(
+        self,
+        id: str,
+        *,
+        owner: str,
+        provider: str,
+        provider_message_id: str | None,
+        note: str,
+        rcpt_tos: Sequence[str],
+        next_attempt_at: float | None,
+    ) -> bool:
+        requeue = bool(rcpt_tos)
+        in_file = id in self._body_files
+        self._body_files.discard(id)  # requeued: a later lease names it again
+        update_sql = _PARTIAL_REQUEUE if requeue else _PARTIAL_DELIVERED
+        requeued = (json.dumps(list(rcpt_tos)), next_attempt_at) if requeue else ()
+
+        def update(conn: sqlite3.Connection) -> bool:
+            now = self._time()
+            cursor = self._cursor
+            cursor.execute(
+                update_sql, (id, now, provider, owner, note, provider_message_id, *requeued)
+            )
+            if cursor.rowcount != 1:
+                return False
+            cursor.execute(_PARTIAL_ATTEMPT, (id, now, provider, note, provider_message_id))
+            return True
+
+        # Durable (the default): once the envelope is narrowed, the recipients that
+        # were accepted are never sent to again, and a bounce may follow.
+        done = bool(await self._run(update))
+        if done and in_file and not requeue:
+            await asyncio.to_thread(self._bodies.remove, [id])
+        return done
 
     async def get(self, id: str, *, with_body: bool = False) -> SpooledMessage | None:
         def select(conn: sqlite3.Connection) -> SpooledMessage | None:
