@@ -216,3 +216,29 @@ def test_mailjet_partial_result_end_to_end(relay_factory: type[RelayProcess]) ->
     assert [C] in sends[1:] and [SENDER] in sends[1:] and len(sends) == 3
     [dsn] = [body for body in requests if body["Messages"][0]["To"][0]["Email"] == SENDER]
     assert B in json.dumps(dsn) and f"<{A}>" not in json.dumps(dsn)
+
+
+def test_passthrough_names_a_refused_recipient_in_the_reply(
+    plugin_path: str, relay_factory: type[RelayProcess]
+) -> None:
+    """Without a spool nothing can retry a refused recipient alone: the DATA reply says
+    the worst of it (B refused for good: 554 naming B), never a bare 250."""
+    with FakeESP(PerRecipientESP()) as esp:
+        relay = relay_factory(
+            {
+                "PYTHONPATH": plugin_path,
+                "ESPRELAY_DELIVERY_MODE": "passthrough",
+                "ESPRELAY_PROVIDER": "partialesp",
+                "ESPRELAY_PARTIALESP_URL": esp.url + "/send",
+            }
+        ).start()
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail(SENDER)
+            for rcpt in (A, B):
+                assert smtp.rcpt(rcpt)[0] == 250
+            code, reply = smtp.data(RAW)
+        assert code == 554, reply
+        assert f"<{B}> refused" in reply.decode()
+        assert len(esp.requests) == 1
+    assert "rejected id=" in relay.log and f"rcpt=<{B}>" in relay.log
