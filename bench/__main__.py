@@ -5,8 +5,10 @@ and esprelay run back to back in fresh processes under the same load; the headli
 the ratio esprelay delivered msg/s / sink accepted msg/s, the median of the per-repeat
 ratios.  When Postfix is installed (``--postfix auto``, the default), a throw-away
 Postfix relay into ``smtp-sink`` runs third in every repeat of the 0 ms scenarios, and
-the table adds the ratio esprelay delivered msg/s / Postfix delivered msg/s.  See
-bench/README.md.
+the table adds the ratio esprelay delivered msg/s / Postfix delivered msg/s.  With
+``--spool sqlite,postgresql`` (the default), esprelay runs on each spool in turn in every
+repeat, and a second table compares them: PostgreSQL / SQLite delivered rate and CPU per
+message, database round trips and PostgreSQL CPU per message.  See bench/README.md.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import HTTP_PROVIDERS, Measurement, measure, smtp_source_available
+from bench.harness import (
+    HTTP_PROVIDERS,
+    PG_ADMIN_URL,
+    SPOOLS,
+    Measurement,
+    measure,
+    postgres_unavailable_reason,
+    smtp_source_available,
+)
 from bench.postfix import unavailable_reason as postfix_unavailable_reason
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -123,6 +133,53 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
     return summary
 
 
+def summarise_spools(by_spool: dict[str, list[Measurement]]) -> dict[str, Any]:
+    """Per spool: medians of its runs, and the median per-repeat ratios to the first."""
+    spools = list(by_spool)
+    first = by_spool[spools[0]]
+    summary: dict[str, Any] = {}
+    for spool, runs in by_spool.items():
+        summary[spool] = {
+            "delivered_per_s": median([r.delivered_per_s for r in runs]),
+            "cpu_ms_per_msg": median([r.cpu_ms_per_msg for r in runs]),
+            "round_trips_per_msg": median([r.round_trips_per_msg for r in runs]),
+            "db_cpu_ms_per_msg": median([r.db_cpu_ms_per_msg for r in runs]),
+            "db_server_cpu_ms_per_msg": median([r.db_server_cpu_ms_per_msg for r in runs]),
+            "p50_ms": median([r.p50_ms for r in runs]),
+            "errors": sum(r.errors for r in runs),
+            "undelivered": sum(r.sent - r.delivered for r in runs),
+            f"ratio_delivered_vs_{spools[0]}": _ratios(
+                [(r.delivered_per_s, f.delivered_per_s) for r, f in zip(runs, first, strict=True)]
+            ),
+            f"ratio_cpu_vs_{spools[0]}": _ratios(
+                [(r.cpu_ms_per_msg, f.cpu_ms_per_msg) for r, f in zip(runs, first, strict=True)]
+            ),
+        }
+    return summary
+
+
+def spool_table(rows: list[dict[str, Any]]) -> str:
+    """The spools side by side, per scenario (when more than one was measured)."""
+    lines = [
+        "| size | sessions | API ms | spool | delivered/s | CPU ms/msg | round trips/msg |"
+        " PostgreSQL CPU ms/msg (its backends / whole server) | delivered ratio | CPU ratio |",
+        "|" + "---|" * 10,
+    ]
+    for row in rows:
+        spools = row.get("spools") or {}
+        base = next(iter(spools), "")
+        for spool, s in spools.items():
+            lines.append(
+                f"| {human(row['size'])} | {row['sessions']} | {_fmt(row['latency_ms'])} |"
+                f" {spool} | {_fmt(s['delivered_per_s'])} | {_fmt(s['cpu_ms_per_msg'], 2)} |"
+                f" {_fmt(s['round_trips_per_msg'], 2)} |"
+                f" {_fmt(s['db_cpu_ms_per_msg'], 2)} / {_fmt(s['db_server_cpu_ms_per_msg'], 2)} |"
+                f" {_fmt(s[f'ratio_delivered_vs_{base}'], 2)} |"
+                f" {_fmt(s[f'ratio_cpu_vs_{base}'], 2)} |"
+            )
+    return "\n".join(lines)
+
+
 def _fmt(value: float | None, digits: int = 0) -> str:
     if value is None:
         return "-"
@@ -201,6 +258,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--env", action="append", default=[], help="extra ESPRELAY_X=Y for esprelay"
     )
+    parser.add_argument(
+        "--spool",
+        default=",".join(SPOOLS),
+        help="esprelay's spools, measured in turn in every repeat (comma-separated:"
+        " sqlite, postgresql; the first is the main table's and the base of the ratios)."
+        " postgresql runs on a throw-away database created and dropped per run on"
+        " --pg-url's server, and is left out with a note when that cannot be reached"
+        " unless named alone or first",
+    )
+    parser.add_argument(
+        "--pg-url",
+        default=PG_ADMIN_URL,
+        help="maintenance database of the PostgreSQL server for --spool postgresql"
+        " (default: $ESPRELAY_BENCH_PG_URL or %(default)s)",
+    )
     parser.add_argument("--output", type=Path, help="JSON file (default: bench/results/...)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -214,6 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.postfix == "on" and postfix_reason:
         parser.error(f"--postfix on: {postfix_reason}")
     with_postfix = args.postfix != "off" and postfix_reason is None
+    spools = [name.strip() for name in args.spool.split(",") if name.strip()]
+    if not spools or any(name not in SPOOLS for name in spools):
+        parser.error(f"--spool: one or more of {', '.join(SPOOLS)}")
+    pg_reason = postgres_unavailable_reason(args.pg_url) if "postgresql" in spools else None
+    if pg_reason and spools[0] == "postgresql":
+        parser.error(f"--spool postgresql: {pg_reason}")
+    if pg_reason:
+        print(f"note: leaving out the postgresql spool: {pg_reason}", file=sys.stderr)
+        spools.remove("postgresql")
 
     scenarios: list[tuple[int, int, float]] = []
     for size in (parse_size(s) for s in args.sizes.split(",") if s):
@@ -238,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     for size, sessions, latency in scenarios:
         count = args.count or max(1, round(default_count(size, sessions) * args.scale))
         runs: list[Run] = []
+        by_spool: dict[str, list[Measurement]] = {spool: [] for spool in spools}
         for repeat in range(args.repeats):
             common = {
                 "size": size,
@@ -249,7 +331,28 @@ def main(argv: list[str] | None = None) -> int:
                 "helper_cpus": helper_cpus,
             }
             sink = None if args.no_sink else measure("sink", **common)  # type: ignore[arg-type]
-            relay = measure("esprelay", provider=provider, extra_env=extra_env, **common)  # type: ignore[arg-type]
+            relay = measure(
+                "esprelay",
+                provider=provider,
+                extra_env=extra_env,
+                spool=spools[0],
+                pg_admin_url=args.pg_url,
+                **common,
+            )
+            by_spool[spools[0]].append(relay)
+            for spool in spools[1:]:
+                other = measure(
+                    "esprelay",
+                    provider=provider,
+                    extra_env=extra_env,
+                    spool=spool,
+                    pg_admin_url=args.pg_url,
+                    **common,
+                )
+                by_spool[spool].append(other)
+                raw.append(other.to_json())
+                if not args.quiet:
+                    print(_spool_progress(size, sessions, latency, repeat, other), file=sys.stderr)
             # smtp-sink cannot wait less than a second: Postfix runs at 0 ms only.
             postfix = measure("postfix", **common) if with_postfix and latency == 0 else None
             runs.append((relay, sink, postfix))
@@ -280,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                 "latency_ms": latency,
                 "count": count,
                 "summary": summarise(runs),
+                "spools": summarise_spools(by_spool),
             }
         )
 
@@ -299,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             "unavailable": postfix_reason,
         },
         "repeats": args.repeats,
+        "spools": spools,
         "scenarios": rows,
         "runs": raw,
     }
@@ -309,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(table(rows))
+    if spools != ["sqlite"]:
+        print()
+        print(spool_table(rows))
     for row in rows:
         relay = row["summary"]["esprelay"]
         if relay["errors"] or relay["undelivered"]:
@@ -323,6 +431,26 @@ def main(argv: list[str] | None = None) -> int:
         f" postfix={postfix_note}; JSON: {output}"
     )
     return 0
+
+
+def _spool_progress(size: int, sessions: int, latency: float, repeat: int, m: Measurement) -> str:
+    return (
+        f"{human(size):>4} x{sessions:<3} api={latency:g}ms run {repeat + 1}:"
+        f" esprelay on {m.spool} {m.delivered_per_s or 0:.0f} delivered/s"
+        f" ({m.cpu_ms_per_msg:.2f} ms CPU/msg"
+        + (
+            f", {m.round_trips_per_msg:.2f} round trips/msg"
+            if m.round_trips_per_msg is not None
+            else ""
+        )
+        + (
+            f", PostgreSQL {m.db_cpu_ms_per_msg:.2f} ms CPU/msg"
+            f" (server {m.db_server_cpu_ms_per_msg or 0:.2f})"
+            if m.db_cpu_ms_per_msg is not None
+            else ""
+        )
+        + ")"
+    )
 
 
 def _available_http_provider() -> str | None:

@@ -9,6 +9,12 @@ A scenario is (message size, sessions, API latency, target).  Targets:
 - ``postfix``: a throw-away Postfix instance relaying into ``smtp-sink``
   (``bench.postfix``), when Postfix is installed and we are root.
 
+esprelay runs on the SQLite spool, or with ``spool="postgresql"`` on a throw-away
+database of the local PostgreSQL server (``PG_ADMIN_URL``), created for the run and
+dropped after it.  Then the measurement also holds the database round trips per
+message (the spool's own count, logged when it closes) and the CPU of the PostgreSQL
+server per message (see :class:`PostgresCpu`).
+
 Every process is fresh per scenario, so VmHWM is that scenario's peak RSS and the
 CPU time (utime + stime from ``/proc/<pid>/stat``) is that scenario's cost.  Postfix is
 many processes: its CPU is read from a cgroup holding all of them (``cpu_accounting``
@@ -22,6 +28,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -32,6 +39,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from bench.loadgen import LoadResult, run_load
 from bench.postfix import PostfixRelay
@@ -39,6 +47,11 @@ from bench.postfix import PostfixRelay
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 HTTP_PROVIDERS = {"sendgrid": "sendgrid", "postmark": "postmark"}
+#: The spools esprelay can be measured on (``measure(spool=...)``).
+SPOOLS = ("sqlite", "postgresql")
+#: The maintenance database of the PostgreSQL server the ``postgresql`` spool runs on;
+#: the bench creates a database of its own there for every run and drops it after.
+PG_ADMIN_URL = os.environ.get("ESPRELAY_BENCH_PG_URL", "postgresql://root@127.0.0.1:5432/postgres")
 
 
 @dataclass
@@ -66,6 +79,16 @@ class Measurement:
     # How cpu_ms_per_msg was counted: "process" (/proc/<pid>/stat of the one server
     # process), "cgroup-v2"/"cgroup-v1" or "proc-tree" (every process of Postfix).
     cpu_accounting: str = "process"
+    # The spool esprelay ran on; for "postgresql" the figures below too.
+    spool: str = "sqlite"
+    # Statements the spool sent and waited for, per message (its own count).
+    round_trips_per_msg: float | None = None
+    # CPU of the PostgreSQL backends serving this run's database, per message.
+    db_cpu_ms_per_msg: float | None = None
+    # CPU of every process of the PostgreSQL server (postmaster, its children and the
+    # children it reaped), per message: includes background writers, and the work of
+    # anyone else using the server meanwhile.
+    db_server_cpu_ms_per_msg: float | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -269,6 +292,120 @@ def smtp_source_available() -> bool:
     return shutil.which("smtp-source") is not None or Path("/usr/sbin/smtp-source").exists()
 
 
+async def _pg_admin(admin_url: str, statement: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url, timeout=5)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def postgres_unavailable_reason(admin_url: str = PG_ADMIN_URL) -> str | None:
+    """Why the ``postgresql`` spool cannot be measured here, or None."""
+    try:
+        asyncio.run(_pg_admin(admin_url, "SELECT 1"))
+    except Exception as exc:  # any failure means: not available
+        return f"PostgreSQL not reachable at {urlsplit(admin_url).netloc}: {exc}"
+    return None
+
+
+@contextlib.contextmanager
+def bench_database(admin_url: str = PG_ADMIN_URL) -> Iterator[tuple[str, str]]:
+    """A new, empty database on the server of ``admin_url``: (its URL, its name);
+    dropped afterwards (connections still open to it included)."""
+    name = f"esprelay_bench_{secrets.token_hex(6)}"
+    asyncio.run(_pg_admin(admin_url, f"CREATE DATABASE {name}"))
+    try:
+        yield urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}")), name
+    finally:
+        asyncio.run(_pg_admin(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def _stat_fields(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+class PostgresCpu:
+    """CPU seconds of the local PostgreSQL server, from ``/proc``.
+
+    The server is the postmaster (the ``postgres`` process whose parent is not one) and
+    its children.  ``server()`` counts all of them: the postmaster's own time, the time
+    of the children it has reaped (``cutime``/``cstime``: a backend that exits leaves
+    its time there) and that of the live ones; a difference of two readings is what
+    the server spent in between, whoever asked.  ``backends(database)`` reads only the
+    live backends connected to ``database`` (their command line names it), by pid, so
+    that the work of this run can be told from other users of the same server.
+    """
+
+    def __init__(self) -> None:
+        self.postmaster = self._find_postmaster()
+
+    @staticmethod
+    def _find_postmaster() -> int | None:
+        names: dict[int, tuple[str, int]] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                text = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            names[int(entry.name)] = (comm, int(text.rsplit(")", 1)[1].split()[1]))
+        for pid, (comm, parent) in names.items():
+            if comm in ("postgres", "postmaster") and names.get(parent, ("", 0))[0] not in (
+                "postgres",
+                "postmaster",
+            ):
+                return pid
+        return None
+
+    def _children(self) -> list[int]:
+        if self.postmaster is None:
+            return []
+        path = Path(f"/proc/{self.postmaster}/task/{self.postmaster}/children")
+        try:
+            return [int(pid) for pid in path.read_text().split()]
+        except OSError:
+            return []
+
+    def server(self) -> float | None:
+        if self.postmaster is None:
+            return None
+        try:
+            fields = _stat_fields(self.postmaster)
+        except OSError:
+            return None
+        # utime, stime, cutime, cstime: fields 14-17.
+        total = sum(int(value) for value in fields[11:15])
+        for pid in self._children():
+            with contextlib.suppress(OSError):
+                total += sum(int(value) for value in _stat_fields(pid)[11:13])
+        return total / CLOCK_TICKS
+
+    def backends(self, database: str) -> dict[int, float]:
+        found = {}
+        for pid in self._children():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+                # "postgres: [CLUSTER: ]USER DATABASE HOST(PORT) STATE"
+                if database in argv.split():
+                    found[pid] = cpu_seconds(pid)
+            except (OSError, ValueError):
+                continue
+        return found
+
+
+_ROUND_TRIPS = re.compile(r"spool: closed after (\d+) database round trip")
+
+
+def _spool_round_trips(log: Path) -> int | None:
+    found = _ROUND_TRIPS.findall(log.read_text(errors="replace"))
+    return int(found[-1]) if found else None
+
+
 def measure(
     target: str,
     *,
@@ -282,8 +419,14 @@ def measure(
     helper_cpus: set[int] | None = None,
     deliver_timeout: float = 300.0,
     extra_env: dict[str, str] | None = None,
+    spool: str = "sqlite",
+    pg_admin_url: str = PG_ADMIN_URL,
 ) -> Measurement:
-    """Run one scenario against one target in fresh processes and return its figures."""
+    """Run one scenario against one target in fresh processes and return its figures.
+
+    ``spool`` (esprelay only): ``sqlite``, or ``postgresql`` on a database of its own
+    created on the server of ``pg_admin_url`` and dropped after the run.
+    """
     if target == "postfix":
         return measure_postfix(
             size=size,
@@ -296,7 +439,16 @@ def measure(
             deliver_timeout=deliver_timeout,
         )
     flavour = HTTP_PROVIDERS.get(provider, "generic")
-    with tempfile.TemporaryDirectory(prefix="esprelay-bench-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="esprelay-bench-"))
+        database: str | None = None
+        pg_cpu: PostgresCpu | None = None
+        if target == "esprelay" and spool == "postgresql":
+            url, database = stack.enter_context(bench_database(pg_admin_url))
+            extra_env = {**(extra_env or {}), "ESPRELAY_SPOOL_URL": url}
+            pg_cpu = PostgresCpu()
+        elif spool != "sqlite":
+            raise ValueError(f"unknown spool {spool!r}")
         workdir = Path(tmp)
         with emulator(workdir, latency_ms=latency_ms, flavour=flavour, cpus=helper_cpus) as emu:
             server = start_target(
@@ -310,6 +462,9 @@ def measure(
             try:
                 pin(os.getpid(), helper_cpus)
                 cpu_before = cpu_seconds(server.pid)
+                if pg_cpu is not None and database is not None:
+                    db_before = pg_cpu.backends(database)
+                    server_db_before = pg_cpu.server()
                 started = time.perf_counter()
                 load = _drive_load(
                     server.port, loadgen=loadgen, sessions=sessions, count=count, size=size
@@ -328,9 +483,19 @@ def measure(
                     )
                 cpu_used = cpu_seconds(server.pid) - cpu_before
                 rss = peak_rss_mb(server.pid)
+                db_used = server_db_used = None
+                if pg_cpu is not None and database is not None:
+                    db_used = sum(
+                        seconds - db_before.get(pid, 0.0)
+                        for pid, seconds in pg_cpu.backends(database).items()
+                    )
+                    server_db_after = pg_cpu.server()
+                    if server_db_before is not None and server_db_after is not None:
+                        server_db_used = server_db_after - server_db_before
             finally:
                 server.stop()
-    return _result(
+        round_trips = _spool_round_trips(server.log) if database is not None else None
+    measurement = _result(
         target,
         provider=provider if target == "esprelay" else "-",
         size=size,
@@ -344,6 +509,15 @@ def measure(
         cpu_used=cpu_used,
         rss=rss,
     )
+    measurement.spool = spool if target == "esprelay" else "-"
+    messages = max(1, load.sent or count)
+    if round_trips is not None:
+        measurement.round_trips_per_msg = round_trips / messages
+    if db_used is not None:
+        measurement.db_cpu_ms_per_msg = db_used * 1000 / messages
+    if server_db_used is not None:
+        measurement.db_server_cpu_ms_per_msg = server_db_used * 1000 / messages
+    return measurement
 
 
 def _result(
