@@ -19,8 +19,19 @@ from sharing:
   instead of polling tightly.
 - **Durability.** Every write is one transaction (one statement, except for a large
   body); it returns only after PostgreSQL has committed it (``synchronous_commit`` is
-  forced ``on`` for our sessions), so ``250`` still means "committed".  PostgreSQL
-  groups concurrent commits itself; there is no group commit of our own here.
+  forced ``on`` for our sessions), so ``250`` still means "committed".
+- **Group commit.** Concurrent writes of one kind share a statement, as the SQLite
+  spool's writer shares a transaction: new messages (up to a megabyte of body) wait
+  in one line, outcomes (``mark_*``) in another; while one batch is with the
+  database the next gathers, and then goes as one statement of arrays, unnested by
+  the server (:class:`_GroupCommit`).  Nobody is answered before that statement has
+  committed, and a batch that fails fails every caller in it (with the same
+  SpoolError: the client gets 451, nothing of it was stored), except that a row the
+  database refuses for its content alone is tried again alone so that it fails by
+  itself.  Twenty sessions finishing DATA together cost one statement, one commit
+  and one WAL flush instead of twenty, and the round trips per message (the spool
+  counts them: ``round_trips``) fall well below one.  A lease was one statement for
+  many messages already.
 - **Shutdown.** ``close`` of a serving instance hands back the leases it still holds,
   so a graceful stop leaves nothing waiting for a lease to expire.
 - **Schema.** :func:`upgrade` creates and migrates the tables (``esprelay db upgrade``,
@@ -43,8 +54,9 @@ import functools
 import io
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -179,6 +191,74 @@ _INSERT_MESSAGE = (
 
 _Callback = Callable[[], None]
 
+#: Most operations one batch of the group commit holds.
+MAX_BATCH = 256
+#: Most bytes of bodies one batch of new messages carries (a larger body goes alone).
+BATCH_BYTES = 4 * 1024 * 1024
+
+# The group commit's insert: one row per spool entry, every column an array; the
+# recipients of all entries in one flat array, each entry's a slice of it ($3, $4:
+# first and last position, 1-based).  A row with a lease owner is created already
+# leased.  The body goes in by the same statement, so message and body commit
+# together, and the status (``INSERT 0 n``) confirms them: no rows come back.
+_INSERT_BATCH = (
+    "WITH u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[],"
+    " $5::bigint[], $6::text[], $7::text[], $8::text[], $9::float8[], $10::bytea[])"
+    " AS u(id, mail_from, rcpt_first, rcpt_last, size, provider, meta, lease_owner,"
+    " lease_time, data)),"
+    " m AS (INSERT INTO esprelay_messages (id, created_at, updated_at, mail_from, rcpt_tos,"
+    " size, state, next_attempt_at, provider, meta, lease_owner, lease_expires_at)"
+    f" SELECT u.id, {_NOW}, {_NOW}, u.mail_from, ($11::text[])[u.rcpt_first:u.rcpt_last],"
+    " u.size, CASE WHEN u.lease_owner IS NULL THEN 'queued' ELSE 'in_flight' END,"
+    f" {_NOW}, u.provider, u.meta::jsonb, u.lease_owner,"
+    f" CASE WHEN u.lease_owner IS NULL THEN NULL ELSE {_NOW} + u.lease_time END FROM u"
+    " RETURNING id)"
+    " INSERT INTO esprelay_bodies (message_id, seq, data)"
+    " SELECT m.id, 0, u.data FROM m JOIN u ON u.id = m.id"
+)
+
+# The group commit's outcomes: one row per message, as ``_finish`` describes it; the
+# recipients of a partial attempt requeued for some of them a slice of $12 ($10,
+# $11; NULL: unchanged).  Only a message still leased to the owner given changes;
+# its attempt is recorded, and its id comes back, in the same statement.  A batch
+# never names a message twice (``_GroupCommit`` ends it before a repeat).
+_FINISH_BATCH = (
+    "WITH u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],"
+    " $5::text[], $6::text[], $7::text[], $8::float8[], $9::bool[], $10::int[], $11::int[])"
+    " AS u(id, owner, state, outcome, error, provider, provider_message_id,"
+    " next_attempt_at, drop_body, rcpt_first, rcpt_last)),"
+    " finished AS (UPDATE esprelay_messages AS m SET state = u.state,"
+    f" attempts = m.attempts + 1, updated_at = {_NOW}, lease_owner = NULL,"
+    " lease_expires_at = NULL, last_error = u.error, provider = u.provider,"
+    " provider_message_id = COALESCE(u.provider_message_id, m.provider_message_id),"
+    " next_attempt_at = COALESCE(u.next_attempt_at, m.next_attempt_at),"
+    " rcpt_tos = CASE WHEN u.rcpt_first IS NULL THEN m.rcpt_tos"
+    " ELSE ($12::text[])[u.rcpt_first:u.rcpt_last] END,"
+    " has_body = m.has_body AND NOT u.drop_body"
+    " FROM u WHERE m.id = u.id AND m.state = 'in_flight' AND m.lease_owner = u.owner"
+    " RETURNING m.id, m.attempts, m.updated_at, u.provider, u.outcome, u.error,"
+    " u.provider_message_id, u.drop_body),"
+    " dropped AS (DELETE FROM esprelay_bodies AS b USING finished AS f"
+    " WHERE b.message_id = f.id AND f.drop_body),"
+    " recorded AS (INSERT INTO esprelay_attempts (message_id, number, at, provider, outcome,"
+    " error, provider_message_id) SELECT id, attempts, updated_at, provider, outcome, error,"
+    " provider_message_id FROM finished"
+    " ON CONFLICT (message_id, number) DO UPDATE SET at = EXCLUDED.at,"
+    " provider = EXCLUDED.provider, outcome = EXCLUDED.outcome, error = EXCLUDED.error,"
+    " provider_message_id = EXCLUDED.provider_message_id"
+    " RETURNING message_id)"
+    " SELECT array_agg(message_id) FROM recorded"
+)
+
+# A new spool entry waiting for the group commit: (id, mail_from, rcpt_tos, size,
+# provider, meta as JSON, lease owner or None, lease time), and its body.
+_NewRow = tuple[str, str, list[str], int, str, str, str | None, float]
+# An outcome waiting for the group commit: (id, owner, state, outcome, error,
+# provider, provider_message_id, next_attempt_at, drop_body, rcpt_tos or None).
+_Outcome = tuple[
+    str, str, str, str, str | None, str, str | None, float | None, bool, list[str] | None
+]
+
 
 @contextlib.contextmanager
 def _translate_errors(action: str) -> Iterator[None]:
@@ -230,6 +310,117 @@ def redact_url(url: str) -> str:
         return url
     user = userinfo.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in userinfo else url
+
+
+_Item = TypeVar("_Item")
+
+
+def _refused_for_its_content(error: SpoolError) -> bool:
+    """Whether the database refused a statement for what it holds (a data exception or
+    an integrity violation): nothing was committed, and each row may be tried alone."""
+    cause = error.__cause__
+    return isinstance(cause, asyncpg.PostgresError) and (
+        getattr(cause, "sqlstate", None) or ""
+    ).startswith(("22", "23"))
+
+
+def _fail(future: asyncio.Future[Any], error: SpoolError) -> None:
+    if not future.done():
+        # A copy for each caller: one exception raised in many tasks would gather
+        # all their tracebacks.
+        copy = type(error)(*error.args)
+        copy.__cause__ = error.__cause__
+        future.set_exception(copy)
+
+
+class _GroupCommit(Generic[_Item]):
+    """A line of writes of one kind, committed a batch at a time (see the module doc).
+
+    ``run`` stores a batch in one statement and returns each item's result, in order,
+    once it has committed; or raises SpoolError for all of them.  While a batch is
+    with the database, the next gathers (up to :data:`MAX_BATCH` items, and
+    :data:`BATCH_BYTES` by ``weigh``; never two items with one ``key``): the busier
+    the spool, the larger the batches, and an idle spool sends a write at once.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[_Item]], Awaitable[Sequence[Any]]],
+        *,
+        weigh: Callable[[_Item], int] | None = None,
+        key: Callable[[_Item], str] | None = None,
+    ) -> None:
+        self._run = run
+        self._weigh = weigh
+        self._key = key
+        self._waiting: deque[tuple[_Item, asyncio.Future[Any]]] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: _Item) -> Any:
+        """``item``'s result, once its batch has committed."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain(), name="esprelay-spool-commit")
+        return await future
+
+    async def idle(self) -> None:
+        """Return once every write submitted so far has been answered."""
+        while self._task is not None:
+            await asyncio.wait({self._task})
+
+    def _take(self) -> list[tuple[_Item, asyncio.Future[Any]]]:
+        batch = [self._waiting.popleft()]
+        weight = self._weigh(batch[0][0]) if self._weigh is not None else 0
+        keys = {self._key(batch[0][0])} if self._key is not None else set()
+        while self._waiting and len(batch) < MAX_BATCH:
+            item = self._waiting[0][0]
+            if self._weigh is not None:
+                weight += self._weigh(item)
+                if weight > BATCH_BYTES:
+                    break
+            if self._key is not None:
+                key = self._key(item)
+                if key in keys:
+                    break
+                keys.add(key)
+            batch.append(self._waiting.popleft())
+        return batch
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                await self._commit(self._take())
+        finally:
+            self._task = None
+            # Only if this task was cancelled (the loop is closing): nobody waits forever.
+            while self._waiting:
+                _fail(self._waiting.popleft()[1], SpoolError("spool error: the spool closed"))
+
+    async def _commit(self, batch: list[tuple[_Item, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._run([item for item, _ in batch])
+        except SpoolError as exc:
+            if len(batch) > 1 and _refused_for_its_content(exc):
+                # One row spoils the statement for all: each alone, so it fails by itself.
+                for one in batch:
+                    await self._commit([one])
+                return
+            for _, future in batch:
+                _fail(future, exc)
+            return
+        except BaseException as exc:
+            # Cancelled, or a bug: whoever waits hears of it (nothing was confirmed).
+            if isinstance(exc, Exception):
+                log.exception("spool: a batch of writes failed")
+            for _, future in batch:
+                _fail(future, SpoolError(f"spool error: {type(exc).__name__}: {exc}"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
 
 async def _current_version(conn: asyncpg.Connection) -> int:
@@ -300,8 +491,13 @@ class PostgresSpool(OnePartPut):
         self._sleep = clock.sleep
         self._timeout = clock.timeout
         #: Statements sent to the database and waited for (round trips), a plain
-        #: count for the benchmark and the debug log; see :meth:`_count`.
+        #: count for the benchmark (logged at close).
         self.round_trips = 0
+        # The group commits (see the module doc): new messages, and outcomes.
+        self._puts: _GroupCommit[tuple[list[_NewRow], bytes]] = _GroupCommit(
+            self._insert_batch, weigh=_put_weight
+        )
+        self._outcomes: _GroupCommit[_Outcome] = _GroupCommit(self._finish_batch, key=_outcome_id)
 
     def __repr__(self) -> str:
         return f"PostgresSpool({redact_url(self.url)!r})"
@@ -357,11 +553,18 @@ class PostgresSpool(OnePartPut):
             )
 
     async def _reset_connection(self, conn: asyncpg.Connection) -> None:
-        """What the pool runs on a connection given back (asyncpg's default reset)."""
-        query = conn.get_reset_query()
-        if query:
-            self.round_trips += 1
-            await conn.execute(query)
+        """Nothing: what the pool runs on a connection given back (after rolling back
+        a transaction left open, which asyncpg does first in any case).
+
+        asyncpg's default reset sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL;
+        UNLISTEN *; RESET ALL`` at every release: a round trip per operation, as many
+        as the operations themselves.  A pooled connection of this spool never holds
+        session state for it to undo: no session advisory locks (the migration's is a
+        transaction's), no cursor outside a transaction, no LISTEN (the listener has
+        a connection of its own), no SET (settings are given at connect).  An
+        operation that needs any of these must undo it itself.
+        """
+        del conn
 
     @staticmethod
     async def _release_leases(executor: asyncpg.Connection | asyncpg.Pool, owner: str) -> int:
@@ -378,6 +581,9 @@ class PostgresSpool(OnePartPut):
     async def close(self) -> None:
         if self._closed:
             return
+        # Writes already submitted are answered first, committed or not.
+        await self._puts.idle()
+        await self._outcomes.idle()
         if self._announcing is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._announcing
@@ -493,21 +699,13 @@ class PostgresSpool(OnePartPut):
             for part in parts
         ]
         ids = [row[0] for row in rows]
-        if len(rows) == 1 and len(raw) <= BODY_CHUNK:
-            # The common case: one statement, one implicit transaction, one round trip;
-            # it returns only after the commit.
-            inserted = [
-                await self._fetchval(
-                    "storing a message",
-                    f"WITH message AS ({_INSERT_MESSAGE})"
-                    " INSERT INTO esprelay_bodies (message_id, seq, data)"
-                    " SELECT id, 0, $9 FROM message RETURNING message_id",
-                    *rows[0],
-                    raw,
-                )
-            ]
-        else:
-            inserted = await self._put_pieces(rows, raw)
+        if len(raw) <= BODY_CHUNK:
+            # The common case: with the other messages arriving meanwhile, in one
+            # statement (the group commit); returns only after its commit.
+            self._require_pool()
+            await self._puts.submit((rows, raw))
+            return ids
+        inserted = await self._put_pieces(rows, raw)
         if inserted != ids:
             raise SpoolError("spool error while storing a message: insert not confirmed")
         if lease_owner is None:
@@ -542,6 +740,61 @@ class PostgresSpool(OnePartPut):
                             view[start : start + BODY_CHUNK],
                         )
         return inserted
+
+    async def _insert_batch(self, batch: list[tuple[list[_NewRow], bytes]]) -> list[None]:
+        """Store the entries of every put in ``batch`` in one statement (one commit)."""
+        ids: list[str] = []
+        senders: list[str] = []
+        firsts: list[int] = []
+        lasts: list[int] = []
+        sizes: list[int] = []
+        providers: list[str] = []
+        metas: list[str] = []
+        owners: list[str | None] = []
+        lease_times: list[float] = []
+        bodies: list[bytes] = []
+        recipients: list[str] = []
+        for rows, raw in batch:
+            for id, mail_from, rcpt_tos, size, provider, meta, owner, lease_time in rows:
+                ids.append(id)
+                senders.append(mail_from)
+                firsts.append(len(recipients) + 1)
+                recipients.extend(rcpt_tos)
+                lasts.append(len(recipients))
+                sizes.append(size)
+                providers.append(provider)
+                metas.append(meta)
+                owners.append(owner)
+                lease_times.append(lease_time)
+                bodies.append(raw)
+        status = await self._execute(
+            "storing a message",
+            _INSERT_BATCH,
+            ids,
+            senders,
+            firsts,
+            lasts,
+            sizes,
+            providers,
+            metas,
+            owners,
+            lease_times,
+            bodies,
+            recipients,
+        )
+        if status != f"INSERT 0 {len(ids)}":
+            raise SpoolError("spool error while storing a message: insert not confirmed")
+        if None in owners:
+            self._announce()  # once for the batch, after its commit
+        return [None] * len(batch)
+
+    async def _execute(self, action: str, query: str, *args: Any) -> str:
+        pool = self._require_pool()
+        with _translate_errors(action):
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                self.round_trips += 1
+                status: str = await conn.execute(query, *args)
+                return status
 
     def _announce(self) -> None:
         """Tell the other instances, after the commit, that new work is due.
@@ -644,41 +897,40 @@ class PostgresSpool(OnePartPut):
         drop_body: bool,
         rcpt_tos: Sequence[str] | None = None,
     ) -> bool:
-        finished = await self._fetchval(
-            f"recording a {outcome} attempt",
-            "WITH finished AS ("
-            " UPDATE esprelay_messages SET state = $3, attempts = attempts + 1,"
-            f" updated_at = {_NOW}, lease_owner = NULL, lease_expires_at = NULL,"
-            " last_error = $4, provider = $5,"
-            " provider_message_id = COALESCE($6, provider_message_id),"
-            " next_attempt_at = COALESCE($7, next_attempt_at)"
-            + (", rcpt_tos = $9" if rcpt_tos is not None else "")
-            + (", has_body = false" if drop_body else "")
-            + " WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2"
-            " RETURNING id, attempts, updated_at)"
-            + (
-                ", dropped AS (DELETE FROM esprelay_bodies"
-                " WHERE message_id IN (SELECT id FROM finished))"
-                if drop_body
-                else ""
-            )
-            + " INSERT INTO esprelay_attempts (message_id, number, at, provider, outcome, error,"
-            " provider_message_id) SELECT id, attempts, updated_at, $5, $8, $4, $6 FROM finished"
-            " ON CONFLICT (message_id, number) DO UPDATE SET at = EXCLUDED.at,"
-            " provider = EXCLUDED.provider, outcome = EXCLUDED.outcome, error = EXCLUDED.error,"
-            " provider_message_id = EXCLUDED.provider_message_id"
-            " RETURNING message_id",
+        # With the other outcomes recorded meanwhile, in one statement (the group
+        # commit): the lease checked, the attempt counted and recorded, the body
+        # dropped if asked, all in one commit.
+        item: _Outcome = (
             id,
             owner,
             state.value,
+            outcome,
             error,
             provider,
             provider_message_id,
             next_attempt_at,
-            outcome,
-            *(() if rcpt_tos is None else (list(rcpt_tos),)),
+            drop_body,
+            None if rcpt_tos is None else list(rcpt_tos),
         )
-        return finished is not None
+        return bool(await self._outcomes.submit(item))
+
+    async def _finish_batch(self, batch: list[_Outcome]) -> list[bool]:
+        """Record every outcome of ``batch`` in one statement; which were recorded."""
+        columns: list[list[Any]] = [[] for _ in range(11)]
+        recipients: list[str] = []
+        for *values, rcpt_tos in batch:
+            for column, value in zip(columns[:9], values, strict=True):
+                column.append(value)
+            if rcpt_tos is None:
+                columns[9].append(None)
+                columns[10].append(None)
+            else:
+                columns[9].append(len(recipients) + 1)
+                recipients.extend(rcpt_tos)
+                columns[10].append(len(recipients))
+        finished = await self._fetchval("recording attempts", _FINISH_BATCH, *columns, recipients)
+        done = set(finished or ())
+        return [item[0] in done for item in batch]
 
     async def mark_delivered(
         self, id: str, *, owner: str, provider: str, provider_message_id: str | None
@@ -913,6 +1165,15 @@ class PostgresSpool(OnePartPut):
         return int(count)
 
     # endregion
+
+
+def _put_weight(put: tuple[list[_NewRow], bytes]) -> int:
+    rows, raw = put
+    return len(rows) * len(raw)
+
+
+def _outcome_id(outcome: _Outcome) -> str:
+    return outcome[0]
 
 
 def _set_event(event: asyncio.Event, *_: object) -> None:
