@@ -1,6 +1,6 @@
 """Profile esprelay under the 2 KB x 20 sessions load with py-spy (``pip install py-spy``).
 
-``python -m bench.profile [--count N] [--sessions N] [--size 2K]`` writes
+``python -m bench.profile [--count N] [--sessions N] [--size 2K] [--spool postgresql]`` writes
 ``bench/results/profile-<size>.txt`` (py-spy's raw collapsed stacks) and prints the
 functions with the most samples, by own time and by inclusive time.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.__main__ import RESULTS, human, parse_size
-from bench.harness import emulator, start_target
+from bench.harness import PG_ADMIN_URL, bench_database, emulator, start_target
 from bench.loadgen import run_load
 
 
@@ -51,17 +52,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--provider", default="outbox")
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument(
+        "--spool",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="postgresql: on a throw-away database of --pg-url's server",
+    )
+    parser.add_argument("--pg-url", default=PG_ADMIN_URL)
     args = parser.parse_args(argv)
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     size = parse_size(args.size)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"profile-{human(size)}.txt"
     flavour = args.provider if args.provider in ("sendgrid", "postmark") else "generic"
-    with tempfile.TemporaryDirectory(prefix="esprelay-profile-") as tmp:
-        workdir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="esprelay-profile-")))
+        extra_env = {}
+        if args.spool == "postgresql":
+            url, _ = stack.enter_context(bench_database(args.pg_url))
+            extra_env["ESPRELAY_SPOOL_URL"] = url
         with emulator(workdir, latency_ms=args.latency_ms, flavour=flavour, cpus=None) as emu:
             server = start_target(
-                "esprelay", workdir, provider=args.provider, emulator_port=emu.port, cpus=None
+                "esprelay",
+                workdir,
+                provider=args.provider,
+                emulator_port=emu.port,
+                cpus=None,
+                extra_env=extra_env,
             )
             spy = subprocess.Popen(
                 [pyspy, "record", "--format", "raw", "--rate", "250", "--nonblocking",

@@ -250,6 +250,9 @@ class OpsServer:
             self.metrics.spool_scrape_errors.inc()
         else:
             self.metrics.observe_spool(stats)
+        round_trips = getattr(self.spool, "round_trips", None)  # a PostgreSQL spool's count
+        if isinstance(round_trips, int):
+            self.metrics.observe_round_trips(round_trips)
 
     # region admin
 

@@ -171,6 +171,14 @@ class RelayMetrics:
             ["provider", "reason"],
             registry=r,
         )
+        # A shared (PostgreSQL) spool's statements sent and waited for: with the
+        # messages accepted, its round trips per message (bench/README.md).
+        self.spool_round_trips = Counter(
+            "esprelay_spool_round_trips",
+            "Database round trips of the shared (PostgreSQL) spool.",
+            registry=r,
+        )
+        self._round_trips_seen = 0
         for state in MessageState:
             self.spool_messages.labels(state.value)
         self._outcome_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
@@ -242,6 +250,12 @@ class RelayMetrics:
         else:
             now = time.time() if now is None else now
             self.spool_oldest_age.set(max(0.0, now - stats.oldest_queued_at))
+
+    def observe_round_trips(self, count: int) -> None:
+        """The spool's own running count of round trips (``PostgresSpool.round_trips``)."""
+        if count > self._round_trips_seen:
+            self.spool_round_trips.inc(count - self._round_trips_seen)
+            self._round_trips_seen = count
 
     # endregion
 
