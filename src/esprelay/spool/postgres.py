@@ -25,13 +25,14 @@ from sharing:
   in one line, outcomes (``mark_*``) in another; while one batch is with the
   database the next gathers, and then goes as one statement of arrays, unnested by
   the server (:class:`_GroupCommit`).  Nobody is answered before that statement has
-  committed, and a batch that fails fails every caller in it (with the same
-  SpoolError: the client gets 451, nothing of it was stored), except that a row the
-  database refuses for its content alone is tried again alone so that it fails by
-  itself.  Twenty sessions finishing DATA together cost one statement, one commit
-  and one WAL flush instead of twenty, and the round trips per message (the spool
-  counts them: ``round_trips``) fall well below one.  A lease was one statement for
-  many messages already.
+  committed, and a batch that fails fails every caller in it with a SpoolError (the
+  client gets 451; nothing of the batch was stored), except that when the database
+  refuses a row for its content (or rolls a batch back for a deadlock), each write
+  of the batch is tried again alone, so that only the bad one fails.  Twenty
+  sessions finishing DATA together cost one statement, one commit and one WAL flush
+  instead of twenty, and the round trips per message (counted: ``round_trips``) fall
+  well below one.  A lease is one statement for many messages, as it was; leases
+  and their ``FOR UPDATE SKIP LOCKED`` are unchanged.
 - **Shutdown.** ``close`` of a serving instance hands back the leases it still holds,
   so a graceful stop leaves nothing waiting for a lease to expire.
 - **Schema.** :func:`upgrade` creates and migrates the tables (``esprelay db upgrade``,
@@ -315,13 +316,15 @@ def redact_url(url: str) -> str:
 _Item = TypeVar("_Item")
 
 
-def _refused_for_its_content(error: SpoolError) -> bool:
-    """Whether the database refused a statement for what it holds (a data exception or
-    an integrity violation): nothing was committed, and each row may be tried alone."""
+def _worth_trying_alone(error: SpoolError) -> bool:
+    """Whether the database refused a batch for what one of its rows holds (a data
+    exception, an integrity violation) or rolled it back for a conflict with another
+    transaction (a deadlock between two instances' batches whose leases crossed):
+    nothing was committed, and each write may be tried again alone."""
     cause = error.__cause__
     return isinstance(cause, asyncpg.PostgresError) and (
         getattr(cause, "sqlstate", None) or ""
-    ).startswith(("22", "23"))
+    ).startswith(("22", "23", "40"))
 
 
 def _fail(future: asyncio.Future[Any], error: SpoolError) -> None:
@@ -401,7 +404,7 @@ class _GroupCommit(Generic[_Item]):
         try:
             results = await self._run([item for item, _ in batch])
         except SpoolError as exc:
-            if len(batch) > 1 and _refused_for_its_content(exc):
+            if len(batch) > 1 and _worth_trying_alone(exc):
                 # One row spoils the statement for all: each alone, so it fails by itself.
                 for one in batch:
                     await self._commit([one])
