@@ -143,6 +143,7 @@ def summarise_spools(by_spool: dict[str, list[Measurement]]) -> dict[str, Any]:
             "delivered_per_s": median([r.delivered_per_s for r in runs]),
             "cpu_ms_per_msg": median([r.cpu_ms_per_msg for r in runs]),
             "round_trips_per_msg": median([r.round_trips_per_msg for r in runs]),
+            "db_commits_per_msg": median([r.db_commits_per_msg for r in runs]),
             "db_cpu_ms_per_msg": median([r.db_cpu_ms_per_msg for r in runs]),
             "db_server_cpu_ms_per_msg": median([r.db_server_cpu_ms_per_msg for r in runs]),
             "p50_ms": median([r.p50_ms for r in runs]),
@@ -162,8 +163,9 @@ def spool_table(rows: list[dict[str, Any]]) -> str:
     """The spools side by side, per scenario (when more than one was measured)."""
     lines = [
         "| size | sessions | API ms | spool | delivered/s | CPU ms/msg | round trips/msg |"
-        " PostgreSQL CPU ms/msg (its backends / whole server) | delivered ratio | CPU ratio |",
-        "|" + "---|" * 10,
+        " commits/msg | PostgreSQL CPU ms/msg (its backends / whole server) |"
+        " delivered ratio | CPU ratio |",
+        "|" + "---|" * 11,
     ]
     for row in rows:
         spools = row.get("spools") or {}
@@ -172,7 +174,7 @@ def spool_table(rows: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {human(row['size'])} | {row['sessions']} | {_fmt(row['latency_ms'])} |"
                 f" {spool} | {_fmt(s['delivered_per_s'])} | {_fmt(s['cpu_ms_per_msg'], 2)} |"
-                f" {_fmt(s['round_trips_per_msg'], 2)} |"
+                f" {_fmt(s['round_trips_per_msg'], 2)} | {_fmt(s['db_commits_per_msg'], 2)} |"
                 f" {_fmt(s['db_cpu_ms_per_msg'], 2)} / {_fmt(s['db_server_cpu_ms_per_msg'], 2)} |"
                 f" {_fmt(s[f'ratio_delivered_vs_{base}'], 2)} |"
                 f" {_fmt(s[f'ratio_cpu_vs_{base}'], 2)} |"
@@ -443,6 +445,7 @@ def _spool_progress(size: int, sessions: int, latency: float, repeat: int, m: Me
             if m.round_trips_per_msg is not None
             else ""
         )
+        + (f", {m.db_commits_per_msg:.2f} commits/msg" if m.db_commits_per_msg is not None else "")
         + (
             f", PostgreSQL {m.db_cpu_ms_per_msg:.2f} ms CPU/msg"
             f" (server {m.db_server_cpu_ms_per_msg or 0:.2f})"

@@ -83,6 +83,9 @@ class Measurement:
     spool: str = "sqlite"
     # Statements the spool sent and waited for, per message (its own count).
     round_trips_per_msg: float | None = None
+    # Transactions committed in this run's database per message (pg_stat_database: what
+    # PostgreSQL counted, startup and shutdown included; close to the WAL flushes).
+    db_commits_per_msg: float | None = None
     # CPU of the PostgreSQL backends serving this run's database, per message.
     db_cpu_ms_per_msg: float | None = None
     # CPU of every process of the PostgreSQL server (postmaster, its children and the
@@ -398,6 +401,30 @@ class PostgresCpu:
         return found
 
 
+async def _commits(admin_url: str, database: str, *, settle: float = 10.0) -> int | None:
+    """Transactions committed in ``database`` so far, once no backend serves it any more
+    (a backend reports its counts when it goes idle for a while, and when it exits)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url, timeout=5)
+    try:
+        deadline = time.monotonic() + settle
+        while time.monotonic() < deadline:
+            busy = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", database
+            )
+            if not busy:
+                break
+            await asyncio.sleep(0.05)
+        # A new transaction reads the statistics afresh.
+        value = await conn.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = $1", database
+        )
+    finally:
+        await conn.close()
+    return None if value is None else int(value)
+
+
 _ROUND_TRIPS = re.compile(r"spool: closed after (\d+) database round trip")
 
 
@@ -465,6 +492,7 @@ def measure(
                 if pg_cpu is not None and database is not None:
                     db_before = pg_cpu.backends(database)
                     server_db_before = pg_cpu.server()
+                    commits_before = asyncio.run(_commits(pg_admin_url, database, settle=0))
                 started = time.perf_counter()
                 load = _drive_load(
                     server.port, loadgen=loadgen, sessions=sessions, count=count, size=size
@@ -494,7 +522,12 @@ def measure(
                         server_db_used = server_db_after - server_db_before
             finally:
                 server.stop()
-        round_trips = _spool_round_trips(server.log) if database is not None else None
+        round_trips = commits = None
+        if database is not None:
+            round_trips = _spool_round_trips(server.log)
+            commits_after = asyncio.run(_commits(pg_admin_url, database))
+            if commits_after is not None and commits_before is not None:
+                commits = commits_after - commits_before
     measurement = _result(
         target,
         provider=provider if target == "esprelay" else "-",
@@ -513,6 +546,8 @@ def measure(
     messages = max(1, load.sent or count)
     if round_trips is not None:
         measurement.round_trips_per_msg = round_trips / messages
+    if commits is not None:
+        measurement.db_commits_per_msg = commits / messages
     if db_used is not None:
         measurement.db_cpu_ms_per_msg = db_used * 1000 / messages
     if server_db_used is not None:
