@@ -21,7 +21,7 @@ from sharing:
   body); it returns only after PostgreSQL has committed it (``synchronous_commit`` is
   forced ``on`` for our sessions), so ``250`` still means "committed".
 - **Group commit.** Concurrent writes of one kind share a statement, as the SQLite
-  spool's writer shares a transaction: new messages (up to a megabyte of body) wait
+  spool's writer shares a transaction: new messages (up to a megabyte of bodies) wait
   in one line, outcomes (``mark_*``) in another; while one batch is with the
   database the next gathers, and then goes as one statement of arrays, unnested by
   the server (:class:`_GroupCommit`).  Nobody is answered before that statement has
@@ -324,7 +324,7 @@ def _worth_trying_alone(error: SpoolError) -> bool:
     cause = error.__cause__
     return isinstance(cause, asyncpg.PostgresError) and (
         getattr(cause, "sqlstate", None) or ""
-    ).startswith(("22", "23", "40"))
+    ).startswith(("22", "23", "40001", "40P01"))
 
 
 def _fail(future: asyncio.Future[Any], error: SpoolError) -> None:
@@ -702,9 +702,10 @@ class PostgresSpool(OnePartPut):
             for part in parts
         ]
         ids = [row[0] for row in rows]
-        if len(raw) <= BODY_CHUNK:
+        if len(raw) * len(rows) <= BODY_CHUNK:
             # The common case: with the other messages arriving meanwhile, in one
-            # statement (the group commit); returns only after its commit.
+            # statement (the group commit); returns only after its commit.  (Larger,
+            # the body goes in pieces, so as not to be copied whole into buffers.)
             self._require_pool()
             await self._puts.submit((rows, raw))
             return ids
