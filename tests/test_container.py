@@ -313,6 +313,19 @@ def test_image_built_on_debian_relays_a_message_with_auth(
             uid = run([*podman, "exec", name, "id", "-u"], timeout=STEP_TIMEOUT)
             assert uid.stdout.strip() == "10001"
             assert run([*podman, "healthcheck", "run", name], timeout=STEP_TIMEOUT).returncode == 0
+            # The README's first check, in the running container (SMTP egress probed on
+            # loopback here: tests reach no other host).
+            probe = ["--smtp-probe-host", "127.0.0.1", "--timeout", "5"]
+            doctor = run(
+                [*podman, "exec", name, "esprelay", "doctor", "--json", *probe],
+                timeout=STEP_TIMEOUT,
+                check=False,
+            )
+            assert doctor.stdout.startswith("{"), doctor.stderr[-3000:]
+            checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+            assert checks["configuration"]["status"] == "pass", checks
+            assert checks["spool"]["status"] == "pass", checks
+            probes = len(esp.requests)  # doctor's credential check (GET /server)
 
             message = EmailMessage()
             message["From"] = "app@example.com"
@@ -325,7 +338,8 @@ def test_image_built_on_debian_relays_a_message_with_auth(
                 smtp.rset()
                 smtp.login(user, password)
                 smtp.send_message(message)
-            [request] = esp.wait_for(1, timeout=60)
+            esp.wait_for(probes + 1, timeout=60)
+            [request] = [r for r in esp.requests if (r.method, r.path) == ("POST", "/email")]
 
             grace = seconds(compose()["services"]["esprelay"]["stop_grace_period"])
             run([*podman, "stop", "--time", str(int(grace)), name], timeout=grace + 60)
