@@ -38,7 +38,9 @@ def drain_bound(settings: Settings) -> float:
     """The longest a graceful stop can take (esprelay.app.Relay.shutdown): sessions under
     way get ESPRELAY_SHUTDOWN_GRACE, deliveries in flight get it again, failure notices
     under way once more; closing the listener (2 s), the ops server (2 s) and a
-    PostgreSQL pool (5 s) add at most 10 s."""
+    PostgreSQL pool (5 s) add at most 10 s. (With PostgreSQL unreachable, handing the
+    leases back can wait for its timeouts; a SIGKILL then loses nothing either: the
+    leases expire.)"""
     return 3 * settings.shutdown_grace + 10
 
 
