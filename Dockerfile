@@ -1,6 +1,10 @@
 # esprelay: SMTP in, ESP HTTPS API out.
+#   docker compose up -d --build    # docker-compose.yml: who may send, ports, stop grace
+# or by hand:
 #   docker build -t esprelay .
-#   docker run --env-file .env -p 127.0.0.1:2525:2525 -p 127.0.0.1:8025:8025 -v esprelay-data:/var/lib/esprelay esprelay
+#   docker run --env-file .env -p 127.0.0.1:2525:2525 -p 127.0.0.1:8025:8025
+#     --stop-timeout 75 -v esprelay-data:/var/lib/esprelay esprelay        (one line)
+# (then clients need AUTH or ESPRELAY_TRUSTED_NETWORKS: README, "Deploying").
 #
 # The base image is a build argument: any image with Python 3.11+ (its venv module),
 # groupadd/useradd and CA certificates will do, such as Debian bookworm with python3,

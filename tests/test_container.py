@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,11 +80,16 @@ def base_tag() -> str:
 
 
 def run(
-    command: list[str], *, timeout: float, check: bool = True, **kwargs: object
+    command: list[str], *, timeout: float, check: bool = True, **kwargs: Any
 ) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
-    )  # type: ignore[call-overload]
+    """Run ``command`` to its end, at most ``timeout`` seconds; fail the test if it
+    fails (unless ``check`` is false) or takes longer."""
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(command)} did not finish within {timeout:.0f} s")
     if check and result.returncode != 0:
         pytest.fail(
             f"{' '.join(command)} exited {result.returncode}:\n"
