@@ -125,9 +125,11 @@ def cpu_per_call(fn: Callable[[], object], loops: int) -> float:
     return best / loops * 1000
 
 
-def http_provider(kind: str, client: httpx.AsyncClient) -> HttpProvider:
-    """``kind`` configured as the end-to-end benchmark configures it."""
-    provider = configure(get_kind(kind), settings(kind, "http://127.0.0.1:9")).build(client)
+def http_provider(
+    kind: str, client: httpx.AsyncClient, url: str = "http://127.0.0.1:9"
+) -> HttpProvider:
+    """``kind`` configured as the end-to-end benchmark configures it, its ESP at ``url``."""
+    provider = configure(get_kind(kind), settings(kind, url)).build(client)
     assert isinstance(provider, HttpProvider), kind
     return provider
 
