@@ -8,11 +8,12 @@ its engine, the native one and aiosmtpd's alike:
 
 - a connection from outside ``ESPRELAY_PROXY_TRUSTED`` is closed at once (and logged):
   anyone else could name any address, a trusted one included;
-- the gate reads the header, and only the header: it peeks at the socket and takes the
-  header's bytes, so what follows (SMTP, or the TLS handshake of the SMTPS port) stays
-  for the engine.  A header that is malformed, longer than the specification's 107
-  bytes (v1) or :data:`V2_MAX_PAYLOAD` (v2), or missing after ``timeout`` seconds closes
-  the connection with a log line;
+- the gate reads the header, and only the header: it asks the transport for no more
+  bytes than the header may still have (:func:`header_wanted`), so what follows (SMTP,
+  or the TLS handshake of the SMTPS port) stays in the socket for the engine.  A header
+  that is malformed, longer than the specification's 107 bytes (v1) or
+  :data:`V2_MAX_PAYLOAD` (v2), or missing after ``timeout`` seconds closes the
+  connection with a log line;
 - then the engine's session starts as if the client had connected itself, with the
   header's source address as its peer
   (:meth:`~esprelay.smtp.session_policy.PolicyConnection.peer_of`): admission and
@@ -38,9 +39,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import re
-import socket
 import ssl
 import struct
 from collections.abc import Callable
@@ -181,6 +180,25 @@ def _host(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return str(address)
 
 
+#: The shortest v1 headers per family ("PROXY UNKNOWN\r\n" is the shortest of all).
+_V1_SHORTEST = {b"UNKNOWN": 15, b"TCP4": 32, b"TCP6": 22}
+
+
+def header_wanted(data: bytes | bytearray) -> int:
+    """How many bytes may be read after ``data``, an incomplete header (as
+    :func:`parse_header` says), without reading past the header's end: at least 1."""
+    if data[:1] == V2_SIGNATURE[:1]:
+        if len(data) < V2_FIXED:
+            return V2_FIXED - len(data)
+        payload = int.from_bytes(data[V2_FIXED - 2 : V2_FIXED], "big")
+        return max(V2_FIXED + payload - len(data), 1)
+    # v1, or nothing yet (15 bytes: no header is shorter).  The line ends with CRLF:
+    # two more bytes at least, one once the CR has come.
+    words = bytes(data[len(V1_PREFIX) :]).split(b" ", 1)
+    shortest = _V1_SHORTEST.get(words[0], 15) if len(words) == 2 else 15
+    return max(shortest - len(data), 1 if data[-1:] == b"\r" else 2)
+
+
 # region the gate
 
 
@@ -199,12 +217,18 @@ class ProxiedSession(Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
 
+    def data_received(self, data: bytes) -> None: ...
 
-class ProxyGate(asyncio.Protocol):
+    def eof_received(self) -> bool | None: ...
+
+
+class ProxyGate(asyncio.BufferedProtocol):
     """One connection until its PROXY header is read; then the engine's session's.
 
     ``make_session`` makes the engine's protocol; ``tls_context`` (the SMTPS port) is
-    the TLS the session starts with, after the header.
+    the TLS the session starts with, after the header.  The gate is a buffered protocol
+    so that it chooses how much each read takes: never more than the header has left
+    (three reads for a v2 header, a few more for v1).
     """
 
     def __init__(
@@ -221,11 +245,15 @@ class ProxyGate(asyncio.Protocol):
         self._handshake_timeout = handshake_timeout
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._sock: socket.socket | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._peer: Any = None
         self._balancer = ""
         self._header = bytearray()
+        self._buffer = bytearray(V2_FIXED)
+        #: During the SMTPS handshake: the session, and what came for it meanwhile.
+        self._session: ProxiedSession | None = None
+        self._early: list[bytes] = []
+        self._early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._transport is not None:
@@ -239,34 +267,19 @@ class ProxyGate(asyncio.Protocol):
             )
             transport.abort()
             return
-        # asyncio's reads would take the bytes after the header too (SMTP, or the TLS
-        # handshake): the header is read from a duplicate of the socket instead.
-        transport.pause_reading()
-        try:
-            fd = os.dup(transport.get_extra_info("socket").fileno())
-            self._sock = sock = socket.socket(fileno=fd)
-            sock.setblocking(False)
-            self._loop.add_reader(fd, self._readable)
-        except (OSError, RuntimeError, AttributeError) as exc:
-            self._refuse(f"cannot read the header ({exc})")
-            return
         self._timer = self._loop.call_later(self._config.timeout, self._timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_reading()
+        self._cancel_timer()
 
-    def _stop_reading(self) -> None:
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            self._loop.remove_reader(sock.fileno())
-            sock.close()  # the duplicate only: the connection stays open
 
     def _refuse(self, why: str) -> None:
         log.warning("PROXY protocol: closing connection from proxy=%s: %s", self._balancer, why)
-        self._stop_reading()
+        self._cancel_timer()
         if self._transport is not None:
             self._transport.abort()
 
@@ -274,43 +287,40 @@ class ProxyGate(asyncio.Protocol):
         self._timer = None
         self._refuse(f"no header within {self._config.timeout:g}s")
 
-    def _readable(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        try:
-            peeked = sock.recv(V2_FIXED + V2_MAX_PAYLOAD, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._refuse(f"read failed ({exc})")
-            return
-        if not peeked:
-            self._refuse("connection closed before the header")
-            return
-        seen = self._header + peeked
-        try:
-            header = parse_header(seen)
-        except ProxyHeaderError as exc:
-            self._refuse(str(exc))
-            return
-        # Take what belongs to the header and nothing more: all the bytes seen while it
-        # is incomplete (so that a partial header does not wake the reader again).
-        take = len(peeked) if header is None else header.length - len(self._header)
-        try:
-            self._header += sock.recv(take)
-        except OSError as exc:
-            self._refuse(f"read failed ({exc})")
-            return
-        if header is not None:
-            self._hand_over(header)
+    def get_buffer(self, sizehint: int) -> bytearray:
+        if self._session is not None:
+            return bytearray(65536)  # (TLS: application data before the handover)
+        size = header_wanted(self._header)
+        if len(self._buffer) != size:
+            self._buffer = bytearray(size)
+        return self._buffer
 
-    def _hand_over(self, header: ProxyHeader) -> None:
-        self._stop_reading()
-        self._header = bytearray()
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._session is not None:
+            self._early.append(bytes(self._buffer[:nbytes]))
+            return
         transport = self._transport
         if transport is None or transport.is_closing():
             return
+        self._header += self._buffer[:nbytes]
+        try:
+            header = parse_header(self._header)
+        except ProxyHeaderError as exc:
+            self._refuse(str(exc))
+            return
+        if header is not None:
+            self._hand_over(transport, header)
+
+    def eof_received(self) -> bool:
+        if self._session is not None:
+            self._early_eof = True
+            return True
+        self._refuse("connection closed before the header")
+        return False
+
+    def _hand_over(self, transport: asyncio.Transport, header: ProxyHeader) -> None:
+        self._cancel_timer()
+        self._header = bytearray()
         peer = header.source if header.source is not None else self._peer
         log.debug(
             "PROXY protocol v%d: proxy=%s client=%s",
@@ -318,9 +328,13 @@ class ProxyGate(asyncio.Protocol):
             self._balancer,
             client_address(peer),
         )
+        # Not a byte more for the gate (a loop may go on reading after this callback);
+        # the session, or start_tls, resumes.
+        transport.pause_reading()
         session = self._make_session()
         session.proxied_peer = peer
         if self._tls_context is not None:
+            self._session = session
             task = self._loop.create_task(self._start_tls(transport, session, self._tls_context))
             task.add_done_callback(_log_failure)
             return
@@ -350,6 +364,12 @@ class ProxyGate(asyncio.Protocol):
             return
         secure.set_protocol(cast(asyncio.BaseProtocol, session))
         session.connection_made(secure)
+        early, self._early = self._early, []
+        for data in early:
+            if not secure.is_closing():
+                session.data_received(data)
+        if self._early_eof and not secure.is_closing():
+            session.eof_received()
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
