@@ -228,7 +228,9 @@ class TLSOverSocket:
     """A TLS client on a plain socket whose first write is the PROXY header and the
     ClientHello together, as a balancer forwards a client that spoke at once."""
 
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, header: bytes) -> None:
+    def __init__(
+        self, sock: socket.socket, context: ssl.SSLContext, header: bytes, early: bytes = b""
+    ) -> None:
         self.sock = sock
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
@@ -237,9 +239,14 @@ class TLSOverSocket:
         with contextlib.suppress(ssl.SSLWantReadError):
             self.tls.do_handshake()
         sock.sendall(header + self.outgoing.read())
-        self._run(self.tls.do_handshake)
+        self._run(self.tls.do_handshake, flush=False)
+        if early:
+            # Commands in the same segment as the end of the handshake (the server has
+            # them before its TLS layer hands the connection to the session).
+            self.tls.write(early)
+        self._flush()
 
-    def _run(self, operation: object, *args: object) -> object:
+    def _run(self, operation: object, *args: object, flush: bool = True) -> object:
         assert callable(operation)
         while True:
             try:
@@ -251,7 +258,8 @@ class TLSOverSocket:
                     raise ConnectionError("closed during TLS") from None
                 self.incoming.write(data)
                 continue
-            self._flush()
+            if flush:
+                self._flush()
             return result
 
     def _flush(self) -> None:
@@ -298,3 +306,16 @@ def test_settings_refuse_proxy_protocol_without_trusted_balancers(tmp_path: Path
 
     with pytest.raises(ValueError, match="ESPRELAY_PROXY_TRUSTED"):
         Settings(_env_file=None, proxy_protocol=True)  # type: ignore[call-arg]
+
+
+def test_smtps_commands_sent_with_the_end_of_the_handshake(
+    relay: RelayProcess, certs: Certs
+) -> None:
+    context = ssl.create_default_context()
+    certs.ca.configure_trust(context)
+    with socket.create_connection(("127.0.0.1", smtps_port(relay)), timeout=15) as sock:
+        client = TLSOverSocket(sock, context, v1(TRUSTED_CLIENT), early=b"EHLO early\r\n")
+        assert client.reply().startswith(b"220 ")
+        assert client.reply().startswith(b"250-")
+        assert client.command(b"MAIL FROM:<app@example.com>").startswith(b"250")
+        assert client.command(b"RCPT TO:<b@example.org>").startswith(b"250")

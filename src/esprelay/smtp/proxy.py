@@ -288,9 +288,9 @@ class ProxyGate(asyncio.BufferedProtocol):
         self._refuse(f"no header within {self._config.timeout:g}s")
 
     def get_buffer(self, sizehint: int) -> bytearray:
-        if self._session is not None:
-            return bytearray(65536)  # (TLS: application data before the handover)
-        size = header_wanted(self._header)
+        # After the header, on the SMTPS port: application data that came with the end
+        # of the TLS handshake, before the session took over.
+        size = 65536 if self._session is not None else header_wanted(self._header)
         if len(self._buffer) != size:
             self._buffer = bytearray(size)
         return self._buffer
