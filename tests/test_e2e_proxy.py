@@ -17,10 +17,11 @@ import socket
 import ssl
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from esprelay.config import Settings
+from esprelay.listeners import proxy_config
 from tests.relayproc import RelayProcess
 from tests.securitykit import Certs, Dialog, crlf, plain_auth, spool_show
 
@@ -301,11 +302,23 @@ def test_smtps_port_reads_the_header_before_tls(relay: RelayProcess, certs: Cert
     assert meta["tls"] is True
 
 
-def test_settings_refuse_proxy_protocol_without_trusted_balancers(tmp_path: Path) -> None:
-    from esprelay.config import Settings
-
+def test_settings_refuse_proxy_protocol_without_trusted_balancers() -> None:
     with pytest.raises(ValueError, match="ESPRELAY_PROXY_TRUSTED"):
         Settings(_env_file=None, proxy_protocol=True)  # type: ignore[call-arg]
+
+
+def test_proxy_trusted_is_parsed_like_the_trusted_networks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ESPRELAY_PROXY_PROTOCOL", "true")
+    monkeypatch.setenv("ESPRELAY_PROXY_TRUSTED", "10.0.1.0/24, 2001:db8::/32 192.0.2.7")
+    config = proxy_config(Settings(_env_file=None))  # type: ignore[call-arg]
+    assert config is not None
+    assert [str(n) for n in config.trusted] == ["10.0.1.0/24", "2001:db8::/32", "192.0.2.7/32"]
+    monkeypatch.setenv("ESPRELAY_PROXY_TRUSTED", "10.0.1.0/24,balancer.example")
+    with pytest.raises(ValueError, match="is not a network"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    monkeypatch.setenv("ESPRELAY_PROXY_PROTOCOL", "false")
+    monkeypatch.setenv("ESPRELAY_PROXY_TRUSTED", "10.0.1.0/24")
+    assert proxy_config(Settings(_env_file=None)) is None  # type: ignore[call-arg]
 
 
 def test_smtps_commands_sent_with_the_end_of_the_handshake(
