@@ -4,7 +4,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_TOOLS := swaks chromium systemd
+APT_TOOLS := swaks chromium systemd haproxy
 LINT_DIRS := $(wildcard src tests bench)
 
 .PHONY: all setup tools postgres run test lint typecheck pytest bench clean

@@ -16,12 +16,16 @@ import smtplib
 import socket
 import ssl
 import struct
+import subprocess
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from esprelay.config import Settings
 from esprelay.listeners import proxy_config
+from tests.conftest import require_tool
 from tests.relayproc import RelayProcess
 from tests.securitykit import Certs, Dialog, crlf, plain_auth, spool_show
 
@@ -332,3 +336,150 @@ def test_smtps_commands_sent_with_the_end_of_the_handshake(
         assert client.reply().startswith(b"250-")
         assert client.command(b"MAIL FROM:<app@example.com>").startswith(b"250")
         assert client.command(b"RCPT TO:<b@example.org>").startswith(b"250")
+
+
+# region a real HAProxy in front (Debian's haproxy; make test installs it)
+
+HAPROXY_CONFIG = """\
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend smtp_v2
+    bind 127.0.0.1:{v2}
+    default_backend relay_v2
+
+frontend smtp_v1
+    bind 127.0.0.1:{v1}
+    default_backend relay_v1
+
+frontend smtps
+    bind 127.0.0.1:{smtps}
+    default_backend relay_smtps
+
+backend relay_v2
+    server relay 127.0.0.1:{relay} send-proxy-v2 source 127.0.0.1
+
+backend relay_v1
+    server relay 127.0.0.1:{relay} send-proxy source 127.0.0.1
+
+backend relay_smtps
+    server relay 127.0.0.1:{relay_smtps} send-proxy-v2 source 127.0.0.1
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "haproxy exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"haproxy does not listen on {port}")
+
+
+@pytest.fixture
+def haproxy_tool() -> str:
+    return require_tool("haproxy")
+
+
+@pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
+def test_behind_a_real_haproxy(
+    engine: str,
+    haproxy_tool: str,
+    relay_factory: type[RelayProcess],
+    certs: Certs,
+    tmp_path: Path,
+) -> None:
+    """HAProxy forwards clients on 127.0.0.3 (trusted) and 127.0.0.4 (not) with
+    send-proxy-v2 and send-proxy; esprelay sees them, not HAProxy's 127.0.0.1."""
+    relay = relay_factory(
+        {
+            **certs.env(),
+            "ESPRELAY_SMTP_ENGINE": engine,
+            "ESPRELAY_SMTPS_PORT": "0",
+            "ESPRELAY_PROXY_PROTOCOL": "true",
+            "ESPRELAY_PROXY_TRUSTED": "127.0.0.1/32",
+            "ESPRELAY_TRUSTED_NETWORKS": "127.0.0.3/32",
+        }
+    ).start()
+    ports = {"v2": _free_port(), "v1": _free_port(), "smtps": _free_port()}
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        HAPROXY_CONFIG.format(**ports, relay=relay.port, relay_smtps=smtps_port(relay))
+    )
+    proc = subprocess.Popen(
+        [haproxy_tool, "-db", "-f", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for port in ports.values():
+            _wait_listening(port, proc)
+        for frontend in ("v2", "v1"):
+            with smtplib.SMTP(
+                "127.0.0.1", ports[frontend], timeout=15, source_address=("127.0.0.3", 0)
+            ) as smtp:
+                smtp.ehlo("client.example")
+                assert smtp.mail("app@example.com")[0] == 250
+                assert smtp.rcpt("b@example.org")[0] == 250
+                code, reply = smtp.data(MESSAGE)
+                assert code == 250, reply
+            meta = spool_show(relay, queued_id(reply))["meta"]
+            assert isinstance(meta, dict)
+            assert meta["client"] == "127.0.0.3"
+            with smtplib.SMTP(
+                "127.0.0.1", ports[frontend], timeout=15, source_address=("127.0.0.4", 0)
+            ) as smtp:
+                smtp.ehlo("client.example")
+                assert smtp.mail("app@example.com")[0] == 530
+        relay.wait_for_log(r"relay refused: client=127\.0\.0\.4 ", count=2)
+        context = ssl.create_default_context()
+        certs.ca.configure_trust(context)
+        with smtplib.SMTP_SSL(
+            "localhost",
+            ports["smtps"],
+            timeout=15,
+            source_address=("127.0.0.3", 0),
+            context=context,
+        ) as smtp:
+            smtp.ehlo("client.example")
+            assert smtp.mail("app@example.com")[0] == 250
+            assert smtp.rcpt("b@example.org")[0] == 250
+        # Without the balancer, the trusted client is a stranger to the listener.
+        dialog = Dialog(relay.port, "127.0.0.3")
+        try:
+            assert dialog.closed()
+        finally:
+            dialog.close()
+        relay.wait_for_log(r"PROXY protocol: refusing client=127\.0\.0\.3")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_readme_haproxy_example_is_valid(haproxy_tool: str, tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("HAProxy (`send-proxy-v2`", 1)[1]
+    block = section.split("```", 2)[1]
+    config = tmp_path / "readme.cfg"
+    config.write_text("defaults\n    timeout connect 5s\n" + block)
+    result = subprocess.run(
+        [haproxy_tool, "-c", "-f", str(config)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# endregion
