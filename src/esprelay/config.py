@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     auth_password: SecretStr | None = None
     trusted_networks: Networks = ("127.0.0.0/8", "::1/128")
     plaintext_auth_networks: Networks = ()
+    #: Behind a load balancer: every SMTP connection starts with a PROXY protocol header
+    #: (v1 or v2) naming the real client, accepted only from ESPRELAY_PROXY_TRUSTED
+    proxy_protocol: bool = False
+    proxy_trusted: Networks = ()
+    proxy_protocol_timeout: Seconds = Field(default=5.0, gt=0)
     allowed_sender_domains: StrList = ()
     auth_max_failures: int = Field(default=5, ge=1)
     auth_failure_window: Seconds = 300.0
@@ -228,6 +233,10 @@ class Settings(BaseSettings):
             raise ValueError("ESPRELAY_AUTH_USER must not contain ':'")
         if self.force_from is not None and "@" not in self.force_from:
             raise ValueError("ESPRELAY_FORCE_FROM must be an address such as relay@example.com")
+        if self.proxy_protocol and not self.proxy_trusted:
+            raise ValueError(
+                "ESPRELAY_PROXY_PROTOCOL=true needs ESPRELAY_PROXY_TRUSTED (the load balancers)"
+            )
         if self.retry_max < self.retry_initial:
             raise ValueError("ESPRELAY_RETRY_MAX must not be smaller than ESPRELAY_RETRY_INITIAL")
         return self

@@ -23,6 +23,7 @@ from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.guards import Guards
 from esprelay.smtp.handler import RelayHandler
 from esprelay.smtp.policy import RelayPolicy, parse_networks
+from esprelay.smtp.proxy import ProxyConfig
 from esprelay.smtp.server import smtp_factory
 from esprelay.smtp.tls import TLSContextSource
 
@@ -67,6 +68,16 @@ def load_users(settings: Settings) -> UserDB:
         settings.auth_file,
         settings.auth_user,
         settings.auth_password.get_secret_value() if settings.auth_password else None,
+    )
+
+
+def proxy_config(settings: Settings) -> ProxyConfig | None:
+    """The PROXY protocol gate's settings, or None when ESPRELAY_PROXY_PROTOCOL is off."""
+    if not settings.proxy_protocol:
+        return None
+    return ProxyConfig(
+        trusted=parse_networks(settings.proxy_trusted),
+        timeout=settings.proxy_protocol_timeout,
     )
 
 
@@ -129,6 +140,7 @@ class Listeners:
             "tls": tls,
             "command_size_limit": settings.max_command_length,
             "engine": settings.smtp_engine,
+            "proxy": proxy_config(settings),
         }
         self.sessions: set[Any] = set()
         self.server: asyncio.Server | None = None
@@ -154,12 +166,13 @@ class Listeners:
                 implicit_tls=True,
                 sessions=self.sessions,
             )
-            self.smtps_server = await self._bind(
-                smtps_factory,
-                settings.smtps_port,
-                ssl=tls.listener_context(),
-                ssl_handshake_timeout=min(60.0, settings.smtp_timeout or 60.0),
-            )
+            # Behind a PROXY protocol balancer the header comes before TLS: the gate
+            # (esprelay.smtp.proxy) starts TLS after it, on a plain TCP listener.
+            tls_options: dict[str, Any] = {}
+            if not settings.proxy_protocol:
+                tls_options["ssl"] = tls.listener_context()
+                tls_options["ssl_handshake_timeout"] = min(60.0, settings.smtp_timeout or 60.0)
+            self.smtps_server = await self._bind(smtps_factory, settings.smtps_port, **tls_options)
             self.smtps_port = self.smtps_server.sockets[0].getsockname()[1]
             log.info("smtps listening on %s:%d", settings.smtp_host, self.smtps_port)
         log.info(
@@ -168,6 +181,11 @@ class Listeners:
             len(self._users),
             "on" if tls is not None else "off",
         )
+        if settings.proxy_protocol:
+            log.info(
+                "PROXY protocol on: connections only from proxy_trusted=%s",
+                ",".join(settings.proxy_trusted),
+            )
 
     async def _bind(self, factory: Any, port: int, **tls: Any) -> asyncio.Server:
         return await asyncio.get_running_loop().create_server(
