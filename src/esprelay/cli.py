@@ -623,6 +623,8 @@ def _doctor(args: argparse.Namespace) -> int:
     else:
         print(f"esprelay doctor ({__version__})")
         print(report.as_text())
+    if any(check.name == "configuration" and check.status == "fail" for check in report.checks):
+        return EX_CONFIG  # the settings themselves are wrong, as for every command
     return 0 if report.ok else 1
 
 

@@ -71,9 +71,9 @@ def detail(message: SpooledMessage, *, with_body: bool) -> dict[str, Any]:
 # arrival time, the sender; then the reason of the last deferral in parentheses and the
 # recipients, under the sender.
 _MAILQ_HEADER = (
-    f"{'-Queue ID-':<22} {'--Size--':>8} {'----Arrival Time----':<20}  -Sender/Recipient-------"
+    f"{'-Queue ID-':<22} {'--Size--':>8} {'----Arrival Time----':<20} -Sender/Recipient-------"
 )
-_MAILQ_INDENT = " " * (22 + 1 + 8 + 1 + 20 + 2)
+_MAILQ_INDENT = " " * (22 + 1 + 8 + 1 + 20 + 1)
 
 
 def mailq(messages: Iterable[SpooledMessage], held: Container[str]) -> str:
@@ -93,7 +93,7 @@ def mailq(messages: Iterable[SpooledMessage], held: Container[str]) -> str:
             lines.append(_MAILQ_HEADER)
         lines.append(
             f"{message.id + mark:<22} {message.size:>8} {arrival:<20}"
-            f"  {message.envelope.mail_from or 'MAILER-DAEMON'}"
+            f" {message.envelope.mail_from or 'MAILER-DAEMON'}"
         )
         if message.last_error and message.state is MessageState.QUEUED:
             lines.append(f"({' '.join(message.last_error.split())})")
