@@ -350,3 +350,22 @@ def test_sendmail_ti_submits_through_a_running_relay(relay: RelayProcess, tmp_pa
     ids = relay.wait_delivered(3)
     for message_id in ids:
         assert b"line after a dot" in (relay.outbox / f"{message_id}.eml").read_bytes()
+
+
+def test_installed_as_mailq(tmp_path: Path) -> None:
+    """A symlink named mailq to the esprelay script is Postfix's mailq."""
+    script = Path(sys.executable).parent / "esprelay"
+    if not script.exists():
+        pytest.skip("the esprelay console script is not installed next to this Python")
+    env_file = tmp_path / "esprelay.env"
+    env_file.write_text(f"ESPRELAY_SPOOL_URL=sqlite:///{tmp_path / 'spool.db'}\n")
+    assert esprelay("--env-file", str(env_file), "db", "upgrade", cwd=tmp_path).returncode == 0
+    link = tmp_path / "mailq"
+    link.symlink_to(script)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
+    result = subprocess.run(
+        [str(link)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**base, "ESPRELAY_ENV_FILE": str(env_file)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Mail queue is empty\n"

@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sendmail_main(
             rest[1:] if rest[:1] == ["sendmail"] else args_list, env_file=named_env_file
         )
+    if argv is None and os.path.basename(sys.argv[0]) == "mailq":  # a symlink named mailq
+        args_list.append("mailq")
     parser = _parser()
     args = parser.parse_args(args_list)
     if not getattr(args, "func", None):
