@@ -294,7 +294,8 @@ async def test_a_version_1_spool_gets_partial_indexes_and_keeps_its_messages(
     ids = await _spool_in_every_state(path)
     version, indexes = _schema(path)
     assert version == str(SCHEMA_VERSION)
-    assert set(indexes) == {"messages_due", "messages_lease", "messages_failed"}
+    # (The event inbox has an index of its own, event_inbox_pending.)
+    assert {"messages_due", "messages_lease", "messages_failed"} <= set(indexes)
     # Make it the file version 1 left: its indexes, its version, no body_file column.
     with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("ALTER TABLE messages DROP COLUMN body_file")
