@@ -5,7 +5,8 @@ A scenario is (message size, sessions, API latency, target).  Targets:
 - ``sink``: the bare aiosmtpd sink (``bench.sink``), the in-run baseline;
 - ``esprelay``: ``python -m esprelay serve`` in queue mode with the real SQLite spool
   in a temporary directory, delivering through ``provider`` (``outbox`` writes files;
-  ``sendgrid``/``postmark`` POST every message to the ESP emulator);
+  every HTTP kind of ``bench.providers.KINDS`` POSTs each message to the ESP emulator,
+  which answers like that ESP);
 - ``postfix``: a throw-away Postfix instance relaying into ``smtp-sink``
   (``bench.postfix``), when Postfix is installed and we are root.
 
@@ -39,14 +40,17 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from bench.loadgen import LoadResult, run_load
 from bench.postfix import PostfixRelay
+from bench.providers import KINDS, environment
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-HTTP_PROVIDERS = {"sendgrid": "sendgrid", "postmark": "postmark"}
+#: The providers that POST to the emulator (the others, ``outbox``, write files).
+HTTP_PROVIDERS = KINDS
 #: The spools esprelay can be measured on (``measure(spool=...)``).
 SPOOLS = ("sqlite", "postgresql")
 #: The maintenance database of the PostgreSQL server the ``postgresql`` spool runs on;
@@ -79,6 +83,9 @@ class Measurement:
     # How cpu_ms_per_msg was counted: "process" (/proc/<pid>/stat of the one server
     # process), "cgroup-v2"/"cgroup-v1" or "proc-tree" (every process of Postfix).
     cpu_accounting: str = "process"
+    # esprelay: delivery attempts its log shows deferred or failed (0 when every answer
+    # of the emulator was taken as the ESP's success).
+    refused: int = 0
     # The spool esprelay ran on; for "postgresql" the figures below too.
     spool: str = "sqlite"
     # Statements the spool sent and waited for, per message (its own count).
@@ -195,9 +202,19 @@ def emulator(
         service.stop()
 
 
-def emulator_requests(port: int) -> int:
+def emulator_stats(port: int) -> dict[str, Any]:
+    """The emulator's counters (``GET /__stats``)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/__stats", timeout=5) as response:
-        return int(json.load(response)["requests"])
+        stats: dict[str, Any] = json.load(response)
+    return stats
+
+
+def emulator_requests(port: int, kind: str | None = None) -> int:
+    """Send requests the emulator answered: every one, or those of ESP ``kind``."""
+    stats = emulator_stats(port)
+    if kind is None:
+        return int(stats["requests"])
+    return int(stats["by_kind"].get(kind, 0))
 
 
 def start_target(
@@ -234,13 +251,9 @@ def start_target(
         )
         if provider in HTTP_PROVIDERS:
             assert emulator_port is not None
-            url = f"http://127.0.0.1:{emulator_port}"
-            if provider == "sendgrid":
-                env["ESPRELAY_SENDGRID_API_KEY"] = "bench-key"
-                env["ESPRELAY_SENDGRID_API_URL"] = url
-            else:
-                env["ESPRELAY_POSTMARK_SERVER_TOKEN"] = "bench-token"
-                env["ESPRELAY_POSTMARK_API_URL"] = url
+            if provider == "ses":  # only the dummy credentials of bench.providers
+                env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+            env.update(environment(provider, f"http://127.0.0.1:{emulator_port}", workdir))
         env.update(extra_env or {})
     else:
         raise ValueError(f"unknown target {target!r}")
@@ -252,7 +265,8 @@ def start_target(
 def _delivered(target: str, provider: str, workdir: Path, emulator_port: int | None) -> int:
     if provider in HTTP_PROVIDERS:
         assert emulator_port is not None
-        return emulator_requests(emulator_port)
+        # Only the sends of this ESP count: a request on another path is no delivery.
+        return emulator_requests(emulator_port, provider)
     outbox = workdir / "outbox"
     if not outbox.exists():
         return 0
@@ -465,7 +479,7 @@ def measure(
             helper_cpus=helper_cpus,
             deliver_timeout=deliver_timeout,
         )
-    flavour = HTTP_PROVIDERS.get(provider, "generic")
+    flavour = "generic"  # the emulator answers each ESP by its path
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="esprelay-bench-"))
         database: str | None = None
@@ -522,6 +536,7 @@ def measure(
                         server_db_used = server_db_after - server_db_before
             finally:
                 server.stop()
+            refused = _refused(server.log) if target == "esprelay" else 0
         round_trips = commits = None
         if database is not None:
             round_trips = _spool_round_trips(server.log)
@@ -541,6 +556,7 @@ def measure(
         deliver_seconds=deliver_seconds,
         cpu_used=cpu_used,
         rss=rss,
+        refused=refused,
     )
     measurement.spool = spool if target == "esprelay" else "-"
     messages = max(1, load.sent or count)
@@ -553,6 +569,16 @@ def measure(
     if server_db_used is not None:
         measurement.db_server_cpu_ms_per_msg = server_db_used * 1000 / messages
     return measurement
+
+
+#: esprelay's log lines of a delivery attempt that did not end delivered.
+_NOT_DELIVERED = re.compile(rb"\b(?:deferred|failed) id=")
+
+
+def _refused(log: Path) -> int:
+    """Attempts esprelay did not count as delivered (an answer it could not take as the
+    ESP's success, or any other error), from its log once it has stopped."""
+    return len(_NOT_DELIVERED.findall(log.read_bytes()))
 
 
 def _result(
@@ -570,6 +596,7 @@ def _result(
     cpu_used: float,
     rss: float,
     cpu_accounting: str = "process",
+    refused: int = 0,
 ) -> Measurement:
     p50, p99 = load.percentile(50), load.percentile(99)
     return Measurement(
@@ -593,6 +620,7 @@ def _result(
         peak_rss_mb=rss,
         error_samples=load.error_samples,
         cpu_accounting=cpu_accounting,
+        refused=refused,
     )
 
 

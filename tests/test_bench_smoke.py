@@ -7,8 +7,10 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from bench.__main__ import main
-from bench.harness import cpu_seconds, measure
+from bench.harness import cpu_seconds, measure, postgres_unavailable_reason
+from bench.providers import REFERENCE, installed
 
 
 def test_esprelay_scenario_delivers_every_message() -> None:
@@ -27,7 +29,7 @@ def test_cli_writes_table_and_json(tmp_path: Path, capsys: object) -> None:
         [
             "--sizes", "2K", "--sessions", "2", "--extra", "", "--count", "4",
             "--repeats", "1", "--output", str(output), "--quiet", "--no-pin",
-            "--postfix", "off",
+            "--postfix", "off", "--providers", "",
         ]
     )  # fmt: skip
     assert code == 0
@@ -37,6 +39,52 @@ def test_cli_writes_table_and_json(tmp_path: Path, capsys: object) -> None:
     assert scenario["summary"]["ratio_delivered_vs_sink"] is not None
     assert {run["target"] for run in report["runs"]} == {"sink", "esprelay"}
     assert report["postfix"]["enabled"] is False
+
+
+def test_cli_measures_both_spools_and_the_providers_in_one_go(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reason = postgres_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    if REFERENCE not in installed():
+        pytest.skip(f"{REFERENCE} is not installed")
+    output = tmp_path / "out.json"
+    code = main(
+        [
+            "--sizes", "2K", "--sessions", "2", "--extra", "", "--count", "4",
+            "--repeats", "1", "--output", str(output), "--quiet", "--no-pin",
+            "--postfix", "off", "--no-sink", "--provider", "outbox",
+            "--spool", "sqlite,postgresql", "--providers", REFERENCE,
+            "--provider-scenario", "2K:2:0",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(output.read_text())
+    assert report["spools"] == ["sqlite", "postgresql"]
+    (scenario,) = report["scenarios"]
+    spools = scenario["spools"]
+    for figures in spools.values():
+        assert (figures["errors"], figures["undelivered"], figures["refused"]) == (0, 0, 0)
+    assert spools["sqlite"]["round_trips_per_msg"] is None
+    postgres = spools["postgresql"]
+    assert postgres["round_trips_per_msg"] > 0 and postgres["db_commits_per_msg"] > 0
+    assert postgres["ratio_delivered_vs_sqlite"] is not None
+    (row,) = report["providers"]["rows"]
+    assert (row["provider"], row["errors"], row["undelivered"], row["refused"]) == (
+        REFERENCE,
+        0,
+        0,
+        0,
+    )
+    # The per-provider runs use the first spool named.
+    assert {(run["provider"], run["spool"]) for run in report["runs"]} == {
+        ("outbox", "sqlite"),
+        ("outbox", "postgresql"),
+        (REFERENCE, "sqlite"),
+    }
+    out = capsys.readouterr().out
+    assert "| postgresql |" in out and f"| {REFERENCE} |" in out and "WARNING" not in out
 
 
 def test_cpu_seconds_counts_this_process() -> None:

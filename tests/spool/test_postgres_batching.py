@@ -5,15 +5,17 @@ every caller hears of its own write only once it is committed, and a batch that 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from esprelay.errors import SpoolError
+from esprelay.events.model import Event
 from esprelay.models import Envelope, MessageState
 from esprelay.spool.base import NewPart
-from esprelay.spool.postgres import PostgresSpool
+from esprelay.spool.postgres import SCHEMA_VERSION, PostgresSpool, schema_version
 
 PROVIDER = "outbox"
 
@@ -282,3 +284,97 @@ async def test_close_answers_the_writes_already_submitted(pg_url: str) -> None:
         assert sorted(m.id for m in await reopened.lease("w", 10, 60)) == sorted(ids)
     finally:
         await reopened.close()
+
+
+async def _session_state(conn: asyncpg.Connection) -> dict[str, object]:
+    """What a connection given back to the pool still holds of its last user's session
+    (the pool does not reset it: see ``PostgresSpool._reset_connection``)."""
+    return {
+        "in_transaction": conn.is_in_transaction(),
+        "listening": await conn.fetchval("SELECT count(*) FROM pg_listening_channels()"),
+        "advisory_locks": await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+        ),
+        "cursors": await conn.fetchval("SELECT count(*) FROM pg_cursors WHERE name <> ''"),
+        # Settings changed for the session (asyncpg sets ``jit`` back to its value after
+        # introspecting a type, which counts as set, but changes nothing).
+        "settings": await conn.fetch(
+            "SELECT name, setting FROM pg_settings"
+            " WHERE source = 'session' AND setting IS DISTINCT FROM reset_val"
+        ),
+    }
+
+
+CLEAN = {"in_transaction": False, "listening": 0, "advisory_locks": 0, "cursors": 0, "settings": []}
+
+
+async def test_every_operation_leaves_its_pooled_connection_as_it_found_it(
+    pg_url: str,
+) -> None:
+    await _empty(pg_url)
+    # One pooled connection: every operation below runs on it, one after the other.
+    spool = PostgresSpool(pg_url, owner="w", pool_size=1)
+    await spool.open()
+    try:
+        pool = spool._require_pool()
+
+        async def check(after: str) -> None:
+            async with pool.acquire() as conn:
+                assert await _session_state(conn) == CLEAN, after
+
+        # The check sees what an operation would leave behind.
+        async with pool.acquire() as conn:
+            await conn.execute("SET work_mem = '8MB'")
+            assert (await _session_state(conn))["settings"] != []
+            await conn.execute("RESET ALL")
+        await check("the check's own SET")
+
+        small = await spool.put(_envelope(1), b"small", provider=PROVIDER)
+        await check("put")
+        large = await spool.put(_envelope(2), b"L" * (3 * 1024 * 1024 + 5), provider=PROVIDER)
+        await check("put of a body in pieces")
+        assert sorted(m.id for m in await spool.lease("w", 10, 60)) == sorted([small, large])
+        await check("lease (a body read through a cursor)")
+        message = await spool.get(large, with_body=True)
+        assert message is not None and message.raw is not None
+        await check("get with a body")
+        assert await spool.hold([small]) == (small,)
+        await check("hold")
+        assert await spool.held_ids() == {small}
+        await check("held_ids")
+        assert await spool.mark_retry(
+            small, owner="w", provider=PROVIDER, error="later", next_attempt_at=0.0
+        )
+        assert await spool.mark_delivered(
+            large, owner="w", provider=PROVIDER, provider_message_id="esp-1"
+        )
+        await check("outcomes")
+        assert await spool.release(None) == (small,)
+        await check("release")
+        assert await spool.flush() == 0
+        await check("flush")
+        event = Event(
+            "sendgrid",
+            "ev-1",
+            kind="bounced",
+            recipient="r2.0@example.org",
+            at=1_700_000_000.0,
+            esp_message_id="esp-1",
+            esprelay_id=large,
+            raw={"event": "bounce"},
+        )
+        [stored] = await spool.put_events([event])
+        assert stored.stored and stored.message_id == large
+        await check("put_events")
+        [pending] = await spool.pending_events()
+        await check("pending_events")
+        assert await spool.finish_events([pending.seq]) == 1
+        await check("finish_events")
+        assert await spool.purge_events(processed_before=time.time() + 60) == 1
+        await check("purge_events")
+        assert await schema_version(pg_url) == SCHEMA_VERSION
+        await check("schema_version")
+        assert await spool.purge(delivered_before=time.time() + 60, failed_before=0) == 1
+        await check("purge")
+    finally:
+        await spool.close()

@@ -125,6 +125,26 @@ class Spool(Protocol):
 
     async def delete(self, id: str) -> bool: ...
 
+    async def hold(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Hold queued and in-flight messages (every one with ``ids`` None): a held
+        message is never leased (one in flight finishes its attempt, and a deferral
+        leaves it held).  Returns the ids now held (``esprelay queue hold``)."""
+        ...
+
+    async def release(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Release held messages (every one with ``ids`` None) and make them due now;
+        return their ids (``esprelay queue release``)."""
+        ...
+
+    async def flush(self) -> int:
+        """Make every queued message that is not held due now; return how many
+        (``esprelay queue flush``)."""
+        ...
+
+    async def held_ids(self) -> set[str]:
+        """The ids of the held messages."""
+        ...
+
     async def stats(self) -> SpoolStats: ...
 
     async def next_due(self) -> float | None:

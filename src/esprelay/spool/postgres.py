@@ -13,10 +13,10 @@ from sharing:
   clocks disagree still agree on when a lease has expired.  The given
   :class:`~esprelay.clock.Clock` only paces this process's own waits (reconnecting
   the listener, its keep-alive).
-- **Wake-ups.** After ``put`` commits, and within ``retry_now``, the spool sends
-  ``NOTIFY esprelay_spool``; PostgreSQL delivers it to every instance that listens
-  (:meth:`PostgresSpool.add_listener`), so idle workers everywhere wake at once
-  instead of polling tightly.
+- **Wake-ups.** After ``put`` commits, and within ``retry_now``, ``release`` and
+  ``flush``, the spool sends ``NOTIFY esprelay_spool``; PostgreSQL delivers it to
+  every instance that listens (:meth:`PostgresSpool.add_listener`), so idle workers
+  everywhere wake at once instead of polling tightly.
 - **Durability.** Every write is one transaction (one statement, except for a large
   body); it returns only after PostgreSQL has committed it (``synchronous_commit`` is
   forced ``on`` for our sessions), so ``250`` still means "committed".
@@ -156,6 +156,10 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (provider, event_id)
     );
     CREATE INDEX esprelay_events_pending ON esprelay_events (seq) WHERE processed_at IS NULL;
+    """,
+    # 3: esprelay queue hold/release; a held message is never leased.
+    """
+    ALTER TABLE esprelay_messages ADD COLUMN held boolean NOT NULL DEFAULT false;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -457,6 +461,17 @@ async def upgrade(conn: asyncpg.Connection) -> tuple[int, int]:
             await conn.execute(MIGRATIONS[version - 1])
             await conn.execute("INSERT INTO esprelay_schema (version) VALUES ($1)", version)
     return before, SCHEMA_VERSION
+
+
+async def schema_version(url: str) -> int:
+    """The schema version of the spool at ``url``; 0 where there is none (nothing is
+    created: the queue commands look before they open)."""
+    with _url_errors(), _translate_errors("reading the spool schema version"):
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, server_settings=_SERVER_SETTINGS)
+        try:
+            return await _current_version(conn)
+        finally:
+            await conn.close()
 
 
 async def migrate(url: str) -> tuple[int, int]:
@@ -831,8 +846,8 @@ class PostgresSpool(OnePartPut):
             "leasing messages",
             "WITH due AS ("
             " SELECT id FROM esprelay_messages"
-            f" WHERE (state = 'queued' AND next_attempt_at <= {_NOW})"
-            f" OR (state = 'in_flight' AND lease_expires_at <= {_NOW})"
+            f" WHERE ((state = 'queued' AND next_attempt_at <= {_NOW})"
+            f" OR (state = 'in_flight' AND lease_expires_at <= {_NOW})) AND NOT held"
             " ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)"
             ", leased AS ("
             " UPDATE esprelay_messages AS m SET state = 'in_flight', lease_owner = $2,"
@@ -1099,6 +1114,52 @@ class PostgresSpool(OnePartPut):
         )
         return None if value is None else float(value)
 
+    async def hold(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Hold queued and in-flight messages (all of them with ``ids`` None): they are
+        not leased until released; one in flight finishes its attempt.  Returns the ids
+        held (already held ones included)."""
+        rows = await self._fetch(
+            "holding messages",
+            "UPDATE esprelay_messages SET held = true"
+            " WHERE state IN ('queued', 'in_flight') AND ($1::text[] IS NULL OR id = ANY($1))"
+            " RETURNING id",
+            None if ids is None else list(ids),
+        )
+        return _in_order(ids, [row["id"] for row in rows])
+
+    async def release(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Release held messages (all with ``ids`` None), due now; return their ids."""
+        rows = await self._fetch(
+            "releasing messages",
+            "WITH released AS ("
+            f" UPDATE esprelay_messages SET held = false, updated_at = {_NOW},"
+            f" next_attempt_at = least(next_attempt_at, {_NOW})"
+            " WHERE held AND ($1::text[] IS NULL OR id = ANY($1)) RETURNING id)"
+            " SELECT released.id FROM released, LATERAL pg_notify($2, '') AS notified",
+            None if ids is None else list(ids),
+            CHANNEL,
+        )
+        return _in_order(ids, [row["id"] for row in rows])
+
+    async def flush(self) -> int:
+        """Make every queued message that is not held due now; return how many."""
+        flushed = await self._fetchval(
+            "making the queue due now",
+            "WITH flushed AS ("
+            f" UPDATE esprelay_messages SET next_attempt_at = {_NOW}, updated_at = {_NOW}"
+            f" WHERE state = 'queued' AND NOT held AND next_attempt_at > {_NOW} RETURNING 1)"
+            " SELECT count(*) FROM flushed, LATERAL pg_notify($1, '') AS notified",
+            CHANNEL,
+        )
+        return int(flushed)
+
+    async def held_ids(self) -> set[str]:
+        """The ids of the held messages."""
+        rows = await self._fetch(
+            "listing held messages", "SELECT id FROM esprelay_messages WHERE held"
+        )
+        return {row["id"] for row in rows}
+
     async def purge(self, *, delivered_before: float, failed_before: float) -> int:
         removed = await self._fetchval(
             "purging finished messages",
@@ -1180,6 +1241,14 @@ def _outcome_id(outcome: _Outcome) -> str:
     return outcome[0]
 
 
+def _in_order(ids: Sequence[str] | None, changed: list[str]) -> tuple[str, ...]:
+    """``changed`` in the order of ``ids`` (as given), or sorted when all were asked for."""
+    if ids is None:
+        return tuple(sorted(changed))
+    done = set(changed)
+    return tuple(id for id in dict.fromkeys(ids) if id in done)
+
+
 def _set_event(event: asyncio.Event, *_: object) -> None:
     event.set()
 
@@ -1212,7 +1281,15 @@ def _record_to_message(
     )
 
 
-__all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresSpool", "migrate", "redact_url", "upgrade"]
+__all__ = [
+    "CHANNEL",
+    "SCHEMA_VERSION",
+    "PostgresSpool",
+    "migrate",
+    "redact_url",
+    "schema_version",
+    "upgrade",
+]
 
 
 # region event inbox statements (esprelay.events)

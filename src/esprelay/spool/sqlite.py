@@ -66,7 +66,8 @@ _Item = tuple[Operation, "asyncio.Future[Any]", asyncio.AbstractEventLoop, bool]
 
 # 2: the indexes cover only the rows a query looks for (see _SCHEMA); _migrate.
 # 3: large bodies in files beside the database (``body_file``, see the module doc).
-SCHEMA_VERSION = 3
+# 4: ``held`` (esprelay queue hold/release): a held message is never leased.
+SCHEMA_VERSION = 4
 #: Bodies this large or larger go to a file of their own (see the module doc).  Below
 #: ~100 KB SQLite reads and writes a blob faster than the file system does
 #: (https://www.sqlite.org/intern-v-extern-blob.html); a typical message stays inline.
@@ -155,8 +156,8 @@ _INSERTS = {
 # RETURNING would copy every body through SQLite's temporary table).
 _DUE = (
     f"SELECT {_COLUMNS}, raw, body_file FROM messages"
-    " WHERE (state = 'queued' AND next_attempt_at <= ?1)"
-    " OR (state = 'in_flight' AND lease_expires_at <= ?1)"
+    " WHERE ((state = 'queued' AND next_attempt_at <= ?1)"
+    " OR (state = 'in_flight' AND lease_expires_at <= ?1)) AND held = 0"
     " ORDER BY next_attempt_at, id LIMIT ?2"
 )
 _CLAIM = (
@@ -305,7 +306,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
     Version 1 indexed every row by (state, time): its two indexes are built again as the
     partial ones of ``_INDEXES``, under the same names, so an earlier esprelay can still
     open the file (its queries work with them, as they do with the old ones).  Version 3
-    adds ``body_file`` (0 for every row written before: their bodies are in the rows).
+    adds ``body_file`` (0 for every row written before: their bodies are in the rows),
+    version 4 ``held`` (0: nothing was held before).  A new file gets both columns here
+    too, by the same statements.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -320,6 +323,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
         if "body_file" not in columns:  # before version 3: every body in its row
             conn.execute("ALTER TABLE messages ADD COLUMN body_file INTEGER NOT NULL DEFAULT 0")
+        if "held" not in columns:  # before version 4: nothing held
+            conn.execute("ALTER TABLE messages ADD COLUMN held INTEGER NOT NULL DEFAULT 0")
         if version < SCHEMA_VERSION:
             conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -1005,6 +1010,54 @@ class SqliteSpool(OnePartPut):
             await asyncio.to_thread(self._bodies.remove, files)
         return len(ids)
 
+    async def hold(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Hold queued and in-flight messages (all of them with ``ids`` None): they are
+        not leased until released; one in flight finishes its attempt.  Returns the ids
+        held (already held ones included)."""
+
+        def update(conn: sqlite3.Connection) -> tuple[str, ...]:
+            where = "state IN ('queued', 'in_flight')"
+            return _update_ids(conn, f"UPDATE messages SET held = 1 WHERE {where}", ids)
+
+        return await self._run(update)
+
+    async def release(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Release held messages (all with ``ids`` None), due now; return their ids."""
+
+        def update(conn: sqlite3.Connection) -> tuple[str, ...]:
+            now = self._time()
+            return _update_ids(
+                conn,
+                "UPDATE messages SET held = 0, updated_at = ?,"
+                " next_attempt_at = min(next_attempt_at, ?) WHERE held = 1",
+                ids,
+                (now, now),
+            )
+
+        return await self._run(update)
+
+    async def flush(self) -> int:
+        """Make every queued message that is not held due now; return how many."""
+
+        def update(conn: sqlite3.Connection) -> int:
+            now = self._time()
+            cursor = conn.execute(
+                "UPDATE messages SET next_attempt_at = ?, updated_at = ?"
+                " WHERE state = 'queued' AND held = 0 AND next_attempt_at > ?",
+                (now, now, now),
+            )
+            return cursor.rowcount
+
+        return await self._run(update)
+
+    async def held_ids(self) -> set[str]:
+        """The ids of the held messages."""
+
+        def select(conn: sqlite3.Connection) -> set[str]:
+            return {row[0] for row in conn.execute("SELECT id FROM messages WHERE held = 1")}
+
+        return await self._run(select)
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Nothing to do: one ``serve`` process owns an SQLite spool, and its own
         intake wakes its workers (``IntakeState.on_accepted``)."""
@@ -1076,6 +1129,20 @@ class SqliteSpool(OnePartPut):
         return await self._run(remove, durable=False)
 
     # endregion
+
+
+def _update_ids(
+    conn: sqlite3.Connection, update: str, ids: Sequence[str] | None, params: tuple[Any, ...] = ()
+) -> tuple[str, ...]:
+    """Run ``update`` (an UPDATE ... WHERE without RETURNING) on the rows of ``ids``, or
+    on every row it selects with ``ids`` None; return the ids it changed."""
+    if ids is None:
+        return tuple(sorted(row[0] for row in conn.execute(update + " RETURNING id", params)))
+    return tuple(
+        id
+        for id in dict.fromkeys(ids)
+        if conn.execute(update + " AND id = ? RETURNING id", (*params, id)).fetchone()
+    )
 
 
 def _with_delivery(row: tuple[Any, ...], history: tuple[Attempt, ...]) -> tuple[Attempt, ...]:
