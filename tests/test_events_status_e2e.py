@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from aiohttp import web
 
 from esprelay.app import Relay
 from esprelay.config import Settings
@@ -34,6 +35,7 @@ from esprelay.events.fakes import CertServer, FakeMailgun, FakePostmark, FakeSen
 from esprelay.events.listener import EventsListener
 from esprelay.events.service import start_events
 from esprelay.models import MessageState
+from esprelay.providers.http import secret_key, sign
 from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.pgutil import temporary_database
 
@@ -464,3 +466,47 @@ async def test_success_and_delay_reports_and_unknown_messages(
     shown = await stack.api(f"/api/messages/{id}")
     assert shown["recipients"][0]["status"] == "delivered"
     assert [e["status"] for e in shown["timeline"]] == ["deferred", "deferred", "delivered"]
+
+
+async def test_bounces_forwarded_to_the_failure_webhook_signed(
+    stack_factory: Callable[..., Any],
+) -> None:
+    received: list[tuple[bytes, dict[str, str]]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((await request.read(), dict(request.headers)))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    try:
+        stack: Stack = await stack_factory(
+            "sendgrid",
+            failure_webhook_url=f"http://127.0.0.1:{port}/hook",
+            failure_webhook_events="bounced,complained",
+            failure_webhook_secret=secret,
+        )
+        id = await stack.send()
+        request = stack.bounce(id)
+        assert (await stack.post(request)).status_code == 200
+        assert (await stack.post(stack.bounce(id, kind="delivered"))).status_code == 200
+        assert (await stack.post(request)).status_code == 200  # a retry: not sent again
+        await stack.processed()
+        await stack.listener.close()  # waits for the forwards under way
+        [(body, headers)] = received
+        record = json.loads(body)
+        assert (record["type"], record["event"], record["id"]) == ("esprelay.event", "bounced", id)
+        assert record["recipient"] == RCPT and record["smtp_status"] == "5.1.1"
+        assert record["message_id_header"] == "status.test@sender.example"
+        webhook_id = headers["webhook-id"]
+        assert webhook_id == f"sendgrid:{record['provider_event_id']}"
+        timestamp = int(headers["webhook-timestamp"])
+        assert headers["webhook-signature"] == sign(secret_key(secret), webhook_id, timestamp, body)
+    finally:
+        await runner.cleanup()

@@ -152,6 +152,10 @@ class Settings(BaseSettings):
     bounce_mode: str = Field(default="sender", pattern=r"^(sender|off|address:.+@.+)$")
     bounce_from: str | None = None
     failure_webhook_url: str | None = None
+    #: ESP event kinds also POSTed to the failure webhook (esprelay.events.forward)
+    failure_webhook_events: str = ""
+    #: Standard Webhooks secret (whsec_...) signing those events
+    failure_webhook_secret: SecretStr | None = None
 
     # Spool and delivery
     spool_url: str = "sqlite:///esprelay-data/spool.db"

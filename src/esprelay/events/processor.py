@@ -35,6 +35,9 @@ Applying an event (:meth:`EventProcessor.apply`):
    none for a null sender, ``Auto-Submitted`` mail (other than ``no``), a DSN, or a
    message from the bounce address itself (a loop).
 
+4. with ``ESPRELAY_FAILURE_WEBHOOK_EVENTS``, a new event of those kinds is also POSTed
+   to the failure webhook (:mod:`esprelay.events.forward`).
+
 The DSN returns what the spool still holds of the message.  A delivered message's body
 is dropped at its delivery, so a bounce reported later has the header section kept at
 intake (``meta.headers``: kept whenever the events listener is on) and never the full
@@ -54,6 +57,7 @@ from typing import Any
 
 from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import SpoolError
+from esprelay.events.forward import EventForwarder
 from esprelay.events.model import Event, EventInbox, StoredEvent
 from esprelay.events.status import MessageStatusStore
 from esprelay.failures import notice_recipient, queue_dsn
@@ -138,6 +142,7 @@ class EventProcessor:
         default_chain: tuple[str, ...],
         metrics: RelayMetrics | None = None,
         wake_delivery: Callable[[], None] | None = None,
+        forwarder: EventForwarder | None = None,
         clock: Clock = SYSTEM_CLOCK,
         batch: int = BATCH,
         poll_interval: float = POLL_INTERVAL,
@@ -152,6 +157,7 @@ class EventProcessor:
         self.default_chain = default_chain
         self.metrics = metrics
         self.wake_delivery = wake_delivery
+        self.forwarder = forwarder
         self.batch = batch
         self.poll_interval = poll_interval
         self._clock = clock
@@ -173,6 +179,8 @@ class EventProcessor:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.forwarder is not None:
+            await self.forwarder.wait(timeout=2.0)
 
     async def _run(self) -> None:
         while True:
@@ -237,6 +245,8 @@ class EventProcessor:
             event.provider,
             "" if applied.new else " (applied before)",
         )
+        if applied.new and self.forwarder is not None:
+            self.forwarder.forward(message, recipient, event)
         if kind is not None and applied.dsn:
             await self._send_dsn(message, recipient, event, kind)
 

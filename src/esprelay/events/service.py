@@ -20,6 +20,7 @@ import httpx
 from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.config import Settings
 from esprelay.errors import ConfigError
+from esprelay.events.forward import EventForwarder, parse_kinds
 from esprelay.events.listener import PREFIX, EventsListener
 from esprelay.events.model import Event, EventInbox, EventSource, InboxResult, StoredEvent
 from esprelay.events.processor import EventProcessor
@@ -27,6 +28,7 @@ from esprelay.events.settings import SourceContext, prefix, read_settings, sourc
 from esprelay.events.status import MessageStatusStore
 from esprelay.listeners import listen_error
 from esprelay.metrics import RelayMetrics
+from esprelay.providers.http import secret_key
 from esprelay.routing import RoutingTable
 from esprelay.smtp.tls import build_context
 from esprelay.spool import Spool
@@ -110,20 +112,21 @@ async def start_events(
         client=http,
         overrides=overrides or {},
     )
-    processor = (
-        build_processor(
-            settings,
-            routing=routing,
-            inbox=inbox,
-            spool=spool,
-            metrics=metrics,
-            clock=clock,
-            wake_delivery=wake_delivery,
-        )
-        if process
-        else None
-    )
     try:
+        processor = (
+            build_processor(
+                settings,
+                routing=routing,
+                inbox=inbox,
+                spool=spool,
+                metrics=metrics,
+                clock=clock,
+                wake_delivery=wake_delivery,
+                client=http,
+            )
+            if process
+            else None
+        )
         sources = build_sources(settings, routing, context)
         listener = EventsListener(
             sources=sources,
@@ -175,11 +178,26 @@ def build_processor(
     metrics: RelayMetrics | None,
     clock: Clock = SYSTEM_CLOCK,
     wake_delivery: Callable[[], None] | None = None,
+    client: httpx.AsyncClient | None = None,
 ) -> EventProcessor:
     """The processor of ``inbox``'s events into ``spool``'s messages (both backends are
-    a :class:`~esprelay.events.status.MessageStatusStore`)."""
+    a :class:`~esprelay.events.status.MessageStatusStore`); ``client`` posts the events
+    forwarded to the failure webhook."""
     if not isinstance(spool, MessageStatusStore):
         raise ConfigError("ESPRELAY_EVENTS_PORT needs a spool that keeps message status")
+    forwarder = None
+    try:
+        kinds = parse_kinds(settings.failure_webhook_events)
+        secret = settings.failure_webhook_secret
+        key = None if secret is None else secret_key(secret.get_secret_value())
+    except ValueError as exc:
+        raise ConfigError(f"ESPRELAY_FAILURE_WEBHOOK_EVENTS / _SECRET: {exc}") from None
+    if kinds and settings.failure_webhook_url and client is not None:
+        forwarder = EventForwarder(
+            url=settings.failure_webhook_url, kinds=kinds, key=key, client=client
+        )
+    elif kinds:
+        log.warning("ESPRELAY_FAILURE_WEBHOOK_EVENTS is set without ESPRELAY_FAILURE_WEBHOOK_URL")
     return EventProcessor(
         inbox=inbox,
         store=spool,
@@ -191,6 +209,7 @@ def build_processor(
         default_chain=routing.default.providers,
         metrics=metrics,
         wake_delivery=wake_delivery,
+        forwarder=forwarder,
         clock=clock,
     )
 
