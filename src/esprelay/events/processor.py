@@ -74,6 +74,12 @@ BATCH = 100
 POLL_INTERVAL = 5.0
 #: Seconds before trying again after the spool failed.
 ERROR_PAUSE = 5.0
+#: Seconds between purges of the processed events (as :mod:`esprelay.purge`).
+PURGE_INTERVAL = 600.0
+#: Processed events are kept at least this long (seconds): an ESP retrying a webhook
+#: within it finds its event stored already.  (One retried after it is stored again and
+#: applied again, which changes nothing: the message's timeline has it.)
+MIN_INBOX_RETENTION = 86400.0
 
 _ACTIONS = {"failure": "failed", "success": "delivered", "delay": "delayed"}
 
@@ -146,7 +152,10 @@ class EventProcessor:
         clock: Clock = SYSTEM_CLOCK,
         batch: int = BATCH,
         poll_interval: float = POLL_INTERVAL,
+        inbox_retention: Callable[[], float] = lambda: MIN_INBOX_RETENTION,
     ) -> None:
+        """``inbox_retention()``: how long processed events are kept (seconds, at least
+        :data:`MIN_INBOX_RETENTION`), asked for at each purge."""
         self.inbox = inbox
         self.store = store
         self.spool = spool
@@ -161,6 +170,8 @@ class EventProcessor:
         self.batch = batch
         self.poll_interval = poll_interval
         self._clock = clock
+        self._inbox_retention = inbox_retention
+        self._next_purge = 0.0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -186,6 +197,7 @@ class EventProcessor:
         while True:
             try:
                 await self.process_pending()
+                await self._purge()
             except SpoolError as exc:
                 log.error("events: cannot process the inbox now: %s", exc)
                 await asyncio.sleep(ERROR_PAUSE)
@@ -197,6 +209,16 @@ class EventProcessor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self.poll_interval)
             self._wakeup.clear()
+
+    async def _purge(self) -> None:
+        now = self._clock.time()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + PURGE_INTERVAL
+        keep = max(self._inbox_retention(), MIN_INBOX_RETENTION)
+        removed = await self.inbox.purge_events(processed_before=now - keep)
+        if removed:
+            log.info("events: purged %d processed event(s) from the inbox", removed)
 
     # endregion
     # region processing

@@ -211,6 +211,7 @@ def build_processor(
         wake_delivery=wake_delivery,
         forwarder=forwarder,
         clock=clock,
+        inbox_retention=lambda: settings.delivered_retention,
     )
 
 
