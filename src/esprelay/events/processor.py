@@ -30,7 +30,7 @@ Applying an event (:meth:`EventProcessor.apply`):
 
    At most one of each kind per recipient, however many events the ESP sends: the DSN
    is claimed in the transaction that applies the event, then queued (a crash between
-   the two loses that DSN rather than sending it twice; one the spool cannot queue is
+   the two may lose that DSN, and never sends it twice; one the spool cannot queue is
    given back, and the event tried again).  Never a bounce of a bounce:
    none for a null sender, ``Auto-Submitted`` mail (other than ``no``), a DSN, or a
    message from the bounce address itself (a loop).

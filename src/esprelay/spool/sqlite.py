@@ -1049,7 +1049,10 @@ class SqliteSpool(OnePartPut):
             )
             return Applied(new, changed, claimed)
 
-        return await self._run(apply)
+        # Lost in a crash: the event is still pending (its finish_events, durable, comes
+        # after and hardens this commit with it) and is applied again.  A claimed DSN is
+        # hardened by the durable put of the DSN itself.
+        return await self._run(apply, durable=False)
 
     async def release_dsn(self, message_id: str, recipient: str, kind: str) -> None:
         def release(conn: sqlite3.Connection) -> None:
