@@ -59,7 +59,7 @@ from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import SpoolError
 from esprelay.events.forward import EventForwarder
 from esprelay.events.model import Event, EventInbox, StoredEvent
-from esprelay.events.status import MessageStatusStore
+from esprelay.events.status import STATUS_KINDS, MessageStatusStore
 from esprelay.failures import notice_recipient, queue_dsn
 from esprelay.message.dsn import build_dsn, from_meta, is_dsn
 from esprelay.message.header import raw_value, read_header, unfolded
@@ -258,7 +258,8 @@ class EventProcessor:
             return
         if applied.changed and self.metrics is not None:
             self.metrics.events_status_changes.labels(event.kind).inc()
-        log.info(
+        log.log(
+            logging.INFO if event.kind in STATUS_KINDS else logging.DEBUG,
             "event id=%s rcpt=<%s> kind=%s status=%s provider=%s%s",
             message.id,
             recipient,
