@@ -425,6 +425,13 @@ async def test_a_bounce_becomes_a_dsn_and_the_status(
     assert [m["id"] for m in found["messages"]] == [id]
     found = await stack.api(f"/api/messages?rcpt={RCPT.upper()}&since=2020-01-01T00:00:00")
     assert [m["id"] for m in found["messages"]] == [id]
+    assert stack.relay.http is not None
+    for query in ("since=yesterday", "until=nan", "limit=0&rcpt=x@y.example"):
+        bad = await stack.http.get(
+            f"http://127.0.0.1:{stack.relay.http.port}/api/messages?{query}",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert bad.status_code == 400, query
     metrics = stack.relay.metrics.registry
     assert metrics.get_sample_value("esprelay_events_dsns_total", {"kind": "failure"}) == 1
     assert metrics.get_sample_value("esprelay_events_status_changes_total", {"kind": "bounced"})

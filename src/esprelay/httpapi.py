@@ -46,6 +46,7 @@ import html
 import ipaddress
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -459,9 +460,13 @@ def _time_arg(value: str | None, name: str) -> float | None:
     if value is None:
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(number):
+            raise HttpError(400, f"{name} must be ISO 8601 or seconds since the epoch")
+        return number
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -548,6 +553,8 @@ def render_message_page(data: dict[str, Any]) -> str:
     e = html.escape
 
     def cell(value: Any) -> str:
+        if isinstance(value, list):
+            value = ", ".join(str(item) for item in value)
         return f"<td>{e('' if value is None else str(value))}</td>"
 
     def table(rows: list[dict[str, Any]], columns: tuple[str, ...], empty: str) -> str:
