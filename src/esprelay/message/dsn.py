@@ -137,13 +137,16 @@ def build_dsn(
     arrival_date: float,
     message_id: str,
     parameters: EnvelopeDSN | None = None,
+    recipient_status: Mapping[str, tuple[str, str]] | None = None,
     action: str = "failed",
     remote_mta: str | None = None,
     diagnostic_code: str | None = None,
     last_attempt: float | None = None,
 ) -> bytes:
     """The bytes of a DSN reporting that ``failed_recipients`` did not get ``raw``;
-    ``parameters``: the DSN parameters of the original transaction, if any.
+    ``parameters``: the DSN parameters of the original transaction, if any;
+    ``recipient_status``: a recipient's own (status, reason), where it differs from
+    the message's (a provider that refused some recipients only).
 
     ``action`` (RFC 3464 2.3.3) is ``failed`` by default; a report made from an ESP's
     event may say ``delivered`` or ``delayed`` instead, name the ``remote_mta`` and
@@ -200,10 +203,13 @@ def build_dsn(
             block["Original-Recipient"] = orcpt
         block["Final-Recipient"] = address_field(recipient)
         block["Action"] = action
-        block["Status"] = status
+        own = recipient_status.get(recipient) if recipient_status else None
+        block["Status"] = own[0] if own else status
         if remote_mta is not None:
             block["Remote-MTA"] = f"dns; {remote_mta}"
-        block["Diagnostic-Code"] = diagnostic_code or f"X-ESP-API; {diagnostic}"
+        block["Diagnostic-Code"] = diagnostic_code or (
+            f"X-ESP-API; {' '.join(own[1].split()) if own else diagnostic}"
+        )
         block["Last-Attempt-Date"] = formatdate(
             time.time() if last_attempt is None else last_attempt, localtime=False
         )
