@@ -231,15 +231,20 @@ class EventProcessor:
             pending = await self.inbox.pending_events(self.batch)
             if not pending:
                 return done
+            applied: list[int] = []
             for stored in pending:
                 try:
                     await self.apply(stored)
                 except SpoolError:
-                    raise  # the batch stays pending: tried again
+                    # This one and the rest stay pending, tried again; those before
+                    # are finished (finishing fails too when the spool is down).
+                    await self.inbox.finish_events(applied)
+                    raise
                 except Exception:  # a bug must not hold the inbox up: logged, finished
                     log.exception("events: cannot apply event seq=%d", stored.seq)
-            await self.inbox.finish_events([stored.seq for stored in pending])
-            done += len(pending)
+                applied.append(stored.seq)
+            await self.inbox.finish_events(applied)
+            done += len(applied)
 
     async def apply(self, stored: StoredEvent) -> None:
         event = stored.event
