@@ -144,6 +144,13 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX esprelay_events_pending ON esprelay_events (seq) WHERE processed_at IS NULL;
     """,
+    # 3: messages by the id the ESP's send answered, for the events that carry no
+    # esprelay id (find_by_provider_message_id); only the rows an ESP accepted.
+    """
+    CREATE INDEX esprelay_messages_provider_message_id
+        ON esprelay_messages (provider, provider_message_id)
+        WHERE provider_message_id IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -863,6 +870,23 @@ class PostgresSpool(OnePartPut):
         return int(count)
 
     # endregion
+    # region lookup by the ESP's message id (events that carry no esprelay id)
+
+    async def find_by_provider_message_id(
+        self, provider: str, provider_message_id: str
+    ) -> SpooledMessage | None:
+        """The message ``provider`` (its configured name) accepted as
+        ``provider_message_id`` (the id its send API answered), without its body; the
+        newest if the ESP gave one id twice; None if none."""
+        rows = await self._fetch(
+            "finding a message by its ESP id",
+            f"SELECT {_COLUMNS} FROM esprelay_messages {_BY_PROVIDER_ID}",
+            _no_nul(provider),
+            _no_nul(provider_message_id),
+        )
+        return _record_to_message(rows[0]) if rows else None
+
+    # endregion
 
 
 def _set_event(event: asyncio.Event, *_: object) -> None:
@@ -900,6 +924,18 @@ def _record_to_message(
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresSpool", "migrate", "redact_url", "upgrade"]
 
 
+# region lookup by the ESP's message id (events that carry no esprelay id)
+
+_BY_PROVIDER_ID = (
+    "WHERE provider = $1 AND provider_message_id = $2 ORDER BY created_at DESC, id DESC LIMIT 1"
+)
+#: The message an event names by the ESP's id, as a subquery of _INSERT_EVENTS.
+_SENT_AS = (
+    "SELECT s.id FROM esprelay_messages AS s WHERE s.provider = e.provider"
+    " AND s.provider_message_id = e.esp_message_id ORDER BY s.created_at DESC, s.id DESC LIMIT 1"
+)
+
+# endregion
 # region event inbox statements (esprelay.events)
 
 # (``list`` in the class is its method of that name.)
@@ -913,7 +949,8 @@ _INSERT_EVENTS = (
     " diagnostic, esp_message_id, esprelay_id, remote_mta, raw, received_at, message_id)"
     " SELECT e.provider, e.event_id, e.kind, e.recipient, e.at, e.smtp_status, e.diagnostic,"
     f" e.esp_message_id, e.esprelay_id, e.remote_mta, e.raw, {_NOW},"
-    " (SELECT m.id FROM esprelay_messages AS m WHERE m.id = e.esprelay_id)"
+    " COALESCE((SELECT m.id FROM esprelay_messages AS m WHERE m.id = e.esprelay_id),"
+    f" ({_SENT_AS}))"
     " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[],"
     " $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])"
     " AS e(provider, event_id, kind, recipient, at, smtp_status, diagnostic, esp_message_id,"
