@@ -294,7 +294,13 @@ async def test_a_version_1_spool_gets_partial_indexes_and_keeps_its_messages(
     ids = await _spool_in_every_state(path)
     version, indexes = _schema(path)
     assert version == "3"
-    assert set(indexes) == {"messages_due", "messages_lease", "messages_failed"}
+    assert set(indexes) == {
+        "messages_due",
+        "messages_lease",
+        "messages_failed",
+        "messages_provider_message_id",  # events by the ESP's id
+        "event_inbox_pending",
+    }
     # Make it the file version 1 left: its indexes, its version, no body_file column.
     with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("ALTER TABLE messages DROP COLUMN body_file")
