@@ -31,6 +31,7 @@ from esprelay.providers.postmark import PostmarkProvider
 from esprelay.providers.resend import ResendProvider
 from esprelay.providers.sendgrid import SendGridProvider
 from esprelay.providers.ses import SesProvider
+from esprelay.providers.sparkpost import SparkPostProvider
 from esprelay.testing.conformance import Probe, check_adapter, check_errors
 from esprelay.testing.fakeesp import Recorded
 from tests.providers.test_mailgun import form_fields
@@ -163,6 +164,20 @@ def _mailjet() -> tuple[HttpProvider, Probe]:
     return provider, Probe(recipients, sender)
 
 
+def _sparkpost() -> tuple[HttpProvider, Probe]:
+    # recipients[].address.email is the envelope; the To header is not built for
+    # email_rfc822 content: recipients see the message as sent.
+    def raw(request: httpx.Request) -> bytes:
+        return str(json.loads(request.read())["content"]["email_rfc822"]).encode("utf-8")
+
+    provider = SparkPostProvider(httpx.AsyncClient(), SecretStr("k"), "http://127.0.0.1:9")
+    return provider, Probe(
+        recipients=lambda r: {p["address"]["email"] for p in json.loads(r.read())["recipients"]},
+        sender=lambda r: _mime_sender(raw(r)),
+        shown=raw,
+    )
+
+
 def _graph() -> tuple[HttpProvider, Probe]:
     # Graph sends to the To, Cc and Bcc addresses of the MIME, and Exchange removes the
     # Bcc field from what it delivers ([MS-OXCMAIL] 2.1.3.1.1.2): that is what is shown.
@@ -215,6 +230,7 @@ ADAPTERS = {
     "brevo": _brevo,
     "mailjet": _mailjet,
     "graph": _graph,
+    "sparkpost": _sparkpost,
     "example": _example,
 }
 

@@ -3,7 +3,7 @@
 Every setting is an ``ESPRELAY_*`` environment variable or a line in ``.env``;
 ``.env.example`` documents each one.  Nothing in this module exits the process:
 :func:`load_settings` raises :class:`~esprelay.errors.ConfigError` with one
-line that names the variable, and the CLI turns that into exit status 2.
+line that names the variable, and the CLI turns that into exit status 78 (EX_CONFIG).
 """
 
 from __future__ import annotations
@@ -116,7 +116,14 @@ class Settings(BaseSettings):
     auth_user: str | None = None
     auth_password: SecretStr | None = None
     trusted_networks: Networks = ("127.0.0.0/8", "::1/128")
+    #: Start even with a trusted network of every address (0.0.0.0/0, ::/0): an open relay.
+    allow_open_relay: bool = False
     plaintext_auth_networks: Networks = ()
+    #: Behind a load balancer: every SMTP connection starts with a PROXY protocol header
+    #: (v1 or v2) naming the real client, accepted only from ESPRELAY_PROXY_TRUSTED
+    proxy_protocol: bool = False
+    proxy_trusted: Networks = ()
+    proxy_protocol_timeout: Seconds = Field(default=5.0, gt=0)
     allowed_sender_domains: StrList = ()
     auth_max_failures: int = Field(default=5, ge=1)
     auth_failure_window: Seconds = 300.0
@@ -228,8 +235,33 @@ class Settings(BaseSettings):
             raise ValueError("ESPRELAY_AUTH_USER must not contain ':'")
         if self.force_from is not None and "@" not in self.force_from:
             raise ValueError("ESPRELAY_FORCE_FROM must be an address such as relay@example.com")
+        if self.proxy_protocol and not self.proxy_trusted:
+            raise ValueError(
+                "ESPRELAY_PROXY_PROTOCOL=true needs ESPRELAY_PROXY_TRUSTED (the load balancers)"
+            )
         if self.retry_max < self.retry_initial:
             raise ValueError("ESPRELAY_RETRY_MAX must not be smaller than ESPRELAY_RETRY_INITIAL")
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_open_relay(self) -> Settings:
+        """A trusted network of every address (a prefix length of 0) lets anyone who
+        reaches the port send mail as you: refused unless asked for by name."""
+        if self.allow_open_relay:
+            return self
+        everyone = [
+            item
+            for item in self.trusted_networks
+            if ipaddress.ip_network(item, strict=False).prefixlen == 0
+        ]
+        if everyone:
+            raise ValueError(
+                f"ESPRELAY_TRUSTED_NETWORKS: {', '.join(everyone)} trusts every address:"
+                " anyone who can reach the SMTP port could send mail through your ESP"
+                " account (an open relay). Trust the clients' own subnet, or configure"
+                " SMTP AUTH (ESPRELAY_AUTH_FILE); if this really is what you want, set"
+                " ESPRELAY_ALLOW_OPEN_RELAY=true"
+            )
         return self
 
 

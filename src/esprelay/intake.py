@@ -236,6 +236,34 @@ class Intake:
         results = await asyncio.gather(*(send(i, p) for i, p in enumerate(parts)))
         elapsed = (time.monotonic() - started) * 1000
         errors = [r for r in results if isinstance(r, DeliveryError)]
+        # Recipients an ESP refused while accepting the others: without a spool nothing
+        # can retry them alone, so the client hears of them in the reply (it may then
+        # send again to all; queue mode is the one that never repeats a delivery).
+        for result in results:
+            if isinstance(result, Sent):
+                for rcpt, error in result.result.rejected:
+                    log.warning(
+                        "rejected id=%s mode=passthrough rcpt=<%s> provider=%s error=%s",
+                        message_id,
+                        rcpt,
+                        result.provider,
+                        error,
+                        extra={
+                            "event": "rejected",
+                            "message_id": message_id,
+                            "mode": "passthrough",
+                            "rcpt": rcpt,
+                            "error": str(error),
+                        },
+                    )
+                    errors.append(
+                        type(error)(
+                            f"<{rcpt}> refused: {error.args[0] if error.args else error}",
+                            provider=error.provider or result.provider,
+                            status_code=error.status_code,
+                            retry_after=error.retry_after,
+                        )
+                    )
         for part, result in zip(parts, results, strict=True):
             if isinstance(result, Sent):
                 log.info(

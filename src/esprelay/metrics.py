@@ -92,8 +92,15 @@ class RelayMetrics:
         )
         self.deliveries = Counter(
             "esprelay_deliveries",
-            "Delivery attempts by provider and outcome (delivered, deferred, failed).",
+            "Delivery attempts by provider and outcome (delivered, partial, deferred, failed).",
             ["provider", "outcome"],
+            registry=r,
+        )
+        self.partial_recipients = Counter(
+            "esprelay_delivery_partial_recipients",
+            "Recipients of partial deliveries (the provider refused some recipients only),"
+            " by provider and fate (accepted, bounced, retried).",
+            ["provider", "fate"],
             registry=r,
         )
         self.attempt_seconds = Histogram(
@@ -194,8 +201,16 @@ class RelayMetrics:
         deliveries, attempt_seconds, latency_seconds = children
         deliveries.inc()
         attempt_seconds.observe(outcome.elapsed)
-        if outcome.outcome == "delivered":
+        if outcome.outcome == "delivered" or outcome.accepted:
             latency_seconds.observe(max(0.0, time.time() - outcome.message.created_at))
+        if outcome.outcome == "partial":
+            for fate, count in (
+                ("accepted", len(outcome.accepted)),
+                ("bounced", len(outcome.bounced)),
+                ("retried", len(outcome.retried)),
+            ):
+                if count:
+                    self.partial_recipients.labels(provider, fate).inc(count)
 
     def httpx_event_hooks(
         self, provider_for_host: Mapping[str, str]

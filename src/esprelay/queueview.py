@@ -1,4 +1,5 @@
-"""One view of a spooled message for every interface (admin API and ``esprelay queue``).
+"""One view of a spooled message for every interface (admin API and ``esprelay queue``),
+and the queue as Postfix's ``mailq`` prints it (``esprelay mailq``, ``sendmail -bp``).
 
 Times are ISO 8601 in UTC; the body, when asked for, is base64 so that the exact bytes
 survive JSON.
@@ -7,10 +8,12 @@ survive JSON.
 from __future__ import annotations
 
 import base64
+import time
+from collections.abc import Container, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from esprelay.models import SpooledMessage
+from esprelay.models import MessageState, SpooledMessage
 
 
 def iso_time(value: float | None) -> str | None:
@@ -62,3 +65,44 @@ def detail(message: SpooledMessage, *, with_body: bool) -> dict[str, Any]:
             None if message.raw is None else base64.b64encode(message.raw).decode("ascii")
         )
     return data
+
+
+# Postfix's mailq (``postqueue -p``) layout: the queue id and its mark, the size, the
+# arrival time, the sender; then the reason of the last deferral in parentheses and the
+# recipients, under the sender.
+_MAILQ_HEADER = (
+    f"{'-Queue ID-':<22} {'--Size--':>8} {'----Arrival Time----':<20} -Sender/Recipient-------"
+)
+_MAILQ_INDENT = " " * (22 + 1 + 8 + 1 + 20 + 1)
+
+
+def mailq(messages: Iterable[SpooledMessage], held: Container[str]) -> str:
+    """``messages`` (those still to deliver) as Postfix's ``mailq`` prints its queue:
+    ``*`` after the id of a message being delivered now, ``!`` after a held one; "Mail
+    queue is empty", or a last line with the total size and count."""
+    lines: list[str] = []
+    count = size = 0
+    for message in messages:
+        if message.state not in (MessageState.QUEUED, MessageState.IN_FLIGHT):
+            continue
+        mark = (
+            "!" if message.id in held else ("*" if message.state is MessageState.IN_FLIGHT else " ")
+        )
+        arrival = time.strftime("%a %b %e %H:%M:%S", time.localtime(message.created_at))
+        if not lines:
+            lines.append(_MAILQ_HEADER)
+        lines.append(
+            f"{message.id + mark:<22} {message.size:>8} {arrival:<20}"
+            f" {message.envelope.mail_from or 'MAILER-DAEMON'}"
+        )
+        if message.last_error and message.state is MessageState.QUEUED:
+            lines.append(f"({' '.join(message.last_error.split())})")
+        lines.extend(f"{_MAILQ_INDENT}{rcpt}" for rcpt in message.envelope.rcpt_tos)
+        lines.append("")
+        count += 1
+        size += message.size
+    if not count:
+        return "Mail queue is empty"
+    kbytes = (size + 1023) // 1024
+    lines.append(f"-- {kbytes} Kbytes in {count} Request{'' if count == 1 else 's'}.")
+    return "\n".join(lines)

@@ -137,9 +137,12 @@ def build_dsn(
     arrival_date: float,
     message_id: str,
     parameters: EnvelopeDSN | None = None,
+    recipient_status: Mapping[str, tuple[str, str]] | None = None,
 ) -> bytes:
     """The bytes of a DSN reporting that ``failed_recipients`` did not get ``raw``;
-    ``parameters``: the DSN parameters of the original transaction, if any."""
+    ``parameters``: the DSN parameters of the original transaction, if any;
+    ``recipient_status``: a recipient's own (status, reason), where it differs from
+    the message's (a provider that refused some recipients only)."""
     parameters = parameters if parameters is not None else EnvelopeDSN()
     full = parameters.ret == "FULL" and len(raw) <= RETURN_FULL_LIMIT
     if full:
@@ -191,8 +194,9 @@ def build_dsn(
             block["Original-Recipient"] = orcpt
         block["Final-Recipient"] = address_field(recipient)
         block["Action"] = "failed"
-        block["Status"] = status
-        block["Diagnostic-Code"] = f"X-ESP-API; {diagnostic}"
+        own = recipient_status.get(recipient) if recipient_status else None
+        block["Status"] = own[0] if own else status
+        block["Diagnostic-Code"] = f"X-ESP-API; {' '.join(own[1].split()) if own else diagnostic}"
         block["Last-Attempt-Date"] = formatdate(time.time(), localtime=False)
         blocks.append(block)
     status_part.set_payload(blocks)

@@ -23,6 +23,10 @@ Postmark's SMTP control headers (``X-PM-Tag``, ``X-PM-Metadata-*``,
 fields they stand for and leave ``Headers``, as Postmark's SMTP service applies and
 removes them (see :func:`read_controls`); a malformed one is refused at the end of DATA
 (:meth:`PostmarkProvider.refusal`).
+
+Sandbox (``ESPRELAY_POSTMARK_SANDBOX``): every message is sent with the test token
+``POSTMARK_API_TEST`` instead of the server token; Postmark answers as for a send and
+delivers nothing.
 """
 
 from __future__ import annotations
@@ -71,6 +75,9 @@ FIELD_LIMIT = 50  # addresses in each of To, Cc, Bcc (and in all of them togethe
 #: Trace headers that describe the hops so far; Postmark writes its own.
 DROPPED_HEADERS = frozenset({"received", "return-path", "dkim-signature"})
 UNKNOWN_STREAM = 1235
+#: Postmark's test server token: a request is checked and answered as a send, and
+#: nothing is sent (``ESPRELAY_POSTMARK_SANDBOX``; Postmark's API overview).
+TEST_TOKEN = "POSTMARK_API_TEST"
 CONFIG_CODES = frozenset({10, 400, 401, 405, 412, 413, UNKNOWN_STREAM})
 _SPECIALS = set('()<>[]:;@\\,."')
 
@@ -408,14 +415,19 @@ class PostmarkProvider(HttpProvider):
         api_url: str,
         message_stream: str | None = None,
         name: str | None = None,
+        *,
+        sandbox: bool = False,
     ) -> None:
         super().__init__(client, name)
+        #: Sends with Postmark's test token: answered as a send, nothing is sent.
+        self.sandbox = sandbox
         self._token = server_token
         self.endpoint = api_url.rstrip("/") + "/email"
+        token = TEST_TOKEN if sandbox else server_token.get_secret_value()
         self._target = PostTarget(
             self.endpoint,
             {
-                "X-Postmark-Server-Token": server_token.get_secret_value(),
+                "X-Postmark-Server-Token": token,
                 "Accept": "application/json",
                 "Content-Type": "application/json",
             },
@@ -517,11 +529,13 @@ def _chosen_stream(response: httpx.Response) -> str | None:
 
 class PostmarkSettings(ProviderSettings):
     """``ESPRELAY_POSTMARK_*``: a server token, and the message stream (Postmark's
-    default, ``outbound``, when unset)."""
+    default, ``outbound``, when unset); ``sandbox`` sends with Postmark's test token
+    (nothing is sent; the server token is still what ``esprelay doctor`` checks)."""
 
     server_token: SecretStr
     api_url: str = "https://api.postmarkapp.com"
     message_stream: str | None = None
+    sandbox: bool = False
 
     def api_urls(self) -> tuple[str, ...]:
         return (self.api_url,)
@@ -529,7 +543,11 @@ class PostmarkSettings(ProviderSettings):
 
 def build(settings: PostmarkSettings, client: httpx.AsyncClient) -> PostmarkProvider:
     return PostmarkProvider(
-        client, settings.server_token, settings.api_url, settings.message_stream or None
+        client,
+        settings.server_token,
+        settings.api_url,
+        settings.message_stream or None,
+        sandbox=settings.sandbox,
     )
 
 

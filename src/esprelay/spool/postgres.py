@@ -144,7 +144,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX esprelay_events_pending ON esprelay_events (seq) WHERE processed_at IS NULL;
     """,
-    # 3: messages by the id the ESP's send answered, for the events that carry no
+    # 3: esprelay queue hold/release; a held message is never leased.
+    """
+    ALTER TABLE esprelay_messages ADD COLUMN held boolean NOT NULL DEFAULT false;
+    """,
+    # 4: messages by the id the ESP's send answered, for the events that carry no
     # esprelay id (find_by_provider_message_id); only the rows an ESP accepted.
     """
     CREATE INDEX esprelay_messages_provider_message_id
@@ -270,6 +274,17 @@ async def upgrade(conn: asyncpg.Connection) -> tuple[int, int]:
             await conn.execute(MIGRATIONS[version - 1])
             await conn.execute("INSERT INTO esprelay_schema (version) VALUES ($1)", version)
     return before, SCHEMA_VERSION
+
+
+async def schema_version(url: str) -> int:
+    """The schema version of the spool at ``url``; 0 where there is none (nothing is
+    created: the queue commands look before they open)."""
+    with _url_errors(), _translate_errors("reading the spool schema version"):
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, server_settings=_SERVER_SETTINGS)
+        try:
+            return await _current_version(conn)
+        finally:
+            await conn.close()
 
 
 async def migrate(url: str) -> tuple[int, int]:
@@ -564,8 +579,8 @@ class PostgresSpool(OnePartPut):
             "leasing messages",
             "WITH due AS ("
             " SELECT id FROM esprelay_messages"
-            f" WHERE (state = 'queued' AND next_attempt_at <= {_NOW})"
-            f" OR (state = 'in_flight' AND lease_expires_at <= {_NOW})"
+            f" WHERE ((state = 'queued' AND next_attempt_at <= {_NOW})"
+            f" OR (state = 'in_flight' AND lease_expires_at <= {_NOW})) AND NOT held"
             " ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)"
             ", leased AS ("
             " UPDATE esprelay_messages AS m SET state = 'in_flight', lease_owner = $2,"
@@ -630,6 +645,7 @@ class PostgresSpool(OnePartPut):
         provider_message_id: str | None,
         next_attempt_at: float | None,
         drop_body: bool,
+        rcpt_tos: Sequence[str] | None = None,
     ) -> bool:
         finished = await self._fetchval(
             f"recording a {outcome} attempt",
@@ -639,6 +655,7 @@ class PostgresSpool(OnePartPut):
             " last_error = $4, provider = $5,"
             " provider_message_id = COALESCE($6, provider_message_id),"
             " next_attempt_at = COALESCE($7, next_attempt_at)"
+            + (", rcpt_tos = $9" if rcpt_tos is not None else "")
             + (", has_body = false" if drop_body else "")
             + " WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2"
             " RETURNING id, attempts, updated_at)"
@@ -662,6 +679,7 @@ class PostgresSpool(OnePartPut):
             provider_message_id,
             next_attempt_at,
             outcome,
+            *(() if rcpt_tos is None else (list(rcpt_tos),)),
         )
         return finished is not None
 
@@ -706,6 +724,34 @@ class PostgresSpool(OnePartPut):
             provider_message_id=None,
             next_attempt_at=None,
             drop_body=False,
+        )
+
+    async def mark_partial(
+        self,
+        id: str,
+        *,
+        owner: str,
+        provider: str,
+        provider_message_id: str | None,
+        note: str,
+        rcpt_tos: Sequence[str],
+        next_attempt_at: float | None,
+    ) -> bool:
+        # One statement: the envelope narrowed to the recipients still to be tried and
+        # the attempt recorded commit together, or neither does (the lease then
+        # expires and the message is tried again whole).
+        requeue = bool(rcpt_tos)
+        return await self._finish(
+            id,
+            owner,
+            provider,
+            state=MessageState.QUEUED if requeue else MessageState.DELIVERED,
+            outcome="partial",
+            error=note,
+            provider_message_id=provider_message_id,
+            next_attempt_at=next_attempt_at if requeue else None,
+            drop_body=not requeue,
+            rcpt_tos=rcpt_tos if requeue else None,
         )
 
     async def get(self, id: str, *, with_body: bool = False) -> SpooledMessage | None:
@@ -800,6 +846,52 @@ class PostgresSpool(OnePartPut):
         )
         return None if value is None else float(value)
 
+    async def hold(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Hold queued and in-flight messages (all of them with ``ids`` None): they are
+        not leased until released; one in flight finishes its attempt.  Returns the ids
+        held (already held ones included)."""
+        rows = await self._fetch(
+            "holding messages",
+            "UPDATE esprelay_messages SET held = true"
+            " WHERE state IN ('queued', 'in_flight') AND ($1::text[] IS NULL OR id = ANY($1))"
+            " RETURNING id",
+            None if ids is None else list(ids),
+        )
+        return _in_order(ids, [row["id"] for row in rows])
+
+    async def release(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Release held messages (all with ``ids`` None), due now; return their ids."""
+        rows = await self._fetch(
+            "releasing messages",
+            "WITH released AS ("
+            f" UPDATE esprelay_messages SET held = false, updated_at = {_NOW},"
+            f" next_attempt_at = least(next_attempt_at, {_NOW})"
+            " WHERE held AND ($1::text[] IS NULL OR id = ANY($1)) RETURNING id)"
+            " SELECT released.id FROM released, LATERAL pg_notify($2, '') AS notified",
+            None if ids is None else list(ids),
+            CHANNEL,
+        )
+        return _in_order(ids, [row["id"] for row in rows])
+
+    async def flush(self) -> int:
+        """Make every queued message that is not held due now; return how many."""
+        flushed = await self._fetchval(
+            "making the queue due now",
+            "WITH flushed AS ("
+            f" UPDATE esprelay_messages SET next_attempt_at = {_NOW}, updated_at = {_NOW}"
+            f" WHERE state = 'queued' AND NOT held AND next_attempt_at > {_NOW} RETURNING 1)"
+            " SELECT count(*) FROM flushed, LATERAL pg_notify($1, '') AS notified",
+            CHANNEL,
+        )
+        return int(flushed)
+
+    async def held_ids(self) -> set[str]:
+        """The ids of the held messages."""
+        rows = await self._fetch(
+            "listing held messages", "SELECT id FROM esprelay_messages WHERE held"
+        )
+        return {row["id"] for row in rows}
+
     async def purge(self, *, delivered_before: float, failed_before: float) -> int:
         removed = await self._fetchval(
             "purging finished messages",
@@ -889,6 +981,14 @@ class PostgresSpool(OnePartPut):
     # endregion
 
 
+def _in_order(ids: Sequence[str] | None, changed: list[str]) -> tuple[str, ...]:
+    """``changed`` in the order of ``ids`` (as given), or sorted when all were asked for."""
+    if ids is None:
+        return tuple(sorted(changed))
+    done = set(changed)
+    return tuple(id for id in dict.fromkeys(ids) if id in done)
+
+
 def _set_event(event: asyncio.Event, *_: object) -> None:
     event.set()
 
@@ -921,7 +1021,15 @@ def _record_to_message(
     )
 
 
-__all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresSpool", "migrate", "redact_url", "upgrade"]
+__all__ = [
+    "CHANNEL",
+    "SCHEMA_VERSION",
+    "PostgresSpool",
+    "migrate",
+    "redact_url",
+    "schema_version",
+    "upgrade",
+]
 
 
 # region lookup by the ESP's message id (events that carry no esprelay id)

@@ -66,7 +66,8 @@ _Item = tuple[Operation, "asyncio.Future[Any]", asyncio.AbstractEventLoop, bool]
 
 # 2: the indexes cover only the rows a query looks for (see _SCHEMA); _migrate.
 # 3: large bodies in files beside the database (``body_file``, see the module doc).
-SCHEMA_VERSION = 3
+# 4: ``held`` (esprelay queue hold/release): a held message is never leased.
+SCHEMA_VERSION = 4
 #: Bodies this large or larger go to a file of their own (see the module doc).  Below
 #: ~100 KB SQLite reads and writes a blob faster than the file system does
 #: (https://www.sqlite.org/intern-v-extern-blob.html); a typical message stays inline.
@@ -94,7 +95,8 @@ CREATE TABLE IF NOT EXISTS messages (
     meta TEXT NOT NULL DEFAULT '{}',
     body_file INTEGER NOT NULL DEFAULT 0
 );
--- One row per attempt that carries information of its own: a deferral or a failure.
+-- One row per attempt that carries information of its own: a deferral, a failure or a
+-- partial delivery (some recipients accepted; see ``mark_partial``).
 -- A delivery is the message's last attempt and the messages row holds all of it
 -- (number = attempts, at = updated_at, provider, provider_message_id), so it gets no
 -- row; ``get`` puts it back into the history.  Files written before keep theirs.
@@ -154,8 +156,8 @@ _INSERTS = {
 # RETURNING would copy every body through SQLite's temporary table).
 _DUE = (
     f"SELECT {_COLUMNS}, raw, body_file FROM messages"
-    " WHERE (state = 'queued' AND next_attempt_at <= ?1)"
-    " OR (state = 'in_flight' AND lease_expires_at <= ?1)"
+    " WHERE ((state = 'queued' AND next_attempt_at <= ?1)"
+    " OR (state = 'in_flight' AND lease_expires_at <= ?1)) AND held = 0"
     " ORDER BY next_attempt_at, id LIMIT ?2"
 )
 _CLAIM = (
@@ -235,6 +237,29 @@ def _finish_statements(
     )
 
 
+# A partial attempt (``mark_partial``), for (id, now, provider, owner, note,
+# provider_message_id[, rcpt_tos, next_attempt_at]): queued again for the recipients
+# still to be tried, or delivered (the others were bounced) with its body dropped.
+_PARTIAL_SET = (
+    "attempts = attempts + 1, updated_at = ?2, lease_owner = NULL, lease_expires_at = NULL,"
+    " provider = ?3, last_error = ?5, provider_message_id = COALESCE(?6, provider_message_id)"
+)
+_PARTIAL_WHERE = " WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?4"
+_PARTIAL_REQUEUE = (
+    f"UPDATE messages SET state = 'queued', {_PARTIAL_SET}, rcpt_tos = ?7,"
+    f" next_attempt_at = ?8{_PARTIAL_WHERE}"
+)
+_PARTIAL_DELIVERED = (
+    f"UPDATE messages SET state = 'delivered', {_PARTIAL_SET}, raw = NULL,"
+    f" body_file = 0{_PARTIAL_WHERE}"
+)
+# (id, now, provider, note, provider_message_id): the attempt row, numbered as counted.
+_PARTIAL_ATTEMPT = (
+    "INSERT OR REPLACE INTO attempts (message_id, number, at, provider, outcome, error,"
+    " provider_message_id) SELECT ?1, attempts, ?2, ?3, 'partial', ?4, ?5"
+    " FROM messages WHERE id = ?1"
+)
+
 _STATES = {state.value: state for state in MessageState}
 
 
@@ -281,7 +306,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
     Version 1 indexed every row by (state, time): its two indexes are built again as the
     partial ones of ``_INDEXES``, under the same names, so an earlier esprelay can still
     open the file (its queries work with them, as they do with the old ones).  Version 3
-    adds ``body_file`` (0 for every row written before: their bodies are in the rows).
+    adds ``body_file`` (0 for every row written before: their bodies are in the rows),
+    version 4 ``held`` (0: nothing was held before).  A new file gets both columns here
+    too, by the same statements.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -296,6 +323,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
         if "body_file" not in columns:  # before version 3: every body in its row
             conn.execute("ALTER TABLE messages ADD COLUMN body_file INTEGER NOT NULL DEFAULT 0")
+        if "held" not in columns:  # before version 4: nothing held
+            conn.execute("ALTER TABLE messages ADD COLUMN held INTEGER NOT NULL DEFAULT 0")
         if version < SCHEMA_VERSION:
             conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -821,6 +850,41 @@ class SqliteSpool(OnePartPut):
             )
         )
 
+    async def mark_partial(
+        self,
+        id: str,
+        *,
+        owner: str,
+        provider: str,
+        provider_message_id: str | None,
+        note: str,
+        rcpt_tos: Sequence[str],
+        next_attempt_at: float | None,
+    ) -> bool:
+        requeue = bool(rcpt_tos)
+        in_file = id in self._body_files
+        self._body_files.discard(id)  # requeued: a later lease names it again
+        update_sql = _PARTIAL_REQUEUE if requeue else _PARTIAL_DELIVERED
+        requeued = (json.dumps(list(rcpt_tos)), next_attempt_at) if requeue else ()
+
+        def update(conn: sqlite3.Connection) -> bool:
+            now = self._time()
+            cursor = self._cursor
+            cursor.execute(
+                update_sql, (id, now, provider, owner, note, provider_message_id, *requeued)
+            )
+            if cursor.rowcount != 1:
+                return False
+            cursor.execute(_PARTIAL_ATTEMPT, (id, now, provider, note, provider_message_id))
+            return True
+
+        # Durable (the default): once the envelope is narrowed, the recipients that
+        # were accepted are never sent to again, and a bounce may follow.
+        done = bool(await self._run(update))
+        if done and in_file and not requeue:
+            await asyncio.to_thread(self._bodies.remove, [id])
+        return done
+
     async def get(self, id: str, *, with_body: bool = False) -> SpooledMessage | None:
         def select(conn: sqlite3.Connection) -> SpooledMessage | None:
             columns = _COLUMNS + (", raw, body_file" if with_body else ", NULL, 0")
@@ -946,6 +1010,54 @@ class SqliteSpool(OnePartPut):
             await asyncio.to_thread(self._bodies.remove, files)
         return len(ids)
 
+    async def hold(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Hold queued and in-flight messages (all of them with ``ids`` None): they are
+        not leased until released; one in flight finishes its attempt.  Returns the ids
+        held (already held ones included)."""
+
+        def update(conn: sqlite3.Connection) -> tuple[str, ...]:
+            where = "state IN ('queued', 'in_flight')"
+            return _update_ids(conn, f"UPDATE messages SET held = 1 WHERE {where}", ids)
+
+        return await self._run(update)
+
+    async def release(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Release held messages (all with ``ids`` None), due now; return their ids."""
+
+        def update(conn: sqlite3.Connection) -> tuple[str, ...]:
+            now = self._time()
+            return _update_ids(
+                conn,
+                "UPDATE messages SET held = 0, updated_at = ?,"
+                " next_attempt_at = min(next_attempt_at, ?) WHERE held = 1",
+                ids,
+                (now, now),
+            )
+
+        return await self._run(update)
+
+    async def flush(self) -> int:
+        """Make every queued message that is not held due now; return how many."""
+
+        def update(conn: sqlite3.Connection) -> int:
+            now = self._time()
+            cursor = conn.execute(
+                "UPDATE messages SET next_attempt_at = ?, updated_at = ?"
+                " WHERE state = 'queued' AND held = 0 AND next_attempt_at > ?",
+                (now, now, now),
+            )
+            return cursor.rowcount
+
+        return await self._run(update)
+
+    async def held_ids(self) -> set[str]:
+        """The ids of the held messages."""
+
+        def select(conn: sqlite3.Connection) -> set[str]:
+            return {row[0] for row in conn.execute("SELECT id FROM messages WHERE held = 1")}
+
+        return await self._run(select)
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Nothing to do: one ``serve`` process owns an SQLite spool, and its own
         intake wakes its workers (``IntakeState.on_accepted``)."""
@@ -1038,6 +1150,20 @@ class SqliteSpool(OnePartPut):
         return await self._run(select, durable=False)
 
     # endregion
+
+
+def _update_ids(
+    conn: sqlite3.Connection, update: str, ids: Sequence[str] | None, params: tuple[Any, ...] = ()
+) -> tuple[str, ...]:
+    """Run ``update`` (an UPDATE ... WHERE without RETURNING) on the rows of ``ids``, or
+    on every row it selects with ``ids`` None; return the ids it changed."""
+    if ids is None:
+        return tuple(sorted(row[0] for row in conn.execute(update + " RETURNING id", params)))
+    return tuple(
+        id
+        for id in dict.fromkeys(ids)
+        if conn.execute(update + " AND id = ? RETURNING id", (*params, id)).fetchone()
+    )
 
 
 def _with_delivery(row: tuple[Any, ...], history: tuple[Attempt, ...]) -> tuple[Attempt, ...]:

@@ -6,13 +6,18 @@ checks (auth header, required fields) live in each provider's test module, as
 ``respond`` functions that validate like the real API and answer as it does.
 :class:`MailjetAPI` (below) is such a responder for Mailjet's Send API v3.1, kept here
 so that any test can play Mailjet, partial results included.
+:class:`SparkPostAPI` plays SparkPost's transmissions API with ``email_rfc822`` content,
+its template engine on headers and its partial results included.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import email.header
+import itertools
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -425,3 +430,208 @@ def mailjet_errors(message: Any) -> list[tuple[int, str, str, str]]:
     ):
         errors.append((400, "mj-0004", "Priority is an integer", "Priority"))
     return errors
+
+
+# --- SparkPost transmissions API (email_rfc822) --------------------------------------------
+#
+# Written from SparkPost's API Blueprint (developers.sparkpost.com: transmissions.apib,
+# index.apib's error table, recipient-lists.apib's address object, template-language.apib),
+# independently of the adapter.  Recipients in ``refuse`` are refused at injection the
+# way SparkPost refuses a malformed address: counted in ``total_rejected_recipients``,
+# described in ``rcpt_to_errors`` without the address (``name_refused=True`` names it).
+
+_SP_EXPRESSION = re.compile(r"\{\{\{?\s*([A-Za-z_][A-Za-z0-9_]*)?[^{}]*?\s*\}?\}\}")
+_SP_ADDRESS = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_SP_FROM = re.compile(rb"(?im)^from:.*?([^\s<@\"]+@([^\s>\"]+))")
+
+
+def sparkpost_error(
+    status: int, code: str, message: str, description: str = "", **headers: str
+) -> Reply:
+    """An answer in SparkPost's error form, ``{"errors": [{message, code, description}]}``."""
+    item = {"message": message, "code": code}
+    if description:
+        item["description"] = description
+    return Reply(status, {"errors": [item]}, dict(headers))
+
+
+def sparkpost_substitute(text: str, data: dict[str, Any]) -> str:
+    """SparkPost's expressions as far as a relay's messages meet them: ``{{ name }}`` and
+    ``{{{ name }}}`` become the variable's value; an unknown variable or anything else
+    (a statement, a macro) the empty string ("An empty string is substituted for
+    variables that do not exist or have a value of null")."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match[1]
+        found = data.get(name) if name else None
+        return "" if found is None else str(found)
+
+    return _SP_EXPRESSION.sub(value, text)
+
+
+def sparkpost_render_headers(raw: bytes, data: dict[str, Any]) -> bytes:
+    """What the template engine makes of a message's top-level header fields, which it
+    reads even with substitutions off: encoded words decoded to look for expressions; a
+    field with one written back, RFC 2047 base64 when it is no longer ASCII ("Encoding
+    Rules")."""
+    head, separator, body = raw.partition(b"\r\n\r\n")
+    out = []
+    for item in re.split(rb"\r\n(?![ \t])", head):
+        name, _, value = item.partition(b":")
+        text = value.decode("utf-8", "surrogateescape")
+        if "=?" in text:
+            decoded = str(email.header.make_header(email.header.decode_header(text)))
+            if "{{" in decoded:
+                new = sparkpost_substitute(decoded, data).strip()
+                if not new.isascii():
+                    new = email.header.Header(new, "utf-8").encode()
+                out.append(name + b": " + new.encode("ascii"))
+                continue
+        rendered = sparkpost_substitute(text, data)
+        out.append(name + b":" + rendered.encode("utf-8", "surrogateescape"))
+    return b"\r\n".join(out) + separator + body
+
+
+def sparkpost_problems(payload: Any) -> list[str]:
+    """What the transmissions API documents as required or forbidden for rfc822 content."""
+    if not isinstance(payload, dict):
+        return ["request body must be an object"]
+    problems = []
+    recipients = payload.get("recipients")
+    if not isinstance(recipients, list) or not recipients:
+        problems.append("recipients must be a non-empty array")
+    else:
+        for item in recipients:
+            address = item.get("address") if isinstance(item, dict) else None
+            if not isinstance(address, dict) or not isinstance(address.get("email"), str):
+                problems.append("address.email is required for each recipient")
+            elif set(address) - {"email", "name", "header_to"}:
+                problems.append("unknown address field")
+    content = payload.get("content")
+    if not isinstance(content, dict) or not isinstance(content.get("email_rfc822"), str):
+        problems.append("content.email_rfc822 is required")
+    else:
+        if set(content) != {"email_rfc822"}:
+            problems.append("email_rfc822 cannot be combined with other content fields")
+        text = content["email_rfc822"]
+        if text.endswith("\r\n.\r\n"):
+            problems.append("email_rfc822 must not end in the SMTP terminator")
+        if "\r\n\r\n" not in text:
+            problems.append("email_rfc822 has no header section")
+    options = payload.get("options", {})
+    if not isinstance(options, dict) or not all(
+        isinstance(v, str) if k == "ip_pool" else isinstance(v, bool) for k, v in options.items()
+    ):
+        problems.append("options must be booleans (ip_pool a string)")
+    for key in ("metadata", "substitution_data"):
+        if key in payload and not isinstance(payload[key], dict):
+            problems.append(f"{key} must be an object")
+    if len(json.dumps(payload.get("metadata", {}))) > 10_000:
+        problems.append("metadata too large (10KB)")
+    campaign = payload.get("campaign_id")
+    if campaign is not None and (not isinstance(campaign, str) or len(campaign.encode()) > 64):
+        problems.append("campaign_id is a string of at most 64 bytes")
+    return problems
+
+
+class SparkPostAPI:
+    """A responder for :class:`FakeESP` that validates like SparkPost's
+    ``POST /api/v1/transmissions`` with ``email_rfc822`` content (and answers
+    ``GET /api/v1/account``, the doctor's credential check).  ``delivered`` holds
+    (envelope recipient, message as SparkPost would send it) pairs."""
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        verified: frozenset[str] | set[str] = frozenset({"example.com"}),
+        refuse: frozenset[str] | set[str] = frozenset(),
+        name_refused: bool = False,
+    ) -> None:
+        self.api_key = api_key
+        #: The account's verified sending domains; a From elsewhere is ``400 7001``.
+        self.verified = {d.lower() for d in verified}
+        self.refuse = set(refuse)
+        self.name_refused = name_refused
+        self.sandbox_sent = 0
+        self.delivered: list[tuple[str, bytes]] = []
+        self.bodies: list[dict[str, Any]] = []
+        self._ids = itertools.count(11668787484950529)
+        self._lock = threading.Lock()
+
+    def __call__(self, request: Recorded) -> Reply:
+        path = request.path.rstrip("/")
+        if path not in ("/api/v1/transmissions", "/api/v1/account"):
+            return sparkpost_error(404, "1101", "invalid URI")
+        if request.headers.get("authorization") != self.api_key:
+            return sparkpost_error(401, "1100", "Unauthorized.")
+        if path == "/api/v1/account":
+            if request.method != "GET":
+                return sparkpost_error(405, "1102", "invalid HTTP method")
+            return Reply(200, {"results": {"customer_id": 1, "status": "active"}})
+        if request.method != "POST":
+            return sparkpost_error(405, "1102", "invalid HTTP method")
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            return sparkpost_error(415, "1300", "invalid data format/type")
+        try:
+            payload = request.json()
+        except ValueError:
+            return sparkpost_error(400, "1300", "invalid data format/type", "invalid JSON")
+        with self._lock:
+            if isinstance(payload, dict):
+                self.bodies.append(payload)
+            return self._transmit(payload)
+
+    def _transmit(self, payload: Any) -> Reply:
+        problems = sparkpost_problems(payload)
+        if problems:
+            return sparkpost_error(422, "1300", "invalid data format/type", "; ".join(problems))
+        raw = str(payload["content"]["email_rfc822"]).encode("utf-8")
+        sender = _SP_FROM.search(raw.split(b"\r\n\r\n", 1)[0])
+        if sender is None:
+            return sparkpost_error(422, "1300", "invalid data format/type", "Unable to parse MIME")
+        options = payload.get("options", {})
+        if options.get("sandbox"):
+            if self.sandbox_sent >= 5:
+                return sparkpost_error(420, "2103", "Exceed Sending Limit (sandbox)")
+            self.sandbox_sent += 1
+        elif sender[2].decode("utf-8", "replace").lower() not in self.verified:
+            return sparkpost_error(
+                400, "7001", "Invalid domain", "Unconfigured or unverified sending domain."
+            )
+        data = payload.get("substitution_data", {})
+        rendered = sparkpost_render_headers(raw, data)
+        if options.get("perform_substitutions", True) is not False:
+            head, separator, body = rendered.partition(b"\r\n\r\n")
+            text = sparkpost_substitute(body.decode("utf-8", "surrogateescape"), data)
+            rendered = head + separator + text.encode("utf-8", "surrogateescape")
+        accepted: list[str] = []
+        errors: list[dict[str, str]] = []
+        for recipient in payload["recipients"]:
+            address = recipient["address"]["email"]
+            if address in self.refuse or not _SP_ADDRESS.fullmatch(address):
+                where = f" ({address})" if self.name_refused else ""
+                errors.append(
+                    {
+                        "message": "invalid data format/type",
+                        "description": f"Invalid recipient address.email{where}",
+                        "code": "1300",
+                    }
+                )
+            else:
+                accepted.append(address)
+        if not accepted:
+            return sparkpost_error(400, "5002", "At least one valid recipient is required")
+        self.delivered += [(address, rendered) for address in accepted]
+        results: dict[str, Any] = {
+            "total_rejected_recipients": len(errors),
+            "total_accepted_recipients": len(accepted),
+            "id": str(next(self._ids)),
+        }
+        answer: dict[str, Any] = {"results": results}
+        if errors:
+            results["rcpt_to_errors"] = errors
+            answer["errors"] = [
+                {"message": "transmission created, but with validation errors", "code": "2000"}
+            ]
+        return Reply(200, answer)
