@@ -4,7 +4,8 @@ An ESP's event (a bounce, a delivery) names the message by the ESP's own id, and
 events carry none (SendGrid's asynchronous bounces).  So every adapter whose ESP echoes
 a value of the sender's choosing sends the spool id (``OutboundMessage.id``) under the
 reserved key :data:`ID_KEY`: SendGrid ``custom_args``, Mailgun ``v:esprelay_id``, SES
-``EmailTags``, Postmark ``Metadata``, Resend ``tags``; Mailjet sends it as ``CustomID``.
+``EmailTags``, Postmark ``Metadata``, Resend ``tags``, SparkPost ``metadata``; Mailjet
+sends it as ``CustomID``.  Brevo gets none (see :mod:`esprelay.providers.brevo`).
 The event normalisers (:mod:`esprelay.events`) read it back under the same key.
 
 The reserved key is esprelay's: a value the message's own control headers give under it
