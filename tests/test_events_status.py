@@ -143,6 +143,7 @@ async def test_search_and_find_by_provider_message_id(spool: Any) -> None:
     assert await spool.mark_delivered(
         leased.id, owner="w", provider="outbox", provider_message_id="esp-1"
     )
-    message = await spool.find_by_provider_message_id("esp-1")
+    message = await spool.find_by_provider_message_id("outbox", "esp-1")
     assert message is not None and message.id == leased.id
-    assert await spool.find_by_provider_message_id("esp-2") is None
+    assert await spool.find_by_provider_message_id("outbox", "esp-2") is None
+    assert await spool.find_by_provider_message_id("sendgrid", "esp-1") is None

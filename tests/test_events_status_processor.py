@@ -71,7 +71,7 @@ async def put(
     if deliver:
         [leased] = await spool.lease("w", 1, 60)
         assert await spool.mark_delivered(
-            leased.id, owner="w", provider="outbox", provider_message_id=f"esp-{id}"
+            leased.id, owner="w", provider="sendgrid", provider_message_id=f"esp-{id}"
         )
     return id
 

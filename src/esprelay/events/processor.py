@@ -287,9 +287,11 @@ class EventProcessor:
                 return message
         if event.esp_message_id:
             found: SpooledMessage | None = await self.store.find_by_provider_message_id(
-                event.esp_message_id
+                event.provider, event.esp_message_id
             )
-            return found
+            if found is not None:
+                with_body: SpooledMessage | None = await self.spool.get(found.id, with_body=True)
+                return with_body
         return None
 
     @staticmethod

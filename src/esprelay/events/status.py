@@ -99,8 +99,9 @@ class MessageStatusStore(Protocol):
 
     async def message_status(self, message_id: str) -> MessageStatus: ...
 
-    async def find_by_provider_message_id(self, provider_message_id: str) -> Any:
-        """The spooled message (with its body) the ESP knows by this id, or None."""
+    async def find_by_provider_message_id(self, provider: str, provider_message_id: str) -> Any:
+        """The spooled message (without its body) that ``provider`` accepted as this id,
+        or None."""
         ...
 
     async def search_messages(

@@ -187,6 +187,13 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (message_id, recipient)
     );
     """,
+    # 5: messages by the id the ESP's send answered, for the events that carry no
+    # esprelay id (find_by_provider_message_id); only the rows an ESP accepted.
+    """
+    CREATE INDEX esprelay_messages_provider_message_id
+        ON esprelay_messages (provider, provider_message_id)
+        WHERE provider_message_id IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1052,18 +1059,6 @@ class PostgresSpool(OnePartPut):
             timeline=tuple(entry(tuple(r)) for r in timeline),
         )
 
-    async def find_by_provider_message_id(self, provider_message_id: str) -> SpooledMessage | None:
-        """The message the ESP knows by ``provider_message_id`` (the most recent one, with
-        its body).  A scan: the column has no index, which would cost every delivery a
-        write; events that carry esprelay's id need no lookup."""
-        id = await self._fetchval(
-            "finding a message",
-            "SELECT id FROM esprelay_messages WHERE provider_message_id = $1"
-            " ORDER BY created_at DESC LIMIT 1",
-            _no_nul(provider_message_id),
-        )
-        return None if id is None else await self.get(id, with_body=True)
-
     async def search_messages(
         self,
         *,
@@ -1091,6 +1086,23 @@ class PostgresSpool(OnePartPut):
             limit,
         )
         return [_record_to_message(row) for row in rows]
+
+    # endregion
+    # region lookup by the ESP's message id (events that carry no esprelay id)
+
+    async def find_by_provider_message_id(
+        self, provider: str, provider_message_id: str
+    ) -> SpooledMessage | None:
+        """The message ``provider`` (its configured name) accepted as
+        ``provider_message_id`` (the id its send API answered), without its body; the
+        newest if the ESP gave one id twice; None if none."""
+        rows = await self._fetch(
+            "finding a message by its ESP id",
+            f"SELECT {_COLUMNS} FROM esprelay_messages {_BY_PROVIDER_ID}",
+            _no_nul(provider),
+            _no_nul(provider_message_id),
+        )
+        return _record_to_message(rows[0]) if rows else None
 
     # endregion
 
@@ -1146,6 +1158,18 @@ __all__ = [
 ]
 
 
+# region lookup by the ESP's message id (events that carry no esprelay id)
+
+_BY_PROVIDER_ID = (
+    "WHERE provider = $1 AND provider_message_id = $2 ORDER BY created_at DESC, id DESC LIMIT 1"
+)
+#: The message an event names by the ESP's id, as a subquery of _INSERT_EVENTS.
+_SENT_AS = (
+    "SELECT s.id FROM esprelay_messages AS s WHERE s.provider = e.provider"
+    " AND s.provider_message_id = e.esp_message_id ORDER BY s.created_at DESC, s.id DESC LIMIT 1"
+)
+
+# endregion
 # region event inbox statements (esprelay.events)
 
 # (``list`` in the class is its method of that name.)
@@ -1159,7 +1183,8 @@ _INSERT_EVENTS = (
     " diagnostic, esp_message_id, esprelay_id, remote_mta, raw, received_at, message_id)"
     " SELECT e.provider, e.event_id, e.kind, e.recipient, e.at, e.smtp_status, e.diagnostic,"
     f" e.esp_message_id, e.esprelay_id, e.remote_mta, e.raw, {_NOW},"
-    " (SELECT m.id FROM esprelay_messages AS m WHERE m.id = e.esprelay_id)"
+    " COALESCE((SELECT m.id FROM esprelay_messages AS m WHERE m.id = e.esprelay_id),"
+    f" ({_SENT_AS}))"
     " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[],"
     " $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])"
     " AS e(provider, event_id, kind, recipient, at, smtp_status, diagnostic, esp_message_id,"

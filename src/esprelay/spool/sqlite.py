@@ -1098,6 +1098,8 @@ class SqliteSpool(OnePartPut):
                         "SELECT id FROM messages WHERE id = ?", (event.esprelay_id,)
                     ).fetchone()
                     message_id = None if found is None else found[0]
+                if message_id is None and event.esp_message_id is not None:
+                    message_id = _sent_as(conn, event.provider, event.esp_message_id)
                 cursor = conn.execute(_INSERT_EVENT, (*row, now, message_id))
                 results.append(InboxResult(cursor.rowcount == 1, message_id))
             return results
@@ -1200,22 +1202,6 @@ class SqliteSpool(OnePartPut):
 
         return await self._run(select, durable=False)
 
-    async def find_by_provider_message_id(self, provider_message_id: str) -> SpooledMessage | None:
-        """The message the ESP knows by ``provider_message_id`` (the most recent one, with
-        its body).  A scan of the messages: the column has no index, which would cost
-        every delivery a write; events that carry esprelay's id need no lookup."""
-
-        def select(conn: sqlite3.Connection) -> str | None:
-            found = conn.execute(
-                "SELECT id FROM messages WHERE provider_message_id = ?"
-                " ORDER BY created_at DESC LIMIT 1",
-                (provider_message_id,),
-            ).fetchone()
-            return None if found is None else str(found[0])
-
-        id = await self._run(select, durable=False)
-        return None if id is None else await self.get(id, with_body=True)
-
     async def search_messages(
         self,
         *,
@@ -1251,6 +1237,25 @@ class SqliteSpool(OnePartPut):
                 (*args, limit),
             )
             return [_row_to_message(row) for row in rows]
+
+        return await self._run(select, durable=False)
+
+    # endregion
+    # region lookup by the ESP's message id (events that carry no esprelay id)
+
+    async def find_by_provider_message_id(
+        self, provider: str, provider_message_id: str
+    ) -> SpooledMessage | None:
+        """The message ``provider`` (its configured name) accepted as
+        ``provider_message_id`` (the id its send API answered), without its body; the
+        newest if the ESP gave one id twice; None if none."""
+
+        def select(conn: sqlite3.Connection) -> SpooledMessage | None:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM messages {_BY_PROVIDER_ID} LIMIT 1",
+                (provider, provider_message_id),
+            ).fetchone()
+            return None if row is None else _row_to_message(row)
 
         return await self._run(select, durable=False)
 
@@ -1418,5 +1423,30 @@ _CLAIM_DSN = (
     "UPDATE message_recipients SET dsn = CASE WHEN dsn = '' THEN ?1 ELSE dsn || ',' || ?1 END"
     " WHERE message_id = ?2 AND recipient = ?3 AND instr(',' || dsn || ',', ',' || ?1 || ',') = 0"
 )
+
+# endregion
+
+
+# region lookup by the ESP's message id
+#
+# An event that does not carry esprelay's id (an SES notification without a
+# configuration set, a Brevo event...) names its message by the id the ESP's send API
+# answered, which a delivery writes into ``provider_message_id``.  A partial index: the
+# rows an ESP has accepted, created at every open like the inbox (an esprelay from
+# before keeps it up to date without knowing it).
+_SCHEMA += """
+CREATE INDEX IF NOT EXISTS messages_provider_message_id
+    ON messages (provider, provider_message_id) WHERE provider_message_id IS NOT NULL;
+"""
+_BY_PROVIDER_ID = "WHERE provider = ? AND provider_message_id = ? ORDER BY created_at DESC, id DESC"
+
+
+def _sent_as(conn: sqlite3.Connection, provider: str, provider_message_id: str) -> str | None:
+    """The id of the message ``provider`` accepted as ``provider_message_id``, or None."""
+    found = conn.execute(
+        f"SELECT id FROM messages {_BY_PROVIDER_ID} LIMIT 1", (provider, provider_message_id)
+    ).fetchone()
+    return None if found is None else str(found[0])
+
 
 # endregion
