@@ -34,7 +34,8 @@ async def _empty(url: str) -> None:
         conn = await asyncpg.connect(url)
         try:
             await conn.execute(
-                "DROP TABLE IF EXISTS esprelay_events, esprelay_attempts, esprelay_bodies,"
+                "DROP TABLE IF EXISTS esprelay_message_timeline, esprelay_message_recipients,"
+                " esprelay_events, esprelay_attempts, esprelay_bodies,"
                 " esprelay_messages, esprelay_schema"
             )
         finally:

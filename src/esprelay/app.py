@@ -128,7 +128,12 @@ class Relay:
             on_retry=self.deliverer.wake if self.deliverer is not None else None,
         )
         self.events = await start_events(
-            self.settings, routing=self.routing, spool=self.spool, metrics=self.metrics
+            self.settings,
+            routing=self.routing,
+            spool=self.spool,
+            metrics=self.metrics,
+            process=True,
+            wake_delivery=self.deliverer.wake if self.deliverer else None,
         )
         if self.queue is not None:
             self.queue.start()
@@ -158,6 +163,7 @@ class Relay:
             deliverer=self.deliverer,
             inline_seconds=self.settings.inline_attempt_seconds,
             signed_messages=self.settings.signed_messages,
+            keep_headers=self.settings.events_port is not None,
         )
 
     async def _listen(self, providers: ProviderSet) -> None:

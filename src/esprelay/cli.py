@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING
 from esprelay import __version__
 from esprelay.config import Settings, load_settings
 from esprelay.errors import ConfigError, SpoolError
+from esprelay.events.status import MessageStatus
 from esprelay.models import MessageState, SpooledMessage
 from esprelay.queueview import detail, mailq, summary, table_time
+from esprelay.queueview import load as load_message
 
 if TYPE_CHECKING:
     from esprelay.spool import Spool
@@ -427,15 +429,16 @@ def _queue_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _queue_show(settings: Settings, args: argparse.Namespace) -> int:
-    async def run() -> SpooledMessage | None:
+    async def run() -> tuple[SpooledMessage, MessageStatus | None] | None:
         async with _admin_spool(settings) as spool:
-            return await spool.get(args.id, with_body=args.body)
+            return await load_message(spool, args.id, with_body=args.body)
 
-    message = asyncio.run(run())
-    if message is None:
+    loaded = asyncio.run(run())
+    if loaded is None:
         print(f"esprelay: no message {args.id}", file=sys.stderr)
         return 1
-    print(json.dumps(detail(message, with_body=False), indent=2))
+    message, status = loaded
+    print(json.dumps(detail(message, with_body=False, status=status), indent=2))
     if args.body:
         print()
         if message.raw is None:

@@ -159,6 +159,10 @@ class Settings(BaseSettings):
     bounce_mode: str = Field(default="sender", pattern=r"^(sender|off|address:.+@.+)$")
     bounce_from: str | None = None
     failure_webhook_url: str | None = None
+    #: ESP event kinds also POSTed to the failure webhook (esprelay.events.forward)
+    failure_webhook_events: str = ""
+    #: Standard Webhooks secret (whsec_...) signing those events
+    failure_webhook_secret: SecretStr | None = None
 
     # Spool and delivery
     spool_url: str = "sqlite:///esprelay-data/spool.db"
@@ -205,6 +209,8 @@ class Settings(BaseSettings):
     events_rate_burst: int = Field(default=500, ge=1)
     #: How far a signed timestamp may be from now (SendGrid, Mailgun)
     events_timestamp_tolerance: Seconds = Field(default=300.0, gt=0)
+    #: A deferral event this long after intake sends a delay DSN to a NOTIFY=DELAY sender
+    delay_dsn_after: Seconds = Field(default=4 * 3600.0, ge=0)
 
     #: The environment the settings came from (``.env`` under the process environment),
     #: where the providers' own ``ESPRELAY_<KIND>_*`` settings are read.

@@ -36,7 +36,7 @@ from esprelay.message.dsn import (
     status_for,
     wants_failure_report,
 )
-from esprelay.models import Envelope
+from esprelay.models import Envelope, SpooledMessage
 from esprelay.spool import NewPart, Spool
 
 log = logging.getLogger("esprelay")
@@ -194,3 +194,51 @@ class FailureNotifier:
             log.error(
                 "failure webhook for id=%s answered HTTP %d", message.id, response.status_code
             )
+
+
+# region DSNs made from ESP events (esprelay.events.processor)
+
+
+def notice_recipient(bounce_mode: str, mail_from: str) -> str | None:
+    """Where a DSN for a message from ``mail_from`` goes under ``ESPRELAY_BOUNCE_MODE``:
+    the sender, the configured address, or nowhere (``off``)."""
+    if bounce_mode == "off":
+        return None
+    return mail_from if bounce_mode == "sender" else bounce_mode.split(":", 1)[1]
+
+
+async def queue_dsn(
+    spool: Spool,
+    message: SpooledMessage,
+    dsn: bytes,
+    *,
+    recipient: str,
+    default_chain: tuple[str, ...],
+    kind: str,
+) -> str | None:
+    """Queue ``dsn`` (about ``message``) to ``recipient`` with the null sender, on the
+    message's provider chain, as :class:`FailureNotifier` queues a bounce; its spool id,
+    or None when the spool cannot take it (logged)."""
+    chain = provider_chain(message, default_chain)
+    part = NewPart(
+        Envelope("", (recipient,)),
+        chain[0],
+        {
+            "route": message.meta.get("route", "default"),
+            "providers": list(chain),
+            "dsn_for": message.id,
+            "dsn_kind": kind,
+        },
+    )
+    try:
+        [dsn_id] = await spool.put_parts(dsn, [part])
+    except SpoolError as exc:
+        log.error("cannot queue the %s DSN for id=%s: %s", kind, message.id, exc)
+        return None
+    log.info(
+        "dsn id=%s kind=%s for=%s to=<%s> size=%d", dsn_id, kind, message.id, recipient, len(dsn)
+    )
+    return dsn_id
+
+
+# endregion

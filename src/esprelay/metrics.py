@@ -179,6 +179,21 @@ class RelayMetrics:
             registry=r,
         )
         self._round_trips_seen = 0
+        # What the ESP events did (esprelay.events.processor): a recipient's status changed
+        # (by the event's kind), and the DSNs sent from events (failure, success, delay).
+        self.events_status_changes = Counter(
+            "esprelay_events_status_changes",
+            "Recipient status changes made by ESP events, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.events_dsns = Counter(
+            "esprelay_events_dsns",
+            "Delivery status notifications queued from ESP events, by kind"
+            " (failure, success, delay).",
+            ["kind"],
+            registry=r,
+        )
         for state in MessageState:
             self.spool_messages.labels(state.value)
         self._outcome_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}

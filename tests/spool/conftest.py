@@ -43,7 +43,8 @@ async def _reset_postgres(url: str) -> None:
     conn = await asyncpg.connect(url, timeout=5)
     try:
         await conn.execute(
-            "DROP TABLE IF EXISTS esprelay_events, esprelay_attempts, esprelay_bodies,"
+            "DROP TABLE IF EXISTS esprelay_message_timeline, esprelay_message_recipients,"
+            " esprelay_events, esprelay_attempts, esprelay_bodies,"
             " esprelay_messages, esprelay_schema"
         )
     finally:

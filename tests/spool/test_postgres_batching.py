@@ -31,7 +31,8 @@ async def _empty(url: str) -> None:
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(
-            "DROP TABLE IF EXISTS esprelay_events, esprelay_attempts, esprelay_bodies,"
+            "DROP TABLE IF EXISTS esprelay_message_timeline, esprelay_message_recipients,"
+            " esprelay_events, esprelay_attempts, esprelay_bodies,"
             " esprelay_messages, esprelay_schema"
         )
     finally:
@@ -372,6 +373,20 @@ async def test_every_operation_leaves_its_pooled_connection_as_it_found_it(
         await check("finish_events")
         assert await spool.purge_events(processed_before=time.time() + 60) == 1
         await check("purge_events")
+        applied = await spool.apply_event(large, "r2.0@example.org", event, dsn="failure")
+        assert applied == (True, True, True)
+        await check("apply_event")
+        await spool.release_dsn(large, "r2.0@example.org", "failure")
+        await check("release_dsn")
+        status = await spool.message_status(large)
+        assert [r.status.kind for r in status.recipients] == ["bounced"]
+        await check("message_status")
+        found = await spool.search_messages(recipient="R2.0@example.org")
+        assert [m.id for m in found] == [large]
+        await check("search_messages")
+        message = await spool.find_by_provider_message_id(PROVIDER, "esp-1")
+        assert message is not None and message.id == large
+        await check("find_by_provider_message_id")
         assert await schema_version(pg_url) == SCHEMA_VERSION
         await check("schema_version")
         assert await spool.purge(delivered_before=time.time() + 60, failed_before=0) == 1

@@ -67,6 +67,7 @@ from esprelay.providers.base import (
     json_object,
     parse_retry_after,
 )
+from esprelay.providers.stamp import ID_KEY, left_out_warning, without_ours
 
 REQUEST_LIMIT = 10_000_000  # bytes, the whole JSON request
 BODY_LIMIT = 5_000_000  # bytes, each of TextBody and HtmlBody
@@ -92,12 +93,16 @@ def format_address(box: Mailbox) -> str:
 
 
 def build_payload(
-    parsed: ParsedMessage, message_stream: str | None = None, controls: Controls | None = None
+    parsed: ParsedMessage,
+    message_stream: str | None = None,
+    controls: Controls | None = None,
+    esprelay_id: str = "",
 ) -> tuple[dict[str, Any], list[str]]:
     """The /email JSON for ``parsed``, and what had to change to fit; pure.
 
     ``controls`` are the message's control headers (:func:`read_controls`): their fields
     are set (``MessageStream`` over ``message_stream``) and the headers leave ``Headers``.
+    ``esprelay_id`` goes in ``Metadata`` (:func:`stamp`).
     """
     warnings = list(parsed.warnings)
     if parsed.from_ is None:
@@ -141,7 +146,33 @@ def build_payload(
         payload["MessageStream"] = message_stream
     if controls is not None:
         payload.update(controls.fields)
+    if esprelay_id:
+        metadata, stamped = stamp(payload.get("Metadata", {}), esprelay_id)
+        warnings.extend(stamped)
+        if metadata:
+            payload["Metadata"] = metadata
+        else:
+            payload.pop("Metadata", None)
     return payload, warnings
+
+
+def stamp(metadata: dict[str, str], esprelay_id: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """``metadata`` with esprelay's id under ``esprelay_id``
+    (:mod:`esprelay.providers.stamp`), which Postmark echoes as the ``Metadata`` of its
+    webhooks, and the warnings.
+
+    An ``X-PM-Metadata-esprelay_id`` is dropped, in any case (Postmark refuses "the same
+    key with case differences"); if the id would be an eleventh field or longer than a
+    value may be, the message's own fields are kept and the id left out.
+    """
+    kept, warnings = without_ours(metadata, "X-PM-Metadata-esprelay_id", fold_case=True)
+    if len(kept) >= MAX_METADATA_FIELDS:
+        why = f"the message has {len(kept)} metadata fields, Postmark's most"
+        return kept, (*warnings, left_out_warning(why))
+    if len(esprelay_id) > MAX_METADATA_VALUE:
+        why = f"longer than a metadata value may be, {MAX_METADATA_VALUE}"
+        return kept, (*warnings, left_out_warning(why))
+    return {**kept, ID_KEY: esprelay_id}, warnings
 
 
 def _headers(
@@ -417,7 +448,7 @@ class PostmarkProvider(HttpProvider):
         except MalformedControl as exc:  # spooled before the intake refused these
             raise MessageRejected(str(exc), provider=self.name) from None
         parsed = parse(message.raw, message.envelope)
-        payload, warnings = build_payload(parsed, self.message_stream, controls)
+        payload, warnings = build_payload(parsed, self.message_stream, controls, message.id)
         body = json_body(payload)
         if len(body) > REQUEST_LIMIT:
             raise MessageRejected(

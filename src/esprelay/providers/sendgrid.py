@@ -58,6 +58,7 @@ from esprelay.providers.base import (
     no_json_constant,
     parse_retry_after,
 )
+from esprelay.providers.stamp import ID_KEY, left_out_warning, without_ours
 
 REQUEST_LIMIT = 30_000_000  # bytes, the whole JSON request
 #: Headers SendGrid sets itself and refuses in ``headers`` (plus every x-sg-*).
@@ -79,11 +80,16 @@ RESERVED_HEADERS = frozenset(
 
 
 def build_payload(
-    parsed: ParsedMessage, smtpapi: SmtpApi | None = None, *, sandbox: bool = False
+    parsed: ParsedMessage,
+    smtpapi: SmtpApi | None = None,
+    esprelay_id: str = "",
+    *,
+    sandbox: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
-    """The Mail Send JSON for ``parsed`` (with what its X-SMTPAPI header asks for), and
-    what had to change to fit; pure.  ``sandbox``: SendGrid's sandbox mode (nothing is
-    sent), whatever the header says of the other mail settings."""
+    """The Mail Send JSON for ``parsed`` (with what its X-SMTPAPI header asks for, and
+    ``esprelay_id`` as a custom argument), and what had to change to fit; pure.
+    ``sandbox``: SendGrid's sandbox mode (nothing is sent), whatever the header says of
+    the other mail settings."""
     warnings = list(parsed.warnings)
     if parsed.from_ is None:
         raise MessageRejected("no usable From address and no envelope sender", provider="sendgrid")
@@ -125,12 +131,39 @@ def build_payload(
             personalization.update(smtpapi.personalization)
         payload.update(smtpapi.fields)
         warnings.extend(smtpapi.warnings)
+    if esprelay_id:
+        _stamp(payload["personalizations"], esprelay_id, warnings)
     if sandbox:
         payload["mail_settings"] = {
             **payload.get("mail_settings", {}),
             "sandbox_mode": {"enable": True},
         }
     return payload, warnings
+
+
+def _stamp(personalizations: list[dict[str, Any]], esprelay_id: str, warnings: list[str]) -> None:
+    """esprelay's id as the ``esprelay_id`` custom argument of every personalization
+    (:mod:`esprelay.providers.stamp`): SendGrid puts each custom argument on every event
+    of the message, asynchronous bounces included, which carry no message id otherwise.
+
+    Personalization-level, not the message-level ``custom_args``: a personalization's
+    argument would override a message-level one of the same name.  An X-SMTPAPI
+    ``unique_args`` value under the key is dropped; if the id would take the arguments
+    past SendGrid's 10,000 bytes, the message's own are kept and the id left out.
+    """
+    own: dict[str, str] = personalizations[0].get("custom_args", {})  # one X-SMTPAPI for all
+    args, dropped = without_ours(own, "X-SMTPAPI unique_args")
+    warnings.extend(dropped)
+    stamped = {**args, ID_KEY: esprelay_id}
+    if len(json_body(stamped)) <= MAX_ARGS_BYTES:
+        args = stamped
+    else:
+        warnings.append(left_out_warning(f"custom_args would exceed {MAX_ARGS_BYTES} bytes"))
+    for personalization in personalizations:
+        if args:
+            personalization["custom_args"] = dict(args)
+        else:
+            personalization.pop("custom_args", None)
 
 
 def _mailbox(box: Mailbox, *, quote: bool = True) -> dict[str, str]:
@@ -723,7 +756,7 @@ class SendGridProvider(HttpProvider):
                 smtpapi = read_smtpapi(message.raw)
             except MalformedSmtpApi as exc:  # spooled before the intake refused these
                 raise MessageRejected(str(exc), provider=self.name) from None
-        payload, warnings = build_payload(parsed, smtpapi, sandbox=self.sandbox)
+        payload, warnings = build_payload(parsed, smtpapi, message.id, sandbox=self.sandbox)
         body = json_body(payload)
         if len(body) >= REQUEST_LIMIT:
             raise MessageRejected(

@@ -65,6 +65,15 @@ from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import ConfigError, SpoolError, SpoolFull
 from esprelay.events.model import Event, InboxResult, StoredEvent
 from esprelay.events.rows import EVENT_COLUMNS, event_row, stored_event
+from esprelay.events.status import (
+    ENTRY_COLUMNS,
+    STATUS_KINDS,
+    Applied,
+    MessageStatus,
+    RecipientStatus,
+    entry,
+    entry_row,
+)
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
 from esprelay.spool.base import NewPart, OnePartPut, SpoolStats, new_message_id
 
@@ -160,6 +169,43 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: esprelay queue hold/release; a held message is never leased.
     """
     ALTER TABLE esprelay_messages ADD COLUMN held boolean NOT NULL DEFAULT false;
+    """,
+    # 4: what the ESP events said of each message (esprelay.events.status): its timeline
+    # and each recipient's latest status, gone with the message.
+    """
+    CREATE TABLE esprelay_message_timeline (
+        message_id text NOT NULL REFERENCES esprelay_messages (id) ON DELETE CASCADE,
+        provider text NOT NULL,
+        event_id text NOT NULL,
+        recipient text NOT NULL,
+        kind text NOT NULL,
+        at double precision NOT NULL,
+        smtp_status text,
+        diagnostic text,
+        remote_mta text,
+        seq bigserial NOT NULL,
+        PRIMARY KEY (message_id, provider, event_id)
+    );
+    CREATE TABLE esprelay_message_recipients (
+        message_id text NOT NULL REFERENCES esprelay_messages (id) ON DELETE CASCADE,
+        recipient text NOT NULL,
+        provider text NOT NULL,
+        event_id text NOT NULL,
+        kind text NOT NULL,
+        at double precision NOT NULL,
+        smtp_status text,
+        diagnostic text,
+        remote_mta text,
+        dsn text[] NOT NULL DEFAULT '{}',
+        PRIMARY KEY (message_id, recipient)
+    );
+    """,
+    # 5: messages by the id the ESP's send answered, for the events that carry no
+    # esprelay id (find_by_provider_message_id); only the rows an ESP accepted.
+    """
+    CREATE INDEX esprelay_messages_provider_message_id
+        ON esprelay_messages (provider, provider_message_id)
+        WHERE provider_message_id IS NOT NULL;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1230,6 +1276,115 @@ class PostgresSpool(OnePartPut):
         return int(count)
 
     # endregion
+    # region message status (esprelay.events.status): what the ESP events said
+
+    async def apply_event(
+        self, message_id: str, recipient: str, event: Event, *, dsn: str | None = None
+    ) -> Applied | None:
+        """See :class:`~esprelay.events.status.MessageStatusStore`; None when the message
+        is not in the spool (purged meanwhile)."""
+        row = [_no_nul(value) for value in (message_id, *entry_row(recipient, event))]
+        pool = self._require_pool()
+        with _translate_errors("applying an event"):
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                self.round_trips += 3  # BEGIN, the lookup, COMMIT
+                # Locks the message's row: a purge waits, or went first.
+                found = await conn.fetchval(
+                    "SELECT 1 FROM esprelay_messages WHERE id = $1 FOR SHARE", message_id
+                )
+                if found is None:
+                    return None
+                self.round_trips += 1
+                new = await conn.fetchval(_INSERT_TIMELINE, *row) is not None
+                changed = new and event.kind in STATUS_KINDS
+                if changed:
+                    self.round_trips += 1
+                    changed = await conn.fetchval(_UPSERT_RECIPIENT, *row) is not None
+                claimed = False
+                if dsn is not None:
+                    self.round_trips += 1
+                    claimed = await conn.fetchval(_CLAIM_DSN, dsn, row[0], row[3]) is not None
+        return Applied(new, changed, claimed)
+
+    async def release_dsn(self, message_id: str, recipient: str, kind: str) -> None:
+        await self._fetch(
+            "releasing a DSN",
+            "UPDATE esprelay_message_recipients SET dsn = array_remove(dsn, $3)"
+            " WHERE message_id = $1 AND recipient = $2",
+            message_id,
+            _no_nul(recipient),
+            kind,
+        )
+
+    async def message_status(self, message_id: str) -> MessageStatus:
+        pool = self._require_pool()
+        with _translate_errors("reading a message's status"):
+            async with (
+                pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                self.round_trips += 4  # BEGIN, two reads, COMMIT
+                recipients = await conn.fetch(
+                    f"SELECT {ENTRY_COLUMNS}, dsn FROM esprelay_message_recipients"
+                    " WHERE message_id = $1 ORDER BY recipient",
+                    message_id,
+                )
+                timeline = await conn.fetch(
+                    f"SELECT {ENTRY_COLUMNS} FROM esprelay_message_timeline"
+                    " WHERE message_id = $1 ORDER BY at, seq",
+                    message_id,
+                )
+        return MessageStatus(
+            recipients=tuple(RecipientStatus(entry(tuple(r)), tuple(r["dsn"])) for r in recipients),
+            timeline=tuple(entry(tuple(r)) for r in timeline),
+        )
+
+    async def search_messages(
+        self,
+        *,
+        header_message_id: str | None = None,
+        recipient: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> _Messages:
+        """Messages by the Message-ID header kept at intake (``meta.message_id_header``),
+        a recipient (case-insensitive) and creation time (``since`` <= t < ``until``)."""
+        rows = await self._fetch(
+            "searching messages",
+            f"SELECT {_COLUMNS} FROM esprelay_messages"
+            " WHERE ($1::text IS NULL OR meta->>'message_id_header' = $1)"
+            " AND ($2::text IS NULL OR EXISTS"
+            " (SELECT 1 FROM unnest(rcpt_tos) AS r WHERE lower(r) = $2))"
+            " AND ($3::float8 IS NULL OR created_at >= $3)"
+            " AND ($4::float8 IS NULL OR created_at < $4)"
+            " ORDER BY created_at, id LIMIT $5",
+            None if header_message_id is None else _no_nul(header_message_id),
+            None if recipient is None else _no_nul(recipient.lower()),
+            since,
+            until,
+            limit,
+        )
+        return [_record_to_message(row) for row in rows]
+
+    # endregion
+    # region lookup by the ESP's message id (events that carry no esprelay id)
+
+    async def find_by_provider_message_id(
+        self, provider: str, provider_message_id: str
+    ) -> SpooledMessage | None:
+        """The message ``provider`` (its configured name) accepted as
+        ``provider_message_id`` (the id its send API answered), without its body; the
+        newest if the ESP gave one id twice; None if none."""
+        rows = await self._fetch(
+            "finding a message by its ESP id",
+            f"SELECT {_COLUMNS} FROM esprelay_messages {_BY_PROVIDER_ID}",
+            _no_nul(provider),
+            _no_nul(provider_message_id),
+        )
+        return _record_to_message(rows[0]) if rows else None
+
+    # endregion
 
 
 def _put_weight(put: tuple[list[_NewRow], bytes]) -> int:
@@ -1292,6 +1447,18 @@ __all__ = [
 ]
 
 
+# region lookup by the ESP's message id (events that carry no esprelay id)
+
+_BY_PROVIDER_ID = (
+    "WHERE provider = $1 AND provider_message_id = $2 ORDER BY created_at DESC, id DESC LIMIT 1"
+)
+#: The message an event names by the ESP's id, as a subquery of _INSERT_EVENTS.
+_SENT_AS = (
+    "SELECT s.id FROM esprelay_messages AS s WHERE s.provider = e.provider"
+    " AND s.provider_message_id = e.esp_message_id ORDER BY s.created_at DESC, s.id DESC LIMIT 1"
+)
+
+# endregion
 # region event inbox statements (esprelay.events)
 
 # (``list`` in the class is its method of that name.)
@@ -1305,7 +1472,8 @@ _INSERT_EVENTS = (
     " diagnostic, esp_message_id, esprelay_id, remote_mta, raw, received_at, message_id)"
     " SELECT e.provider, e.event_id, e.kind, e.recipient, e.at, e.smtp_status, e.diagnostic,"
     f" e.esp_message_id, e.esprelay_id, e.remote_mta, e.raw, {_NOW},"
-    " (SELECT m.id FROM esprelay_messages AS m WHERE m.id = e.esprelay_id)"
+    " COALESCE((SELECT m.id FROM esprelay_messages AS m WHERE m.id = e.esprelay_id),"
+    f" ({_SENT_AS}))"
     " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[],"
     " $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])"
     " AS e(provider, event_id, kind, recipient, at, smtp_status, diagnostic, esp_message_id,"
@@ -1319,5 +1487,35 @@ def _no_nul(value: Any) -> Any:
     """PostgreSQL text holds no NUL character: an ESP's string loses them."""
     return value.replace("\x00", "") if isinstance(value, str) else value
 
+
+# endregion
+
+
+# region message status statements (esprelay.events.status)
+
+_Messages = list[SpooledMessage]
+
+# ($1 message_id, $2 provider, $3 event_id, $4 recipient, $5 kind, $6 at, $7 smtp_status,
+# $8 diagnostic, $9 remote_mta)
+_INSERT_TIMELINE = (
+    "INSERT INTO esprelay_message_timeline (message_id, provider, event_id, recipient, kind,"
+    " at, smtp_status, diagnostic, remote_mta) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    " ON CONFLICT DO NOTHING RETURNING 1"
+)
+# The same parameters: the recipient's status, unless it holds a more recent event.
+_UPSERT_RECIPIENT = (
+    "INSERT INTO esprelay_message_recipients AS r (message_id, provider, event_id, recipient,"
+    " kind, at, smtp_status, diagnostic, remote_mta)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    " ON CONFLICT (message_id, recipient) DO UPDATE SET provider = excluded.provider,"
+    " event_id = excluded.event_id, kind = excluded.kind, at = excluded.at,"
+    " smtp_status = excluded.smtp_status, diagnostic = excluded.diagnostic,"
+    " remote_mta = excluded.remote_mta WHERE excluded.at >= r.at RETURNING 1"
+)
+# ($1 kind, $2 message_id, $3 recipient): claimed only if no DSN of that kind was.
+_CLAIM_DSN = (
+    "UPDATE esprelay_message_recipients SET dsn = array_append(dsn, $1)"
+    " WHERE message_id = $2 AND recipient = $3 AND NOT ($1 = ANY (dsn)) RETURNING 1"
+)
 
 # endregion

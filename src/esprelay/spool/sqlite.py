@@ -53,6 +53,16 @@ from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import SpoolError, SpoolFull
 from esprelay.events.model import Event, InboxResult, StoredEvent
 from esprelay.events.rows import EVENT_COLUMNS, event_row, stored_event
+from esprelay.events.status import (
+    ENTRY_COLUMNS,
+    STATUS_KINDS,
+    Applied,
+    MessageStatus,
+    RecipientStatus,
+    dsn_words,
+    entry,
+    entry_row,
+)
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
 from esprelay.spool.base import NewPart, OnePartPut, SpoolStats, new_message_id
 
@@ -1088,6 +1098,8 @@ class SqliteSpool(OnePartPut):
                         "SELECT id FROM messages WHERE id = ?", (event.esprelay_id,)
                     ).fetchone()
                     message_id = None if found is None else found[0]
+                if message_id is None and event.esp_message_id is not None:
+                    message_id = _sent_as(conn, event.provider, event.esp_message_id)
                 cursor = conn.execute(_INSERT_EVENT, (*row, now, message_id))
                 results.append(InboxResult(cursor.rowcount == 1, message_id))
             return results
@@ -1127,6 +1139,125 @@ class SqliteSpool(OnePartPut):
             ).rowcount
 
         return await self._run(remove, durable=False)
+
+    # endregion
+    # region message status (esprelay.events.status): what the ESP events said
+
+    async def apply_event(
+        self, message_id: str, recipient: str, event: Event, *, dsn: str | None = None
+    ) -> Applied | None:
+        """See :class:`~esprelay.events.status.MessageStatusStore`; None when the message
+        is not in the spool (purged meanwhile)."""
+        row = (message_id, *entry_row(recipient, event))
+
+        def apply(conn: sqlite3.Connection) -> Applied | None:
+            found = conn.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,))
+            if found.fetchone() is None:
+                return None
+            new = conn.execute(_INSERT_TIMELINE, row).rowcount == 1
+            changed = new and event.kind in STATUS_KINDS
+            if changed:
+                changed = conn.execute(_UPSERT_RECIPIENT, row).rowcount == 1
+            claimed = dsn is not None and (
+                conn.execute(_CLAIM_DSN, (dsn, message_id, recipient)).rowcount == 1
+            )
+            return Applied(new, changed, claimed)
+
+        # Lost in a crash: the event is still pending (its finish_events, durable, comes
+        # after and hardens this commit with it) and is applied again.  A claimed DSN is
+        # hardened by the durable put of the DSN itself.
+        return await self._run(apply, durable=False)
+
+    async def release_dsn(self, message_id: str, recipient: str, kind: str) -> None:
+        def release(conn: sqlite3.Connection) -> None:
+            found = conn.execute(
+                "SELECT dsn FROM message_recipients WHERE message_id = ? AND recipient = ?",
+                (message_id, recipient),
+            ).fetchone()
+            if found is not None:
+                kept = ",".join(word for word in dsn_words(found[0]) if word != kind)
+                conn.execute(
+                    "UPDATE message_recipients SET dsn = ? WHERE message_id = ? AND recipient = ?",
+                    (kept, message_id, recipient),
+                )
+
+        await self._run(release)
+
+    async def message_status(self, message_id: str) -> MessageStatus:
+        def select(conn: sqlite3.Connection) -> MessageStatus:
+            recipients = conn.execute(
+                f"SELECT {ENTRY_COLUMNS}, dsn FROM message_recipients WHERE message_id = ?"
+                " ORDER BY recipient",
+                (message_id,),
+            ).fetchall()
+            timeline = conn.execute(
+                f"SELECT {ENTRY_COLUMNS} FROM message_timeline WHERE message_id = ?"
+                " ORDER BY at, rowid",
+                (message_id,),
+            ).fetchall()
+            return MessageStatus(
+                recipients=tuple(RecipientStatus(entry(r), dsn_words(r[8])) for r in recipients),
+                timeline=tuple(entry(r) for r in timeline),
+            )
+
+        return await self._run(select, durable=False)
+
+    async def search_messages(
+        self,
+        *,
+        header_message_id: str | None = None,
+        recipient: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> _Messages:
+        """Messages by the Message-ID header kept at intake (``meta.message_id_header``),
+        a recipient (case-insensitive) and creation time (``since`` <= t < ``until``)."""
+        clauses: list[str] = []
+        args: list[Any] = []
+        if header_message_id is not None:
+            clauses.append("json_extract(meta, '$.message_id_header') = ?")
+            args.append(header_message_id)
+        if recipient is not None:
+            clauses.append(
+                "EXISTS (SELECT 1 FROM json_each(messages.rcpt_tos) WHERE lower(value) = ?)"
+            )
+            args.append(recipient.lower())
+        if since is not None:
+            clauses.append("created_at >= ?")
+            args.append(since)
+        if until is not None:
+            clauses.append("created_at < ?")
+            args.append(until)
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+
+        def select(conn: sqlite3.Connection) -> _Messages:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM messages{where} ORDER BY created_at, id LIMIT ?",
+                (*args, limit),
+            )
+            return [_row_to_message(row) for row in rows]
+
+        return await self._run(select, durable=False)
+
+    # endregion
+    # region lookup by the ESP's message id (events that carry no esprelay id)
+
+    async def find_by_provider_message_id(
+        self, provider: str, provider_message_id: str
+    ) -> SpooledMessage | None:
+        """The message ``provider`` (its configured name) accepted as
+        ``provider_message_id`` (the id its send API answered), without its body; the
+        newest if the ESP gave one id twice; None if none."""
+
+        def select(conn: sqlite3.Connection) -> SpooledMessage | None:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM messages {_BY_PROVIDER_ID} LIMIT 1",
+                (provider, provider_message_id),
+            ).fetchone()
+            return None if row is None else _row_to_message(row)
+
+        return await self._run(select, durable=False)
 
     # endregion
 
@@ -1231,6 +1362,91 @@ _INSERT_EVENT = (
     " esp_message_id, esprelay_id, remote_mta, raw, received_at, message_id)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (provider, event_id) DO NOTHING"
 )
+
+
+# endregion
+
+
+# region message status schema (esprelay.events.status)
+
+_Messages = list[SpooledMessage]
+#
+# Tables of their own, created at every open like the inbox's (no version of their own).
+# Their rows go with their message (ON DELETE CASCADE: the connection has
+# foreign_keys=ON), at a purge or a delete.  ``message_timeline`` holds every event of a
+# message once (its key is the ESP's event id); ``message_recipients`` each recipient's
+# latest status and the DSN kinds sent for it (``dsn``, comma separated).
+_SCHEMA += """
+CREATE TABLE IF NOT EXISTS message_timeline (
+    message_id TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    provider TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    at REAL NOT NULL,
+    smtp_status TEXT,
+    diagnostic TEXT,
+    remote_mta TEXT,
+    PRIMARY KEY (message_id, provider, event_id)
+);
+CREATE TABLE IF NOT EXISTS message_recipients (
+    message_id TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    recipient TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    at REAL NOT NULL,
+    smtp_status TEXT,
+    diagnostic TEXT,
+    remote_mta TEXT,
+    dsn TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (message_id, recipient)
+);
+"""
+# (message_id, provider, event_id, recipient, kind, at, smtp_status, diagnostic, remote_mta)
+_INSERT_TIMELINE = (
+    "INSERT INTO message_timeline (message_id, provider, event_id, recipient, kind, at,"
+    " smtp_status, diagnostic, remote_mta) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    " ON CONFLICT DO NOTHING"
+)
+# The same parameters: the recipient's status, unless it holds a more recent event.
+_UPSERT_RECIPIENT = (
+    "INSERT INTO message_recipients (message_id, provider, event_id, recipient, kind, at,"
+    " smtp_status, diagnostic, remote_mta) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    " ON CONFLICT (message_id, recipient) DO UPDATE SET provider = excluded.provider,"
+    " event_id = excluded.event_id, kind = excluded.kind, at = excluded.at,"
+    " smtp_status = excluded.smtp_status, diagnostic = excluded.diagnostic,"
+    " remote_mta = excluded.remote_mta WHERE excluded.at >= message_recipients.at"
+)
+# (kind, message_id, recipient): claimed only if no DSN of that kind was.
+_CLAIM_DSN = (
+    "UPDATE message_recipients SET dsn = CASE WHEN dsn = '' THEN ?1 ELSE dsn || ',' || ?1 END"
+    " WHERE message_id = ?2 AND recipient = ?3 AND instr(',' || dsn || ',', ',' || ?1 || ',') = 0"
+)
+
+# endregion
+
+
+# region lookup by the ESP's message id
+#
+# An event that does not carry esprelay's id (an SES notification without a
+# configuration set, a Brevo event...) names its message by the id the ESP's send API
+# answered, which a delivery writes into ``provider_message_id``.  A partial index: the
+# rows an ESP has accepted, created at every open like the inbox (an esprelay from
+# before keeps it up to date without knowing it).
+_SCHEMA += """
+CREATE INDEX IF NOT EXISTS messages_provider_message_id
+    ON messages (provider, provider_message_id) WHERE provider_message_id IS NOT NULL;
+"""
+_BY_PROVIDER_ID = "WHERE provider = ? AND provider_message_id = ? ORDER BY created_at DESC, id DESC"
+
+
+def _sent_as(conn: sqlite3.Connection, provider: str, provider_message_id: str) -> str | None:
+    """The id of the message ``provider`` accepted as ``provider_message_id``, or None."""
+    found = conn.execute(
+        f"SELECT id FROM messages {_BY_PROVIDER_ID} LIMIT 1", (provider, provider_message_id)
+    ).fetchone()
+    return None if found is None else str(found[0])
 
 
 # endregion
