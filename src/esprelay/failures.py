@@ -65,6 +65,8 @@ class FailureNotifier:
         self.default_chain = default_chain
         self._wake = wake
         self._background: set[asyncio.Task[None]] = set()
+        #: Called with the kind ("failed", "expired") of every bounce queued (metrics).
+        self.on_bounce: list[Callable[[str], None]] = []
 
     def on_failed(self, outcome: Outcome) -> None:
         """A message answered 250 failed for good: tell its sender and the webhook."""
@@ -136,6 +138,8 @@ class FailureNotifier:
             log.error("cannot queue the bounce for id=%s: %s", message.id, exc)
             return
         log.info("bounce id=%s for=%s to=<%s> size=%d", bounce_id, message.id, recipient, len(dsn))
+        for callback in self.on_bounce:
+            callback("expired" if outcome.expired else "failed")
         self._wake()
 
     async def _post_failure(self, outcome: Outcome, url: str) -> None:

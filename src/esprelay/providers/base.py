@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import httpx
 import orjson
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from esprelay.budget import LARGE_MESSAGE_BUDGET, ByteBudget
 from esprelay.errors import (
@@ -49,7 +49,7 @@ from esprelay.errors import (
     RateLimited,
 )
 from esprelay.models import OutboundMessage, SendResult
-from esprelay.ratelimit import RateLimit
+from esprelay.ratelimit import ConcurrencyLimit, Rate, RateLimit
 
 EXCERPT_LIMIT = 300
 #: Messages up to this size (raw bytes) are turned into requests on the event loop.
@@ -61,6 +61,11 @@ class ProviderSettings(BaseModel):
     ``[providers.NAME]`` table of the routes file)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    #: Every kind's proactive limits (esprelay.ratelimit): messages a second (or
+    #: ``N/min``), and messages in the provider's hands at once; None: no limit.
+    rate: Rate | None = None
+    concurrency: int | None = Field(default=None, ge=1)
 
     def api_urls(self) -> tuple[str, ...]:
         """The URLs of the ESP's API this provider talks to (for metrics and checks)."""
@@ -109,6 +114,10 @@ class Provider(abc.ABC):
     def __init__(self, name: str | None = None) -> None:
         #: The name used in logs, the spool and (later) routes.
         self.name = name or self.kind
+        #: The ESP's message rate and concurrency, kept proactively around each send
+        #: (esprelay.ratelimit, esprelay.dispatch); None: no limit.
+        self.rate_limit: RateLimit | None = None
+        self.concurrency: ConcurrencyLimit | None = None
 
     @abc.abstractmethod
     async def send(self, message: OutboundMessage) -> SendResult:
@@ -136,8 +145,6 @@ class HttpProvider(Provider):
         self._client = client
         #: Large messages are built and sent a few at a time (esprelay.budget).
         self.large_messages = ByteBudget(LARGE_MESSAGE_BUDGET)
-        #: The ESP's request rate, kept proactively (esprelay.ratelimit); None: no limit.
-        self.rate_limit: RateLimit | None = None
 
     @abc.abstractmethod
     def build_request(self, message: OutboundMessage) -> Built:
@@ -179,8 +186,6 @@ class HttpProvider(Provider):
         return SendResult(result.provider_message_id, warnings=warnings + result.warnings)
 
     async def _exchange(self, request: httpx.Request) -> httpx.Response:
-        if self.rate_limit is not None:
-            await self.rate_limit.acquire()
         with map_transport_errors(self.name):
             response = await self._client.send(request)
             await response.aread()
