@@ -124,9 +124,7 @@ async def test_the_concurrency_cap_holds_messages_back_until_a_slot_frees() -> N
     assert sorted(esp.sent) == ["m0", "m1", "m2", "m3"]
     found = samples(metrics)
     assert found[key("esprelay_provider_in_flight", provider="esp")] == 0
-    assert (
-        found[key("esprelay_provider_throttled_total", provider="esp", limit="concurrency")] == 2
-    )
+    assert found[key("esprelay_provider_throttled_total", provider="esp", limit="concurrency")] == 2
 
 
 async def test_breaker_states_are_reported_per_provider() -> None:

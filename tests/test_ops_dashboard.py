@@ -73,9 +73,7 @@ def test_dashboard_metrics_through_a_running_relay(relay_factory: type[RelayProc
     with FakeESP(flaky_postmark()) as esp:
         relay = loaded_relay(relay_factory, esp)
         samples = scrape(relay)
-    build = {
-        labels: v for (name, labels), v in samples.items() if name == "esprelay_build_info"
-    }
+    build = {labels: v for (name, labels), v in samples.items() if name == "esprelay_build_info"}
     assert build == {
         frozenset(
             {
