@@ -90,6 +90,8 @@ _REPLY = re.compile(r"^([45]\d\d)[ -](?:([45]\.\d{1,3}\.\d{1,3})\b)?")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 #: Why a login failed, by the reply that refused it.
 _AUTH_REASONS = {AUTH_INVALID: "invalid_credentials", AUTH_BLOCKED: "too_many_failures"}
+#: What a delivery attempt came to (esprelay.delivery.Outcome.outcome).
+OUTCOMES = ("delivered", "deferred", "failed")
 #: The kinds of DSN (bounce) queued: a refusal by the ESP, or the queue lifetime passed.
 DSN_KINDS = ("failed", "expired")
 
@@ -211,8 +213,12 @@ class RelayMetrics:
         self.build_info.labels(__version__, platform.python_version(), engine).set(1)
 
     def watch_providers(self, providers: ProviderSet) -> None:
-        """Report ``providers``' breakers and limits at every scrape (replaces the last)."""
+        """Report ``providers``' breakers and limits at every scrape (replaces the last),
+        and count their deliveries from zero, so that rates and alerts see every one."""
         self._providers.providers = providers
+        for name in providers.providers:
+            for outcome in OUTCOMES:
+                self.deliveries.labels(name, outcome)
 
     def auth_failed(self, mechanism: str, reply: str) -> None:
         """Called with every AUTH attempt refused: its mechanism and the reply."""
