@@ -147,3 +147,36 @@ def test_an_open_breaker_is_shown(relay_factory: type[RelayProcess], tmp_path: P
     assert value(samples, state, provider="outbox", state="open") == 1
     assert value(samples, state, provider="outbox", state="closed") == 0
     assert value(samples, "esprelay_provider_circuit_opens_total", provider="outbox") == 1
+
+
+@pytest.mark.parametrize("engine", ["native", "aiosmtpd"])
+def test_auth_failures_by_mechanism_and_reason(
+    relay_factory: type[RelayProcess], engine: str
+) -> None:
+    relay = relay_factory(
+        {
+            "ESPRELAY_SMTP_ENGINE": engine,
+            "ESPRELAY_AUTH_USER": "app",
+            "ESPRELAY_AUTH_PASSWORD": PASSWORD,
+            "ESPRELAY_PLAINTEXT_AUTH_NETWORKS": "127.0.0.1/32",
+            "ESPRELAY_AUTH_MAX_FAILURES": "2",
+        }
+    ).start()
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+        smtp.ehlo("client.test")
+        smtp.user, smtp.password = "app", "wrong"
+        for mechanism, answer in (("PLAIN", smtp.auth_plain), ("LOGIN", smtp.auth_login)):
+            with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+                smtp.auth(mechanism, answer)
+            assert failed.value.smtp_code == 535
+        # Blocked now: refused before the mechanism is even looked at.
+        code, _ = smtp.docmd("AUTH", "PLAIN")
+        assert code == 454
+    samples = scrape(relay)
+    failures = "esprelay_smtp_auth_failures_total"
+    assert value(samples, failures, mechanism="PLAIN", reason="invalid_credentials") == 1
+    assert value(samples, failures, mechanism="LOGIN", reason="invalid_credentials") == 1
+    assert value(samples, failures, mechanism="other", reason="too_many_failures") == 1
+    assert sum(v for (name, _), v in samples.items() if name == failures) == 3
+    build = [labels for (name, labels), _ in samples.items() if name == "esprelay_build_info"]
+    assert ("engine", engine) in build[0]
