@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -15,7 +16,9 @@ from esprelay.metrics import RelayMetrics
 from esprelay.models import Envelope, OutboundMessage, SendResult
 from esprelay.providers.base import Provider
 from esprelay.ratelimit import ConcurrencyLimit, RateLimit
+from esprelay.testing.fakeesp import FakeESP, Reply
 from tests.fakeclock import FakeClock
+from tests.test_provider_base import EchoProvider
 
 
 class Recording(Provider):
@@ -144,3 +147,27 @@ async def test_breaker_states_are_reported_per_provider() -> None:
     assert found[key("esprelay_provider_circuit_opens_total", provider="b")] == 1
     # No limits configured: no limit series for them.
     assert not any(name == "esprelay_provider_rate_limit" for name, _ in found)
+
+
+async def test_an_http_provider_spends_one_token_per_message_through_the_dispatcher() -> None:
+    """The dispatcher's token is the first request's: not one more taken in _exchange;
+    a provider called directly still takes its own."""
+    clock = FakeClock()
+    with FakeESP(lambda request: Reply(200, {"id": "esp"})) as esp:
+        async with httpx.AsyncClient() as client:
+            echo = EchoProvider(client, esp.url)
+            echo.rate_limit = RateLimit(1 / 60, burst=2, clock=clock)
+            providers = ProviderSet({"echo": echo}, max_wait=10.0, clock=clock)
+            for number in (1, 2):
+                assert (await providers.send(message(number), ["echo"])).provider == "echo"
+            with pytest.raises(RateLimited):
+                await providers.send(message(3), ["echo"])
+            assert len(esp.requests) == 2
+            clock.advance(60.0)
+            assert (await echo.send(message(4))).provider_message_id == "esp"
+            direct = asyncio.create_task(echo.send(message(5)))
+            await clock.waiting(1)  # the bucket is empty again: the direct send waits
+            assert len(esp.requests) == 3
+            clock.advance(60.0)
+            await asyncio.wait_for(direct, 10)
+    assert len(esp.requests) == 4

@@ -33,7 +33,7 @@ from esprelay.errors import (
 from esprelay.message.idn import ascii_message
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import Provider
-from esprelay.ratelimit import Throttled
+from esprelay.ratelimit import Throttled, prepaid
 
 log = logging.getLogger("esprelay.delivery")
 
@@ -135,14 +135,22 @@ class ProviderSet:
 async def _limited_send(
     provider: Provider, message: OutboundMessage, deadline: float | None
 ) -> SendResult:
-    """``provider.send(message)`` within the provider's concurrency and rate limits."""
+    """``provider.send(message)`` within the provider's concurrency and rate limits.
+
+    The message's first token is taken here, where a wait past ``deadline`` can still
+    be declined (Throttled); the provider's first request spends it (``prepaid``).
+    """
     rate = provider.rate_limit
     if provider.concurrency is None:
-        if rate is not None:
-            await rate.acquire(deadline=deadline)
-        return await provider.send(message)
+        if rate is None:
+            return await provider.send(message)
+        await rate.acquire(deadline=deadline)
+        with prepaid(rate):
+            return await provider.send(message)
     # The slot first: a token taken while waiting for a slot would be wasted.
     async with provider.concurrency.slot(deadline=deadline):
-        if rate is not None:
-            await rate.acquire(deadline=deadline)
-        return await provider.send(message)
+        if rate is None:
+            return await provider.send(message)
+        await rate.acquire(deadline=deadline)
+        with prepaid(rate):
+            return await provider.send(message)

@@ -17,6 +17,12 @@ clock's monotonic time), a wait that would end after it raises :class:`Throttled
 at once, and the message is deferred (or tried on the route's next provider) instead.
 Each limit counts what it did (waits, seconds waited, deferrals) for the metrics.
 
+The dispatcher takes a message's first token itself, with the deadline
+(:func:`prepaid`); an HTTP provider takes one before each of its requests
+(``HttpProvider._exchange``) and spends that prepaid token on the first, so a message
+of one request costs one token, one of several (Graph's uploads) a token each, and a
+provider called directly (tests, ``doctor --send-test``) still keeps its rate.
+
 Settings: every provider kind takes ``ESPRELAY_<KIND>_RATE`` (messages a second, or
 ``N/s``, ``N/min``, ``N/h``) and ``ESPRELAY_<KIND>_CONCURRENCY``; a named provider of
 the routes file takes ``rate`` and ``concurrency`` (:func:`apply_limits`).
@@ -27,8 +33,9 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BeforeValidator, Field
@@ -45,6 +52,8 @@ __all__ = [
     "Throttled",
     "apply_limits",
     "parse_rate",
+    "prepaid",
+    "spend_prepaid",
 ]
 
 _PER_SECONDS = {
@@ -191,6 +200,30 @@ class ConcurrencyLimit:
         finally:
             self.in_flight -= 1
             self._slots.release()
+
+
+#: The token the dispatcher took for the message being sent in this task, if unspent.
+_prepaid: ContextVar[list[RateLimit] | None] = ContextVar("esprelay_prepaid", default=None)
+
+
+@contextmanager
+def prepaid(limit: RateLimit) -> Iterator[None]:
+    """Within the block, the first :func:`spend_prepaid` of ``limit`` finds its token
+    taken (by the caller, who has just acquired it)."""
+    reset = _prepaid.set([limit])
+    try:
+        yield
+    finally:
+        _prepaid.reset(reset)
+
+
+def spend_prepaid(limit: RateLimit) -> bool:
+    """True (once) if a token of ``limit`` was taken for this request already."""
+    tokens = _prepaid.get()
+    if tokens and tokens[0] is limit:
+        tokens.clear()
+        return True
+    return False
 
 
 def apply_limits(provider: Provider, settings: ProviderSettings) -> None:

@@ -49,7 +49,7 @@ from esprelay.errors import (
     RateLimited,
 )
 from esprelay.models import OutboundMessage, SendResult
-from esprelay.ratelimit import ConcurrencyLimit, Rate, RateLimit
+from esprelay.ratelimit import ConcurrencyLimit, Rate, RateLimit, spend_prepaid
 
 EXCERPT_LIMIT = 300
 #: Messages up to this size (raw bytes) are turned into requests on the event loop.
@@ -186,6 +186,9 @@ class HttpProvider(Provider):
         return SendResult(result.provider_message_id, warnings=warnings + result.warnings)
 
     async def _exchange(self, request: httpx.Request) -> httpx.Response:
+        limit = self.rate_limit
+        if limit is not None and not spend_prepaid(limit):
+            await limit.acquire()
         with map_transport_errors(self.name):
             response = await self._client.send(request)
             await response.aread()
