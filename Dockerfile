@@ -1,7 +1,17 @@
 # esprelay: SMTP in, ESP HTTPS API out.
+#   docker compose up -d --build    # docker-compose.yml: who may send, ports, stop grace
+# or by hand:
 #   docker build -t esprelay .
-#   docker run --env-file .env -p 2525:2525 -p 127.0.0.1:8025:8025 -v esprelay-data:/var/lib/esprelay esprelay
-FROM python:3.11-slim
+#   docker run --env-file .env -p 127.0.0.1:2525:2525 -p 127.0.0.1:8025:8025
+#     --stop-timeout 75 -v esprelay-data:/var/lib/esprelay esprelay        (one line)
+# (then clients need AUTH or ESPRELAY_TRUSTED_NETWORKS: README, "Deploying").
+#
+# The base image is a build argument: any image with Python 3.11+ (its venv module),
+# groupadd/useradd and CA certificates will do, such as Debian bookworm with python3,
+# python3-venv and ca-certificates (tests/test_container.py builds one with debootstrap):
+#   docker build --build-arg BASE_IMAGE=localhost/debian-python:bookworm -t esprelay .
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -35,7 +45,9 @@ ENV PATH=/opt/esprelay/bin:$PATH \
 USER esprelay:esprelay
 WORKDIR /var/lib/esprelay
 VOLUME ["/var/lib/esprelay"]
-EXPOSE 2525 587 465 8025
+# SMTP and the ops HTTP port (health, metrics, admin API). Add ESPRELAY_SMTPS_PORT here
+# and in your port mappings when you configure implicit TLS: nothing listens on it otherwise.
+EXPOSE 2525 8025
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('ESPRELAY_HTTP_PORT', '8025'), timeout=4)"]

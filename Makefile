@@ -5,6 +5,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 APT_TOOLS := swaks chromium systemd
+# tests/test_e2e_proxy.py: a real HAProxy in front of esprelay (send-proxy, send-proxy-v2).
+APT_TOOLS += haproxy
+# tests/test_container.py: a Debian base by debootstrap, the Dockerfile built and run
+# on it with podman (buildah beside it) and runc (crun fails on hybrid cgroups).
+APT_TOOLS += podman buildah debootstrap runc
 LINT_DIRS := $(wildcard src tests bench)
 
 .PHONY: all setup tools postgres run test lint typecheck pytest bench clean

@@ -5,7 +5,12 @@ and esprelay run back to back in fresh processes under the same load; the headli
 the ratio esprelay delivered msg/s / sink accepted msg/s, the median of the per-repeat
 ratios.  When Postfix is installed (``--postfix auto``, the default), a throw-away
 Postfix relay into ``smtp-sink`` runs third in every repeat of the 0 ms scenarios, and
-the table adds the ratio esprelay delivered msg/s / Postfix delivered msg/s.  See
+the table adds the ratio esprelay delivered msg/s / Postfix delivered msg/s.
+
+Then the per-provider scenario (``--provider-scenario``, 2K x 20 at 0 ms): esprelay
+once per HTTP provider kind (``--providers``) in every repeat, each against the
+emulator answering like that ESP; a second table gives each kind's delivered msg/s and
+CPU per message, and their ratios to SendGrid's in the same repeats.  See
 bench/README.md.
 """
 
@@ -23,6 +28,7 @@ from typing import Any
 
 from bench.harness import HTTP_PROVIDERS, Measurement, measure, smtp_source_available
 from bench.postfix import unavailable_reason as postfix_unavailable_reason
+from bench.providers import KINDS, REFERENCE, installed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -83,6 +89,7 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
             "peak_rss_mb": max(r.peak_rss_mb for r in relay),
             "errors": sum(r.errors for r in relay),
             "undelivered": sum(r.sent - r.delivered for r in relay),
+            "refused": sum(r.refused for r in relay),
         },
         "sink": {
             "accepted_per_s": median([s.accepted_per_s for s in sinks]),
@@ -161,6 +168,80 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summarise_providers(runs: dict[str, list[Measurement]]) -> list[dict[str, Any]]:
+    """Per kind: medians over its repeats, and the medians of the per-repeat ratios to
+    the reference kind's run of the same repeat (None without the reference)."""
+    reference = runs.get(REFERENCE, [])
+    rows = []
+    for kind, measured in runs.items():
+        pairs = list(zip(measured, reference, strict=False))
+        rows.append(
+            {
+                "provider": kind,
+                "delivered_per_s": median([m.delivered_per_s for m in measured]),
+                "cpu_ms_per_msg": median([m.cpu_ms_per_msg for m in measured]),
+                "p50_ms": median([m.p50_ms for m in measured]),
+                "p99_ms": median([m.p99_ms for m in measured]),
+                "peak_rss_mb": max(m.peak_rss_mb for m in measured),
+                "errors": sum(m.errors for m in measured),
+                "undelivered": sum(m.sent - m.delivered for m in measured),
+                "refused": sum(m.refused for m in measured),
+                f"ratio_delivered_vs_{REFERENCE}": _ratios(
+                    [(m.delivered_per_s, r.delivered_per_s) for m, r in pairs]
+                )
+                if reference
+                else None,
+                f"ratio_cpu_vs_{REFERENCE}": _ratios(
+                    [(m.cpu_ms_per_msg, r.cpu_ms_per_msg) for m, r in pairs]
+                )
+                if reference
+                else None,
+            }
+        )
+    return rows
+
+
+def provider_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| provider | delivered/s | CPU ms/msg | p50 ms | p99 ms | peak RSS MB |"
+        f" delivered / {REFERENCE} | CPU / {REFERENCE} |",
+        "|" + "---|" * 8,
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['provider']} | {_fmt(row['delivered_per_s'])} |"
+            f" {_fmt(row['cpu_ms_per_msg'], 2)} | {_fmt(row['p50_ms'], 2)} |"
+            f" {_fmt(row['p99_ms'], 2)} | {_fmt(row['peak_rss_mb'])} |"
+            f" {_fmt(row[f'ratio_delivered_vs_{REFERENCE}'], 2)} |"
+            f" {_fmt(row[f'ratio_cpu_vs_{REFERENCE}'], 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def choose_providers(text: str) -> list[str]:
+    """``--providers``: '' (none), 'all' (every kind installed) or names; the reference
+    kind comes first whenever any runs, for the ratios.  ValueError names what is not
+    installed."""
+    text = text.strip()
+    if not text:
+        return []
+    available = installed()
+    if text == "all":
+        chosen = available
+    else:
+        chosen = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+        unknown = [n for n in chosen if n not in KINDS]
+        if unknown:
+            raise ValueError(f"not an HTTP kind the emulator plays: {', '.join(unknown)}")
+        missing = [n for n in chosen if n not in available]
+        if missing:
+            raise ValueError(f"not installed here: {', '.join(missing)}")
+    if chosen and REFERENCE in available and REFERENCE not in chosen:
+        chosen.insert(0, REFERENCE)
+    chosen.sort(key=lambda name: (name != REFERENCE, KINDS.index(name)))
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--sizes", default="2K,100K,5M", help="comma-separated, e.g. 2K,100K,5M")
@@ -182,6 +263,18 @@ def main(argv: list[str] | None = None) -> int:
         "--provider",
         default="auto",
         help="esprelay provider: outbox, postmark, sendgrid, or auto (an HTTP adapter if present)",
+    )
+    parser.add_argument(
+        "--providers",
+        default="all",
+        help="the per-provider scenario: comma-separated HTTP kinds, 'all' (every one"
+        f" installed of {', '.join(KINDS)}) or '' for none; {REFERENCE} always runs too,"
+        " for the ratios",
+    )
+    parser.add_argument(
+        "--provider-scenario",
+        default="2K:20:0",
+        help="SIZE:SESSIONS:LATENCY_MS of the per-provider scenario",
     )
     parser.add_argument(
         "--loadgen",
@@ -214,6 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.postfix == "on" and postfix_reason:
         parser.error(f"--postfix on: {postfix_reason}")
     with_postfix = args.postfix != "off" and postfix_reason is None
+    try:
+        providers = choose_providers(args.providers)
+    except ValueError as exc:
+        parser.error(f"--providers: {exc}")
+    try:
+        size_text, sessions_text, latency_text = args.provider_scenario.split(":")
+        provider_scenario = (parse_size(size_text), int(sessions_text), float(latency_text))
+    except ValueError:
+        parser.error("--provider-scenario: expected SIZE:SESSIONS:LATENCY_MS, e.g. 2K:20:0")
 
     scenarios: list[tuple[int, int, float]] = []
     for size in (parse_size(s) for s in args.sizes.split(",") if s):
@@ -283,6 +385,35 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
 
+    provider_runs: dict[str, list[Measurement]] = {kind: [] for kind in providers}
+    p_size, p_sessions, p_latency = provider_scenario
+    p_count = args.count or max(1, round(default_count(p_size, p_sessions) * args.scale))
+    for repeat in range(args.repeats if providers else 0):
+        for kind in providers:
+            relay = measure(
+                "esprelay",
+                provider=kind,
+                extra_env=extra_env,
+                size=p_size,
+                sessions=p_sessions,
+                count=p_count,
+                latency_ms=p_latency,
+                loadgen=args.loadgen,
+                server_cpus=server_cpus,
+                helper_cpus=helper_cpus,
+            )
+            provider_runs[kind].append(relay)
+            raw.append(relay.to_json())
+            if not args.quiet:
+                print(
+                    f"{human(p_size):>4} x{p_sessions:<3} api={p_latency:g}ms run {repeat + 1}:"
+                    f" {kind} {relay.delivered_per_s or 0:.0f} delivered/s"
+                    f" ({relay.cpu_ms_per_msg:.2f} ms CPU/msg, p50 {relay.p50_ms or 0:.1f} ms)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    provider_rows = summarise_providers(provider_runs) if providers else []
+
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": {
@@ -300,6 +431,16 @@ def main(argv: list[str] | None = None) -> int:
         },
         "repeats": args.repeats,
         "scenarios": rows,
+        "providers": {
+            "size": p_size,
+            "sessions": p_sessions,
+            "latency_ms": p_latency,
+            "count": p_count,
+            "reference": REFERENCE,
+            "rows": provider_rows,
+        }
+        if providers
+        else None,
         "runs": raw,
     }
     output = args.output
@@ -308,14 +449,31 @@ def main(argv: list[str] | None = None) -> int:
         output = RESULTS / f"bench-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
-    print(table(rows))
-    for row in rows:
-        relay = row["summary"]["esprelay"]
-        if relay["errors"] or relay["undelivered"]:
+    if rows:
+        print(table(rows))
+    if provider_rows:
+        print(
+            f"\nPer provider: {human(p_size)} x {p_sessions} sessions, API {p_latency:g} ms,"
+            f" {p_count} messages, {args.repeats} repeat(s)"
+        )
+        print(provider_table(provider_rows))
+    checks = [
+        (
+            f"{human(row['size'])} x{row['sessions']} api={row['latency_ms']:g}ms",
+            row["summary"]["esprelay"],
+        )
+        for row in rows
+    ] + [
+        (f"{row['provider']} {human(p_size)} x{p_sessions} api={p_latency:g}ms", row)
+        for row in provider_rows
+    ]
+    for label, relay in checks:
+        if relay["errors"] or relay["undelivered"] or relay["refused"]:
             # A refused or failed session makes the figures meaningless: say so loudly.
             print(
-                f"WARNING {human(row['size'])} x{row['sessions']} api={row['latency_ms']:g}ms:"
-                f" {relay['errors']} load errors, {relay['undelivered']} undelivered"
+                f"WARNING {label}: {relay['errors']} load errors,"
+                f" {relay['undelivered']} undelivered, {relay['refused']} deferred or"
+                " failed attempts"
             )
     postfix_note = "on" if with_postfix else f"off ({postfix_reason or '--postfix off'})"
     print(

@@ -5,7 +5,8 @@ A scenario is (message size, sessions, API latency, target).  Targets:
 - ``sink``: the bare aiosmtpd sink (``bench.sink``), the in-run baseline;
 - ``esprelay``: ``python -m esprelay serve`` in queue mode with the real SQLite spool
   in a temporary directory, delivering through ``provider`` (``outbox`` writes files;
-  ``sendgrid``/``postmark`` POST every message to the ESP emulator);
+  every HTTP kind of ``bench.providers.KINDS`` POSTs each message to the ESP emulator,
+  which answers like that ESP);
 - ``postfix``: a throw-away Postfix instance relaying into ``smtp-sink``
   (``bench.postfix``), when Postfix is installed and we are root.
 
@@ -32,13 +33,16 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.loadgen import LoadResult, run_load
 from bench.postfix import PostfixRelay
+from bench.providers import KINDS, environment
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-HTTP_PROVIDERS = {"sendgrid": "sendgrid", "postmark": "postmark"}
+#: The providers that POST to the emulator (the others, ``outbox``, write files).
+HTTP_PROVIDERS = KINDS
 
 
 @dataclass
@@ -66,6 +70,9 @@ class Measurement:
     # How cpu_ms_per_msg was counted: "process" (/proc/<pid>/stat of the one server
     # process), "cgroup-v2"/"cgroup-v1" or "proc-tree" (every process of Postfix).
     cpu_accounting: str = "process"
+    # esprelay: delivery attempts its log shows deferred or failed (0 when every answer
+    # of the emulator was taken as the ESP's success).
+    refused: int = 0
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -169,9 +176,19 @@ def emulator(
         service.stop()
 
 
-def emulator_requests(port: int) -> int:
+def emulator_stats(port: int) -> dict[str, Any]:
+    """The emulator's counters (``GET /__stats``)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/__stats", timeout=5) as response:
-        return int(json.load(response)["requests"])
+        stats: dict[str, Any] = json.load(response)
+    return stats
+
+
+def emulator_requests(port: int, kind: str | None = None) -> int:
+    """Send requests the emulator answered: every one, or those of ESP ``kind``."""
+    stats = emulator_stats(port)
+    if kind is None:
+        return int(stats["requests"])
+    return int(stats["by_kind"].get(kind, 0))
 
 
 def start_target(
@@ -208,13 +225,9 @@ def start_target(
         )
         if provider in HTTP_PROVIDERS:
             assert emulator_port is not None
-            url = f"http://127.0.0.1:{emulator_port}"
-            if provider == "sendgrid":
-                env["ESPRELAY_SENDGRID_API_KEY"] = "bench-key"
-                env["ESPRELAY_SENDGRID_API_URL"] = url
-            else:
-                env["ESPRELAY_POSTMARK_SERVER_TOKEN"] = "bench-token"
-                env["ESPRELAY_POSTMARK_API_URL"] = url
+            if provider == "ses":  # only the dummy credentials of bench.providers
+                env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+            env.update(environment(provider, f"http://127.0.0.1:{emulator_port}", workdir))
         env.update(extra_env or {})
     else:
         raise ValueError(f"unknown target {target!r}")
@@ -226,7 +239,8 @@ def start_target(
 def _delivered(target: str, provider: str, workdir: Path, emulator_port: int | None) -> int:
     if provider in HTTP_PROVIDERS:
         assert emulator_port is not None
-        return emulator_requests(emulator_port)
+        # Only the sends of this ESP count: a request on another path is no delivery.
+        return emulator_requests(emulator_port, provider)
     outbox = workdir / "outbox"
     if not outbox.exists():
         return 0
@@ -295,7 +309,7 @@ def measure(
             helper_cpus=helper_cpus,
             deliver_timeout=deliver_timeout,
         )
-    flavour = HTTP_PROVIDERS.get(provider, "generic")
+    flavour = "generic"  # the emulator answers each ESP by its path
     with tempfile.TemporaryDirectory(prefix="esprelay-bench-") as tmp:
         workdir = Path(tmp)
         with emulator(workdir, latency_ms=latency_ms, flavour=flavour, cpus=helper_cpus) as emu:
@@ -330,6 +344,7 @@ def measure(
                 rss = peak_rss_mb(server.pid)
             finally:
                 server.stop()
+            refused = _refused(server.log) if target == "esprelay" else 0
     return _result(
         target,
         provider=provider if target == "esprelay" else "-",
@@ -343,7 +358,18 @@ def measure(
         deliver_seconds=deliver_seconds,
         cpu_used=cpu_used,
         rss=rss,
+        refused=refused,
     )
+
+
+#: esprelay's log lines of a delivery attempt that did not end delivered.
+_NOT_DELIVERED = re.compile(rb"\b(?:deferred|failed) id=")
+
+
+def _refused(log: Path) -> int:
+    """Attempts esprelay did not count as delivered (an answer it could not take as the
+    ESP's success, or any other error), from its log once it has stopped."""
+    return len(_NOT_DELIVERED.findall(log.read_bytes()))
 
 
 def _result(
@@ -361,6 +387,7 @@ def _result(
     cpu_used: float,
     rss: float,
     cpu_accounting: str = "process",
+    refused: int = 0,
 ) -> Measurement:
     p50, p99 = load.percentile(50), load.percentile(99)
     return Measurement(
@@ -384,6 +411,7 @@ def _result(
         peak_rss_mb=rss,
         error_samples=load.error_samples,
         cpu_accounting=cpu_accounting,
+        refused=refused,
     )
 
 

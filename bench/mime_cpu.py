@@ -1,8 +1,12 @@
-"""CPU cost of ``esprelay.message.mime.parse`` and of the JSON adapters' ``build_request``.
+"""CPU cost of ``esprelay.message.mime.parse`` and of every HTTP adapter's ``build_request``.
 
 ``python -m bench.mime_cpu [--loops 2000]`` parses a few representative messages in a
 loop and prints the CPU time (``time.process_time``) per call, for the default path
 and the exact reference path (``exact=True``), so both are measured in the same go.
+Then ``build_request`` of every HTTP provider kind installed (``--providers``), each
+configured as the end-to-end benchmark configures it (``bench.providers``), on the same
+messages: the pure part of a delivery (parsing, payload, encoding; no signing, no I/O),
+with the ratio to SendGrid's on the 2 KB message.
 """
 
 from __future__ import annotations
@@ -14,16 +18,20 @@ import functools
 import time
 from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import Any
 
 import httpx
 from pydantic import SecretStr
 
 from bench.loadgen import make_message
+from bench.providers import KINDS, REFERENCE, installed, settings
+from esprelay.errors import DeliveryError
 from esprelay.message import mime
 from esprelay.models import Envelope, OutboundMessage
-from esprelay.providers import postmark, sendgrid
+from esprelay.providers import get_kind, postmark, sendgrid
 from esprelay.providers.base import HttpProvider
 from esprelay.providers.postmark import PostmarkProvider
+from esprelay.providers.registry import configure
 from esprelay.providers.sendgrid import SendGridProvider
 
 SENDER = "bench-sender@esprelay.invalid"
@@ -117,10 +125,59 @@ def cpu_per_call(fn: Callable[[], object], loops: int) -> float:
     return best / loops * 1000
 
 
-def main() -> None:
+def http_provider(
+    kind: str, client: httpx.AsyncClient, url: str = "http://127.0.0.1:9"
+) -> HttpProvider:
+    """``kind`` configured as the end-to-end benchmark configures it, its ESP at ``url``."""
+    provider = configure(get_kind(kind), settings(kind, url)).build(client)
+    assert isinstance(provider, HttpProvider), kind
+    return provider
+
+
+def build_request_table(kinds: list[str], loops: int, client: httpx.AsyncClient) -> str:
+    """CPU ms per ``build_request`` of each kind on each sample, and the ratio to the
+    reference kind on the first sample."""
+    messages = {name: OutboundMessage("m1", ENVELOPE, make()) for name, make in SAMPLES.items()}
+    first = next(iter(SAMPLES))
+    figures: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        provider = http_provider(kind, client)
+        row: dict[str, Any] = {}
+        for name, message in messages.items():
+            build = functools.partial(provider.build_request, message)
+            try:
+                row[name] = cpu_per_call(build, loops)
+            except DeliveryError as exc:  # the adapter refuses this sample
+                row[name] = f"refused: {type(exc).__name__}"
+        figures[kind] = row
+    reference = figures.get(REFERENCE, {}).get(first)
+    lines = [
+        "| provider | " + " | ".join(f"{name} ms" for name in SAMPLES) + f" | {first} vs"
+        f" {REFERENCE} |",
+        "|" + "---|" * (len(SAMPLES) + 2),
+    ]
+    for kind, row in figures.items():
+        cells = [f"{v:.4f}" if isinstance(v, float) else v for v in row.values()]
+        mine = row[first]
+        ratio = (
+            f"{mine / reference:.2f}"
+            if isinstance(mine, float) and isinstance(reference, float)
+            else "-"
+        )
+        lines.append(f"| {kind} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--loops", type=int, default=2000)
-    args = ap.parse_args()
+    ap.add_argument(
+        "--providers",
+        default="all",
+        help=f"build_request of these kinds ('all': every one installed of {', '.join(KINDS)};"
+        " '' for none)",
+    )
+    args = ap.parse_args(argv)
     print(f"{'sample':18} {'reference ms':>13} {'parse ms':>9} {'ratio':>6}")
     for name, make in SAMPLES.items():
         raw = make()
@@ -150,6 +207,17 @@ def main() -> None:
             f"{kind} build_request (bench 2K): {ref:.4f} ms CPU with exact=True,"
             f" {ms:.4f} ms by default ({ref / ms:.2f}x)"
         )
+    available = installed()
+    if args.providers.strip() == "all":
+        kinds = available
+    else:
+        kinds = [k.strip() for k in args.providers.split(",") if k.strip()]
+        missing = [k for k in kinds if k not in available]
+        if missing:
+            ap.error(f"--providers: not installed here: {', '.join(missing)}")
+    if kinds:
+        print(f"\nCPU per build_request (best of 3 x {args.loops} calls):")
+        print(build_request_table(kinds, args.loops, client))
 
 
 @contextlib.contextmanager

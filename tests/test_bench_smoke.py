@@ -27,7 +27,7 @@ def test_cli_writes_table_and_json(tmp_path: Path, capsys: object) -> None:
         [
             "--sizes", "2K", "--sessions", "2", "--extra", "", "--count", "4",
             "--repeats", "1", "--output", str(output), "--quiet", "--no-pin",
-            "--postfix", "off",
+            "--postfix", "off", "--providers", "",
         ]
     )  # fmt: skip
     assert code == 0

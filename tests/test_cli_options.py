@@ -49,10 +49,10 @@ def test_queue_commands_read_the_named_env_file(tmp_path: Path) -> None:
 
 def test_a_named_env_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
     result = esprelay("--env-file", str(tmp_path / "nope.env"), "queue", "list", cwd=tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 78  # EX_CONFIG
     assert "--env-file" in result.stderr and "nope.env" in result.stderr
     result = esprelay("queue", "list", cwd=tmp_path, env={"ESPRELAY_ENV_FILE": "missing.env"})
-    assert result.returncode == 2 and "ESPRELAY_ENV_FILE" in result.stderr
+    assert result.returncode == 78 and "ESPRELAY_ENV_FILE" in result.stderr
 
 
 def test_config_reads_the_named_env_file(tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ def test_bad_value_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("command", [["serve"], ["queue", "list"]])
-def test_cli_exits_2_with_one_line(tmp_path: Path, command: list[str]) -> None:
+def test_cli_exits_78_with_one_line(tmp_path: Path, command: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
     env["ESPRELAY_SMTP_PORT"] = "not-a-port"
     result = subprocess.run(
@@ -95,7 +95,7 @@ def test_cli_exits_2_with_one_line(tmp_path: Path, command: list[str]) -> None:
         timeout=30,
         check=False,
     )
-    assert result.returncode == 2
+    assert result.returncode == 78  # EX_CONFIG
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -121,6 +121,6 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
             timeout=30,
             check=False,
         )
-    assert result.returncode == 2
+    assert result.returncode == 75  # EX_TEMPFAIL: a restart may find the port free
     assert "cannot listen on" in result.stderr
     assert "Traceback" not in result.stderr

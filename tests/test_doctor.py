@@ -279,14 +279,14 @@ def test_missing_spool_is_reported_and_not_created(tmp_path: Path) -> None:
 
 def test_configuration_error_is_a_failure_line(tmp_path: Path) -> None:
     result = doctor(tmp_path, {"ESPRELAY_SMTP_PORT": "not-a-port"}, "--json")
-    assert result.returncode == 1
+    assert result.returncode == 78  # EX_CONFIG, as every command
     check = checks(result)["configuration"]
     assert check["status"] == "fail"
     assert "ESPRELAY_SMTP_PORT" in check["detail"]
     assert "Traceback" not in result.stderr
 
     text = doctor(tmp_path, {"ESPRELAY_PROVIDER": "nosuchkind"})
-    assert text.returncode == 1
+    assert text.returncode == 78
     assert "[FAIL] configuration:" in text.stdout
     assert "Traceback" not in text.stderr
 

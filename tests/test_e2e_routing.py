@@ -165,7 +165,7 @@ def test_passthrough_replies_with_the_esp_answer(
             ESPRELAY_PROVIDER_TIMEOUT="1s",
         )
         code, reply = send(relay, "app@example.com", ["a@example.org"], "accepted")
-        assert code == 250 and f"@{DOMAIN}>" in reply and "esp:" in reply
+        assert code == 250 and f"@{DOMAIN})" in reply and "esp:" in reply
 
         esp.then(Reply(429, {"message": "rate limited"}, {"Retry-After": "30"}))
         code, reply = send(relay, "app@example.com", ["a@example.org"], "throttled")

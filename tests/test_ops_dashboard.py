@@ -7,10 +7,13 @@ from __future__ import annotations
 import platform
 import smtplib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import esprelay
+from esprelay.failures import bounce_kind
+from esprelay.metrics import DSN_KINDS
 from esprelay.testing.fakeesp import FakeESP, Recorded, Reply
 from tests.opshttp import scrape, send, value
 from tests.providers.test_postmark import PostmarkAPI
@@ -180,3 +183,12 @@ def test_auth_failures_by_mechanism_and_reason(
     assert sum(v for (name, _), v in samples.items() if name == failures) == 3
     build = [labels for (name, labels), _ in samples.items() if name == "esprelay_build_info"]
     assert ("engine", engine) in build[0]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "expired", "kind"),
+    [("failed", False, "failed"), ("failed", True, "expired"), ("partial", False, "partial")],
+)
+def test_bounce_kinds(outcome: str, expired: bool, kind: str) -> None:
+    assert bounce_kind(SimpleNamespace(outcome=outcome, expired=expired)) == kind  # type: ignore[arg-type]
+    assert kind in DSN_KINDS

@@ -25,7 +25,7 @@ def test_health_and_readiness(relay: RelayProcess) -> None:
         assert ready.status_code == 200
         assert ready.json() == {
             "ready": True,
-            "checks": {"smtp": "ok", "spool": "ok", "providers": "ok"},
+            "checks": {"smtp": "ok", "spool": "ok"},  # queue mode: providers do not count
         }
         assert client.get("/nope").status_code == 404
         assert client.post("/healthz").status_code == 405
@@ -48,15 +48,45 @@ def test_readiness_fails_when_the_spool_directory_is_gone(
         assert client.get("/readyz").status_code == 200
 
 
-def test_readiness_fails_when_every_provider_circuit_is_open(
+def test_queue_mode_stays_ready_when_every_provider_circuit_is_open(
     relay_factory: type[RelayProcess], tmp_path: Path
 ) -> None:
+    """An ESP outage must not take every replica out of the balancer: the spool keeps
+    accepting, and that is what readiness means in queue mode."""
     (tmp_path / "outbox").write_text("not a directory\n")
     relay = relay_factory(
         {"ESPRELAY_BREAKER_THRESHOLD": "1", "ESPRELAY_BREAKER_COOLDOWN": "1h"}
     ).start()
     send(relay)
     relay.wait_for_log(r"deferred id=")
+    with http(relay) as client:
+        ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json() == {"ready": True, "checks": {"smtp": "ok", "spool": "ok"}}
+    send(relay, subject="still accepted")  # and the spool still takes mail
+
+
+def test_passthrough_mode_is_not_ready_when_every_provider_circuit_is_open(
+    relay_factory: type[RelayProcess], tmp_path: Path
+) -> None:
+    """Without a spool a message is accepted only once a provider took it: there provider
+    health is readiness."""
+    (tmp_path / "outbox").write_text("not a directory\n")
+    relay = relay_factory(
+        {
+            "ESPRELAY_DELIVERY_MODE": "passthrough",
+            "ESPRELAY_BREAKER_THRESHOLD": "1",
+            "ESPRELAY_BREAKER_COOLDOWN": "1h",
+        }
+    ).start()
+    with http(relay) as client:
+        assert client.get("/readyz").status_code == 200
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+        smtp.ehlo("client.test")
+        assert smtp.mail("app@example.com")[0] == 250
+        assert smtp.rcpt("ops@example.org")[0] == 250
+        code, _ = smtp.data(b"From: app@example.com\r\nSubject: m\r\n\r\nbody\r\n")
+    assert 400 <= code < 500
     with http(relay) as client:
         ready = client.get("/readyz")
     assert ready.status_code == 503

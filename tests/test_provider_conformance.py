@@ -26,10 +26,12 @@ from esprelay.providers.graph import GraphProvider
 from esprelay.providers.graphauth import TokenSource
 from esprelay.providers.http import HttpApiProvider, HttpApiSettings
 from esprelay.providers.mailgun import MailgunProvider
+from esprelay.providers.mailjet import MailjetProvider
 from esprelay.providers.postmark import PostmarkProvider
 from esprelay.providers.resend import ResendProvider
 from esprelay.providers.sendgrid import SendGridProvider
 from esprelay.providers.ses import SesProvider
+from esprelay.providers.sparkpost import SparkPostProvider
 from esprelay.testing.conformance import Probe, check_adapter, check_errors
 from esprelay.testing.fakeesp import Recorded
 from tests.providers.test_mailgun import form_fields
@@ -142,6 +144,40 @@ def _brevo() -> tuple[HttpProvider, Probe]:
     return provider, Probe(recipients, lambda r: json.loads(r.read())["sender"]["email"])
 
 
+def _mailjet() -> tuple[HttpProvider, Probe]:
+    def messages(request: httpx.Request) -> list[dict[str, Any]]:
+        body = json.loads(request.read())
+        return [{**body.get("Globals", {}), **m} for m in body["Messages"]]
+
+    def recipients(request: httpx.Request) -> set[str]:
+        return {
+            p["Email"] for m in messages(request) for f in ("To", "Cc", "Bcc") for p in m.get(f, [])
+        }
+
+    def sender(request: httpx.Request) -> str:
+        (address,) = {m["From"]["Email"] for m in messages(request)}
+        return address
+
+    provider = MailjetProvider(
+        httpx.AsyncClient(), SecretStr("k"), SecretStr("s"), "http://127.0.0.1:9"
+    )
+    return provider, Probe(recipients, sender)
+
+
+def _sparkpost() -> tuple[HttpProvider, Probe]:
+    # recipients[].address.email is the envelope; the To header is not built for
+    # email_rfc822 content: recipients see the message as sent.
+    def raw(request: httpx.Request) -> bytes:
+        return str(json.loads(request.read())["content"]["email_rfc822"]).encode("utf-8")
+
+    provider = SparkPostProvider(httpx.AsyncClient(), SecretStr("k"), "http://127.0.0.1:9")
+    return provider, Probe(
+        recipients=lambda r: {p["address"]["email"] for p in json.loads(r.read())["recipients"]},
+        sender=lambda r: _mime_sender(raw(r)),
+        shown=raw,
+    )
+
+
 def _graph() -> tuple[HttpProvider, Probe]:
     # Graph sends to the To, Cc and Bcc addresses of the MIME, and Exchange removes the
     # Bcc field from what it delivers ([MS-OXCMAIL] 2.1.3.1.1.2): that is what is shown.
@@ -192,7 +228,9 @@ ADAPTERS = {
     "http": _http,
     "resend": _resend,
     "brevo": _brevo,
+    "mailjet": _mailjet,
     "graph": _graph,
+    "sparkpost": _sparkpost,
     "example": _example,
 }
 

@@ -75,7 +75,7 @@ def test_without_the_distribution_the_name_is_unknown(tmp_path: Path) -> None:
         env={**{k: v for k, v in __import__("os").environ.items()
                 if not k.startswith("ESPRELAY_")}, **env},
     )  # fmt: skip
-    assert result.returncode == 2
+    assert result.returncode == 78  # EX_CONFIG
     line = result.stderr.strip().splitlines()[-1]
     assert "ESPRELAY_PROVIDER: 'example' is not a registered provider" in line
     assert ", ".join(registered()) in line  # every registered kind, in order

@@ -34,7 +34,8 @@ ENVELOPE = Envelope("a@example.com", ("b@example.org", "c@example.org", "hidden@
 
 SENDGRID_BODY = (
     '{"personalizations":[{"to":[{"email":"b@example.org","name":"B"}],"cc":[{"email":'
-    '"c@example.org"}],"bcc":[{"email":"hidden@example.net"}]}],"from":{"email":'
+    '"c@example.org"}],"bcc":[{"email":"hidden@example.net"}],"custom_args":{"esprelay_id":'
+    '"m0"}}],"from":{"email":'
     '"a@example.com","name":"Billing, Inc."},"subject":"Grüße","content":[{"type":'
     '"text/plain","value":"Grüße \\\\ \\"x\\"\\r\\n"}],"headers":{"Message-ID":'
     '"<m1@example.com>","X-App":"42"}}'
@@ -43,7 +44,8 @@ POSTMARK_BODY = (
     '{"From":"\\"Billing, Inc.\\" <a@example.com>","To":"B <b@example.org>","Cc":'
     '"c@example.org","Bcc":"hidden@example.net","Subject":"Grüße","TextBody":'
     '"Grüße \\\\ \\"x\\"\\r\\n","Headers":[{"Name":"Message-ID","Value":'
-    '"<m1@example.com>"},{"Name":"X-App","Value":"42"}],"MessageStream":"outbound"}'
+    '"<m1@example.com>"},{"Name":"X-App","Value":"42"}],"MessageStream":"outbound",'
+    '"Metadata":{"esprelay_id":"m0"}}'
 ).encode()
 
 #: Header lines as each transport writes them (httpx-aiohttp hands aiohttp the
@@ -179,4 +181,7 @@ async def test_requests_are_byte_for_byte_as_before(
         for line in EXPECTED[transport, kind]
     ]
     expected = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-    assert server.requests == [expected] * 3
+    # The same bytes for each message but its spool id, "m0", "m1", "m2" (esprelay_id).
+    assert server.requests == [
+        expected.replace(b'"esprelay_id":"m0"', b'"esprelay_id":"m%d"' % i) for i in range(3)
+    ]

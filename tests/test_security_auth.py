@@ -260,6 +260,6 @@ def test_bad_users_file_names_the_line_not_the_hash(
     with pytest.raises(RuntimeError, match="did not start"):
         relay.start()
     assert relay.proc is not None
-    assert relay.proc.wait(15) == 2
+    assert relay.proc.wait(15) == 78  # EX_CONFIG
     assert "ESPRELAY_AUTH_FILE line 2" in relay.log
     assert "garbage-hash-value" not in relay.log

@@ -118,7 +118,7 @@ def test_config_error_output_leaks_no_secret(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert result.returncode == 2
+    assert result.returncode == 78  # EX_CONFIG
     assert "ESPRELAY_MAX_ERRORS" in result.stderr
     assert_clean(result.stdout + result.stderr, secrets)
 

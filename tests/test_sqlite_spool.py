@@ -15,7 +15,7 @@ import pytest
 from esprelay.errors import SpoolError
 from esprelay.models import Envelope, MessageState
 from esprelay.spool.base import NewPart
-from esprelay.spool.sqlite import BODY_FILE_MIN, SqliteSpool
+from esprelay.spool.sqlite import BODY_FILE_MIN, SCHEMA_VERSION, SqliteSpool
 
 ENVELOPE = Envelope("a@example.com", ("b@example.org",))
 
@@ -293,8 +293,9 @@ async def test_a_version_1_spool_gets_partial_indexes_and_keeps_its_messages(
     path = tmp_path / "s.db"
     ids = await _spool_in_every_state(path)
     version, indexes = _schema(path)
-    assert version == "3"
-    assert set(indexes) == {"messages_due", "messages_lease", "messages_failed"}
+    assert version == str(SCHEMA_VERSION)
+    # (The event inbox has an index of its own, event_inbox_pending.)
+    assert {"messages_due", "messages_lease", "messages_failed"} <= set(indexes)
     # Make it the file version 1 left: its indexes, its version, no body_file column.
     with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("ALTER TABLE messages DROP COLUMN body_file")
@@ -308,10 +309,10 @@ async def test_a_version_1_spool_gets_partial_indexes_and_keeps_its_messages(
     spool = SqliteSpool(path, exclusive=True)
     await spool.open()
     version, indexes = _schema(path)
-    assert version == "3"
+    assert version == str(SCHEMA_VERSION)
     with contextlib.closing(sqlite3.connect(path)) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(messages)")]
-        assert columns[-1] == "body_file"
+        assert columns[-1] == "body_file" and "held" in columns
         assert conn.execute("SELECT DISTINCT body_file FROM messages").fetchall() == [(0,)]
     assert "WHERE state = 'queued'" in indexes["messages_due"]
     assert "WHERE state = 'in_flight'" in indexes["messages_lease"]

@@ -7,6 +7,7 @@ Each job has its own module; :class:`Relay` builds them in order and takes them 
   failure webhook (:mod:`esprelay.failures`) and retention (:mod:`esprelay.purge`);
 - :mod:`esprelay.listeners`: the SMTP and SMTPS listeners and their sessions;
 - :mod:`esprelay.ops`: the ops HTTP server, with the checks of :mod:`esprelay.readiness`;
+- :mod:`esprelay.events`: the ESP event webhooks (``ESPRELAY_EVENTS_PORT``);
 - :mod:`esprelay.reload`: SIGHUP.
 
 Shutdown (SIGTERM/SIGINT) follows uvicorn's shape:
@@ -34,6 +35,8 @@ import httpx
 from esprelay.config import Settings
 from esprelay.delivery import Deliverer
 from esprelay.dispatch import ProviderSet
+from esprelay.events.listener import EventsListener
+from esprelay.events.service import start_events
 from esprelay.gctune import return_large_blocks_to_the_system, tune_for_serving
 from esprelay.httpapi import OpsServer, ReadinessCheck
 from esprelay.intake import Intake, IntakeState
@@ -69,6 +72,7 @@ class Relay:
         self.intake: Intake | None = None
         self.listeners: Listeners | None = None
         self.http: OpsServer | None = None
+        self.events: EventsListener | None = None
         self._stop = asyncio.Event()
         #: Readiness checks for /readyz, by name; :meth:`start` puts the relay's own first.
         self.readiness: list[tuple[str, ReadinessCheck]] = []
@@ -125,6 +129,14 @@ class Relay:
             readiness=self.readiness,
             on_retry=self.deliverer.wake if self.deliverer is not None else None,
         )
+        self.events = await start_events(
+            self.settings,
+            routing=self.routing,
+            spool=self.spool,
+            metrics=self.metrics,
+            process=True,
+            wake_delivery=self.deliverer.wake if self.deliverer else None,
+        )
         if self.queue is not None:
             self.queue.start()
         self._log_started()
@@ -155,6 +167,7 @@ class Relay:
             deliverer=self.deliverer,
             inline_seconds=self.settings.inline_attempt_seconds,
             signed_messages=self.settings.signed_messages,
+            keep_headers=self.settings.events_port is not None,
         )
 
     async def _listen(self, providers: ProviderSet) -> None:
@@ -226,6 +239,8 @@ class Relay:
     async def shutdown(self) -> None:
         grace = self.settings.shutdown_grace
         self.intake_state.draining = True
+        if self.events is not None:
+            await self.events.close()
         if self.listeners is not None:
             await self.listeners.close(grace)
         if self.queue is not None:

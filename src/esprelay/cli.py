@@ -1,20 +1,25 @@
 """The ``esprelay`` command: thin, no logic of its own.
 
-Exit codes: 0 success, 1 the action failed (no such message...), 2 bad configuration
-or usage, 75 (EX_TEMPFAIL) the bridge could not be reached.
+Exit codes: 0 success, 1 the action failed (no such message...), 2 bad usage, 75
+(EX_TEMPFAIL) the bridge, the spool or a port could not be reached (try again), 78
+(EX_CONFIG) bad configuration: an invalid setting, a missing --env-file, an unknown
+provider, bad routes, a spool that does not exist.  78 is sendmail's code for the same
+thing, and the systemd unit does not restart on it (``RestartPreventExitStatus=78``):
+restarting cannot fix a setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import smtplib
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -23,27 +28,33 @@ from typing import TYPE_CHECKING
 from esprelay import __version__
 from esprelay.config import Settings, load_settings
 from esprelay.errors import ConfigError, SpoolError
+from esprelay.events.status import MessageStatus
 from esprelay.models import MessageState, SpooledMessage
-from esprelay.queueview import detail, summary, table_time
+from esprelay.queueview import detail, mailq, summary, table_time
+from esprelay.queueview import load as load_message
 
 if TYPE_CHECKING:
     from esprelay.spool import Spool
 
 EX_USAGE = 2
 EX_TEMPFAIL = 75
+EX_CONFIG = 78
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    # `esprelay sendmail ...`, or esprelay installed under the name "sendmail": the
-    # sendmail flags (-oi, -fuser, -t) are not argparse's, and sendmail needs only
-    # the SMTP address, not the whole configuration (see esprelay.sendmail).
-    if args_list[:1] == ["sendmail"] or (
-        argv is None and os.path.basename(sys.argv[0]) == "sendmail"
-    ):
+    # `esprelay [--env-file PATH] sendmail ...`, or esprelay installed under the name
+    # "sendmail": the sendmail flags (-oi, -fuser, -t) are not argparse's, and sendmail
+    # needs only the SMTP address, not the whole configuration (see esprelay.sendmail).
+    named_env_file, rest = _leading_env_file(args_list)
+    if rest[:1] == ["sendmail"] or (argv is None and os.path.basename(sys.argv[0]) == "sendmail"):
         from esprelay.sendmail import main as sendmail_main
 
-        return sendmail_main(args_list[1:] if args_list[:1] == ["sendmail"] else args_list)
+        return sendmail_main(
+            rest[1:] if rest[:1] == ["sendmail"] else args_list, env_file=named_env_file
+        )
+    if argv is None and os.path.basename(sys.argv[0]) == "mailq":  # a symlink named mailq
+        args_list.append("mailq")
     parser = _parser()
     args = parser.parse_args(args_list)
     if not getattr(args, "func", None):
@@ -55,8 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         env_file = _env_file(args)
     except ConfigError as exc:
-        print(f"esprelay: configuration error: {exc}", file=sys.stderr)
-        return EX_USAGE
+        return _config_error(exc)
     args.env_file = env_file
     if args.func in (_doctor, _config):
         reported: int = args.func(args)  # they load (and report) the configuration themselves
@@ -69,20 +79,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                 update={k: v for k, v in update.items() if v is not None}
             )
     except ConfigError as exc:
-        print(f"esprelay: configuration error: {exc}", file=sys.stderr)
-        return EX_USAGE
+        return _config_error(exc)
     setup_logging(settings.log_level, settings.log_format)
     try:
         result: int = args.func(settings, args)
     except ConfigError as exc:
-        print(f"esprelay: configuration error: {exc}", file=sys.stderr)
-        return EX_USAGE
+        return _config_error(exc)
     except SpoolError as exc:
         print(f"esprelay: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     except KeyboardInterrupt:
         return 130
     return result
+
+
+def _config_error(exc: ConfigError) -> int:
+    """Print a configuration error; exit 78 (EX_CONFIG), or 75 for a port another
+    process holds (a restart may well find it free)."""
+    print(f"esprelay: configuration error: {exc}", file=sys.stderr)
+    return EX_TEMPFAIL if getattr(exc, "temporary", False) else EX_CONFIG
+
+
+def _leading_env_file(args: list[str]) -> tuple[str | None, list[str]]:
+    """``--env-file PATH`` (or ``--env-file=PATH``) at the front of ``args``, and the rest."""
+    if args[:1] == ["--env-file"] and len(args) > 1:
+        return args[1], args[2:]
+    if args and args[0].startswith("--env-file="):
+        return args[0].partition("=")[2], args[1:]
+    return None, args
 
 
 def _env_file(args: argparse.Namespace) -> str:
@@ -92,9 +116,11 @@ def _env_file(args: argparse.Namespace) -> str:
     named = args.env_file or os.environ.get("ESPRELAY_ENV_FILE")
     if not named:
         return ".env"
+    where = "--env-file" if args.env_file else "ESPRELAY_ENV_FILE"
     if not Path(named).is_file():
-        where = "--env-file" if args.env_file else "ESPRELAY_ENV_FILE"
         raise ConfigError(f"{where}: {named} is not a file")
+    if not os.access(named, os.R_OK):
+        raise ConfigError(f"{where}: {named} is not readable by this user")
     return str(named)
 
 
@@ -130,8 +156,18 @@ def _parser() -> argparse.ArgumentParser:
     queue_commands = queue.add_subparsers(title="queue commands", required=True)
     q_list = queue_commands.add_parser("list", help="list messages")
     q_list.add_argument("--state", choices=[s.value for s in MessageState])
-    q_list.add_argument("--limit", type=int, default=100)
-    q_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    q_list.add_argument(
+        "--limit", type=int, default=None, help="at most this many (default: 100; mailq: all)"
+    )
+    q_list.add_argument(
+        "--format",
+        choices=["table", "json", "mailq"],
+        default="table",
+        help="mailq: the messages still to deliver, as Postfix's mailq prints them",
+    )
+    q_list.add_argument(
+        "--json", dest="format", action="store_const", const="json", help="--format json"
+    )
     q_list.set_defaults(func=_queue_list)
     q_show = queue_commands.add_parser("show", help="show one message and its attempts")
     q_show.add_argument("id")
@@ -144,6 +180,24 @@ def _parser() -> argparse.ArgumentParser:
     q_delete = queue_commands.add_parser("delete", help="delete messages from the spool")
     q_delete.add_argument("ids", nargs="+", metavar="id")
     q_delete.set_defaults(func=_queue_delete)
+    q_hold = queue_commands.add_parser(
+        "hold", help="hold messages: not delivered until released (ALL: every one)"
+    )
+    q_hold.add_argument("ids", nargs="+", metavar="ID|ALL")
+    q_hold.set_defaults(func=_queue_hold)
+    q_release = queue_commands.add_parser(
+        "release", help="release held messages, due now (ALL: every one)"
+    )
+    q_release.add_argument("ids", nargs="+", metavar="ID|ALL")
+    q_release.set_defaults(func=_queue_release)
+    q_flush = queue_commands.add_parser(
+        "flush", help="make every queued (deferred) message that is not held due now"
+    )
+    q_flush.set_defaults(func=_queue_flush)
+    mailq_command = commands.add_parser(
+        "mailq", help="the queue as Postfix's mailq prints it (queue list --format mailq)"
+    )
+    mailq_command.set_defaults(func=_queue_list, format="mailq", state=None, limit=None)
 
     db = commands.add_parser("db", help="manage the spool's database schema")
     db_commands = db.add_subparsers(title="db commands", required=True)
@@ -255,10 +309,63 @@ def _hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_spool(settings: Settings) -> Spool:
+@contextlib.asynccontextmanager
+async def _admin_spool(settings: Settings) -> AsyncIterator[Spool]:
+    """The spool of the running service, open, for a queue command.
+
+    A queue command never creates a spool, nor migrates one: a spool that is not there
+    means this command reads another configuration than the service does (a different
+    working directory, no ``--env-file``), and an empty new spool would only say
+    "0 messages".  It is a configuration error (78) naming the spool looked for.
+    """
     from esprelay.spool import open_spool
 
-    return open_spool(settings.spool_url, auto_migrate=settings.spool_auto_migrate, pool_size=2)
+    url = settings.spool_url
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        from esprelay.spool.sqlite import path_from_url
+
+        path = path_from_url(url)
+        if not path.is_file():
+            raise ConfigError(
+                f"ESPRELAY_SPOOL_URL ({_source(settings, 'ESPRELAY_SPOOL_URL')}): no spool at"
+                f" {path.resolve()}; is this the service's configuration? name it with"
+                " --env-file PATH (or ESPRELAY_ENV_FILE), e.g. --env-file"
+                " /etc/esprelay/esprelay.env; `esprelay db upgrade` creates a new spool"
+            )
+    elif scheme in ("postgresql", "postgres"):
+        from esprelay.spool.postgres import SCHEMA_VERSION, redact_url, schema_version
+
+        version = await schema_version(url)
+        if version == 0:
+            raise ConfigError(
+                f"ESPRELAY_SPOOL_URL ({_source(settings, 'ESPRELAY_SPOOL_URL')}): no esprelay"
+                f" spool in {redact_url(url)}; is this the service's configuration? name it"
+                " with --env-file PATH (or ESPRELAY_ENV_FILE); `esprelay db upgrade` creates"
+                " the spool's tables"
+            )
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"ESPRELAY_SPOOL_URL: the spool in {redact_url(url)} has schema version"
+                f" {version}, this esprelay needs {SCHEMA_VERSION}: run `esprelay db upgrade`"
+            )
+    spool = open_spool(url, auto_migrate=False, pool_size=2)
+    await spool.open()
+    try:
+        yield spool
+    finally:
+        await spool.close()
+
+
+def _source(settings: Settings, variable: str) -> str:
+    """Where a setting came from, for messages: the environment, the .env file, or the
+    default."""
+    if variable in os.environ:
+        return "from the environment"
+    env_file = settings.env_file
+    if env_file is not None and Path(env_file).is_file() and variable in settings.environ:
+        return f"from {Path(env_file).resolve()}"
+    return "the default"
 
 
 def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
@@ -286,24 +393,34 @@ def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _queue_list(settings: Settings, args: argparse.Namespace) -> int:
-    async def run() -> list[SpooledMessage]:
-        spool = _admin_spool(settings)
-        await spool.open()
-        try:
-            state = MessageState(args.state) if args.state else None
-            return await spool.list(state=state, limit=args.limit)
-        finally:
-            await spool.close()
+    mailq_format = args.format == "mailq"
+    limit = args.limit if args.limit is not None else (10_000_000 if mailq_format else 100)
 
-    messages = asyncio.run(run())
-    if args.json:
+    async def run() -> tuple[list[SpooledMessage], set[str]]:
+        async with _admin_spool(settings) as spool:
+            if mailq_format and args.state is None:  # the messages still to deliver
+                messages = await spool.list(state=MessageState.QUEUED, limit=limit)
+                messages += await spool.list(state=MessageState.IN_FLIGHT, limit=limit)
+                messages.sort(key=lambda m: (m.created_at, m.id))
+                messages = messages[:limit]
+            else:
+                state = MessageState(args.state) if args.state else None
+                messages = await spool.list(state=state, limit=limit)
+            return messages, await spool.held_ids()
+
+    messages, held = asyncio.run(run())
+    if mailq_format:
+        print(mailq(messages, held))
+        return 0
+    if args.format == "json":
         for message in messages:
-            print(json.dumps(summary(message)))
+            print(json.dumps({**summary(message), "held": message.id in held}))
         return 0
     print(f"{'ID':21}  {'STATE':9}  {'ATT':>3}  {'SIZE':>9}  {'CREATED (UTC)':19}  RCPTS  FROM")
     for m in messages:
+        state = "held" if m.id in held and m.state is MessageState.QUEUED else m.state.value
         print(
-            f"{m.id:21}  {m.state.value:9}  {m.attempts:>3}  {m.size:>9}  "
+            f"{m.id:21}  {state:9}  {m.attempts:>3}  {m.size:>9}  "
             f"{table_time(m.created_at):19}  {len(m.envelope.rcpt_tos):>5}"
             f"  <{m.envelope.mail_from}>"
         )
@@ -312,19 +429,16 @@ def _queue_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _queue_show(settings: Settings, args: argparse.Namespace) -> int:
-    async def run() -> SpooledMessage | None:
-        spool = _admin_spool(settings)
-        await spool.open()
-        try:
-            return await spool.get(args.id, with_body=args.body)
-        finally:
-            await spool.close()
+    async def run() -> tuple[SpooledMessage, MessageStatus | None] | None:
+        async with _admin_spool(settings) as spool:
+            return await load_message(spool, args.id, with_body=args.body)
 
-    message = asyncio.run(run())
-    if message is None:
+    loaded = asyncio.run(run())
+    if loaded is None:
         print(f"esprelay: no message {args.id}", file=sys.stderr)
         return 1
-    print(json.dumps(detail(message, with_body=False), indent=2))
+    message, status = loaded
+    print(json.dumps(detail(message, with_body=False, status=status), indent=2))
     if args.body:
         print()
         if message.raw is None:
@@ -342,9 +456,7 @@ def _queue_retry(settings: Settings, args: argparse.Namespace) -> int:
         return EX_USAGE
 
     async def run() -> tuple[int, list[str]]:
-        spool = _admin_spool(settings)
-        await spool.open()
-        try:
+        async with _admin_spool(settings) as spool:
             ids = list(args.ids)
             if args.all_failed:
                 failed = await spool.list(state=MessageState.FAILED, limit=1_000_000)
@@ -357,8 +469,6 @@ def _queue_retry(settings: Settings, args: argparse.Namespace) -> int:
                 else:
                     missing.append(message_id)
             return done, missing
-        finally:
-            await spool.close()
 
     done, missing = asyncio.run(run())
     print(f"{done} message(s) due now")
@@ -369,17 +479,63 @@ def _queue_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 def _queue_delete(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> list[str]:
-        spool = _admin_spool(settings)
-        await spool.open()
-        try:
+        async with _admin_spool(settings) as spool:
             return [i for i in args.ids if not await spool.delete(i)]
-        finally:
-            await spool.close()
 
     missing = asyncio.run(run())
     print(f"{len(args.ids) - len(missing)} message(s) deleted")
     for message_id in missing:
         print(f"esprelay: {message_id}: no such message", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def _ids_or_all(ids: list[str]) -> list[str] | None:
+    """None for ``ALL`` (Postfix's word for every message), else the ids."""
+    return None if "ALL" in ids else ids
+
+
+def _queue_hold(settings: Settings, args: argparse.Namespace) -> int:
+    """Postfix's ``postsuper -h``: a held message stays in the spool, never delivered,
+    until ``release``."""
+
+    async def run() -> tuple[str, ...]:
+        async with _admin_spool(settings) as spool:
+            return await spool.hold(_ids_or_all(args.ids))
+
+    held = asyncio.run(run())
+    print(f"{len(held)} message(s) held")
+    return _report_missing(args.ids, held, "no queued or in-flight message with this id")
+
+
+def _queue_release(settings: Settings, args: argparse.Namespace) -> int:
+    """Postfix's ``postsuper -H``: released messages are due now."""
+
+    async def run() -> tuple[str, ...]:
+        async with _admin_spool(settings) as spool:
+            return await spool.release(_ids_or_all(args.ids))
+
+    released = asyncio.run(run())
+    print(f"{len(released)} message(s) released, due now")
+    return _report_missing(args.ids, released, "no held message with this id")
+
+
+def _queue_flush(settings: Settings, args: argparse.Namespace) -> int:
+    """Postfix's ``postqueue -f``: every deferred message is tried again now."""
+
+    async def run() -> int:
+        async with _admin_spool(settings) as spool:
+            return await spool.flush()
+
+    print(f"{asyncio.run(run())} message(s) due now")
+    return 0
+
+
+def _report_missing(asked: list[str], done: tuple[str, ...], why: str) -> int:
+    if "ALL" in asked:
+        return 0
+    missing = [i for i in dict.fromkeys(asked) if i not in set(done)]
+    for message_id in missing:
+        print(f"esprelay: {message_id}: {why}", file=sys.stderr)
     return 1 if missing else 0
 
 
@@ -472,6 +628,8 @@ def _doctor(args: argparse.Namespace) -> int:
     else:
         print(f"esprelay doctor ({__version__})")
         print(report.as_text())
+    if any(check.name == "configuration" and check.status == "fail" for check in report.checks):
+        return EX_CONFIG  # the settings themselves are wrong, as for every command
     return 0 if report.ok else 1
 
 
@@ -483,8 +641,7 @@ def _config(args: argparse.Namespace) -> int:
         settings = load_settings(args.env_file)
         providers = load_routing(settings).providers
     except ConfigError as exc:
-        print(f"esprelay: configuration error: {exc}", file=sys.stderr)
-        return EX_USAGE
+        return _config_error(exc)
     rows = doctor.effective_config(settings, providers, env_file=args.env_file)
     if args.json:
         print(

@@ -3,7 +3,7 @@
 Every setting is an ``ESPRELAY_*`` environment variable or a line in ``.env``;
 ``.env.example`` documents each one.  Nothing in this module exits the process:
 :func:`load_settings` raises :class:`~esprelay.errors.ConfigError` with one
-line that names the variable, and the CLI turns that into exit status 2.
+line that names the variable, and the CLI turns that into exit status 78 (EX_CONFIG).
 """
 
 from __future__ import annotations
@@ -116,7 +116,14 @@ class Settings(BaseSettings):
     auth_user: str | None = None
     auth_password: SecretStr | None = None
     trusted_networks: Networks = ("127.0.0.0/8", "::1/128")
+    #: Start even with a trusted network of every address (0.0.0.0/0, ::/0): an open relay.
+    allow_open_relay: bool = False
     plaintext_auth_networks: Networks = ()
+    #: Behind a load balancer: every SMTP connection starts with a PROXY protocol header
+    #: (v1 or v2) naming the real client, accepted only from ESPRELAY_PROXY_TRUSTED
+    proxy_protocol: bool = False
+    proxy_trusted: Networks = ()
+    proxy_protocol_timeout: Seconds = Field(default=5.0, gt=0)
     allowed_sender_domains: StrList = ()
     auth_max_failures: int = Field(default=5, ge=1)
     auth_failure_window: Seconds = 300.0
@@ -152,6 +159,10 @@ class Settings(BaseSettings):
     bounce_mode: str = Field(default="sender", pattern=r"^(sender|off|address:.+@.+)$")
     bounce_from: str | None = None
     failure_webhook_url: str | None = None
+    #: ESP event kinds also POSTed to the failure webhook (esprelay.events.forward)
+    failure_webhook_events: str = ""
+    #: Standard Webhooks secret (whsec_...) signing those events
+    failure_webhook_secret: SecretStr | None = None
 
     # Spool and delivery
     spool_url: str = "sqlite:///esprelay-data/spool.db"
@@ -186,6 +197,21 @@ class Settings(BaseSettings):
     #: Bearer token for the queue admin API and page; without it those routes are off.
     admin_token: SecretStr | None = None
 
+    # ESP event webhooks (esprelay.events): a listener of its own, off unless the port
+    # is set; each provider's keys are ESPRELAY_<NAME>_WEBHOOK_* (esprelay.events.settings)
+    events_host: str = "127.0.0.1"
+    events_port: int | None = Field(default=None, ge=0, le=65535)
+    events_tls_cert_file: Path | None = None
+    events_tls_key_file: Path | None = None
+    events_max_request_size: Bytes = Field(default=4 * 1024 * 1024, ge=1024)
+    #: Requests a second (on average) and at once (burst) from one peer address
+    events_rate_limit: float = Field(default=100.0, gt=0)
+    events_rate_burst: int = Field(default=500, ge=1)
+    #: How far a signed timestamp may be from now (SendGrid, Mailgun)
+    events_timestamp_tolerance: Seconds = Field(default=300.0, gt=0)
+    #: A deferral event this long after intake sends a delay DSN to a NOTIFY=DELAY sender
+    delay_dsn_after: Seconds = Field(default=4 * 3600.0, ge=0)
+
     #: The environment the settings came from (``.env`` under the process environment),
     #: where the providers' own ``ESPRELAY_<KIND>_*`` settings are read.
     _environ: dict[str, str] = PrivateAttr(default_factory=lambda: dict(os.environ))
@@ -215,8 +241,33 @@ class Settings(BaseSettings):
             raise ValueError("ESPRELAY_AUTH_USER must not contain ':'")
         if self.force_from is not None and "@" not in self.force_from:
             raise ValueError("ESPRELAY_FORCE_FROM must be an address such as relay@example.com")
+        if self.proxy_protocol and not self.proxy_trusted:
+            raise ValueError(
+                "ESPRELAY_PROXY_PROTOCOL=true needs ESPRELAY_PROXY_TRUSTED (the load balancers)"
+            )
         if self.retry_max < self.retry_initial:
             raise ValueError("ESPRELAY_RETRY_MAX must not be smaller than ESPRELAY_RETRY_INITIAL")
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_open_relay(self) -> Settings:
+        """A trusted network of every address (a prefix length of 0) lets anyone who
+        reaches the port send mail as you: refused unless asked for by name."""
+        if self.allow_open_relay:
+            return self
+        everyone = [
+            item
+            for item in self.trusted_networks
+            if ipaddress.ip_network(item, strict=False).prefixlen == 0
+        ]
+        if everyone:
+            raise ValueError(
+                f"ESPRELAY_TRUSTED_NETWORKS: {', '.join(everyone)} trusts every address:"
+                " anyone who can reach the SMTP port could send mail through your ESP"
+                " account (an open relay). Trust the clients' own subnet, or configure"
+                " SMTP AUTH (ESPRELAY_AUTH_FILE); if this really is what you want, set"
+                " ESPRELAY_ALLOW_OPEN_RELAY=true"
+            )
         return self
 
 

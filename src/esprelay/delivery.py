@@ -4,6 +4,12 @@ The mapping from an outcome to what happens next lives in one place,
 :meth:`Deliverer._record`:
 
 - success                 -> delivered, with the provider's message id
+- success for some recipients only (``SendResult.rejected``) -> partial: the recipients
+                             refused for good are bounced, those refused for now are
+                             queued again alone (``Spool.mark_partial``), and the
+                             accepted ones are never sent to again; when no recipient
+                             was accepted, the whole message is failed (every refusal
+                             permanent) or deferred (every refusal transient)
 - PermanentDeliveryError  -> failed, never retried (and a bounce, see app.py)
 - TransientDeliveryError  -> queued again after a backoff delay, or failed once the
                              message is older than the maximum queue lifetime
@@ -19,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from esprelay.backoff import RetryPolicy, expired, next_delay
 from esprelay.clock import SYSTEM_CLOCK, Clock
@@ -32,6 +39,7 @@ from esprelay.errors import (
     SpoolError,
     TransientDeliveryError,
 )
+from esprelay.message.idn import ascii_address
 from esprelay.models import OutboundMessage, SpooledMessage
 from esprelay.spool.base import Spool
 
@@ -48,6 +56,14 @@ class Outcome:
     error: DeliveryError | None
     elapsed: float
     expired: bool = False
+    #: The recipients this attempt bounced, each with its own error: a permanent
+    #: refusal, or a transient one of a message past its queue lifetime.  Set when a
+    #: provider refused some recipients only (``SendResult.rejected``); empty, a
+    #: ``failed`` outcome bounces every recipient with ``error``.
+    bounced: tuple[tuple[str, DeliveryError], ...] = ()
+    #: The recipients a ``partial`` outcome accepted, and those it queued again.
+    accepted: tuple[str, ...] = ()
+    retried: tuple[str, ...] = ()
 
 
 #: Called after every recorded attempt.
@@ -273,12 +289,15 @@ class Deliverer:
             return None
         if self._on_outcome is not None:
             self._on_outcome(outcome)
-        if (
-            outcome.outcome == "failed"
-            and self._on_failed is not None
-            and message.id not in self._client_waiting
-        ):
-            self._on_failed(outcome)
+        if self._on_failed is not None:
+            if outcome.outcome == "failed":
+                # A client still waiting is told instead (5xx), as an MTA refusing DATA.
+                if message.id not in self._client_waiting:
+                    self._on_failed(outcome)
+            elif outcome.bounced:
+                # Some recipients refused after the message was accepted for others: the
+                # client gets 250 for the message, so these are bounced like any failure.
+                self._on_failed(outcome)
         return outcome
 
     async def _record(
@@ -300,6 +319,10 @@ class Deliverer:
         if error is None:
             assert sent is not None
             result = sent.result
+            if result.rejected:
+                rejected = self._matched(message, provider, result.rejected)
+                if rejected:
+                    return await self._record_partial(message, provider, sent, rejected, elapsed)
             recorded = await self._spool.mark_delivered(
                 message.id,
                 owner=self._owner,
@@ -344,12 +367,7 @@ class Deliverer:
             )
             return Outcome(message, provider, "failed", error, elapsed, expired=too_old)
 
-        delay = next_delay(
-            self._policy,
-            attempt,
-            retry_after=error.retry_after,
-            config_error=isinstance(error, ProviderConfigError),
-        )
+        delay = self._delay(attempt, (error,))
         await self._spool.mark_retry(
             message.id,
             owner=self._owner,
@@ -370,3 +388,241 @@ class Deliverer:
             extra={**fields, "event": "deferred", "retry_in": round(delay), "error": str(error)},
         )
         return Outcome(message, provider, "deferred", error, elapsed)
+
+    def _delay(self, attempt: int, errors: Sequence[DeliveryError]) -> float:
+        """Seconds until the next attempt after ``errors``: the longest any asks for."""
+        hints = [e.retry_after for e in errors if e.retry_after is not None]
+        return next_delay(
+            self._policy,
+            attempt,
+            retry_after=max(hints) if hints else None,
+            config_error=any(isinstance(e, ProviderConfigError) for e in errors),
+        )
+
+    @staticmethod
+    def _matched(
+        message: SpooledMessage, provider: str, rejected: Sequence[tuple[str, DeliveryError]]
+    ) -> dict[str, DeliveryError]:
+        """The envelope recipients a provider refused, in envelope order, each with the
+        first error given for it.  A provider may give an address in another case, or
+        with its domain in Punycode (an ASCII-only ESP gets it so, see dispatch.py); one
+        that names no envelope recipient at all is logged and left out."""
+        rcpts = message.envelope.rcpt_tos
+        folded: dict[str, str] = {}
+        for envelope_rcpt in reversed(rcpts):
+            folded[envelope_rcpt.casefold()] = envelope_rcpt
+            folded[(ascii_address(envelope_rcpt) or envelope_rcpt).casefold()] = envelope_rcpt
+        found: dict[str, DeliveryError] = {}
+        for address, error in rejected:
+            rcpt = address if address in rcpts else folded.get(address.casefold())
+            if rcpt is None:
+                log.warning(
+                    "id=%s provider=%s refused <%s>, which is not an envelope recipient: ignored",
+                    message.id,
+                    provider,
+                    address,
+                )
+                continue
+            found.setdefault(rcpt, error)
+        return {rcpt: found[rcpt] for rcpt in dict.fromkeys(rcpts) if rcpt in found}
+
+    async def _record_partial(
+        self,
+        message: SpooledMessage,
+        provider: str,
+        sent: Sent,
+        rejected: dict[str, DeliveryError],
+        elapsed: float,
+    ) -> Outcome:
+        """The provider took the message for all recipients but ``rejected``."""
+        attempt = message.attempts + 1
+        result = sent.result
+        fields: dict[str, Any] = {
+            "message_id": message.id,
+            "provider": provider,
+            "attempt": attempt,
+            "ms": round(elapsed * 1000),
+        }
+        now = self._time()
+        too_old = expired(self._policy, message.created_at, now)
+        accepted = tuple(r for r in dict.fromkeys(message.envelope.rcpt_tos) if r not in rejected)
+        # A transient refusal is retried for its recipient alone, until the message is
+        # past its queue lifetime: then it is bounced as a deferred message would be.
+        bounced = tuple(
+            (r, e) for r, e in rejected.items() if isinstance(e, PermanentDeliveryError) or too_old
+        )
+        bounced_now = {r for r, _ in bounced}
+        retried = tuple((r, e) for r, e in rejected.items() if r not in bounced_now)
+        expired_now = too_old and any(not isinstance(e, PermanentDeliveryError) for _, e in bounced)
+        delay = self._delay(attempt, [e for _, e in retried]) if retried else 0.0
+
+        if not accepted and not retried:
+            # Every recipient refused for good: the message failed, as a whole.
+            error = _one_error([e for _, e in bounced], provider)
+            reason = str(error)
+            if expired_now:
+                reason = f"expired after {attempt} attempt(s) in the queue: {reason}"
+            await self._spool.mark_failed(
+                message.id, owner=self._owner, provider=provider, error=reason
+            )
+            self._log_rejections(message, provider, bounced, retried, fields)
+            log.warning(
+                "failed id=%s provider=%s attempt=%d ms=%.0f error=%s",
+                message.id,
+                provider,
+                attempt,
+                elapsed * 1000,
+                reason,
+                extra={**fields, "event": "failed", "error": reason},
+            )
+            return Outcome(
+                message, provider, "failed", error, elapsed, expired=expired_now, bounced=bounced
+            )
+        if not accepted and not bounced:
+            # Every recipient refused for now: the message is deferred, as a whole.
+            error = _one_error([e for _, e in retried], provider)
+            await self._spool.mark_retry(
+                message.id,
+                owner=self._owner,
+                provider=provider,
+                error=str(error),
+                next_attempt_at=now + delay,
+            )
+            self._log_rejections(message, provider, bounced, retried, fields)
+            log.warning(
+                "deferred id=%s provider=%s attempt=%d ms=%.0f retry_in=%.0fs error=%s",
+                message.id,
+                provider,
+                attempt,
+                elapsed * 1000,
+                delay,
+                error,
+                extra={
+                    **fields,
+                    "event": "deferred",
+                    "retry_in": round(delay),
+                    "error": str(error),
+                },
+            )
+            return Outcome(message, provider, "deferred", error, elapsed)
+
+        note = _partial_note(accepted, bounced, retried)
+        recorded = await self._spool.mark_partial(
+            message.id,
+            owner=self._owner,
+            provider=provider,
+            provider_message_id=result.provider_message_id,
+            note=note,
+            rcpt_tos=[r for r, _ in retried],
+            next_attempt_at=now + delay if retried else None,
+        )
+        log.info(
+            # "delivered" to the accepted recipients; with none accepted, "partial".
+            "%s id=%s provider=%s attempt=%d ms=%.0f rcpts=%d provider_id=%s rejected=%d",
+            "delivered" if accepted else "partial",
+            message.id,
+            provider,
+            attempt,
+            elapsed * 1000,
+            len(accepted),
+            result.provider_message_id,
+            len(rejected),
+            extra={
+                **fields,
+                "event": "partial",
+                "provider_message_id": result.provider_message_id,
+                "accepted": len(accepted),
+                "bounced": len(bounced),
+                "retried": len(retried),
+            },
+        )
+        self._log_rejections(message, provider, bounced, retried, fields)
+        for warning in result.warnings:
+            log.warning("id=%s provider=%s changed the message: %s", message.id, provider, warning)
+        if retried:
+            log.info(
+                "deferred id=%s provider=%s attempt=%d retry_in=%.0fs rcpts=%d"
+                " (the other recipients are done)",
+                message.id,
+                provider,
+                attempt,
+                delay,
+                len(retried),
+                extra={**fields, "event": "deferred", "retry_in": round(delay)},
+            )
+        if not recorded:
+            # Another worker has the message now and sends it whole again (at least
+            # once); its own outcome decides the bounces.
+            log.warning("id=%s: lease was lost before the outcome was recorded", message.id)
+            bounced = ()
+        return Outcome(
+            message,
+            provider,
+            "partial",
+            None,
+            elapsed,
+            expired=expired_now,
+            bounced=bounced,
+            accepted=accepted,
+            retried=tuple(r for r, _ in retried),
+        )
+
+    @staticmethod
+    def _log_rejections(
+        message: SpooledMessage,
+        provider: str,
+        bounced: Sequence[tuple[str, DeliveryError]],
+        retried: Sequence[tuple[str, DeliveryError]],
+        fields: dict[str, Any],
+    ) -> None:
+        for action, rejections in (("bounce", bounced), ("retry", retried)):
+            for rcpt, error in rejections:
+                log.warning(
+                    "rejected id=%s provider=%s rcpt=<%s> action=%s error=%s",
+                    message.id,
+                    provider,
+                    rcpt,
+                    action,
+                    error,
+                    extra={
+                        **fields,
+                        "event": "rejected",
+                        "rcpt": rcpt,
+                        "action": action,
+                        "error": str(error),
+                    },
+                )
+
+
+def _one_error(errors: Sequence[DeliveryError], provider: str) -> DeliveryError:
+    """The error of a message whose recipients were all refused: theirs if they share
+    one, else one of the same kind that names each."""
+    first = errors[0]
+    if all(str(e) == str(first) for e in errors):
+        return first
+    kind = (
+        PermanentDeliveryError
+        if isinstance(first, PermanentDeliveryError)
+        else (TransientDeliveryError)
+    )
+    said = "; ".join(str(e.args[0]) if e.args else str(e) for e in errors)
+    return kind(
+        f"every recipient refused: {said}",
+        provider=provider,
+        status_code=first.status_code,
+    )
+
+
+def _partial_note(
+    accepted: Sequence[str],
+    bounced: Sequence[tuple[str, DeliveryError]],
+    retried: Sequence[tuple[str, DeliveryError]],
+) -> str:
+    """What a partial attempt did to each recipient, for the history and ``last_error``."""
+    parts = []
+    if accepted:
+        parts.append("accepted " + " ".join(f"<{r}>" for r in accepted))
+    for label, rejections in (("bounced", bounced), ("retried", retried)):
+        if rejections:
+            parts.append(f"{label} " + ", ".join(f"<{r}> ({e})" for r, e in rejections))
+    return "; ".join(parts)

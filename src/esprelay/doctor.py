@@ -739,6 +739,17 @@ def _resend(response: httpx.Response, settings: Any) -> tuple[Status, str] | Non
     return None
 
 
+def _sparkpost(response: httpx.Response, settings: Any) -> tuple[Status, str] | None:
+    # SparkPost keys carry per-API permissions: 403 (code 1100, "permission denied") is
+    # a valid key without Account: Read-only, which may still send; 401 is a bad key.
+    if response.status_code == 403:
+        return "warn", (
+            "the API key is valid but may not read the account (Account: Read-only);"
+            " it may still send if it has Transmissions: Read/Write"
+        )
+    return None
+
+
 def _body(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -808,6 +819,34 @@ CREDENTIAL_CHECKS: dict[str, CredentialProbe] = {
             headers={"api-key": s.api_key.get_secret_value(), "Accept": "application/json"},
         ),
         "create a v3 API key (not an SMTP key) and set ESPRELAY_BREVO_API_KEY",
+    ),
+    # Mailjet: GET /v3/REST/apikey (the key's own record), Basic auth key:secret.
+    "mailjet": CredentialProbe(
+        lambda s: httpx.Request(
+            "GET",
+            _url(s.api_url, "/v3/REST/apikey"),
+            headers={
+                "Authorization": "Basic "
+                + base64.b64encode(
+                    f"{s.api_key.get_secret_value()}:{s.secret_key.get_secret_value()}".encode()
+                ).decode(),
+                "Accept": "application/json",
+            },
+        ),
+        "set ESPRELAY_MAILJET_API_KEY and ESPRELAY_MAILJET_SECRET_KEY to a pair from"
+        " Mailjet's API key management page (the key must be active)",
+    ),
+    # SparkPost: GET /api/v1/account, the bare key as Authorization.
+    "sparkpost": CredentialProbe(
+        lambda s: httpx.Request(
+            "GET",
+            _url(s.api_url, "/api/v1/account"),
+            headers={"Authorization": s.api_key.get_secret_value(), "Accept": "application/json"},
+        ),
+        "create an API key with Transmissions: Read/Write (and Account: Read-only for this"
+        " check) and set ESPRELAY_SPARKPOST_API_KEY; an EU account needs"
+        " ESPRELAY_SPARKPOST_API_URL=https://api.eu.sparkpost.com",
+        _sparkpost,
     ),
 }
 

@@ -3,7 +3,7 @@
 ::
 
     EsprelayError
-    ├── ConfigError                      start-up only; the CLI exits 2
+    ├── ConfigError                      start-up only; the CLI exits 78 (EX_CONFIG)
     ├── MessageError        permanent    at DATA time          5xx
     │   └── MessageTooLarge                                    552 5.3.4
     ├── SpoolError          transient    spool cannot take it   451 4.3.0

@@ -10,6 +10,9 @@ gives them their time at shutdown.
   parameters (RFC 3461, in the message's metadata) are honoured: a recipient whose
   ``NOTIFY`` lacks ``FAILURE`` (``NEVER`` included) is not reported, and no bounce is
   sent if that leaves none; ``RET``, ``ENVID`` and ``ORCPT`` shape the report.
+- A provider that accepted a message for some recipients only (``SendResult.rejected``)
+  has the others that it refused for good bounced the same way, in one DSN that names
+  only them, each with its own error (:attr:`esprelay.delivery.Outcome.bounced`).
 - The webhook (``ESPRELAY_FAILURE_WEBHOOK_URL``) gets one JSON record per failure; a
   webhook that fails is logged, not retried.
 """
@@ -24,7 +27,7 @@ from collections.abc import Callable, Coroutine
 import httpx
 
 from esprelay.delivery import Outcome, provider_chain
-from esprelay.errors import SpoolError
+from esprelay.errors import PermanentDeliveryError, SpoolError
 from esprelay.message.dsn import (
     EnvelopeDSN,
     build_dsn,
@@ -33,7 +36,7 @@ from esprelay.message.dsn import (
     status_for,
     wants_failure_report,
 )
-from esprelay.models import Envelope
+from esprelay.models import Envelope, SpooledMessage
 from esprelay.spool import NewPart, Spool
 
 log = logging.getLogger("esprelay")
@@ -69,7 +72,8 @@ class FailureNotifier:
         self.on_bounce: list[Callable[[str], None]] = []
 
     def on_failed(self, outcome: Outcome) -> None:
-        """A message answered 250 failed for good: tell its sender and the webhook."""
+        """A message answered 250 failed for good, for every recipient or for those of
+        ``outcome.bounced``: tell its sender and the webhook."""
         if self._webhook_url:
             self._in_background(self._post_failure(outcome, self._webhook_url))
         message = outcome.message
@@ -83,11 +87,8 @@ class FailureNotifier:
             log.info("no bounce for id=%s: it is itself a bounce", message.id)
             return
         parameters = from_meta(message.meta)
-        reported = [
-            r
-            for r in message.envelope.rcpt_tos
-            if wants_failure_report(parameters.recipients.get(r))
-        ]
+        failed = [r for r, _ in outcome.bounced] if outcome.bounced else message.envelope.rcpt_tos
+        reported = [r for r in failed if wants_failure_report(parameters.recipients.get(r))]
         if not reported:
             log.info("no bounce for id=%s: NOTIFY asks for none (RFC 3461)", message.id)
             return
@@ -109,12 +110,28 @@ class FailureNotifier:
     ) -> None:
         assert outcome.message.raw is not None
         message = outcome.message
+        # Each recipient a provider refused alone has its own error; a transient one
+        # is bounced only once its message has expired.
+        each = {
+            rcpt: (
+                status_for(error, expired=not isinstance(error, PermanentDeliveryError)),
+                str(error),
+            )
+            for rcpt, error in outcome.bounced
+        }
+        if outcome.error is not None:
+            reason = str(outcome.error)
+        elif outcome.bounced:
+            reason = "; ".join(f"<{r}>: {each[r][1]}" for r in reported)
+        else:
+            reason = "delivery failed"
         dsn = build_dsn(
             raw=outcome.message.raw,
             failed_recipients=reported,
             original_sender=message.envelope.mail_from,
-            reason=str(outcome.error) if outcome.error else "delivery failed",
+            reason=reason,
             status=status_for(outcome.error, expired=outcome.expired),
+            recipient_status=each or None,
             reporting_mta=self._hostname,
             from_address=self._bounce_from,
             to_address=recipient,
@@ -137,27 +154,40 @@ class FailureNotifier:
         except SpoolError as exc:
             log.error("cannot queue the bounce for id=%s: %s", message.id, exc)
             return
-        log.info("bounce id=%s for=%s to=<%s> size=%d", bounce_id, message.id, recipient, len(dsn))
+        log.info(
+            "bounce id=%s for=%s to=<%s> size=%d rcpts=%d",
+            bounce_id,
+            message.id,
+            recipient,
+            len(dsn),
+            len(reported),
+        )
         for callback in self.on_bounce:
-            callback("expired" if outcome.expired else "failed")
+            callback(bounce_kind(outcome))
         self._wake()
 
     async def _post_failure(self, outcome: Outcome, url: str) -> None:
         message = outcome.message
+        error = outcome.error or (outcome.bounced[0][1] if outcome.bounced else None)
+        summary = "; ".join(f"<{r}>: {e}" for r, e in outcome.bounced) or None
         record = {
             "event": "failed",
             "id": message.id,
             "mail_from": message.envelope.mail_from,
-            "rcpt_tos": list(message.envelope.rcpt_tos),
+            "rcpt_tos": [r for r, _ in outcome.bounced]
+            if outcome.bounced
+            else list(message.envelope.rcpt_tos),
             "size": message.size,
             "provider": outcome.provider,
-            "status_code": outcome.error.status_code if outcome.error else None,
-            "error": str(outcome.error) if outcome.error else None,
+            "status_code": error.status_code if error else None,
+            "error": str(outcome.error) if outcome.error else summary,
             "expired": outcome.expired,
             "attempts": message.attempts + 1,
             "accepted_at": message.created_at,
             "failed_at": time.time(),
             "route": message.meta.get("route"),
+            # The message was delivered to its other recipients (a partial outcome).
+            "partial": outcome.outcome != "failed",
         }
         try:
             response = await self._client.post(url, json=record, timeout=10.0)
@@ -168,3 +198,60 @@ class FailureNotifier:
             log.error(
                 "failure webhook for id=%s answered HTTP %d", message.id, response.status_code
             )
+
+
+def bounce_kind(outcome: Outcome) -> str:
+    """What a bounce reports (for metrics): ``failed`` (refused for good), ``expired``
+    (past the queue lifetime) or ``partial`` (refused recipients of a message the
+    provider took for the others)."""
+    if outcome.outcome != "failed":
+        return "partial"
+    return "expired" if outcome.expired else "failed"
+
+
+# region DSNs made from ESP events (esprelay.events.processor)
+
+
+def notice_recipient(bounce_mode: str, mail_from: str) -> str | None:
+    """Where a DSN for a message from ``mail_from`` goes under ``ESPRELAY_BOUNCE_MODE``:
+    the sender, the configured address, or nowhere (``off``)."""
+    if bounce_mode == "off":
+        return None
+    return mail_from if bounce_mode == "sender" else bounce_mode.split(":", 1)[1]
+
+
+async def queue_dsn(
+    spool: Spool,
+    message: SpooledMessage,
+    dsn: bytes,
+    *,
+    recipient: str,
+    default_chain: tuple[str, ...],
+    kind: str,
+) -> str | None:
+    """Queue ``dsn`` (about ``message``) to ``recipient`` with the null sender, on the
+    message's provider chain, as :class:`FailureNotifier` queues a bounce; its spool id,
+    or None when the spool cannot take it (logged)."""
+    chain = provider_chain(message, default_chain)
+    part = NewPart(
+        Envelope("", (recipient,)),
+        chain[0],
+        {
+            "route": message.meta.get("route", "default"),
+            "providers": list(chain),
+            "dsn_for": message.id,
+            "dsn_kind": kind,
+        },
+    )
+    try:
+        [dsn_id] = await spool.put_parts(dsn, [part])
+    except SpoolError as exc:
+        log.error("cannot queue the %s DSN for id=%s: %s", kind, message.id, exc)
+        return None
+    log.info(
+        "dsn id=%s kind=%s for=%s to=<%s> size=%d", dsn_id, kind, message.id, recipient, len(dsn)
+    )
+    return dsn_id
+
+
+# endregion

@@ -13,10 +13,14 @@ Routes::
     GET    /readyz                      200 or 503, with the result of every check (JSON)
     GET    /metrics                     Prometheus text format
     GET    /api/messages?state=&limit=  list (admin)
-    GET    /api/messages/{id}?body=1    one message, its attempts; the body on request
+    GET    /api/messages?message_id=&rcpt=&since=&until=
+                                        search by Message-ID header, recipient, time
+    GET    /api/messages/{id}?body=1    one message, its attempts, per-recipient status
+                                        and timeline (ESP events); the body on request
     POST   /api/messages/{id}/retry     make it due now
     DELETE /api/messages/{id}           delete it
     GET    /queue?state=                read-only HTML page (admin)
+    GET    /queue/{id}                  one message's page, with its timeline (admin)
 
 Admin routes exist only when ``ESPRELAY_ADMIN_TOKEN`` is set and there is a spool (not in
 passthrough mode; 404 otherwise) and need ``Authorization: Bearer <token>`` (401
@@ -42,7 +46,9 @@ import html
 import ipaddress
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -50,9 +56,11 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from esprelay.errors import SpoolError
+from esprelay.events.status import MessageStatusStore
 from esprelay.metrics import CONTENT_TYPE, RelayMetrics
 from esprelay.models import MessageState, SpooledMessage
 from esprelay.queueview import detail, summary, table_time
+from esprelay.queueview import load as load_message
 from esprelay.spool.base import Spool
 
 log = logging.getLogger("esprelay.http")
@@ -140,6 +148,7 @@ class OpsServer:
         app.router.add_delete("/api/messages/{id}", self._delete)
         app.router.add_post("/api/messages/{id}/retry", self._retry)
         app.router.add_get("/queue", self._queue_page)
+        app.router.add_get("/queue/{id}", self._message_page)
         runner = web.AppRunner(
             app,
             access_log=None,  # a query string may carry the admin token
@@ -281,6 +290,8 @@ class OpsServer:
         return self.spool
 
     async def _list(self, request: web.Request) -> web.Response:
+        if any(_arg(request, name) for name in SEARCH_ARGS):
+            return _json({"messages": [summary(m) for m in await self._search(request)]})
         state = _state_arg(_arg(request, "state"))
         messages = await self._spool.list(state=state, limit=_limit_arg(_arg(request, "limit")))
         return _json({"messages": [summary(m) for m in messages]})
@@ -288,10 +299,11 @@ class OpsServer:
     async def _show(self, request: web.Request) -> web.Response:
         message_id = request.match_info["id"]
         with_body = _arg(request, "body") in ("1", "true", "yes")
-        message = await self._spool.get(message_id, with_body=with_body)
-        if message is None:
+        loaded = await load_message(self._spool, message_id, with_body=with_body)
+        if loaded is None:
             raise HttpError(404, f"no message {message_id}")
-        return _json(detail(message, with_body=with_body))
+        message, status = loaded
+        return _json(detail(message, with_body=with_body, status=status))
 
     async def _delete(self, request: web.Request) -> web.Response:
         message_id = request.match_info["id"]
@@ -308,6 +320,49 @@ class OpsServer:
         if self.on_retry is not None:
             self.on_retry()
         return _json({"id": message_id, "due": True})
+
+    async def _search(self, request: web.Request) -> list[SpooledMessage]:
+        """``GET /api/messages?message_id=&rcpt=&since=&until=&limit=``: the messages
+        with that Message-ID header (angle brackets optional), that recipient, created
+        in that window (ISO 8601 or seconds since the epoch; ``until`` excluded)."""
+        store: object = self._spool
+        if not isinstance(store, MessageStatusStore):
+            raise HttpError(400, "this spool cannot search messages")
+        message_id = _arg(request, "message_id")
+        found: list[SpooledMessage] = list(
+            await store.search_messages(
+                header_message_id=None if message_id is None else message_id.strip().strip("<>"),
+                recipient=_arg(request, "rcpt"),
+                since=_time_arg(_arg(request, "since"), "since"),
+                until=_time_arg(_arg(request, "until"), "until"),
+                limit=_limit_arg(_arg(request, "limit")),
+            )
+        )
+        return found
+
+    async def _message_page(self, request: web.Request) -> web.Response:
+        self._require_page_access(request)
+        message_id = request.match_info["id"]
+        loaded = await load_message(self._spool, message_id, with_body=False)
+        if loaded is None:
+            raise HttpError(404, f"no message {message_id}")
+        message, status = loaded
+        return web.Response(
+            text=render_message_page(detail(message, with_body=False, status=status)),
+            content_type="text/html",
+            headers=_PAGE_HEADERS,
+        )
+
+    def _require_page_access(self, request: web.Request) -> None:
+        if not (
+            self._token_matches(self._bearer(request))
+            or self._cookie_matches(request.cookies.get(COOKIE))
+        ):
+            raise HttpError(
+                401,
+                "a valid admin token is required (bearer header, or open /queue?token=...)",
+                {"WWW-Authenticate": "Bearer"},
+            )
 
     async def _queue_page(self, request: web.Request) -> web.Response:
         token = _arg(request, "token")
@@ -326,15 +381,7 @@ class OpsServer:
                     hdrs.CACHE_CONTROL: "no-store",
                 },
             )
-        if not (
-            self._token_matches(self._bearer(request))
-            or self._cookie_matches(request.cookies.get(COOKIE))
-        ):
-            raise HttpError(
-                401,
-                "a valid admin token is required (bearer header, or open /queue?token=...)",
-                {"WWW-Authenticate": "Bearer"},
-            )
+        self._require_page_access(request)
         state = _state_arg(_arg(request, "state"))
         messages = await self._spool.list(state=state, limit=_limit_arg(_arg(request, "limit")))
         stats = await self._spool.stats()
@@ -342,12 +389,7 @@ class OpsServer:
         return web.Response(
             text=render_queue_page(messages, counts, state),
             content_type="text/html",
-            headers={
-                hdrs.CACHE_CONTROL: "no-store",
-                "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
-                "X-Frame-Options": "DENY",
-                "Referrer-Policy": "no-referrer",
-            },
+            headers=_PAGE_HEADERS,
         )
 
     # endregion
@@ -403,6 +445,37 @@ def _state_arg(value: str | None) -> MessageState | None:
         raise HttpError(400, f"state must be one of {choices}") from None
 
 
+#: The query arguments of ``GET /api/messages`` that make it a search.
+SEARCH_ARGS = ("message_id", "rcpt", "since", "until")
+_PAGE_HEADERS = {
+    hdrs.CACHE_CONTROL: "no-store",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _time_arg(value: str | None, name: str) -> float | None:
+    """A time: seconds since the epoch, or ISO 8601 (UTC unless it says otherwise)."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(number):
+            raise HttpError(400, f"{name} must be ISO 8601 or seconds since the epoch")
+        return number
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise HttpError(400, f"{name} must be ISO 8601 or seconds since the epoch") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
 def _limit_arg(value: str | None) -> int:
     if value is None:
         return 100
@@ -439,7 +512,7 @@ def render_queue_page(
         due = table_time(m.next_attempt_at) if m.state is MessageState.QUEUED else ""
         rows.append(
             "<tr>"
-            f'<td class="id"><code>{e(m.id)}</code></td>'
+            f'<td class="id"><a href="/queue/{quote(m.id)}"><code>{e(m.id)}</code></a></td>'
             f'<td class="state-{e(m.state.value)}">{e(m.state.value)}</td>'
             f'<td class="t">{e(table_time(m.created_at))}</td>'
             f"<td>{e('<' + m.envelope.mail_from + '>')}</td>"
@@ -465,6 +538,67 @@ def render_queue_page(
 <tbody>
 {body}
 </tbody></table></body></html>
+"""
+
+
+# endregion
+
+
+# region the message page (status from ESP events)
+
+
+def render_message_page(data: dict[str, Any]) -> str:
+    """One message's read-only page: its facts, each recipient's status, the timeline
+    of its ESP events and its attempts.  Every value is escaped; no script at all."""
+    e = html.escape
+
+    def cell(value: Any) -> str:
+        if isinstance(value, list):
+            value = ", ".join(str(item) for item in value)
+        return f"<td>{e('' if value is None else str(value))}</td>"
+
+    def table(rows: list[dict[str, Any]], columns: tuple[str, ...], empty: str) -> str:
+        head = "".join(f"<th>{e(c)}</th>" for c in columns)
+        body = "\n".join(
+            "<tr>" + "".join(cell(row.get(c)) for c in columns) + "</tr>" for row in rows
+        )
+        body = body or f'<tr><td colspan="{len(columns)}">{e(empty)}</td></tr>'
+        return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>"
+
+    facts = "".join(
+        f"<tr><th>{e(name)}</th>{cell(data.get(name))}</tr>"
+        for name in (
+            "id",
+            "state",
+            "mail_from",
+            "size",
+            "attempts",
+            "created_at",
+            "provider",
+            "provider_message_id",
+            "last_error",
+        )
+    )
+    header_id = (data.get("meta") or {}).get("message_id_header")
+    facts += f"<tr><th>Message-ID</th>{cell(header_id)}</tr>"
+    status_columns = ("recipient", "status", "at", "smtp_status", "diagnostic", "remote_mta")
+    recipients = table(data.get("recipients", []), (*status_columns, "dsn_sent"), "no status kept")
+    timeline = table(data.get("timeline", []), (*status_columns, "provider"), "no ESP events")
+    attempts = table(
+        data.get("attempt_history", []),
+        ("number", "at", "provider", "outcome", "error"),
+        "no attempts recorded",
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>esprelay message {e(str(data.get("id")))}</title><style>{_PAGE_STYLE}</style></head>
+<body><h1>message <code>{e(str(data.get("id")))}</code></h1>
+<nav><a href="/queue">back to the queue</a></nav>
+<table id="facts">{facts}</table>
+<h2>recipients</h2><div id="recipients">{recipients}</div>
+<h2>timeline (ESP events, UTC)</h2><div id="timeline">{timeline}</div>
+<h2>attempts</h2><div id="attempts">{attempts}</div>
+</body></html>
 """
 
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from esprelay.delivery import Deliverer
 from esprelay.dispatch import ProviderSet, Sent
 from esprelay.errors import DeliveryError, PermanentDeliveryError, SpoolError
+from esprelay.message.header import raw_value, read_header, unfolded
 from esprelay.message.mime import signed_reason
 from esprelay.models import Envelope, MessageState, OutboundMessage, SpooledMessage
 from esprelay.routing import Part, RoutingTable
@@ -51,6 +52,23 @@ def reply_text(text: str) -> str:
     if len(cleaned) > REPLY_TEXT_LIMIT:
         cleaned = cleaned[: REPLY_TEXT_LIMIT - 3] + "..."
     return cleaned
+
+
+def header_meta(raw: bytes, *, keep_headers: bool) -> dict[str, Any]:
+    """The message's Message-ID (without its angle brackets: ``message_id_header``, for
+    the status search) and, with ``keep_headers``, its header section (``headers``, the
+    bytes as Latin-1 text) for a DSN made after the body is gone."""
+    header = read_header(raw)
+    meta: dict[str, Any] = {}
+    found = header.first(b"message-id")
+    if found is not None:
+        value = unfolded(raw_value(raw, found)).strip().strip("<>").strip()
+        if value and value.isascii():
+            meta["message_id_header"] = value
+    if keep_headers:
+        # (PostgreSQL's jsonb holds no NUL character.)
+        meta["headers"] = raw[: header.end].decode("latin-1").replace("\x00", "")
+    return meta
 
 
 @dataclass
@@ -90,6 +108,7 @@ class Intake:
         deliverer: Deliverer | None = None,
         inline_seconds: float = 0.0,
         signed_messages: Literal["refuse", "warn"] = "refuse",
+        keep_headers: bool = False,
     ) -> None:
         if mode == "queue" and spool is None:
             raise ValueError("queue mode needs a spool")
@@ -101,6 +120,9 @@ class Intake:
         self.deliverer = deliverer
         self.inline_seconds = inline_seconds
         self.signed_messages = signed_messages
+        #: Keep each message's header section in its metadata (``meta.headers``), for the
+        #: DSNs made from ESP events after the body is dropped at delivery.
+        self.keep_headers = keep_headers
 
     async def accept(self, envelope: Envelope, raw: bytes, client: Client) -> str:
         """Take responsibility for the message, or refuse it; return the DATA reply."""
@@ -143,6 +165,7 @@ class Intake:
         meta: dict[str, Any] = {**client.meta, "client": client.address, "helo": client.helo}
         if client.auth_user:
             meta["auth_user"] = client.auth_user
+        meta.update(header_meta(raw, keep_headers=self.keep_headers))
         new_parts = [
             NewPart(
                 part.envelope,
@@ -238,6 +261,34 @@ class Intake:
         results = await asyncio.gather(*(send(i, p) for i, p in enumerate(parts)))
         elapsed = (time.monotonic() - started) * 1000
         errors = [r for r in results if isinstance(r, DeliveryError)]
+        # Recipients an ESP refused while accepting the others: without a spool nothing
+        # can retry them alone, so the client hears of them in the reply (it may then
+        # send again to all; queue mode is the one that never repeats a delivery).
+        for result in results:
+            if isinstance(result, Sent):
+                for rcpt, error in result.result.rejected:
+                    log.warning(
+                        "rejected id=%s mode=passthrough rcpt=<%s> provider=%s error=%s",
+                        message_id,
+                        rcpt,
+                        result.provider,
+                        error,
+                        extra={
+                            "event": "rejected",
+                            "message_id": message_id,
+                            "mode": "passthrough",
+                            "rcpt": rcpt,
+                            "error": str(error),
+                        },
+                    )
+                    errors.append(
+                        type(error)(
+                            f"<{rcpt}> refused: {error.args[0] if error.args else error}",
+                            provider=error.provider or result.provider,
+                            status_code=error.status_code,
+                            retry_after=error.retry_after,
+                        )
+                    )
         for part, result in zip(parts, results, strict=True):
             if isinstance(result, Sent):
                 log.info(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import ipaddress
 import logging
 import time
 from collections.abc import Iterable
@@ -23,6 +25,8 @@ from esprelay.smtp.auth import FailureLimiter, UserDB
 from esprelay.smtp.guards import Guards
 from esprelay.smtp.handler import RelayHandler
 from esprelay.smtp.policy import RelayPolicy, parse_networks
+from esprelay.smtp.proxy import ProxyConfig
+from esprelay.smtp.replies import AUTH_REQUIRED, STARTTLS_AND_AUTH_REQUIRED
 from esprelay.smtp.server import smtp_factory
 from esprelay.smtp.tls import TLSContextSource
 
@@ -34,11 +38,21 @@ log = logging.getLogger("esprelay")
 LISTEN_BACKLOG = 1024
 
 
+class ListenError(ConfigError):
+    """A port could not be opened.  ``temporary`` when another process holds it (the
+    CLI then exits 75, not 78: a restart may find it free, an old instance gone)."""
+
+    def __init__(self, message: str, *, temporary: bool) -> None:
+        super().__init__(message)
+        self.temporary = temporary
+
+
 def listen_error(variable: str, host: str, port: int, exc: OSError) -> ConfigError:
     """Why a port could not be opened, naming ESPRELAY_<variable>_HOST and _PORT."""
-    return ConfigError(
+    return ListenError(
         f"ESPRELAY_{variable}_HOST/ESPRELAY_{variable}_PORT: cannot listen on"
-        f" {host}:{port}: {exc.strerror or exc}"
+        f" {host}:{port}: {exc.strerror or exc}",
+        temporary=exc.errno == errno.EADDRINUSE,
     )
 
 
@@ -70,6 +84,69 @@ def load_users(settings: Settings) -> UserDB:
     )
 
 
+def proxy_config(settings: Settings) -> ProxyConfig | None:
+    """The PROXY protocol gate's settings, or None when ESPRELAY_PROXY_PROTOCOL is off."""
+    if not settings.proxy_protocol:
+        return None
+    return ProxyConfig(
+        trusted=parse_networks(settings.proxy_trusted),
+        timeout=settings.proxy_protocol_timeout,
+    )
+
+
+def exposure_warnings(
+    settings: Settings,
+    addresses: Iterable[str],
+    *,
+    auth_users: int,
+    provider_kinds: Iterable[str],
+) -> list[str]:
+    """What an operator must hear at start-up about the listeners bound to ``addresses``.
+
+    - Listening beyond loopback while trusting only loopback, without AUTH users: every
+      client elsewhere (another container, another pod, another host) is refused with
+      ``530``, and nothing else would say why.  (An open relay is refused before this:
+      :class:`esprelay.config.Settings`.)
+    - The ``outbox`` provider with a listener beyond loopback: the clients believe their
+      mail goes out, and it only lands in a folder.
+    """
+    exposed = sorted({a for a in addresses if not _is_loopback(a)})
+    if not exposed:
+        return []
+    where = ", ".join(exposed)
+    warnings = []
+    trusted = parse_networks(settings.trusted_networks)
+    if auth_users == 0 and all(network.is_loopback for network in trusted):
+        refusal = (
+            STARTTLS_AND_AUTH_REQUIRED
+            if settings.tls_cert_file is not None and not settings.plaintext_auth_networks
+            else AUTH_REQUIRED
+        )
+        warnings.append(
+            f"SMTP listens on {where} (ESPRELAY_SMTP_HOST), beyond loopback, but trusts only"
+            f" loopback (ESPRELAY_TRUSTED_NETWORKS={','.join(settings.trusted_networks) or '-'})"
+            " and has no AUTH user (ESPRELAY_AUTH_FILE, ESPRELAY_AUTH_USER): every client"
+            f" on another host, container or pod will be refused with '{refusal}'."
+            " Configure SMTP AUTH, or trust the clients' own subnet by name"
+            " (ESPRELAY_TRUSTED_NETWORKS=10.0.5.0/24), never every address"
+        )
+    if "outbox" in provider_kinds:
+        warnings.append(
+            f"the outbox provider is in use while SMTP listens on {where}, beyond loopback:"
+            " messages are written to ESPRELAY_OUTBOX_DIR and NOT delivered to anyone."
+            " Set ESPRELAY_PROVIDER to your ESP (sendgrid, mailgun, ses, ...) unless this is"
+            " a development setup"
+        )
+    return warnings
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
 class Listeners:
     """The relay's SMTP and SMTPS listeners and their sessions."""
 
@@ -88,6 +165,7 @@ class Listeners:
         self._users = users
         self._tls = tls
         providers = list(providers)
+        self._provider_kinds = sorted({p.kind for p in providers})
         self.size_limit = min(
             [settings.max_message_size]
             + [p.max_message_size for p in providers if p.max_message_size]
@@ -129,6 +207,7 @@ class Listeners:
             "tls": tls,
             "command_size_limit": settings.max_command_length,
             "engine": settings.smtp_engine,
+            "proxy": proxy_config(settings),
         }
         self.sessions: set[Any] = set()
         self.server: asyncio.Server | None = None
@@ -154,12 +233,23 @@ class Listeners:
                 implicit_tls=True,
                 sessions=self.sessions,
             )
-            self.smtps_server = await self._bind(
-                smtps_factory,
-                settings.smtps_port,
-                ssl=tls.listener_context(),
-                ssl_handshake_timeout=min(60.0, settings.smtp_timeout or 60.0),
-            )
+            # Behind a PROXY protocol balancer the header comes before TLS: the gate
+            # (esprelay.smtp.proxy) starts TLS after it, on a plain TCP listener.
+            tls_options: dict[str, Any] = {}
+            if not settings.proxy_protocol:
+                tls_options["ssl"] = tls.listener_context()
+                tls_options["ssl_handshake_timeout"] = min(60.0, settings.smtp_timeout or 60.0)
+            try:
+                self.smtps_server = await self._bind(
+                    smtps_factory, settings.smtps_port, **tls_options
+                )
+            except OSError as exc:
+                self.server.close()
+                raise ListenError(
+                    f"ESPRELAY_SMTP_HOST/ESPRELAY_SMTPS_PORT: cannot listen on"
+                    f" {settings.smtp_host}:{settings.smtps_port}: {exc.strerror or exc}",
+                    temporary=exc.errno == errno.EADDRINUSE,
+                ) from None
             self.smtps_port = self.smtps_server.sockets[0].getsockname()[1]
             log.info("smtps listening on %s:%d", settings.smtp_host, self.smtps_port)
         log.info(
@@ -168,6 +258,21 @@ class Listeners:
             len(self._users),
             "on" if tls is not None else "off",
         )
+        if settings.proxy_protocol:
+            log.info(
+                "PROXY protocol on: connections only from proxy_trusted=%s",
+                ",".join(settings.proxy_trusted),
+            )
+        for warning in exposure_warnings(
+            settings,
+            [s.getsockname()[0] for server in self._servers() for s in server.sockets],
+            auth_users=len(self._users),
+            provider_kinds=self._provider_kinds,
+        ):
+            log.warning("%s", warning)
+
+    def _servers(self) -> list[asyncio.Server]:
+        return [s for s in (self.server, self.smtps_server) if s is not None]
 
     async def _bind(self, factory: Any, port: int, **tls: Any) -> asyncio.Server:
         return await asyncio.get_running_loop().create_server(

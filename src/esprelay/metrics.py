@@ -91,9 +91,9 @@ AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 #: Why a login failed, by the reply that refused it.
 _AUTH_REASONS = {AUTH_INVALID: "invalid_credentials", AUTH_BLOCKED: "too_many_failures"}
 #: What a delivery attempt came to (esprelay.delivery.Outcome.outcome).
-OUTCOMES = ("delivered", "deferred", "failed")
-#: The kinds of DSN (bounce) queued: a refusal by the ESP, or the queue lifetime passed.
-DSN_KINDS = ("failed", "expired")
+OUTCOMES = ("delivered", "partial", "deferred", "failed")
+#: The kinds of DSN (bounce) queued (esprelay.failures.bounce_kind).
+DSN_KINDS = ("failed", "expired", "partial")
 
 
 def rejection_reason(reply: str) -> str | None:
@@ -132,7 +132,8 @@ class RelayMetrics:
         self.dsns = Counter(
             "esprelay_dsns",
             "Delivery status notifications (bounces) queued for failed messages, by kind"
-            " (failed: refused by the ESP; expired: past the queue lifetime).",
+            " (failed: refused by the ESP; expired: past the queue lifetime; partial: the"
+            " recipients an ESP refused while taking the others).",
             ["kind"],
             registry=r,
         )
@@ -149,8 +150,15 @@ class RelayMetrics:
         )
         self.deliveries = Counter(
             "esprelay_deliveries",
-            "Delivery attempts by provider and outcome (delivered, deferred, failed).",
+            "Delivery attempts by provider and outcome (delivered, partial, deferred, failed).",
             ["provider", "outcome"],
+            registry=r,
+        )
+        self.partial_recipients = Counter(
+            "esprelay_delivery_partial_recipients",
+            "Recipients of partial deliveries (the provider refused some recipients only),"
+            " by provider and fate (accepted, bounced, retried).",
+            ["provider", "fate"],
             registry=r,
         )
         self.attempt_seconds = Histogram(
@@ -192,6 +200,48 @@ class RelayMetrics:
         self.spool_scrape_errors = Counter(
             "esprelay_spool_scrape_errors",
             "Scrapes that could not read the spool's statistics.",
+            registry=r,
+        )
+        # ESP event webhooks (esprelay.events); the provider label is a configured name
+        # (or "unknown" for a path that names none), the reason a fixed word.
+        self.events_received = Counter(
+            "esprelay_events_received",
+            "Verified ESP events stored in the inbox, by provider and kind.",
+            ["provider", "kind"],
+            registry=r,
+        )
+        self.events_duplicates = Counter(
+            "esprelay_events_duplicates",
+            "Verified ESP events the inbox had already (an ESP's retry), by provider.",
+            ["provider"],
+            registry=r,
+        )
+        self.events_unknown_message = Counter(
+            "esprelay_events_unknown_message",
+            "Stored ESP events that name no message in the spool, by provider.",
+            ["provider"],
+            registry=r,
+        )
+        self.events_rejected = Counter(
+            "esprelay_events_rejected",
+            "ESP event requests refused (signature, credentials, stale, replayed, topic,"
+            " malformed, too_large, rate_limited, ...), by provider and reason.",
+            ["provider", "reason"],
+            registry=r,
+        )
+        # What the ESP events did (esprelay.events.processor): a recipient's status changed
+        # (by the event's kind), and the DSNs sent from events (failure, success, delay).
+        self.events_status_changes = Counter(
+            "esprelay_events_status_changes",
+            "Recipient status changes made by ESP events, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.events_dsns = Counter(
+            "esprelay_events_dsns",
+            "Delivery status notifications queued from ESP events, by kind"
+            " (failure, success, delay).",
+            ["kind"],
             registry=r,
         )
         for state in MessageState:
@@ -255,8 +305,16 @@ class RelayMetrics:
         deliveries, attempt_seconds, latency_seconds = children
         deliveries.inc()
         attempt_seconds.observe(outcome.elapsed)
-        if outcome.outcome == "delivered":
+        if outcome.outcome == "delivered" or outcome.accepted:
             latency_seconds.observe(max(0.0, time.time() - outcome.message.created_at))
+        if outcome.outcome == "partial":
+            for fate, count in (
+                ("accepted", len(outcome.accepted)),
+                ("bounced", len(outcome.bounced)),
+                ("retried", len(outcome.retried)),
+            ):
+                if count:
+                    self.partial_recipients.labels(provider, fate).inc(count)
 
     def httpx_event_hooks(
         self, provider_for_host: Mapping[str, str]

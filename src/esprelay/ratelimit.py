@@ -158,6 +158,15 @@ class RateLimit:
         self._held_until = max(self._held_until, until)
         self._next = max(self._next, self._held_until + self._tolerance)
 
+    def try_acquire(self) -> bool:
+        """Count a request if a token is left now, else refuse it (False) without waiting:
+        for a server that answers 429 rather than queue a flood (esprelay.events)."""
+        now = self._clock.monotonic()
+        if max(self._held_until, self._next - self._tolerance) > now:
+            return False
+        self._next = max(self._next, now) + self._interval
+        return True
+
 
 class ConcurrencyLimit:
     """At most ``limit`` holders of :meth:`slot` at once."""

@@ -1,5 +1,13 @@
 """The relay's own readiness checks for ``/readyz``: SMTP, spool, providers.
 
+Readiness means "can take mail and keep it".  In queue mode (a spool) that is the SMTP
+listener and the spool: while every provider's circuit breaker is open the spool keeps
+accepting, and delivery resumes when the ESP does; a replica taken out of the load
+balancer for an ESP outage (or a 429 storm) would only refuse mail that could wait.
+Provider health then counts only in the breaker metrics and the logs.  In passthrough
+mode (``ESPRELAY_DELIVERY_MODE=passthrough``, no spool) a message is accepted only once
+a provider took it, so there provider health is readiness: the ``providers`` check.
+
 A check is a coroutine function that answers ``None`` when ready and otherwise says
 why not (:data:`esprelay.httpapi.ReadinessCheck`); one that raises counts as not ready.
 Other subsystems add theirs with ``Relay.add_readiness_check``.
@@ -25,7 +33,7 @@ def relay_checks(
     providers: ProviderSet,
 ) -> list[tuple[str, ReadinessCheck]]:
     """The checks, by name; ``listening`` says whether the SMTP port takes connections,
-    ``spool`` is None in passthrough mode."""
+    ``spool`` is None in passthrough mode, the one mode where providers count."""
 
     async def smtp() -> str | None:
         if state.draining:
@@ -48,6 +56,8 @@ def relay_checks(
             return "every provider's circuit breaker is open"
         return None
 
+    if spool is not None:  # queue mode: the spool keeps what the providers cannot take
+        return [("smtp", smtp), ("spool", spool_ok)]
     return [("smtp", smtp), ("spool", spool_ok), ("providers", providers_ok)]
 
 

@@ -14,8 +14,14 @@ Flags (as Postfix's and Sendmail's)::
     -F NAME     full name for a From header added when the message has none
     -i, -oi     a line with a single dot does not end the message
     -o...       other -o options (-oem, -odb, -oQ dir...) are accepted and ignored
-    -bm         deliver (the default); other -b modes are refused
-    -B, -C, -N, -R, -V, -X, -h, -L take a value and are ignored; -v, -U, -m, -n too
+    -bm         deliver (the default)
+    -bp         list the queue, as ``mailq`` (``esprelay mailq``); other -b modes
+                are refused
+    -B, -C, -N, -R, -V, -X, -h, -L, -p take a value and are ignored; -v, -U, -m, -n,
+    -G, -I, -c, -x too; -d, -e, -A with an attached value (-em) too
+
+Flags group as with getopt, as Postfix's sendmail takes them: ``-ti``, ``-it``,
+``-tfsender``, ``-toi``.
 
 Exit codes (sysexits.h, as sendmail): 0 submitted; 64 EX_USAGE bad flags or no
 recipient; 65 EX_DATAERR the bridge refused the message or sender for good; 67
@@ -30,6 +36,7 @@ user needs no access to the bridge's secrets.
 from __future__ import annotations
 
 import getpass
+import os
 import re
 import smtplib
 import socket
@@ -59,8 +66,10 @@ EX_CONFIG = 78
 SMTP_TIMEOUT = 60.0
 
 # Flags that take a value (attached or as the next argument) and are ignored.
-_IGNORED_WITH_VALUE = frozenset("BCNRVXhLO")
-_IGNORED_BARE = frozenset("vUmnGde")
+_IGNORED_WITH_VALUE = frozenset("BCNRVXhLOp")
+# Flags whose value, if any, is attached (-em, -d0.1, -Am): the rest of the group.
+_IGNORED_ATTACHED = frozenset("deA")
+_IGNORED_BARE = frozenset("vUmnGIcx")
 
 
 class UsageError(Exception):
@@ -74,9 +83,14 @@ class Options:
     extract: bool = False
     ignore_dots: bool = False
     recipients: list[str] = field(default_factory=list)
+    #: -bp: list the queue (mailq) instead of sending
+    list_queue: bool = False
 
 
 def parse_args(argv: Sequence[str]) -> Options:
+    """Sendmail's flags, grouped as getopt groups them (as Postfix's sendmail does):
+    ``-ti`` is ``-t -i``; in a group, a flag that takes a value takes the rest of the
+    group, or else the next argument (``-tf sender``, ``-tfsender``, ``-toi``)."""
     opts = Options()
     args = list(argv)
     i = 0
@@ -99,32 +113,44 @@ def parse_args(argv: Sequence[str]) -> Options:
             opts.recipients.append(arg)
             i += 1
             continue
-        flag, rest = arg[1], arg[2:]
-        if flag in ("f", "r"):
-            opts.sender = value(flag, rest)
-        elif flag == "F":
-            opts.full_name = value(flag, rest)
-        elif flag == "t" and not rest:
-            opts.extract = True
-        elif flag == "i" and not rest:
-            opts.ignore_dots = True
-        elif flag == "o":
-            if rest == "i":
+        group = arg[1:]
+        while group:
+            flag, rest = group[0], group[1:]
+            group = ""  # a flag with a value ends the group; a bare one hands on the rest
+            if flag in ("f", "r"):
+                opts.sender = value(flag, rest)
+            elif flag == "F":
+                opts.full_name = value(flag, rest)
+            elif flag == "t":
+                opts.extract = True
+                group = rest
+            elif flag == "i":
                 opts.ignore_dots = True
-            elif not rest:
-                value(flag, rest)  # "-o option" with a separate value
-            # every other -oXvalue (-oem, -odb, -oQ/dir...) is a harmless tweak: ignored
-        elif flag == "b":
-            if rest not in ("m", ""):
-                raise UsageError(f"-b{rest} is not supported (only -bm, deliver a message)")
-        elif flag in _IGNORED_WITH_VALUE:
-            value(flag, rest)
-        elif flag in _IGNORED_BARE:
-            pass
-        elif flag == "q":
-            raise UsageError("-q (queue runs) is not supported: the bridge runs its own queue")
-        else:
-            raise UsageError(f"unknown option {arg}")
+                group = rest
+            elif flag == "o":
+                option = value(flag, rest)
+                if option == "i":
+                    opts.ignore_dots = True
+                # every other -oXvalue (-oem, -odb, -oQ/dir...) is a harmless tweak: ignored
+            elif flag == "b":
+                mode = value(flag, rest)
+                if mode == "p":
+                    opts.list_queue = True
+                elif mode != "m":
+                    raise UsageError(
+                        f"-b{mode} is not supported (only -bm, deliver a message,"
+                        " and -bp, list the queue)"
+                    )
+            elif flag in _IGNORED_WITH_VALUE:
+                value(flag, rest)
+            elif flag in _IGNORED_ATTACHED:
+                pass  # its value, if any, is the rest of the group
+            elif flag in _IGNORED_BARE:
+                group = rest
+            elif flag == "q":
+                raise UsageError("-q (queue runs) is not supported: the bridge runs its own queue")
+            else:
+                raise UsageError(f"unknown option -{flag} (in {arg})")
         i += 1
     return opts
 
@@ -239,14 +265,26 @@ def submit(
     return EX_OK, problems
 
 
-def main(argv: Sequence[str], stdin: BinaryIO | None = None) -> int:
+def main(argv: Sequence[str], stdin: BinaryIO | None = None, *, env_file: str | None = None) -> int:
+    """``env_file``: ``esprelay --env-file PATH sendmail``; else ``ESPRELAY_ENV_FILE``,
+    else ``.env`` here if there is one."""
     try:
         opts = parse_args(argv)
     except UsageError as exc:
         print(f"sendmail: {exc}", file=sys.stderr)
         return EX_USAGE
+    named = env_file or os.environ.get("ESPRELAY_ENV_FILE")
+    if named and not os.path.isfile(named):
+        where = "--env-file" if env_file else "ESPRELAY_ENV_FILE"
+        print(f"sendmail: configuration error: {where}: {named} is not a file", file=sys.stderr)
+        return EX_CONFIG
+    if opts.list_queue:
+        # -bp is mailq: the whole configuration (the spool), as `esprelay mailq` reads it.
+        from esprelay.cli import main as esprelay_main
+
+        return esprelay_main([*(["--env-file", named] if named else []), "mailq"])
     try:
-        settings = SendmailSettings()
+        settings = SendmailSettings(_env_file=named or ".env")  # type: ignore[call-arg]
     except ValidationError as exc:
         fields = ", ".join(f"ESPRELAY_{str(e['loc'][0]).upper()}" for e in exc.errors() if e["loc"])
         print(f"sendmail: configuration error: {fields or exc}", file=sys.stderr)

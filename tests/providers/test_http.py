@@ -318,7 +318,7 @@ def test_a_bad_secret_stops_the_relay_with_one_line(tmp_path: Path) -> None:
         [sys.executable, "-m", "esprelay", "serve"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30, check=False,
     )  # fmt: skip
-    assert result.returncode == 2
+    assert result.returncode == 78  # EX_CONFIG
     assert result.stderr.splitlines() == [
         "esprelay: configuration error: ESPRELAY_HTTP_API_SECRET: not a Standard Webhooks"
         " secret: 5 bytes, not 24 to 64"

@@ -214,7 +214,7 @@ async def test_bcc_removal_is_reported() -> None:
     with FakeESP(mailgun) as esp:
         async with httpx.AsyncClient() as client:
             result = await provider(client, esp.url).send(message)
-    assert result.provider_message_id and result.provider_message_id.endswith(f"@{DOMAIN}>")
+    assert result.provider_message_id and result.provider_message_id.endswith(f"@{DOMAIN}")
     assert result.warnings == (
         "removed 1 Bcc header field(s); their recipients still get the message through the"
         " envelope",
@@ -295,8 +295,10 @@ def test_smtp_to_mailgun_field_by_field(relay_factory: type[RelayProcess]) -> No
     assert request.method == "POST"
     assert request.path == f"/v3/{DOMAIN}/messages.mime"
     fields = form_fields(request)
-    assert [name for name, _, _ in fields] == ["to"] * 4 + ["message"]
+    assert [name for name, _, _ in fields] == ["to"] * 4 + ["v:esprelay_id", "message"]
     assert [value.decode() for name, _, value in fields if name == "to"] == rcpts
+    # The spool id, for Mailgun to echo in the events' user-variables.
+    assert fields[4][2].decode() == message_id
     sent = fields[-1][2]
     assert sent == WITHOUT_BCC
     parsed = BytesParser(policy=email.policy.default).parsebytes(sent)
@@ -304,7 +306,9 @@ def test_smtp_to_mailgun_field_by_field(relay_factory: type[RelayProcess]) -> No
     assert parsed["X-Custom"] == "kept as is"
     assert parsed.get_content() == "Grüße, Bcc: not a header\r\n"
     mailgun_id = re.search(rf"delivered id={message_id} .* provider_id=(\S+)", relay.log)
-    assert mailgun_id and mailgun_id.group(1).endswith(f"@{DOMAIN}>")
+    # Stored as the events carry it (message.headers.message-id): no angle brackets.
+    assert mailgun_id and mailgun_id.group(1).endswith(f"@{DOMAIN}")
+    assert not mailgun_id.group(1).startswith("<")
     assert KEY not in relay.log
 
 

@@ -37,12 +37,15 @@ def message_with(controls: bytes) -> bytes:
     return TOP + controls + BOTTOM
 
 
-def options_of(request: Recorded) -> list[tuple[str, str]]:
-    return [
+def options_of(request: Recorded, ours: str = "m1") -> list[tuple[str, str]]:
+    """The send options of ``request`` but the last, which is esprelay's id ``ours``."""
+    options = [
         (name, value.decode())
         for name, filename, value in form_fields(request)
         if name not in ("to", "message")
     ]
+    assert options[-1] == ("v:esprelay_id", ours)
+    return options[:-1]
 
 
 def sent_mime(request: Recorded) -> bytes:
@@ -56,7 +59,7 @@ async def send(esp: FakeESP, raw: bytes) -> Recorded:
         mg = provider(client, esp.url)
         assert mg.refusal(message) is None
         result = await mg.send(message)
-    assert result.provider_message_id and result.provider_message_id.endswith(f"@{DOMAIN}>")
+    assert result.provider_message_id and result.provider_message_id.endswith(f"@{DOMAIN}")
     return esp.requests[-1]
 
 
@@ -304,7 +307,7 @@ def test_common_message_reads_its_header_once(monkeypatch: pytest.MonkeyPatch) -
     assert raw in built.request.read()
     names = [n for n, _, _ in form_fields(Recorded("POST", "/", {}, dict(built.request.headers),
                                                    built.request.read()))]  # fmt: skip
-    assert names == ["to", "message"]
+    assert names == ["to", "v:esprelay_id", "message"]
 
 
 def test_fake_mailgun_checks_the_fields() -> None:
@@ -373,7 +376,7 @@ def test_end_to_end_refused_at_data_and_translated(relay_factory: type[RelayProc
         message_id = queued_id(send_raw(relay, "app@example.com", ["ops@example.org"], good))
         relay.wait_for_log(rf"delivered id={message_id} provider=mailgun attempt=1")
         (request,) = esp.requests  # the refused message never reached Mailgun
-    assert options_of(request) == [
+    assert options_of(request, ours=message_id) == [
         ("o:tag", "welcome"),
         ("o:tag", "signup"),
         ("o:testmode", "yes"),

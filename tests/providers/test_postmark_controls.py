@@ -70,12 +70,13 @@ CASES = [
     ),
     pytest.param(
         b"X-PM-Metadata-color: blue\r\nX-PM-Metadata-Client-Id: 12345\r\n",
-        {"Metadata": {"color": "blue", "Client-Id": "12345"}},
+        # esprelay's id after the message's own fields (tests/providers/test_stamp.py)
+        {"Metadata": {"color": "blue", "Client-Id": "12345", "esprelay_id": "m1"}},
         id="metadata",
     ),
     pytest.param(
         "X-PM-Metadata-city: Zürich\r\n".encode(),
-        {"Metadata": {"city": "Zürich"}},
+        {"Metadata": {"city": "Zürich", "esprelay_id": "m1"}},
         id="metadata-utf8",
     ),
     pytest.param(
@@ -121,7 +122,7 @@ async def test_other_x_pm_headers_stay_in_headers(esp: FakeESP) -> None:
             b"X-PM-Metadata-a: 1\r\n"
         ),
     )
-    assert payload["Tag"] == "t1" and payload["Metadata"] == {"a": "1"}
+    assert payload["Tag"] == "t1" and payload["Metadata"] == {"a": "1", "esprelay_id": "m1"}
     assert header_pairs(payload) == [
         ("X-PM-KeepID", "true"),
         ("X-PM-Bounce-Type", "HardBounce"),
@@ -216,7 +217,7 @@ def test_common_message_pays_no_header_read(monkeypatch: pytest.MonkeyPatch) -> 
     assert pm.refusal(message) is None
     built = pm.build_request(message)
     assert calls == []
-    expected, _ = build_payload(parse(raw, ENVELOPE), STREAM)
+    expected, _ = build_payload(parse(raw, ENVELOPE), STREAM, None, "m1")
     assert built.request.read() == postmark_module.json_body(expected)
     assert built.request.extensions == {}
 
@@ -312,7 +313,7 @@ def test_end_to_end_refused_at_data_and_translated(relay_factory: type[RelayProc
     payload = request.json()
     assert isinstance(request, Recorded) and validate(payload, stream=None) == []
     assert payload["Tag"] == "welcome"
-    assert payload["Metadata"] == {"user-id": "42", "plan": "pro"}
+    assert payload["Metadata"] == {"user-id": "42", "plan": "pro", "esprelay_id": message_id}
     assert payload["MessageStream"] == "broadcast-test"
     assert (payload["TrackOpens"], payload["TrackLinks"]) == (True, "HtmlOnly")
     assert header_pairs(payload) == [("X-PM-KeepID", "true"), ("X-Custom", "kept")]

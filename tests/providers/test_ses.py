@@ -109,7 +109,14 @@ def test_build_request_is_what_ses_documents() -> None:
     assert request.headers["content-type"] == "application/json"
     assert "authorization" not in request.headers  # signed in send(), not here
     payload = json.loads(request.read())
-    assert set(payload) == {"FromEmailAddress", "Destination", "Content", "ConfigurationSetName"}
+    assert set(payload) == {
+        "FromEmailAddress",
+        "Destination",
+        "Content",
+        "ConfigurationSetName",
+        "EmailTags",
+    }
+    assert payload["EmailTags"] == [{"Name": "esprelay_id", "Value": "m1"}]
     assert payload["FromEmailAddress"] == SENDER
     assert payload["Destination"] == {"ToAddresses": list(rcpts)}
     assert payload["ConfigurationSetName"] == "transactional"

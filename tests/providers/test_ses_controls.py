@@ -47,6 +47,10 @@ ARNS = (
 )
 
 
+#: esprelay's id as the tag it travels as (tests/providers/test_stamp.py for the rules).
+OURS = {"Name": "esprelay_id", "Value": "m1"}
+
+
 def message(*fields: bytes, rcpts: tuple[str, ...] = ("ops@example.org",)) -> OutboundMessage:
     return OutboundMessage("m1", Envelope(SENDER, rcpts), TOP + b"".join(fields) + BODY)
 
@@ -95,7 +99,7 @@ def test_configuration_set_header_overrides_the_configured_one() -> None:
     header = b"X-SES-CONFIGURATION-SET: per-message_set\r\n"
     payload, sent, warnings = build(message(header), configuration_set="default-set")
     assert payload["ConfigurationSetName"] == "per-message_set"
-    assert "EmailTags" not in payload
+    assert payload["EmailTags"] == [OURS]  # esprelay's id alone
     assert sent == TOP + BODY  # the header is gone, every other byte kept
     assert warnings == ()
     payload, _, _ = build(message(), configuration_set="default-set")
@@ -109,6 +113,7 @@ def test_message_tags_header_becomes_email_tags() -> None:
         {"Name": "campaign", "Value": "spring-sale"},
         {"Name": "user_id", "Value": "42"},
         {"Name": "tier", "Value": "Gold_1"},
+        OURS,
     ]
     assert "ConfigurationSetName" not in payload
     assert sent == TOP + BODY
@@ -123,7 +128,7 @@ def test_both_headers_anywhere_in_the_header_in_any_case() -> None:
     )
     payload, sent, _ = build(message(*fields), configuration_set="default-set")
     assert payload["ConfigurationSetName"] == "marketing"
-    assert payload["EmailTags"] == [{"Name": "a", "Value": "1"}]
+    assert payload["EmailTags"] == [{"Name": "a", "Value": "1"}, OURS]
     assert sent == TOP + b"Reply-To: help@example.com\r\n" + BODY
 
 
@@ -138,7 +143,7 @@ def test_first_of_repeated_headers_counts_and_all_are_removed() -> None:
     assert provider(httpx.AsyncClient()).refusal(msg) is None
     payload, sent, warnings = build(msg)
     assert payload["ConfigurationSetName"] == "first"
-    assert payload["EmailTags"] == [{"Name": "a", "Value": "1"}]
+    assert payload["EmailTags"] == [{"Name": "a", "Value": "1"}, OURS]
     assert sent == TOP + BODY
     assert warnings == (
         "X-SES-CONFIGURATION-SET given 2 times: the first is used, as SES does",
@@ -151,7 +156,7 @@ def test_authorization_arn_headers_stay_for_ses_to_apply() -> None:
     them: the message goes as it is, with no ARN field in the request."""
     msg = message(ARNS)
     payload, sent, warnings = build(msg)
-    assert set(payload) == {"FromEmailAddress", "Destination", "Content"}
+    assert set(payload) == {"FromEmailAddress", "Destination", "Content", "EmailTags"}
     assert sent == msg.raw
     assert warnings == ()
 
@@ -312,6 +317,7 @@ def test_relay_translates_control_headers_and_refuses_malformed_ones(
     assert payload["EmailTags"] == [
         {"Name": "campaign", "Value": "spring-sale"},
         {"Name": "user_id", "Value": "42"},
+        {"Name": "esprelay_id", "Value": message_id},  # the spool id, for the events
     ]
     assert base64.b64decode(payload["Content"]["Raw"]["Data"]) == TOP + BODY
     assert len(re.findall(r"not accepted: .*ses: X-SES-", relay.log)) == 2

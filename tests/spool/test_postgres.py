@@ -25,8 +25,9 @@ async def _empty(url: str) -> None:
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(
-            "DROP TABLE IF EXISTS esprelay_attempts, esprelay_bodies, esprelay_messages,"
-            " esprelay_schema"
+            "DROP TABLE IF EXISTS esprelay_message_timeline, esprelay_message_recipients,"
+            " esprelay_events, esprelay_attempts, esprelay_bodies,"
+            " esprelay_messages, esprelay_schema"
         )
     finally:
         await conn.close()

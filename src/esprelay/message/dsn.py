@@ -137,9 +137,21 @@ def build_dsn(
     arrival_date: float,
     message_id: str,
     parameters: EnvelopeDSN | None = None,
+    recipient_status: Mapping[str, tuple[str, str]] | None = None,
+    action: str = "failed",
+    remote_mta: str | None = None,
+    diagnostic_code: str | None = None,
+    last_attempt: float | None = None,
 ) -> bytes:
     """The bytes of a DSN reporting that ``failed_recipients`` did not get ``raw``;
-    ``parameters``: the DSN parameters of the original transaction, if any."""
+    ``parameters``: the DSN parameters of the original transaction, if any;
+    ``recipient_status``: a recipient's own (status, reason), where it differs from
+    the message's (a provider that refused some recipients only).
+
+    ``action`` (RFC 3464 2.3.3) is ``failed`` by default; a report made from an ESP's
+    event may say ``delivered`` or ``delayed`` instead, name the ``remote_mta`` and
+    give the remote server's ``diagnostic_code`` (``smtp; 550 5.1.1 ...``) and the
+    time of the event (``last_attempt``)."""
     parameters = parameters if parameters is not None else EnvelopeDSN()
     full = parameters.ret == "FULL" and len(raw) <= RETURN_FULL_LIMIT
     if full:
@@ -154,7 +166,7 @@ def build_dsn(
     report = EmailMessage(policy=email.policy.SMTP)
     report["From"] = f"Mail Delivery System <{from_address}>"
     report["To"] = to_address
-    report["Subject"] = "Undelivered Mail Returned to Sender"
+    report["Subject"] = _SUBJECTS.get(action, _SUBJECTS["failed"])
     report["Date"] = formatdate(localtime=False)
     report["Message-ID"] = make_msgid(domain=from_address.rpartition("@")[2] or None)
     report["Auto-Submitted"] = "auto-replied"
@@ -166,7 +178,7 @@ def build_dsn(
     text = EmailMessage(policy=email.policy.SMTP)
     text.set_content(
         f"This is the mail system at {reporting_mta}.\n\n"
-        "Your message could not be delivered to the following recipient(s):\n\n"
+        f"{_EXPLANATIONS.get(action, _EXPLANATIONS['failed'])}\n\n"
         f"{recipients}\n\n"
         f"Reason: {reason}\n\n"
         f"The message was accepted as {message_id}. {returned}\n"
@@ -190,10 +202,17 @@ def build_dsn(
         if orcpt is not None:
             block["Original-Recipient"] = orcpt
         block["Final-Recipient"] = address_field(recipient)
-        block["Action"] = "failed"
-        block["Status"] = status
-        block["Diagnostic-Code"] = f"X-ESP-API; {diagnostic}"
-        block["Last-Attempt-Date"] = formatdate(time.time(), localtime=False)
+        block["Action"] = action
+        own = recipient_status.get(recipient) if recipient_status else None
+        block["Status"] = own[0] if own else status
+        if remote_mta is not None:
+            block["Remote-MTA"] = f"dns; {remote_mta}"
+        block["Diagnostic-Code"] = diagnostic_code or (
+            f"X-ESP-API; {' '.join(own[1].split()) if own else diagnostic}"
+        )
+        block["Last-Attempt-Date"] = formatdate(
+            time.time() if last_attempt is None else last_attempt, localtime=False
+        )
         blocks.append(block)
     status_part.set_payload(blocks)
 
@@ -217,6 +236,19 @@ def build_dsn(
 
     report.attach(headers_part)
     return report.as_bytes(policy=policy)
+
+
+_SUBJECTS = {
+    "failed": "Undelivered Mail Returned to Sender",
+    "delayed": "Delayed Mail (still being retried)",
+    "delivered": "Successful Mail Delivery Report",
+}
+_EXPLANATIONS = {
+    "failed": "Your message could not be delivered to the following recipient(s):",
+    "delayed": "Your message has not been delivered yet to the following recipient(s);"
+    " delivery is still being tried:",
+    "delivered": "Your message was delivered to the following recipient(s):",
+}
 
 
 def address_field(address: str) -> str:

@@ -16,6 +16,8 @@ HTTP adapters subclass :class:`HttpProvider` and fill in these hooks::
                                                   the request and its warnings
     parse_response(response, message) -> SendResult
     classify_error(response) -> DeliveryError     overridable per ESP quirk
+    answered(response) -> bool                    optional: an error status that still
+                                                  carries per-message results (Mailjet)
     authorize(request)                            optional: sign the request (SES)
     refusal(message) -> str | None                optional: refuse at end of DATA
 
@@ -162,6 +164,12 @@ class HttpProvider(Provider):
         """Map an unsuccessful answer to the error tree; adapters override for quirks."""
         return classify_status(response, provider=self.name)
 
+    def answered(self, response: httpx.Response) -> bool:
+        """Does ``response`` go to :meth:`parse_response` (else :meth:`classify_error`)?
+        A success does; an adapter whose ESP answers a partly accepted request with an
+        error status and one result per message (Mailjet's 4xx) says so here."""
+        return response.is_success
+
     async def send(self, message: OutboundMessage) -> SendResult:
         # Building may parse the MIME (JSON providers): seconds of CPU for a huge or
         # deeply nested message, so it runs off the event loop that serves SMTP. A small
@@ -178,12 +186,16 @@ class HttpProvider(Provider):
                 response = await self._exchange(built.request)
         warnings = built.warnings
         del built
-        if not response.is_success:
+        if not self.answered(response):
             raise self.classify_error(response)
         result = self.parse_response(response, message)
         if not warnings:
             return result
-        return SendResult(result.provider_message_id, warnings=warnings + result.warnings)
+        return SendResult(
+            result.provider_message_id,
+            warnings=warnings + result.warnings,
+            rejected=result.rejected,
+        )
 
     async def _exchange(self, request: httpx.Request) -> httpx.Response:
         limit = self.rate_limit

@@ -38,7 +38,11 @@ record of Brevo's quirks:
 
 Brevo's SMTP relay control header ``X-Mailin-Tag`` (one tag per header) becomes a
 ``tags`` entry and leaves the headers; ``X-Mailin-custom`` is passed on as it is: the
-API takes it as a header too (its own example) and echoes it in webhooks.
+API takes it as a header too (its own example) and echoes it in webhooks.  esprelay
+does not send its own id there (:mod:`esprelay.providers.stamp`): the header is one
+opaque string of the application's, with no key of esprelay's to reserve, and a tag per
+message would fill Brevo's tag statistics.  Brevo's events name the message by its
+``message-id``, the ``messageId`` the send answered, which is stored.
 
 An attachment whose name (or, without one, the ``attachment-N.ext`` esprelay gives it)
 has an extension outside Brevo's list would make Brevo refuse the whole request, so the

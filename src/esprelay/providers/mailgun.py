@@ -54,6 +54,7 @@ from esprelay.providers.base import (
     no_json_constant,
     parse_retry_after,
 )
+from esprelay.providers.stamp import ID_KEY, dropped_warning, left_out_warning
 
 #: Mailgun's documented maximum message size (25 MB, MIME as sent).
 MAX_MESSAGE_SIZE = 25 * 1024 * 1024
@@ -114,6 +115,10 @@ class MailgunProvider(HttpProvider):
             if found.translated:
                 kept, _ = remove_fields(stripped.raw, found.translated.__contains__)
                 stripped = Rewritten(kept, stripped.warnings)
+        warnings = stripped.warnings
+        if message.id:
+            options, stamped = stamp(options, message.id)
+            warnings += stamped
         data: dict[str, list[str]] = {"to": list(message.envelope.rcpt_tos)}
         for name, value in options:
             data.setdefault(name, []).append(value)
@@ -128,7 +133,7 @@ class MailgunProvider(HttpProvider):
             data=data,
             files={"message": ("message.mime", stripped.raw, "message/rfc822")},
         )
-        return Built(request, stripped.warnings)
+        return Built(request, warnings)
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
         body = json_object(response)
@@ -141,7 +146,9 @@ class MailgunProvider(HttpProvider):
                 provider=self.name,
                 status_code=response.status_code,
             )
-        return SendResult(provider_message_id=message_id)
+        # "<20240101120000.1.ABCDEF@mg.example.com>": the events name the message by
+        # the same id without the angle brackets (message.headers.message-id).
+        return SendResult(provider_message_id=message_id.strip().strip("<>") or message_id)
 
     def classify_error(self, response: httpx.Response) -> DeliveryError:
         status = response.status_code
@@ -413,6 +420,25 @@ def sending_options(raw: bytes, header: Header) -> SendingOptions:
             f"the X-Mailgun-* headers make {size} bytes of send options; Mailgun takes 16 KB"
         )
     return SendingOptions(tuple(fields), frozenset(texts))
+
+
+def stamp(
+    fields: tuple[tuple[str, str], ...], esprelay_id: str
+) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """``fields`` with esprelay's id as the user variable ``v:esprelay_id``
+    (:mod:`esprelay.providers.stamp`), which Mailgun echoes in every event's
+    ``user-variables``, and the warnings.
+
+    An ``X-Mailgun-Variables`` value under that name is dropped; if the id would take
+    the send options past Mailgun's 16 KB, the message's own are kept and the id left out.
+    """
+    name = f"v:{ID_KEY}"
+    kept = tuple(item for item in fields if item[0] != name)
+    warnings = () if len(kept) == len(fields) else (dropped_warning("X-Mailgun-Variables"),)
+    size = sum(len(n.encode()) + len(v.encode()) for n, v in kept if n[:2] in _OPTION_PREFIXES)
+    if size + len(name) + len(esprelay_id.encode()) > MAX_SEND_OPTIONS:
+        return kept, (*warnings, left_out_warning("the send options would exceed 16 KB"))
+    return (*kept, (name, esprelay_id)), warnings
 
 
 def _header_of(field: str) -> str:

@@ -23,6 +23,10 @@ Postmark's SMTP control headers (``X-PM-Tag``, ``X-PM-Metadata-*``,
 fields they stand for and leave ``Headers``, as Postmark's SMTP service applies and
 removes them (see :func:`read_controls`); a malformed one is refused at the end of DATA
 (:meth:`PostmarkProvider.refusal`).
+
+Sandbox (``ESPRELAY_POSTMARK_SANDBOX``): every message is sent with the test token
+``POSTMARK_API_TEST`` instead of the server token; Postmark answers as for a send and
+delivers nothing.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from esprelay.providers.base import (
     json_object,
     parse_retry_after,
 )
+from esprelay.providers.stamp import ID_KEY, left_out_warning, without_ours
 
 REQUEST_LIMIT = 10_000_000  # bytes, the whole JSON request
 BODY_LIMIT = 5_000_000  # bytes, each of TextBody and HtmlBody
@@ -70,6 +75,9 @@ FIELD_LIMIT = 50  # addresses in each of To, Cc, Bcc (and in all of them togethe
 #: Trace headers that describe the hops so far; Postmark writes its own.
 DROPPED_HEADERS = frozenset({"received", "return-path", "dkim-signature"})
 UNKNOWN_STREAM = 1235
+#: Postmark's test server token: a request is checked and answered as a send, and
+#: nothing is sent (``ESPRELAY_POSTMARK_SANDBOX``; Postmark's API overview).
+TEST_TOKEN = "POSTMARK_API_TEST"
 CONFIG_CODES = frozenset({10, 400, 401, 405, 412, 413, UNKNOWN_STREAM})
 _SPECIALS = set('()<>[]:;@\\,."')
 
@@ -85,12 +93,16 @@ def format_address(box: Mailbox) -> str:
 
 
 def build_payload(
-    parsed: ParsedMessage, message_stream: str | None = None, controls: Controls | None = None
+    parsed: ParsedMessage,
+    message_stream: str | None = None,
+    controls: Controls | None = None,
+    esprelay_id: str = "",
 ) -> tuple[dict[str, Any], list[str]]:
     """The /email JSON for ``parsed``, and what had to change to fit; pure.
 
     ``controls`` are the message's control headers (:func:`read_controls`): their fields
     are set (``MessageStream`` over ``message_stream``) and the headers leave ``Headers``.
+    ``esprelay_id`` goes in ``Metadata`` (:func:`stamp`).
     """
     warnings = list(parsed.warnings)
     if parsed.from_ is None:
@@ -134,7 +146,33 @@ def build_payload(
         payload["MessageStream"] = message_stream
     if controls is not None:
         payload.update(controls.fields)
+    if esprelay_id:
+        metadata, stamped = stamp(payload.get("Metadata", {}), esprelay_id)
+        warnings.extend(stamped)
+        if metadata:
+            payload["Metadata"] = metadata
+        else:
+            payload.pop("Metadata", None)
     return payload, warnings
+
+
+def stamp(metadata: dict[str, str], esprelay_id: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """``metadata`` with esprelay's id under ``esprelay_id``
+    (:mod:`esprelay.providers.stamp`), which Postmark echoes as the ``Metadata`` of its
+    webhooks, and the warnings.
+
+    An ``X-PM-Metadata-esprelay_id`` is dropped, in any case (Postmark refuses "the same
+    key with case differences"); if the id would be an eleventh field or longer than a
+    value may be, the message's own fields are kept and the id left out.
+    """
+    kept, warnings = without_ours(metadata, "X-PM-Metadata-esprelay_id", fold_case=True)
+    if len(kept) >= MAX_METADATA_FIELDS:
+        why = f"the message has {len(kept)} metadata fields, Postmark's most"
+        return kept, (*warnings, left_out_warning(why))
+    if len(esprelay_id) > MAX_METADATA_VALUE:
+        why = f"longer than a metadata value may be, {MAX_METADATA_VALUE}"
+        return kept, (*warnings, left_out_warning(why))
+    return {**kept, ID_KEY: esprelay_id}, warnings
 
 
 def _headers(
@@ -377,14 +415,19 @@ class PostmarkProvider(HttpProvider):
         api_url: str,
         message_stream: str | None = None,
         name: str | None = None,
+        *,
+        sandbox: bool = False,
     ) -> None:
         super().__init__(client, name)
+        #: Sends with Postmark's test token: answered as a send, nothing is sent.
+        self.sandbox = sandbox
         self._token = server_token
         self.endpoint = api_url.rstrip("/") + "/email"
+        token = TEST_TOKEN if sandbox else server_token.get_secret_value()
         self._target = PostTarget(
             self.endpoint,
             {
-                "X-Postmark-Server-Token": server_token.get_secret_value(),
+                "X-Postmark-Server-Token": token,
                 "Accept": "application/json",
                 "Content-Type": "application/json",
             },
@@ -405,7 +448,7 @@ class PostmarkProvider(HttpProvider):
         except MalformedControl as exc:  # spooled before the intake refused these
             raise MessageRejected(str(exc), provider=self.name) from None
         parsed = parse(message.raw, message.envelope)
-        payload, warnings = build_payload(parsed, self.message_stream, controls)
+        payload, warnings = build_payload(parsed, self.message_stream, controls, message.id)
         body = json_body(payload)
         if len(body) > REQUEST_LIMIT:
             raise MessageRejected(
@@ -486,11 +529,13 @@ def _chosen_stream(response: httpx.Response) -> str | None:
 
 class PostmarkSettings(ProviderSettings):
     """``ESPRELAY_POSTMARK_*``: a server token, and the message stream (Postmark's
-    default, ``outbound``, when unset)."""
+    default, ``outbound``, when unset); ``sandbox`` sends with Postmark's test token
+    (nothing is sent; the server token is still what ``esprelay doctor`` checks)."""
 
     server_token: SecretStr
     api_url: str = "https://api.postmarkapp.com"
     message_stream: str | None = None
+    sandbox: bool = False
 
     def api_urls(self) -> tuple[str, ...]:
         return (self.api_url,)
@@ -498,7 +543,11 @@ class PostmarkSettings(ProviderSettings):
 
 def build(settings: PostmarkSettings, client: httpx.AsyncClient) -> PostmarkProvider:
     return PostmarkProvider(
-        client, settings.server_token, settings.api_url, settings.message_stream or None
+        client,
+        settings.server_token,
+        settings.api_url,
+        settings.message_stream or None,
+        sandbox=settings.sandbox,
     )
 
 

@@ -13,6 +13,9 @@ An attachment's ``type`` takes no parameters (SendGrid refuses a ``;``), so a ca
 invitation goes out as a ``text/calendar; method=...`` entry of ``content``.
 The ``X-SMTPAPI`` header of SendGrid's SMTP relay becomes Mail Send fields and is never
 sent on; a malformed one is refused at the end of DATA (see :func:`read_smtpapi`).
+Sandbox mode (``ESPRELAY_SENDGRID_SANDBOX``): ``mail_settings.sandbox_mode.enable`` is
+true in every request, so SendGrid validates it and sends nothing; it answers ``200``
+rather than ``202``, without a message id (SendGrid's Sandbox Mode page).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from esprelay.providers.base import (
     no_json_constant,
     parse_retry_after,
 )
+from esprelay.providers.stamp import ID_KEY, left_out_warning, without_ours
 
 REQUEST_LIMIT = 30_000_000  # bytes, the whole JSON request
 #: Headers SendGrid sets itself and refuses in ``headers`` (plus every x-sg-*).
@@ -76,10 +80,16 @@ RESERVED_HEADERS = frozenset(
 
 
 def build_payload(
-    parsed: ParsedMessage, smtpapi: SmtpApi | None = None
+    parsed: ParsedMessage,
+    smtpapi: SmtpApi | None = None,
+    esprelay_id: str = "",
+    *,
+    sandbox: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
-    """The Mail Send JSON for ``parsed`` (with what its X-SMTPAPI header asks for), and
-    what had to change to fit; pure."""
+    """The Mail Send JSON for ``parsed`` (with what its X-SMTPAPI header asks for, and
+    ``esprelay_id`` as a custom argument), and what had to change to fit; pure.
+    ``sandbox``: SendGrid's sandbox mode (nothing is sent), whatever the header says of
+    the other mail settings."""
     warnings = list(parsed.warnings)
     if parsed.from_ is None:
         raise MessageRejected("no usable From address and no envelope sender", provider="sendgrid")
@@ -121,7 +131,39 @@ def build_payload(
             personalization.update(smtpapi.personalization)
         payload.update(smtpapi.fields)
         warnings.extend(smtpapi.warnings)
+    if esprelay_id:
+        _stamp(payload["personalizations"], esprelay_id, warnings)
+    if sandbox:
+        payload["mail_settings"] = {
+            **payload.get("mail_settings", {}),
+            "sandbox_mode": {"enable": True},
+        }
     return payload, warnings
+
+
+def _stamp(personalizations: list[dict[str, Any]], esprelay_id: str, warnings: list[str]) -> None:
+    """esprelay's id as the ``esprelay_id`` custom argument of every personalization
+    (:mod:`esprelay.providers.stamp`): SendGrid puts each custom argument on every event
+    of the message, asynchronous bounces included, which carry no message id otherwise.
+
+    Personalization-level, not the message-level ``custom_args``: a personalization's
+    argument would override a message-level one of the same name.  An X-SMTPAPI
+    ``unique_args`` value under the key is dropped; if the id would take the arguments
+    past SendGrid's 10,000 bytes, the message's own are kept and the id left out.
+    """
+    own: dict[str, str] = personalizations[0].get("custom_args", {})  # one X-SMTPAPI for all
+    args, dropped = without_ours(own, "X-SMTPAPI unique_args")
+    warnings.extend(dropped)
+    stamped = {**args, ID_KEY: esprelay_id}
+    if len(json_body(stamped)) <= MAX_ARGS_BYTES:
+        args = stamped
+    else:
+        warnings.append(left_out_warning(f"custom_args would exceed {MAX_ARGS_BYTES} bytes"))
+    for personalization in personalizations:
+        if args:
+            personalization["custom_args"] = dict(args)
+        else:
+            personalization.pop("custom_args", None)
 
 
 def _mailbox(box: Mailbox, *, quote: bool = True) -> dict[str, str]:
@@ -674,9 +716,17 @@ class SendGridProvider(HttpProvider):
     max_recipients = 1000
 
     def __init__(
-        self, client: httpx.AsyncClient, api_key: SecretStr, api_url: str, name: str | None = None
+        self,
+        client: httpx.AsyncClient,
+        api_key: SecretStr,
+        api_url: str,
+        name: str | None = None,
+        *,
+        sandbox: bool = False,
     ) -> None:
         super().__init__(client, name)
+        #: Sandbox mode: SendGrid validates each request and sends nothing.
+        self.sandbox = sandbox
         self._api_key = api_key
         self.endpoint = api_url.rstrip("/") + "/v3/mail/send"
         self._target = PostTarget(
@@ -706,7 +756,7 @@ class SendGridProvider(HttpProvider):
                 smtpapi = read_smtpapi(message.raw)
             except MalformedSmtpApi as exc:  # spooled before the intake refused these
                 raise MessageRejected(str(exc), provider=self.name) from None
-        payload, warnings = build_payload(parsed, smtpapi)
+        payload, warnings = build_payload(parsed, smtpapi, message.id, sandbox=self.sandbox)
         body = json_body(payload)
         if len(body) >= REQUEST_LIMIT:
             raise MessageRejected(
@@ -716,6 +766,9 @@ class SendGridProvider(HttpProvider):
 
     def parse_response(self, response: httpx.Response, message: OutboundMessage) -> SendResult:
         warnings: tuple[str, ...] = ()
+        if self.sandbox and response.status_code == 200:
+            # Sandbox mode: the request is valid and nothing was sent, so there is no id.
+            return SendResult(provider_message_id=response.headers.get("x-message-id"))
         if response.status_code != 202:
             # SendGrid answers 202 and nothing else; a 200 is some other server.
             raise ProviderConfigError(
@@ -759,17 +812,19 @@ def rate_limit_reset(response: httpx.Response, *, now: float | None = None) -> f
 
 
 class SendGridSettings(ProviderSettings):
-    """``ESPRELAY_SENDGRID_*``: an API key with Mail Send permission."""
+    """``ESPRELAY_SENDGRID_*``: an API key with Mail Send permission; ``sandbox`` turns
+    on SendGrid's sandbox mode (requests are validated, nothing is sent)."""
 
     api_key: SecretStr
     api_url: str = "https://api.sendgrid.com"
+    sandbox: bool = False
 
     def api_urls(self) -> tuple[str, ...]:
         return (self.api_url,)
 
 
 def build(settings: SendGridSettings, client: httpx.AsyncClient) -> SendGridProvider:
-    return SendGridProvider(client, settings.api_key, settings.api_url)
+    return SendGridProvider(client, settings.api_key, settings.api_url, sandbox=settings.sandbox)
 
 
 KIND = ProviderKind("sendgrid", SendGridSettings, build, "SendGrid v3 Mail Send (JSON)")

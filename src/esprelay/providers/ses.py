@@ -6,7 +6,8 @@
      "Destination": {"ToAddresses": [every envelope recipient]},
      "Content": {"Raw": {"Data": base64 of the message}},
      "ConfigurationSetName": X-SES-CONFIGURATION-SET, else ESPRELAY_SES_CONFIGURATION_SET,
-     "EmailTags": [{"Name", "Value"} of X-SES-MESSAGE-TAGS] (when given)}
+     "EmailTags": [{"Name", "Value"} of X-SES-MESSAGE-TAGS, then esprelay_id: the
+                   spool id, which SES echoes in its events (see :func:`stamp`)]}
 
 The message is sent as received except that its Bcc header is removed, the two SES
 control headers translated above are removed (as SES's SMTP interface removes them:
@@ -57,6 +58,7 @@ from esprelay.providers.base import (
     json_object,
     parse_retry_after,
 )
+from esprelay.providers.stamp import ID_KEY, dropped_warning, left_out_warning
 
 #: SES counts the message after base64: 40 MB.
 MAX_ENCODED_SIZE = 40 * 1024 * 1024
@@ -257,6 +259,26 @@ def _parse_tags(value: str) -> tuple[tuple[str, str], ...]:
     return tuple(tags)
 
 
+def stamp(
+    tags: tuple[tuple[str, str], ...], esprelay_id: str
+) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """``tags`` with esprelay's id as the message tag ``esprelay_id``
+    (:mod:`esprelay.providers.stamp`), and the warnings.
+
+    SendEmail takes ``EmailTags`` whatever the content (Raw included), and SES puts them
+    in the ``mail.tags`` of the events a configuration set publishes.  Notifications
+    sent without a configuration set (an identity's bounce and complaint topics) carry
+    no tags: they name the message by ``mail.messageId``, the id the send answered.  An
+    ``X-SES-MESSAGE-TAGS`` tag of that name is dropped; an id that is no tag value (only
+    ASCII letters, digits, ``-`` and ``_``, at most 256) is left out.
+    """
+    kept = tuple(tag for tag in tags if tag[0] != ID_KEY)
+    warnings = () if len(kept) == len(tags) else (dropped_warning("X-SES-MESSAGE-TAGS"),)
+    if not _TAG_TEXT.fullmatch(esprelay_id):
+        return kept, (*warnings, left_out_warning("not an SES tag value"))
+    return (*kept, (ID_KEY, esprelay_id)), warnings
+
+
 def _show(value: str, limit: int = 60) -> str:
     """A header value quoted for a reply or a log line: ASCII, one line, bounded."""
     shown = ascii(value)
@@ -340,10 +362,15 @@ class SesProvider(HttpProvider):
         payload["Destination"] = {"ToAddresses": list(message.envelope.rcpt_tos)}
         payload["Content"] = {"Raw": {"Data": data.decode("ascii")}}
         configuration_set = self.configuration_set
+        tags: tuple[tuple[str, str], ...] = ()
         if controls is not None:
             configuration_set = controls.configuration_set or configuration_set
-            if controls.tags:
-                payload["EmailTags"] = [{"Name": n, "Value": v} for n, v in controls.tags]
+            tags = controls.tags
+        if message.id:
+            tags, stamped = stamp(tags, message.id)
+            warnings += stamped
+        if tags:
+            payload["EmailTags"] = [{"Name": n, "Value": v} for n, v in tags]
         if configuration_set:
             payload["ConfigurationSetName"] = configuration_set
         request = httpx.Request(

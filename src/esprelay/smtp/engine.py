@@ -249,7 +249,7 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         listener = self.listener
         session = self.session = Session(self._loop)
-        session.peer = transport.get_extra_info("peername")
+        session.peer = self.peer_of(transport)
         client = self._client = client_address(session.peer)
         policy = listener.policy
         refusal = policy.admit(self, client)
@@ -841,7 +841,7 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
         self._input.clear()
         # RFC 3207 4.2: forget what the client said before; it must EHLO again.
         session = self.session = Session(self._loop)
-        session.peer = secure.get_extra_info("peername")
+        session.peer = self.peer_of(secure)
         session.ssl = {
             "ssl_object": secure.get_extra_info("ssl_object"),
             "peercert": secure.get_extra_info("peercert"),

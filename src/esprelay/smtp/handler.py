@@ -81,7 +81,8 @@ class Connection(Protocol):
 
     @property
     def client(self) -> str:
-        """The client's IP address."""
+        """The client's IP address (behind a load balancer, the one its PROXY protocol
+        header named: :meth:`~esprelay.smtp.session_policy.PolicyConnection.peer_of`)."""
 
     @property
     def tls(self) -> bool:

@@ -26,7 +26,7 @@ import binascii
 import collections
 import functools
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, syntax
@@ -38,6 +38,7 @@ from esprelay.smtp.engine import IDENT, Listener, SMTPSession
 from esprelay.smtp.guards import Guards
 from esprelay.smtp.handler import Connection, RelayHandler, client_address
 from esprelay.smtp.policy import RelayPolicy
+from esprelay.smtp.proxy import ProxiedSession, ProxyConfig, gated
 from esprelay.smtp.replies import (
     AUTH_BAD_BASE64,
     AUTH_CANNOT_SPLIT,
@@ -151,8 +152,9 @@ class RelaySMTP(PolicyConnection, SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._admitted:
             super().connection_made(transport)  # the same connection after STARTTLS
+            self._proxied(transport)
             return
-        client = self._client = client_address(transport.get_extra_info("peername"))
+        client = self._client = client_address(self.peer_of(transport))
         refusal = self.policy.admit(self, client)
         if refusal is not None:
             # aiosmtpd never hears of this connection.
@@ -162,6 +164,7 @@ class RelaySMTP(PolicyConnection, SMTP):
             return
         self._admitted = True
         super().connection_made(transport)
+        self._proxied(transport)
         policy = self.policy
         self._auth_needs_tls = policy.auth_requires_tls(client)
         if policy.implicit_tls:
@@ -169,6 +172,13 @@ class RelaySMTP(PolicyConnection, SMTP):
             self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
         self._timer = SessionTimer(self, policy.max_session_seconds)
         self._timer.arm(self.idle_timeout)
+
+    def _proxied(self, transport: asyncio.BaseTransport) -> None:
+        """aiosmtpd sets ``session.peer`` from the socket; behind a load balancer it is
+        the client the PROXY header named (only aiosmtpd's "Peer:" log line, written
+        before, shows the balancer)."""
+        if self.proxied_peer is not None and self.session is not None:
+            self.session.peer = self.peer_of(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
@@ -474,13 +484,16 @@ def smtp_factory(
     command_size_limit: int = 512,
     sessions: set[Any] | None = None,
     engine: str = "native",
+    proxy: ProxyConfig | None = None,
 ) -> tuple[Any, set[Any]]:
     """A protocol factory for ``loop.create_server`` and the set of live sessions.
 
     With ``implicit_tls`` the listener itself is TLS (SMTPS, the caller passes ``ssl=``):
     AUTH is offered at once and STARTTLS is not.  Otherwise ``tls`` enables STARTTLS.
     ``engine`` is ``native`` (:mod:`esprelay.smtp.engine`) or ``aiosmtpd``
-    (:class:`RelaySMTP`); both speak the same dialogue.
+    (:class:`RelaySMTP`); both speak the same dialogue.  With ``proxy`` every connection
+    starts with a PROXY protocol header (:mod:`esprelay.smtp.proxy`), before any TLS:
+    the SMTPS port's listener is then plain TCP (no ``ssl=``) and the gate starts TLS.
     """
     if engine not in ("native", "aiosmtpd"):
         raise ValueError(f"unknown SMTP engine {engine!r}")
@@ -507,7 +520,9 @@ def smtp_factory(
             policy=session_policy,
             tls_context=tls_context,
         )
-        return functools.partial(SMTPSession, listener), sessions
+        return _behind_proxy(
+            functools.partial(SMTPSession, listener), proxy, tls, implicit_tls, timeout
+        ), sessions
     mail_log = logging.getLogger("mail.log")
     if _filter not in mail_log.filters:
         mail_log.addFilter(_filter)
@@ -543,4 +558,18 @@ def smtp_factory(
         )
         return smtp
 
-    return factory, sessions
+    return _behind_proxy(factory, proxy, tls, implicit_tls, timeout), sessions
+
+
+def _behind_proxy(
+    factory: Callable[[], ProxiedSession],
+    proxy: ProxyConfig | None,
+    tls: TLSContextSource | None,
+    implicit_tls: bool,
+    timeout: float,
+) -> Callable[[], Any]:
+    """``factory``, or with ``proxy`` a PROXY protocol gate in front of it."""
+    if proxy is None:
+        return factory
+    context = tls.listener_context() if tls is not None and implicit_tls else None
+    return gated(proxy, factory, tls_context=context, handshake_timeout=min(60.0, timeout or 60.0))

@@ -305,6 +305,17 @@ class PolicyConnection:
     _auth_needs_tls: bool
     users: UserDB
     tls_context: ssl.SSLContext | None
+    #: The client a PROXY protocol header named (esprelay.smtp.proxy), set before
+    #: ``connection_made``; None when the client connected itself.
+    proxied_peer: Any = None
+
+    def peer_of(self, transport: asyncio.BaseTransport) -> Any:
+        """The client's ``(host, port)``: the one place an engine reads it, so that
+        behind a load balancer everything (admission, trust, AUTH limits, logs, the
+        message's metadata) sees the client the PROXY header named."""
+        if self.proxied_peer is not None:
+            return self.proxied_peer
+        return transport.get_extra_info("peername")
 
     @property
     def tls(self) -> bool:

@@ -3,8 +3,10 @@
 The spool owns the one retry mechanism: a message is ``queued`` with a
 ``next_attempt_at``; a worker *leases* due messages (``in_flight`` with an owner and
 an expiry), then records the outcome: ``delivered``, back to ``queued`` with a later
-``next_attempt_at``, or ``failed``.  A lease that expires (its worker died) makes the
-message due again, so nothing in flight is lost with a process.
+``next_attempt_at``, or ``failed``; or, when the provider accepted the message for
+some recipients only, back to ``queued`` for the others alone (``mark_partial``).  A
+lease that expires (its worker died) makes the message due again, so nothing in
+flight is lost with a process.
 """
 
 from __future__ import annotations
@@ -86,6 +88,31 @@ class Spool(Protocol):
 
     async def mark_failed(self, id: str, *, owner: str, provider: str, error: str) -> bool: ...
 
+    async def mark_partial(
+        self,
+        id: str,
+        *,
+        owner: str,
+        provider: str,
+        provider_message_id: str | None,
+        note: str,
+        rcpt_tos: Sequence[str],
+        next_attempt_at: float | None,
+    ) -> bool:
+        """Record an attempt the provider accepted for some recipients only, in one write.
+
+        The attempt goes into the history as ``partial`` with ``provider_message_id``
+        and ``note`` (which recipients were accepted, bounced and retried; also the
+        ``last_error``).  ``rcpt_tos`` are the recipients still to be tried: the
+        message's envelope is narrowed to them and it is queued again for
+        ``next_attempt_at``, so the accepted ones are never sent to again.  Without
+        any (the rest were bounced), the message is delivered and keeps its envelope.
+
+        False, and nothing written, if ``owner`` no longer holds the lease: the
+        message is then tried again whole, as after a crash (at least once).
+        """
+        ...
+
     async def get(self, id: str, *, with_body: bool = False) -> SpooledMessage | None: ...
 
     async def list(
@@ -97,6 +124,26 @@ class Spool(Protocol):
         ...
 
     async def delete(self, id: str) -> bool: ...
+
+    async def hold(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Hold queued and in-flight messages (every one with ``ids`` None): a held
+        message is never leased (one in flight finishes its attempt, and a deferral
+        leaves it held).  Returns the ids now held (``esprelay queue hold``)."""
+        ...
+
+    async def release(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Release held messages (every one with ``ids`` None) and make them due now;
+        return their ids (``esprelay queue release``)."""
+        ...
+
+    async def flush(self) -> int:
+        """Make every queued message that is not held due now; return how many
+        (``esprelay queue flush``)."""
+        ...
+
+    async def held_ids(self) -> set[str]:
+        """The ids of the held messages."""
+        ...
 
     async def stats(self) -> SpoolStats: ...
 

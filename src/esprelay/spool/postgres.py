@@ -50,6 +50,17 @@ import asyncpg
 
 from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import ConfigError, SpoolError, SpoolFull
+from esprelay.events.model import Event, InboxResult, StoredEvent
+from esprelay.events.rows import EVENT_COLUMNS, event_row, stored_event
+from esprelay.events.status import (
+    ENTRY_COLUMNS,
+    STATUS_KINDS,
+    Applied,
+    MessageStatus,
+    RecipientStatus,
+    entry,
+    entry_row,
+)
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
 from esprelay.spool.base import NewPart, OnePartPut, SpoolStats, new_message_id
 
@@ -119,6 +130,69 @@ MIGRATIONS: tuple[str, ...] = (
         provider_message_id text,
         PRIMARY KEY (message_id, number)
     );
+    """,
+    # 2: the inbox of verified ESP events (esprelay.events), each stored once.
+    """
+    CREATE TABLE esprelay_events (
+        seq bigserial PRIMARY KEY,
+        provider text NOT NULL,
+        event_id text NOT NULL,
+        kind text NOT NULL,
+        recipient text,
+        at double precision NOT NULL,
+        smtp_status text,
+        diagnostic text,
+        esp_message_id text,
+        esprelay_id text,
+        remote_mta text,
+        raw text NOT NULL,
+        received_at double precision NOT NULL,
+        message_id text,
+        processed_at double precision,
+        UNIQUE (provider, event_id)
+    );
+    CREATE INDEX esprelay_events_pending ON esprelay_events (seq) WHERE processed_at IS NULL;
+    """,
+    # 3: esprelay queue hold/release; a held message is never leased.
+    """
+    ALTER TABLE esprelay_messages ADD COLUMN held boolean NOT NULL DEFAULT false;
+    """,
+    # 4: what the ESP events said of each message (esprelay.events.status): its timeline
+    # and each recipient's latest status, gone with the message.
+    """
+    CREATE TABLE esprelay_message_timeline (
+        message_id text NOT NULL REFERENCES esprelay_messages (id) ON DELETE CASCADE,
+        provider text NOT NULL,
+        event_id text NOT NULL,
+        recipient text NOT NULL,
+        kind text NOT NULL,
+        at double precision NOT NULL,
+        smtp_status text,
+        diagnostic text,
+        remote_mta text,
+        seq bigserial NOT NULL,
+        PRIMARY KEY (message_id, provider, event_id)
+    );
+    CREATE TABLE esprelay_message_recipients (
+        message_id text NOT NULL REFERENCES esprelay_messages (id) ON DELETE CASCADE,
+        recipient text NOT NULL,
+        provider text NOT NULL,
+        event_id text NOT NULL,
+        kind text NOT NULL,
+        at double precision NOT NULL,
+        smtp_status text,
+        diagnostic text,
+        remote_mta text,
+        dsn text[] NOT NULL DEFAULT '{}',
+        PRIMARY KEY (message_id, recipient)
+    );
+    """,
+    # 5: messages by the id the ESP's send answered, for the events that carry no
+    # esprelay id (find_by_provider_message_id); only the rows an ESP accepted.
+    """
+    CREATE INDEX esprelay_messages_provider_message_id
+        ON esprelay_messages (provider, provider_message_id)
+        WHERE provider_message_id IS NOT NULL;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -239,6 +313,17 @@ async def upgrade(conn: asyncpg.Connection) -> tuple[int, int]:
             await conn.execute(MIGRATIONS[version - 1])
             await conn.execute("INSERT INTO esprelay_schema (version) VALUES ($1)", version)
     return before, SCHEMA_VERSION
+
+
+async def schema_version(url: str) -> int:
+    """The schema version of the spool at ``url``; 0 where there is none (nothing is
+    created: the queue commands look before they open)."""
+    with _url_errors(), _translate_errors("reading the spool schema version"):
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, server_settings=_SERVER_SETTINGS)
+        try:
+            return await _current_version(conn)
+        finally:
+            await conn.close()
 
 
 async def migrate(url: str) -> tuple[int, int]:
@@ -533,8 +618,8 @@ class PostgresSpool(OnePartPut):
             "leasing messages",
             "WITH due AS ("
             " SELECT id FROM esprelay_messages"
-            f" WHERE (state = 'queued' AND next_attempt_at <= {_NOW})"
-            f" OR (state = 'in_flight' AND lease_expires_at <= {_NOW})"
+            f" WHERE ((state = 'queued' AND next_attempt_at <= {_NOW})"
+            f" OR (state = 'in_flight' AND lease_expires_at <= {_NOW})) AND NOT held"
             " ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)"
             ", leased AS ("
             " UPDATE esprelay_messages AS m SET state = 'in_flight', lease_owner = $2,"
@@ -599,6 +684,7 @@ class PostgresSpool(OnePartPut):
         provider_message_id: str | None,
         next_attempt_at: float | None,
         drop_body: bool,
+        rcpt_tos: Sequence[str] | None = None,
     ) -> bool:
         finished = await self._fetchval(
             f"recording a {outcome} attempt",
@@ -608,6 +694,7 @@ class PostgresSpool(OnePartPut):
             " last_error = $4, provider = $5,"
             " provider_message_id = COALESCE($6, provider_message_id),"
             " next_attempt_at = COALESCE($7, next_attempt_at)"
+            + (", rcpt_tos = $9" if rcpt_tos is not None else "")
             + (", has_body = false" if drop_body else "")
             + " WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2"
             " RETURNING id, attempts, updated_at)"
@@ -631,6 +718,7 @@ class PostgresSpool(OnePartPut):
             provider_message_id,
             next_attempt_at,
             outcome,
+            *(() if rcpt_tos is None else (list(rcpt_tos),)),
         )
         return finished is not None
 
@@ -675,6 +763,34 @@ class PostgresSpool(OnePartPut):
             provider_message_id=None,
             next_attempt_at=None,
             drop_body=False,
+        )
+
+    async def mark_partial(
+        self,
+        id: str,
+        *,
+        owner: str,
+        provider: str,
+        provider_message_id: str | None,
+        note: str,
+        rcpt_tos: Sequence[str],
+        next_attempt_at: float | None,
+    ) -> bool:
+        # One statement: the envelope narrowed to the recipients still to be tried and
+        # the attempt recorded commit together, or neither does (the lease then
+        # expires and the message is tried again whole).
+        requeue = bool(rcpt_tos)
+        return await self._finish(
+            id,
+            owner,
+            provider,
+            state=MessageState.QUEUED if requeue else MessageState.DELIVERED,
+            outcome="partial",
+            error=note,
+            provider_message_id=provider_message_id,
+            next_attempt_at=next_attempt_at if requeue else None,
+            drop_body=not requeue,
+            rcpt_tos=rcpt_tos if requeue else None,
         )
 
     async def get(self, id: str, *, with_body: bool = False) -> SpooledMessage | None:
@@ -769,6 +885,52 @@ class PostgresSpool(OnePartPut):
         )
         return None if value is None else float(value)
 
+    async def hold(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Hold queued and in-flight messages (all of them with ``ids`` None): they are
+        not leased until released; one in flight finishes its attempt.  Returns the ids
+        held (already held ones included)."""
+        rows = await self._fetch(
+            "holding messages",
+            "UPDATE esprelay_messages SET held = true"
+            " WHERE state IN ('queued', 'in_flight') AND ($1::text[] IS NULL OR id = ANY($1))"
+            " RETURNING id",
+            None if ids is None else list(ids),
+        )
+        return _in_order(ids, [row["id"] for row in rows])
+
+    async def release(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Release held messages (all with ``ids`` None), due now; return their ids."""
+        rows = await self._fetch(
+            "releasing messages",
+            "WITH released AS ("
+            f" UPDATE esprelay_messages SET held = false, updated_at = {_NOW},"
+            f" next_attempt_at = least(next_attempt_at, {_NOW})"
+            " WHERE held AND ($1::text[] IS NULL OR id = ANY($1)) RETURNING id)"
+            " SELECT released.id FROM released, LATERAL pg_notify($2, '') AS notified",
+            None if ids is None else list(ids),
+            CHANNEL,
+        )
+        return _in_order(ids, [row["id"] for row in rows])
+
+    async def flush(self) -> int:
+        """Make every queued message that is not held due now; return how many."""
+        flushed = await self._fetchval(
+            "making the queue due now",
+            "WITH flushed AS ("
+            f" UPDATE esprelay_messages SET next_attempt_at = {_NOW}, updated_at = {_NOW}"
+            f" WHERE state = 'queued' AND NOT held AND next_attempt_at > {_NOW} RETURNING 1)"
+            " SELECT count(*) FROM flushed, LATERAL pg_notify($1, '') AS notified",
+            CHANNEL,
+        )
+        return int(flushed)
+
+    async def held_ids(self) -> set[str]:
+        """The ids of the held messages."""
+        rows = await self._fetch(
+            "listing held messages", "SELECT id FROM esprelay_messages WHERE held"
+        )
+        return {row["id"] for row in rows}
+
     async def purge(self, *, delivered_before: float, failed_before: float) -> int:
         removed = await self._fetchval(
             "purging finished messages",
@@ -782,6 +944,175 @@ class PostgresSpool(OnePartPut):
         return int(removed)
 
     # endregion
+    # region event inbox (esprelay.events): verified ESP events, stored once each
+
+    async def put_events(self, events: Sequence[Event]) -> _InboxResults:
+        """Store ``events`` in one statement; return once committed (see EventInbox)."""
+        if not events:
+            return []
+        # The first of several events with one key is the one stored; the others are
+        # duplicates, as they would be in separate requests.
+        first: dict[tuple[str, str], int] = {}
+        for index, event in enumerate(events):
+            first.setdefault((event.provider, event.provider_event_id), index)
+        columns: list[list[Any]] = [[] for _ in range(11)]
+        for index in first.values():
+            for column, value in zip(columns, event_row(events[index]), strict=True):
+                column.append(_no_nul(value))
+        rows = await self._fetch("storing events", _INSERT_EVENTS, *columns)
+        inserted = {(row["provider"], row["event_id"]): row["message_id"] for row in rows}
+        results = []
+        for index, event in enumerate(events):
+            key = (_no_nul(event.provider), _no_nul(event.provider_event_id))
+            stored = first.get((event.provider, event.provider_event_id)) == index
+            stored = stored and key in inserted
+            results.append(InboxResult(stored, inserted.get(key) if stored else None))
+        return results
+
+    async def pending_events(self, limit: int = 100) -> _StoredEvents:
+        rows = await self._fetch(
+            "reading events",
+            f"SELECT {EVENT_COLUMNS} FROM esprelay_events WHERE processed_at IS NULL"
+            " ORDER BY seq LIMIT $1",
+            limit,
+        )
+        return [stored_event(tuple(row)) for row in rows]
+
+    async def finish_events(self, seqs: Sequence[int]) -> int:
+        if not seqs:
+            return 0
+        count = await self._fetchval(
+            "finishing events",
+            "WITH done AS (UPDATE esprelay_events SET processed_at = "
+            f"{_NOW} WHERE seq = ANY($1::bigint[]) AND processed_at IS NULL RETURNING 1)"
+            " SELECT count(*) FROM done",
+            list(seqs),
+        )
+        return int(count)
+
+    async def purge_events(self, *, processed_before: float) -> int:
+        count = await self._fetchval(
+            "purging events",
+            "WITH removed AS (DELETE FROM esprelay_events"
+            " WHERE processed_at IS NOT NULL AND processed_at < $1 RETURNING 1)"
+            " SELECT count(*) FROM removed",
+            processed_before,
+        )
+        return int(count)
+
+    # endregion
+    # region message status (esprelay.events.status): what the ESP events said
+
+    async def apply_event(
+        self, message_id: str, recipient: str, event: Event, *, dsn: str | None = None
+    ) -> Applied | None:
+        """See :class:`~esprelay.events.status.MessageStatusStore`; None when the message
+        is not in the spool (purged meanwhile)."""
+        row = [_no_nul(value) for value in (message_id, *entry_row(recipient, event))]
+        pool = self._require_pool()
+        with _translate_errors("applying an event"):
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                # Locks the message's row: a purge waits, or went first.
+                found = await conn.fetchval(
+                    "SELECT 1 FROM esprelay_messages WHERE id = $1 FOR SHARE", message_id
+                )
+                if found is None:
+                    return None
+                new = await conn.fetchval(_INSERT_TIMELINE, *row) is not None
+                changed = new and event.kind in STATUS_KINDS
+                if changed:
+                    changed = await conn.fetchval(_UPSERT_RECIPIENT, *row) is not None
+                claimed = False
+                if dsn is not None:
+                    claimed = await conn.fetchval(_CLAIM_DSN, dsn, row[0], row[3]) is not None
+        return Applied(new, changed, claimed)
+
+    async def release_dsn(self, message_id: str, recipient: str, kind: str) -> None:
+        await self._fetch(
+            "releasing a DSN",
+            "UPDATE esprelay_message_recipients SET dsn = array_remove(dsn, $3)"
+            " WHERE message_id = $1 AND recipient = $2",
+            message_id,
+            _no_nul(recipient),
+            kind,
+        )
+
+    async def message_status(self, message_id: str) -> MessageStatus:
+        pool = self._require_pool()
+        with _translate_errors("reading a message's status"):
+            async with (
+                pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                recipients = await conn.fetch(
+                    f"SELECT {ENTRY_COLUMNS}, dsn FROM esprelay_message_recipients"
+                    " WHERE message_id = $1 ORDER BY recipient",
+                    message_id,
+                )
+                timeline = await conn.fetch(
+                    f"SELECT {ENTRY_COLUMNS} FROM esprelay_message_timeline"
+                    " WHERE message_id = $1 ORDER BY at, seq",
+                    message_id,
+                )
+        return MessageStatus(
+            recipients=tuple(RecipientStatus(entry(tuple(r)), tuple(r["dsn"])) for r in recipients),
+            timeline=tuple(entry(tuple(r)) for r in timeline),
+        )
+
+    async def search_messages(
+        self,
+        *,
+        header_message_id: str | None = None,
+        recipient: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> _Messages:
+        """Messages by the Message-ID header kept at intake (``meta.message_id_header``),
+        a recipient (case-insensitive) and creation time (``since`` <= t < ``until``)."""
+        rows = await self._fetch(
+            "searching messages",
+            f"SELECT {_COLUMNS} FROM esprelay_messages"
+            " WHERE ($1::text IS NULL OR meta->>'message_id_header' = $1)"
+            " AND ($2::text IS NULL OR EXISTS"
+            " (SELECT 1 FROM unnest(rcpt_tos) AS r WHERE lower(r) = $2))"
+            " AND ($3::float8 IS NULL OR created_at >= $3)"
+            " AND ($4::float8 IS NULL OR created_at < $4)"
+            " ORDER BY created_at, id LIMIT $5",
+            None if header_message_id is None else _no_nul(header_message_id),
+            None if recipient is None else _no_nul(recipient.lower()),
+            since,
+            until,
+            limit,
+        )
+        return [_record_to_message(row) for row in rows]
+
+    # endregion
+    # region lookup by the ESP's message id (events that carry no esprelay id)
+
+    async def find_by_provider_message_id(
+        self, provider: str, provider_message_id: str
+    ) -> SpooledMessage | None:
+        """The message ``provider`` (its configured name) accepted as
+        ``provider_message_id`` (the id its send API answered), without its body; the
+        newest if the ESP gave one id twice; None if none."""
+        rows = await self._fetch(
+            "finding a message by its ESP id",
+            f"SELECT {_COLUMNS} FROM esprelay_messages {_BY_PROVIDER_ID}",
+            _no_nul(provider),
+            _no_nul(provider_message_id),
+        )
+        return _record_to_message(rows[0]) if rows else None
+
+    # endregion
+
+
+def _in_order(ids: Sequence[str] | None, changed: list[str]) -> tuple[str, ...]:
+    """``changed`` in the order of ``ids`` (as given), or sorted when all were asked for."""
+    if ids is None:
+        return tuple(sorted(changed))
+    done = set(changed)
+    return tuple(id for id in dict.fromkeys(ids) if id in done)
 
 
 def _set_event(event: asyncio.Event, *_: object) -> None:
@@ -816,4 +1147,86 @@ def _record_to_message(
     )
 
 
-__all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresSpool", "migrate", "redact_url", "upgrade"]
+__all__ = [
+    "CHANNEL",
+    "SCHEMA_VERSION",
+    "PostgresSpool",
+    "migrate",
+    "redact_url",
+    "schema_version",
+    "upgrade",
+]
+
+
+# region lookup by the ESP's message id (events that carry no esprelay id)
+
+_BY_PROVIDER_ID = (
+    "WHERE provider = $1 AND provider_message_id = $2 ORDER BY created_at DESC, id DESC LIMIT 1"
+)
+#: The message an event names by the ESP's id, as a subquery of _INSERT_EVENTS.
+_SENT_AS = (
+    "SELECT s.id FROM esprelay_messages AS s WHERE s.provider = e.provider"
+    " AND s.provider_message_id = e.esp_message_id ORDER BY s.created_at DESC, s.id DESC LIMIT 1"
+)
+
+# endregion
+# region event inbox statements (esprelay.events)
+
+# (``list`` in the class is its method of that name.)
+_InboxResults = list[InboxResult]
+_StoredEvents = list[StoredEvent]
+
+# One statement for a whole request's events: arrays of columns, unnested; the
+# spool message an echoed id names is looked up on the way in.
+_INSERT_EVENTS = (
+    "INSERT INTO esprelay_events (provider, event_id, kind, recipient, at, smtp_status,"
+    " diagnostic, esp_message_id, esprelay_id, remote_mta, raw, received_at, message_id)"
+    " SELECT e.provider, e.event_id, e.kind, e.recipient, e.at, e.smtp_status, e.diagnostic,"
+    f" e.esp_message_id, e.esprelay_id, e.remote_mta, e.raw, {_NOW},"
+    " COALESCE((SELECT m.id FROM esprelay_messages AS m WHERE m.id = e.esprelay_id),"
+    f" ({_SENT_AS}))"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[],"
+    " $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])"
+    " AS e(provider, event_id, kind, recipient, at, smtp_status, diagnostic, esp_message_id,"
+    " esprelay_id, remote_mta, raw)"
+    " ON CONFLICT (provider, event_id) DO NOTHING"
+    " RETURNING provider, event_id, message_id"
+)
+
+
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text holds no NUL character: an ESP's string loses them."""
+    return value.replace("\x00", "") if isinstance(value, str) else value
+
+
+# endregion
+
+
+# region message status statements (esprelay.events.status)
+
+_Messages = list[SpooledMessage]
+
+# ($1 message_id, $2 provider, $3 event_id, $4 recipient, $5 kind, $6 at, $7 smtp_status,
+# $8 diagnostic, $9 remote_mta)
+_INSERT_TIMELINE = (
+    "INSERT INTO esprelay_message_timeline (message_id, provider, event_id, recipient, kind,"
+    " at, smtp_status, diagnostic, remote_mta) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    " ON CONFLICT DO NOTHING RETURNING 1"
+)
+# The same parameters: the recipient's status, unless it holds a more recent event.
+_UPSERT_RECIPIENT = (
+    "INSERT INTO esprelay_message_recipients AS r (message_id, provider, event_id, recipient,"
+    " kind, at, smtp_status, diagnostic, remote_mta)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    " ON CONFLICT (message_id, recipient) DO UPDATE SET provider = excluded.provider,"
+    " event_id = excluded.event_id, kind = excluded.kind, at = excluded.at,"
+    " smtp_status = excluded.smtp_status, diagnostic = excluded.diagnostic,"
+    " remote_mta = excluded.remote_mta WHERE excluded.at >= r.at RETURNING 1"
+)
+# ($1 kind, $2 message_id, $3 recipient): claimed only if no DSN of that kind was.
+_CLAIM_DSN = (
+    "UPDATE esprelay_message_recipients SET dsn = array_append(dsn, $1)"
+    " WHERE message_id = $2 AND recipient = $3 AND NOT ($1 = ANY (dsn)) RETURNING 1"
+)
+
+# endregion

@@ -51,6 +51,18 @@ from typing import Any, TypeVar
 
 from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import SpoolError, SpoolFull
+from esprelay.events.model import Event, InboxResult, StoredEvent
+from esprelay.events.rows import EVENT_COLUMNS, event_row, stored_event
+from esprelay.events.status import (
+    ENTRY_COLUMNS,
+    STATUS_KINDS,
+    Applied,
+    MessageStatus,
+    RecipientStatus,
+    dsn_words,
+    entry,
+    entry_row,
+)
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
 from esprelay.spool.base import NewPart, OnePartPut, SpoolStats, new_message_id
 
@@ -64,7 +76,8 @@ _Item = tuple[Operation, "asyncio.Future[Any]", asyncio.AbstractEventLoop, bool]
 
 # 2: the indexes cover only the rows a query looks for (see _SCHEMA); _migrate.
 # 3: large bodies in files beside the database (``body_file``, see the module doc).
-SCHEMA_VERSION = 3
+# 4: ``held`` (esprelay queue hold/release): a held message is never leased.
+SCHEMA_VERSION = 4
 #: Bodies this large or larger go to a file of their own (see the module doc).  Below
 #: ~100 KB SQLite reads and writes a blob faster than the file system does
 #: (https://www.sqlite.org/intern-v-extern-blob.html); a typical message stays inline.
@@ -92,7 +105,8 @@ CREATE TABLE IF NOT EXISTS messages (
     meta TEXT NOT NULL DEFAULT '{}',
     body_file INTEGER NOT NULL DEFAULT 0
 );
--- One row per attempt that carries information of its own: a deferral or a failure.
+-- One row per attempt that carries information of its own: a deferral, a failure or a
+-- partial delivery (some recipients accepted; see ``mark_partial``).
 -- A delivery is the message's last attempt and the messages row holds all of it
 -- (number = attempts, at = updated_at, provider, provider_message_id), so it gets no
 -- row; ``get`` puts it back into the history.  Files written before keep theirs.
@@ -152,8 +166,8 @@ _INSERTS = {
 # RETURNING would copy every body through SQLite's temporary table).
 _DUE = (
     f"SELECT {_COLUMNS}, raw, body_file FROM messages"
-    " WHERE (state = 'queued' AND next_attempt_at <= ?1)"
-    " OR (state = 'in_flight' AND lease_expires_at <= ?1)"
+    " WHERE ((state = 'queued' AND next_attempt_at <= ?1)"
+    " OR (state = 'in_flight' AND lease_expires_at <= ?1)) AND held = 0"
     " ORDER BY next_attempt_at, id LIMIT ?2"
 )
 _CLAIM = (
@@ -233,6 +247,29 @@ def _finish_statements(
     )
 
 
+# A partial attempt (``mark_partial``), for (id, now, provider, owner, note,
+# provider_message_id[, rcpt_tos, next_attempt_at]): queued again for the recipients
+# still to be tried, or delivered (the others were bounced) with its body dropped.
+_PARTIAL_SET = (
+    "attempts = attempts + 1, updated_at = ?2, lease_owner = NULL, lease_expires_at = NULL,"
+    " provider = ?3, last_error = ?5, provider_message_id = COALESCE(?6, provider_message_id)"
+)
+_PARTIAL_WHERE = " WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?4"
+_PARTIAL_REQUEUE = (
+    f"UPDATE messages SET state = 'queued', {_PARTIAL_SET}, rcpt_tos = ?7,"
+    f" next_attempt_at = ?8{_PARTIAL_WHERE}"
+)
+_PARTIAL_DELIVERED = (
+    f"UPDATE messages SET state = 'delivered', {_PARTIAL_SET}, raw = NULL,"
+    f" body_file = 0{_PARTIAL_WHERE}"
+)
+# (id, now, provider, note, provider_message_id): the attempt row, numbered as counted.
+_PARTIAL_ATTEMPT = (
+    "INSERT OR REPLACE INTO attempts (message_id, number, at, provider, outcome, error,"
+    " provider_message_id) SELECT ?1, attempts, ?2, ?3, 'partial', ?4, ?5"
+    " FROM messages WHERE id = ?1"
+)
+
 _STATES = {state.value: state for state in MessageState}
 
 
@@ -279,7 +316,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
     Version 1 indexed every row by (state, time): its two indexes are built again as the
     partial ones of ``_INDEXES``, under the same names, so an earlier esprelay can still
     open the file (its queries work with them, as they do with the old ones).  Version 3
-    adds ``body_file`` (0 for every row written before: their bodies are in the rows).
+    adds ``body_file`` (0 for every row written before: their bodies are in the rows),
+    version 4 ``held`` (0: nothing was held before).  A new file gets both columns here
+    too, by the same statements.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -294,6 +333,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
         if "body_file" not in columns:  # before version 3: every body in its row
             conn.execute("ALTER TABLE messages ADD COLUMN body_file INTEGER NOT NULL DEFAULT 0")
+        if "held" not in columns:  # before version 4: nothing held
+            conn.execute("ALTER TABLE messages ADD COLUMN held INTEGER NOT NULL DEFAULT 0")
         if version < SCHEMA_VERSION:
             conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -819,6 +860,41 @@ class SqliteSpool(OnePartPut):
             )
         )
 
+    async def mark_partial(
+        self,
+        id: str,
+        *,
+        owner: str,
+        provider: str,
+        provider_message_id: str | None,
+        note: str,
+        rcpt_tos: Sequence[str],
+        next_attempt_at: float | None,
+    ) -> bool:
+        requeue = bool(rcpt_tos)
+        in_file = id in self._body_files
+        self._body_files.discard(id)  # requeued: a later lease names it again
+        update_sql = _PARTIAL_REQUEUE if requeue else _PARTIAL_DELIVERED
+        requeued = (json.dumps(list(rcpt_tos)), next_attempt_at) if requeue else ()
+
+        def update(conn: sqlite3.Connection) -> bool:
+            now = self._time()
+            cursor = self._cursor
+            cursor.execute(
+                update_sql, (id, now, provider, owner, note, provider_message_id, *requeued)
+            )
+            if cursor.rowcount != 1:
+                return False
+            cursor.execute(_PARTIAL_ATTEMPT, (id, now, provider, note, provider_message_id))
+            return True
+
+        # Durable (the default): once the envelope is narrowed, the recipients that
+        # were accepted are never sent to again, and a bounce may follow.
+        done = bool(await self._run(update))
+        if done and in_file and not requeue:
+            await asyncio.to_thread(self._bodies.remove, [id])
+        return done
+
     async def get(self, id: str, *, with_body: bool = False) -> SpooledMessage | None:
         def select(conn: sqlite3.Connection) -> SpooledMessage | None:
             columns = _COLUMNS + (", raw, body_file" if with_body else ", NULL, 0")
@@ -944,6 +1020,54 @@ class SqliteSpool(OnePartPut):
             await asyncio.to_thread(self._bodies.remove, files)
         return len(ids)
 
+    async def hold(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Hold queued and in-flight messages (all of them with ``ids`` None): they are
+        not leased until released; one in flight finishes its attempt.  Returns the ids
+        held (already held ones included)."""
+
+        def update(conn: sqlite3.Connection) -> tuple[str, ...]:
+            where = "state IN ('queued', 'in_flight')"
+            return _update_ids(conn, f"UPDATE messages SET held = 1 WHERE {where}", ids)
+
+        return await self._run(update)
+
+    async def release(self, ids: Sequence[str] | None) -> tuple[str, ...]:
+        """Release held messages (all with ``ids`` None), due now; return their ids."""
+
+        def update(conn: sqlite3.Connection) -> tuple[str, ...]:
+            now = self._time()
+            return _update_ids(
+                conn,
+                "UPDATE messages SET held = 0, updated_at = ?,"
+                " next_attempt_at = min(next_attempt_at, ?) WHERE held = 1",
+                ids,
+                (now, now),
+            )
+
+        return await self._run(update)
+
+    async def flush(self) -> int:
+        """Make every queued message that is not held due now; return how many."""
+
+        def update(conn: sqlite3.Connection) -> int:
+            now = self._time()
+            cursor = conn.execute(
+                "UPDATE messages SET next_attempt_at = ?, updated_at = ?"
+                " WHERE state = 'queued' AND held = 0 AND next_attempt_at > ?",
+                (now, now, now),
+            )
+            return cursor.rowcount
+
+        return await self._run(update)
+
+    async def held_ids(self) -> set[str]:
+        """The ids of the held messages."""
+
+        def select(conn: sqlite3.Connection) -> set[str]:
+            return {row[0] for row in conn.execute("SELECT id FROM messages WHERE held = 1")}
+
+        return await self._run(select)
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Nothing to do: one ``serve`` process owns an SQLite spool, and its own
         intake wakes its workers (``IntakeState.on_accepted``)."""
@@ -958,6 +1082,198 @@ class SqliteSpool(OnePartPut):
         return cursor.rowcount
 
     # endregion
+    # region event inbox (esprelay.events): verified ESP events, stored once each
+
+    async def put_events(self, events: Sequence[Event]) -> _InboxResults:
+        """Store ``events``; return once committed and fsync'd (see EventInbox)."""
+        rows = [event_row(event) for event in events]
+
+        def insert(conn: sqlite3.Connection) -> _InboxResults:
+            now = self._time()
+            results = []
+            for event, row in zip(events, rows, strict=True):
+                message_id = None
+                if event.esprelay_id is not None:
+                    found = conn.execute(
+                        "SELECT id FROM messages WHERE id = ?", (event.esprelay_id,)
+                    ).fetchone()
+                    message_id = None if found is None else found[0]
+                if message_id is None and event.esp_message_id is not None:
+                    message_id = _sent_as(conn, event.provider, event.esp_message_id)
+                cursor = conn.execute(_INSERT_EVENT, (*row, now, message_id))
+                results.append(InboxResult(cursor.rowcount == 1, message_id))
+            return results
+
+        return await self._run(insert) if events else []
+
+    async def pending_events(self, limit: int = 100) -> _StoredEvents:
+        def select(conn: sqlite3.Connection) -> _StoredEvents:
+            rows = conn.execute(
+                f"SELECT {EVENT_COLUMNS} FROM event_inbox WHERE processed_at IS NULL"
+                " ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [stored_event(row) for row in rows]
+
+        return await self._run(select, durable=False)
+
+    async def finish_events(self, seqs: Sequence[int]) -> int:
+        def update(conn: sqlite3.Connection) -> int:
+            now = self._time()
+            return sum(
+                conn.execute(
+                    "UPDATE event_inbox SET processed_at = ?"
+                    " WHERE seq = ? AND processed_at IS NULL",
+                    (now, seq),
+                ).rowcount
+                for seq in seqs
+            )
+
+        return await self._run(update) if seqs else 0
+
+    async def purge_events(self, *, processed_before: float) -> int:
+        def remove(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM event_inbox WHERE processed_at IS NOT NULL AND processed_at < ?",
+                (processed_before,),
+            ).rowcount
+
+        return await self._run(remove, durable=False)
+
+    # endregion
+    # region message status (esprelay.events.status): what the ESP events said
+
+    async def apply_event(
+        self, message_id: str, recipient: str, event: Event, *, dsn: str | None = None
+    ) -> Applied | None:
+        """See :class:`~esprelay.events.status.MessageStatusStore`; None when the message
+        is not in the spool (purged meanwhile)."""
+        row = (message_id, *entry_row(recipient, event))
+
+        def apply(conn: sqlite3.Connection) -> Applied | None:
+            found = conn.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,))
+            if found.fetchone() is None:
+                return None
+            new = conn.execute(_INSERT_TIMELINE, row).rowcount == 1
+            changed = new and event.kind in STATUS_KINDS
+            if changed:
+                changed = conn.execute(_UPSERT_RECIPIENT, row).rowcount == 1
+            claimed = dsn is not None and (
+                conn.execute(_CLAIM_DSN, (dsn, message_id, recipient)).rowcount == 1
+            )
+            return Applied(new, changed, claimed)
+
+        # Lost in a crash: the event is still pending (its finish_events, durable, comes
+        # after and hardens this commit with it) and is applied again.  A claimed DSN is
+        # hardened by the durable put of the DSN itself.
+        return await self._run(apply, durable=False)
+
+    async def release_dsn(self, message_id: str, recipient: str, kind: str) -> None:
+        def release(conn: sqlite3.Connection) -> None:
+            found = conn.execute(
+                "SELECT dsn FROM message_recipients WHERE message_id = ? AND recipient = ?",
+                (message_id, recipient),
+            ).fetchone()
+            if found is not None:
+                kept = ",".join(word for word in dsn_words(found[0]) if word != kind)
+                conn.execute(
+                    "UPDATE message_recipients SET dsn = ? WHERE message_id = ? AND recipient = ?",
+                    (kept, message_id, recipient),
+                )
+
+        await self._run(release)
+
+    async def message_status(self, message_id: str) -> MessageStatus:
+        def select(conn: sqlite3.Connection) -> MessageStatus:
+            recipients = conn.execute(
+                f"SELECT {ENTRY_COLUMNS}, dsn FROM message_recipients WHERE message_id = ?"
+                " ORDER BY recipient",
+                (message_id,),
+            ).fetchall()
+            timeline = conn.execute(
+                f"SELECT {ENTRY_COLUMNS} FROM message_timeline WHERE message_id = ?"
+                " ORDER BY at, rowid",
+                (message_id,),
+            ).fetchall()
+            return MessageStatus(
+                recipients=tuple(RecipientStatus(entry(r), dsn_words(r[8])) for r in recipients),
+                timeline=tuple(entry(r) for r in timeline),
+            )
+
+        return await self._run(select, durable=False)
+
+    async def search_messages(
+        self,
+        *,
+        header_message_id: str | None = None,
+        recipient: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> _Messages:
+        """Messages by the Message-ID header kept at intake (``meta.message_id_header``),
+        a recipient (case-insensitive) and creation time (``since`` <= t < ``until``)."""
+        clauses: list[str] = []
+        args: list[Any] = []
+        if header_message_id is not None:
+            clauses.append("json_extract(meta, '$.message_id_header') = ?")
+            args.append(header_message_id)
+        if recipient is not None:
+            clauses.append(
+                "EXISTS (SELECT 1 FROM json_each(messages.rcpt_tos) WHERE lower(value) = ?)"
+            )
+            args.append(recipient.lower())
+        if since is not None:
+            clauses.append("created_at >= ?")
+            args.append(since)
+        if until is not None:
+            clauses.append("created_at < ?")
+            args.append(until)
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+
+        def select(conn: sqlite3.Connection) -> _Messages:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM messages{where} ORDER BY created_at, id LIMIT ?",
+                (*args, limit),
+            )
+            return [_row_to_message(row) for row in rows]
+
+        return await self._run(select, durable=False)
+
+    # endregion
+    # region lookup by the ESP's message id (events that carry no esprelay id)
+
+    async def find_by_provider_message_id(
+        self, provider: str, provider_message_id: str
+    ) -> SpooledMessage | None:
+        """The message ``provider`` (its configured name) accepted as
+        ``provider_message_id`` (the id its send API answered), without its body; the
+        newest if the ESP gave one id twice; None if none."""
+
+        def select(conn: sqlite3.Connection) -> SpooledMessage | None:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM messages {_BY_PROVIDER_ID} LIMIT 1",
+                (provider, provider_message_id),
+            ).fetchone()
+            return None if row is None else _row_to_message(row)
+
+        return await self._run(select, durable=False)
+
+    # endregion
+
+
+def _update_ids(
+    conn: sqlite3.Connection, update: str, ids: Sequence[str] | None, params: tuple[Any, ...] = ()
+) -> tuple[str, ...]:
+    """Run ``update`` (an UPDATE ... WHERE without RETURNING) on the rows of ``ids``, or
+    on every row it selects with ``ids`` None; return the ids it changed."""
+    if ids is None:
+        return tuple(sorted(row[0] for row in conn.execute(update + " RETURNING id", params)))
+    return tuple(
+        id
+        for id in dict.fromkeys(ids)
+        if conn.execute(update + " AND id = ? RETURNING id", (*params, id)).fetchone()
+    )
 
 
 def _with_delivery(row: tuple[Any, ...], history: tuple[Attempt, ...]) -> tuple[Attempt, ...]:
@@ -1007,3 +1323,130 @@ def _row_to_message(
         history=history,
         meta=json.loads(meta),
     )
+
+
+# region event inbox schema and rows (esprelay.events)
+#
+# A table of its own, created with the others at every open (``_SCHEMA``): a file
+# written before it gets it then, and an esprelay from before ignores it, so it needs
+# no version of its own.  ``seq`` orders the events as they arrived; the unique key
+# stores an event an ESP sends again (a retried webhook) once.
+_SCHEMA += """
+CREATE TABLE IF NOT EXISTS event_inbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    provider TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    recipient TEXT,
+    at REAL NOT NULL,
+    smtp_status TEXT,
+    diagnostic TEXT,
+    esp_message_id TEXT,
+    esprelay_id TEXT,
+    remote_mta TEXT,
+    raw TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    message_id TEXT,
+    processed_at REAL,
+    UNIQUE (provider, event_id)
+);
+CREATE INDEX IF NOT EXISTS event_inbox_pending ON event_inbox (seq) WHERE processed_at IS NULL;
+"""
+
+# (``list`` in the class is its method of that name.)
+_InboxResults = list[InboxResult]
+_StoredEvents = list[StoredEvent]
+
+_INSERT_EVENT = (
+    "INSERT INTO event_inbox (provider, event_id, kind, recipient, at, smtp_status, diagnostic,"
+    " esp_message_id, esprelay_id, remote_mta, raw, received_at, message_id)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (provider, event_id) DO NOTHING"
+)
+
+
+# endregion
+
+
+# region message status schema (esprelay.events.status)
+
+_Messages = list[SpooledMessage]
+#
+# Tables of their own, created at every open like the inbox's (no version of their own).
+# Their rows go with their message (ON DELETE CASCADE: the connection has
+# foreign_keys=ON), at a purge or a delete.  ``message_timeline`` holds every event of a
+# message once (its key is the ESP's event id); ``message_recipients`` each recipient's
+# latest status and the DSN kinds sent for it (``dsn``, comma separated).
+_SCHEMA += """
+CREATE TABLE IF NOT EXISTS message_timeline (
+    message_id TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    provider TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    at REAL NOT NULL,
+    smtp_status TEXT,
+    diagnostic TEXT,
+    remote_mta TEXT,
+    PRIMARY KEY (message_id, provider, event_id)
+);
+CREATE TABLE IF NOT EXISTS message_recipients (
+    message_id TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    recipient TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    at REAL NOT NULL,
+    smtp_status TEXT,
+    diagnostic TEXT,
+    remote_mta TEXT,
+    dsn TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (message_id, recipient)
+);
+"""
+# (message_id, provider, event_id, recipient, kind, at, smtp_status, diagnostic, remote_mta)
+_INSERT_TIMELINE = (
+    "INSERT INTO message_timeline (message_id, provider, event_id, recipient, kind, at,"
+    " smtp_status, diagnostic, remote_mta) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    " ON CONFLICT DO NOTHING"
+)
+# The same parameters: the recipient's status, unless it holds a more recent event.
+_UPSERT_RECIPIENT = (
+    "INSERT INTO message_recipients (message_id, provider, event_id, recipient, kind, at,"
+    " smtp_status, diagnostic, remote_mta) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    " ON CONFLICT (message_id, recipient) DO UPDATE SET provider = excluded.provider,"
+    " event_id = excluded.event_id, kind = excluded.kind, at = excluded.at,"
+    " smtp_status = excluded.smtp_status, diagnostic = excluded.diagnostic,"
+    " remote_mta = excluded.remote_mta WHERE excluded.at >= message_recipients.at"
+)
+# (kind, message_id, recipient): claimed only if no DSN of that kind was.
+_CLAIM_DSN = (
+    "UPDATE message_recipients SET dsn = CASE WHEN dsn = '' THEN ?1 ELSE dsn || ',' || ?1 END"
+    " WHERE message_id = ?2 AND recipient = ?3 AND instr(',' || dsn || ',', ',' || ?1 || ',') = 0"
+)
+
+# endregion
+
+
+# region lookup by the ESP's message id
+#
+# An event that does not carry esprelay's id (an SES notification without a
+# configuration set, a Brevo event...) names its message by the id the ESP's send API
+# answered, which a delivery writes into ``provider_message_id``.  A partial index: the
+# rows an ESP has accepted, created at every open like the inbox (an esprelay from
+# before keeps it up to date without knowing it).
+_SCHEMA += """
+CREATE INDEX IF NOT EXISTS messages_provider_message_id
+    ON messages (provider, provider_message_id) WHERE provider_message_id IS NOT NULL;
+"""
+_BY_PROVIDER_ID = "WHERE provider = ? AND provider_message_id = ? ORDER BY created_at DESC, id DESC"
+
+
+def _sent_as(conn: sqlite3.Connection, provider: str, provider_message_id: str) -> str | None:
+    """The id of the message ``provider`` accepted as ``provider_message_id``, or None."""
+    found = conn.execute(
+        f"SELECT id FROM messages {_BY_PROVIDER_ID} LIMIT 1", (provider, provider_message_id)
+    ).fetchone()
+    return None if found is None else str(found[0])
+
+
+# endregion
