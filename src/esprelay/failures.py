@@ -68,7 +68,7 @@ class FailureNotifier:
         self.default_chain = default_chain
         self._wake = wake
         self._background: set[asyncio.Task[None]] = set()
-        #: Called with the kind ("failed", "expired") of every bounce queued (metrics).
+        #: Called with the kind (bounce_kind) of every bounce queued (metrics).
         self.on_bounce: list[Callable[[str], None]] = []
 
     def on_failed(self, outcome: Outcome) -> None:
