@@ -29,6 +29,7 @@ def test_opens_after_threshold_and_half_opens_after_cooldown() -> None:
     breaker.record_success()
     assert breaker.state is BreakerState.CLOSED
     assert breaker.allow()
+    assert breaker.opens == 2  # opened, then again after the failed trial
 
 
 def test_success_resets_the_count() -> None:

@@ -65,6 +65,7 @@ class Relay:
         self.tls = tls_source(settings)
         self.users = load_users(settings)
         self.metrics = RelayMetrics()
+        self.metrics.set_build_info(settings.smtp_engine)
         self.client: httpx.AsyncClient | None = None
         self.providers: ProviderSet | None = None
         self.queue: QueueMode | None = None
@@ -116,6 +117,7 @@ class Relay:
         """Open the parts in order; the delivery workers start last."""
         self.client = outbound_client(self.settings, self.routing, self.metrics)
         self.providers = routed_providers(self.settings, self.routing, self.client)
+        self.metrics.watch_providers(self.providers)
         if self.settings.delivery_mode == "queue":
             await self._open_queue(self.client, self.providers)
         self._open_intake(self.providers)
@@ -150,10 +152,12 @@ class Relay:
             on_outcome=self.metrics.delivery_outcome,
         )
         await self.queue.open()
+        self.queue.notifier.on_bounce.append(self.metrics.dsn_sent)
 
     def _open_intake(self, providers: ProviderSet) -> None:
         self.intake_state.on_accepted.append(self.metrics.message_accepted)
         self.intake_state.on_reply.append(self.metrics.smtp_reply)
+        self.intake_state.on_auth_failure.append(self.metrics.auth_failed)
         self.intake = Intake(
             mode=self.settings.delivery_mode,
             routing=self.routing,

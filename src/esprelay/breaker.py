@@ -38,6 +38,8 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._trial_in_flight = False
+        #: Times the breaker opened (or opened again after a failed trial), for metrics.
+        self.opens = 0
 
     @property
     def state(self) -> BreakerState:
@@ -76,6 +78,7 @@ class CircuitBreaker:
         if self._trial_in_flight or self._failures >= self.threshold:
             self._opened_at = self._clock()
             if not was_open or self._trial_in_flight:
+                self.opens += 1
                 log.error(
                     "provider %s failing (%d transient failures in a row): circuit open for %.0fs",
                     self.name,

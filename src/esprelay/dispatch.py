@@ -8,6 +8,11 @@ Used by both delivery modes: the queue workers and passthrough.
 - A permanent rejection is final: the next ESP would reject the same message.
 - If every provider was skipped or failed transiently, the last error is raised
   (a TransientDeliveryError), and the spool schedules a retry.
+- A provider's proactive limits (``ESPRELAY_<KIND>_RATE``, ``_CONCURRENCY``;
+  :mod:`esprelay.ratelimit`) are kept around each send.  A wait that would last past
+  ``max_wait`` (the lease, less one request's time) is not waited: the provider is
+  passed over like an open breaker, without counting against it, and the message is
+  deferred (RateLimited, retry after the wait) if no other provider takes it.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ from esprelay.errors import (
     DeliveryError,
     PermanentDeliveryError,
     ProviderUnavailable,
+    RateLimited,
     TransientDeliveryError,
 )
 from esprelay.message.idn import ascii_message
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import Provider
+from esprelay.ratelimit import Throttled, prepaid
 
 log = logging.getLogger("esprelay.delivery")
 
@@ -46,9 +53,13 @@ class ProviderSet:
         *,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 30.0,
+        max_wait: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.providers = dict(providers)
+        #: Longest wait for a provider's rate or concurrency limit (None: no bound).
+        self.max_wait = max_wait
+        self._monotonic = clock.monotonic
         self.breakers = {
             name: CircuitBreaker(
                 name, threshold=breaker_threshold, cooldown=breaker_cooldown, clock=clock
@@ -70,6 +81,7 @@ class ProviderSet:
         """Deliver through the first provider of ``chain`` that takes it."""
         last_error: DeliveryError | None = None
         skipped: list[CircuitBreaker] = []
+        deadline = None if self.max_wait is None else self._monotonic() + self.max_wait
         for name in chain:
             provider = self.providers[name]
             breaker = self.breakers[name]
@@ -78,9 +90,16 @@ class ProviderSet:
                 continue
             try:
                 # An ESP that takes ASCII addresses only gets IDN domains as Punycode.
-                result = await provider.send(
-                    message if provider.smtputf8 else ascii_message(message, name)
+                result = await _limited_send(
+                    provider,
+                    message if provider.smtputf8 else ascii_message(message, name),
+                    deadline,
                 )
+            except Throttled as exc:
+                breaker.record_neutral()  # our own limit says nothing of the ESP's health
+                last_error = RateLimited(str(exc), provider=name, retry_after=exc.wait)
+                log.info("id=%s provider=%s not sent now: %s", message.id, name, exc)
+                continue
             except PermanentDeliveryError:
                 breaker.record_neutral()
                 raise
@@ -111,3 +130,27 @@ class ProviderSet:
             provider=",".join(b.name for b in skipped),
             retry_after=wait or None,
         )
+
+
+async def _limited_send(
+    provider: Provider, message: OutboundMessage, deadline: float | None
+) -> SendResult:
+    """``provider.send(message)`` within the provider's concurrency and rate limits.
+
+    The message's first token is taken here, where a wait past ``deadline`` can still
+    be declined (Throttled); the provider's first request spends it (``prepaid``).
+    """
+    rate = provider.rate_limit
+    if provider.concurrency is None:
+        if rate is None:
+            return await provider.send(message)
+        await rate.acquire(deadline=deadline)
+        with prepaid(rate):
+            return await provider.send(message)
+    # The slot first: a token taken while waiting for a slot would be wasted.
+    async with provider.concurrency.slot(deadline=deadline):
+        if rate is None:
+            return await provider.send(message)
+        await rate.acquire(deadline=deadline)
+        with prepaid(rate):
+            return await provider.send(message)

@@ -68,6 +68,8 @@ class FailureNotifier:
         self.default_chain = default_chain
         self._wake = wake
         self._background: set[asyncio.Task[None]] = set()
+        #: Called with the kind (bounce_kind) of every bounce queued (metrics).
+        self.on_bounce: list[Callable[[str], None]] = []
 
     def on_failed(self, outcome: Outcome) -> None:
         """A message answered 250 failed for good, for every recipient or for those of
@@ -160,6 +162,8 @@ class FailureNotifier:
             len(dsn),
             len(reported),
         )
+        for callback in self.on_bounce:
+            callback(bounce_kind(outcome))
         self._wake()
 
     async def _post_failure(self, outcome: Outcome, url: str) -> None:
@@ -194,6 +198,15 @@ class FailureNotifier:
             log.error(
                 "failure webhook for id=%s answered HTTP %d", message.id, response.status_code
             )
+
+
+def bounce_kind(outcome: Outcome) -> str:
+    """What a bounce reports (for metrics): ``failed`` (refused for good), ``expired``
+    (past the queue lifetime) or ``partial`` (refused recipients of a message the
+    provider took for the others)."""
+    if outcome.outcome != "failed":
+        return "partial"
+    return "expired" if outcome.expired else "failed"
 
 
 # region DSNs made from ESP events (esprelay.events.processor)

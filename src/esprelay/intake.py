@@ -81,6 +81,8 @@ class IntakeState:
     #: Called with (stage, reply) for every refusal (4xx, 5xx) to MAIL, RCPT and DATA
     #: (metrics).
     on_reply: list[Callable[[str, str], None]] = field(default_factory=list)
+    #: Called with (mechanism, reply) for every AUTH attempt refused (metrics).
+    on_auth_failure: list[Callable[[str, str], None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

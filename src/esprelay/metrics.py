@@ -7,23 +7,46 @@ process, or one test after another, never share or collide on a counter.
 Labels stay low-cardinality by construction: provider names (from configuration),
 outcomes, SMTP stages, reasons and HTTP status codes from fixed small sets.  Never a
 recipient, a sender, a domain or a message id.
+
+Besides the counters the relay updates as things happen, the registry holds the
+standard process and platform collectors (``process_*``, ``python_info``,
+``python_gc_*``: a private registry does not get them by itself) and one collector read
+at scrape time for the providers (:meth:`RelayMetrics.watch_providers`): each one's
+circuit-breaker state, its configured rate and concurrency limits, and what those
+limits held back.  The README lists every metric; ``contrib/`` has a Grafana dashboard
+and Prometheus alert rules built on them.
 """
 
 from __future__ import annotations
 
+import platform
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
+from esprelay import __version__
+from esprelay.breaker import BreakerState
 from esprelay.models import MessageState
+from esprelay.smtp.replies import AUTH_BLOCKED, AUTH_INVALID
 from esprelay.spool.base import SpoolStats
 
 if TYPE_CHECKING:
     from esprelay.delivery import Outcome
+    from esprelay.dispatch import ProviderSet
 
 __all__ = ["CONTENT_TYPE", "RelayMetrics", "rejection_reason"]
 
@@ -63,6 +86,15 @@ _REASONS_BY_CODE = {
 }
 _REPLY = re.compile(r"^([45]\d\d)[ -](?:([45]\.\d{1,3}\.\d{1,3})\b)?")
 
+#: The mechanisms the engines offer; any other name is counted as "other".
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+#: Why a login failed, by the reply that refused it.
+_AUTH_REASONS = {AUTH_INVALID: "invalid_credentials", AUTH_BLOCKED: "too_many_failures"}
+#: What a delivery attempt came to (esprelay.delivery.Outcome.outcome).
+OUTCOMES = ("delivered", "partial", "deferred", "failed")
+#: The kinds of DSN (bounce) queued (esprelay.failures.bounce_kind).
+DSN_KINDS = ("failed", "expired", "partial")
+
 
 def rejection_reason(reply: str) -> str | None:
     """A short reason for a negative SMTP reply, or None if ``reply`` is not one."""
@@ -77,8 +109,34 @@ def rejection_reason(reply: str) -> str | None:
 
 class RelayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:
+            # A private registry, with the collectors the global one has by default.
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        self.registry = registry
         r = self.registry
+        self.build_info = Gauge(
+            "esprelay_build_info",
+            "Always 1: the running version, Python and SMTP engine as labels.",
+            ["version", "python", "engine"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "esprelay_smtp_auth_failures",
+            "Failed SMTP AUTH attempts, by mechanism and reason.",
+            ["mechanism", "reason"],
+            registry=r,
+        )
+        self.dsns = Counter(
+            "esprelay_dsns",
+            "Delivery status notifications (bounces) queued for failed messages, by kind"
+            " (failed: refused by the ESP; expired: past the queue lifetime; partial: the"
+            " recipients an ESP refused while taking the others).",
+            ["kind"],
+            registry=r,
+        )
         self.accepted = Counter(
             "esprelay_messages_accepted",
             "Messages accepted over SMTP and committed to the spool.",
@@ -196,9 +254,40 @@ class RelayMetrics:
         )
         for state in MessageState:
             self.spool_messages.labels(state.value)
+        for mechanism in (*AUTH_MECHANISMS, "other"):
+            for reason in _AUTH_REASONS.values():
+                self.auth_failures.labels(mechanism, reason)
+        for kind in DSN_KINDS:
+            self.dsns.labels(kind)
+        self._providers = _ProviderCollector()
+        r.register(self._providers)
         self._outcome_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 
     # region hooks the relay wires in
+
+    def set_build_info(self, engine: str) -> None:
+        """Say which esprelay runs, on which Python, with which SMTP engine."""
+        self.build_info.clear()
+        self.build_info.labels(__version__, platform.python_version(), engine).set(1)
+
+    def watch_providers(self, providers: ProviderSet) -> None:
+        """Report ``providers``' breakers and limits at every scrape (replaces the last),
+        and count their deliveries from zero, so that rates and alerts see every one."""
+        self._providers.providers = providers
+        for name in providers.providers:
+            for outcome in OUTCOMES:
+                self.deliveries.labels(name, outcome)
+
+    def auth_failed(self, mechanism: str, reply: str) -> None:
+        """Called with every AUTH attempt refused: its mechanism and the reply."""
+        mechanism = mechanism.upper()
+        if mechanism not in AUTH_MECHANISMS:
+            mechanism = "other"
+        self.auth_failures.labels(mechanism, _AUTH_REASONS.get(reply, "other")).inc()
+
+    def dsn_sent(self, kind: str) -> None:
+        """Called with the kind (``DSN_KINDS``) of every bounce queued."""
+        self.dsns.labels(kind).inc()
 
     def message_accepted(self) -> None:
         self.accepted.inc()
@@ -276,3 +365,86 @@ class RelayMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ProviderCollector:
+    """The providers' breakers and limits, read when scraped."""
+
+    def __init__(self) -> None:
+        self.providers: ProviderSet | None = None
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing to check against the registry's names at registration
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "esprelay_provider_circuit_state",
+            "1 for the state each provider's circuit breaker is in (closed, open, half_open).",
+            labels=["provider", "state"],
+        )
+        opens = CounterMetricFamily(
+            "esprelay_provider_circuit_opens",
+            "Times a provider's circuit breaker opened.",
+            labels=["provider"],
+        )
+        rate = GaugeMetricFamily(
+            "esprelay_provider_rate_limit",
+            "Configured message rate per provider (messages a second; absent: no limit).",
+            labels=["provider"],
+        )
+        burst = GaugeMetricFamily(
+            "esprelay_provider_rate_limit_burst",
+            "Messages a provider's rate limit lets through at once.",
+            labels=["provider"],
+        )
+        concurrency = GaugeMetricFamily(
+            "esprelay_provider_concurrency_limit",
+            "Configured messages in a provider's hands at once (absent: no limit).",
+            labels=["provider"],
+        )
+        in_flight = GaugeMetricFamily(
+            "esprelay_provider_in_flight",
+            "Messages in a provider's hands now (providers with a concurrency limit).",
+            labels=["provider"],
+        )
+        throttled = CounterMetricFamily(
+            "esprelay_provider_throttled",
+            "Messages that waited for a provider's rate or concurrency limit.",
+            labels=["provider", "limit"],
+        )
+        waited = CounterMetricFamily(
+            "esprelay_provider_throttle_wait_seconds",
+            "Seconds messages waited for a provider's rate or concurrency limit.",
+            labels=["provider", "limit"],
+        )
+        deferred = CounterMetricFamily(
+            "esprelay_provider_throttle_deferred",
+            "Messages not sent through a provider because its limit's wait would have"
+            " outlasted the lease (deferred, or sent by the route's next provider).",
+            labels=["provider", "limit"],
+        )
+        families = (state, opens, rate, burst, concurrency, in_flight, throttled, waited, deferred)
+        providers = self.providers
+        if providers is None:
+            yield from families
+            return
+        for name, breaker in providers.breakers.items():
+            current = breaker.state
+            for each in BreakerState:
+                state.add_metric([name, each.value], 1.0 if each is current else 0.0)
+            opens.add_metric([name], breaker.opens)
+        for name, provider in providers.providers.items():
+            limits: list[tuple[str, Any]] = []
+            if provider.rate_limit is not None:
+                rate.add_metric([name], provider.rate_limit.rate)
+                burst.add_metric([name], provider.rate_limit.burst)
+                limits.append(("rate", provider.rate_limit))
+            if provider.concurrency is not None:
+                concurrency.add_metric([name], provider.concurrency.limit)
+                in_flight.add_metric([name], provider.concurrency.in_flight)
+                limits.append(("concurrency", provider.concurrency))
+            for kind, limit in limits:
+                throttled.add_metric([name, kind], limit.waits)
+                waited.add_metric([name, kind], limit.waited_seconds)
+                deferred.add_metric([name, kind], limit.deferred)
+        yield from families

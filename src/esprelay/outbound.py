@@ -49,6 +49,8 @@ def routed_providers(
         built,
         breaker_threshold=settings.breaker_threshold,
         breaker_cooldown=settings.breaker_cooldown,
+        # A wait for a rate limit ends in time for one request before the lease does.
+        max_wait=max(0.0, settings.lease_time - settings.provider_timeout),
     )
 
 

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import httpx
 import orjson
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from esprelay.budget import LARGE_MESSAGE_BUDGET, ByteBudget
 from esprelay.errors import (
@@ -51,7 +51,7 @@ from esprelay.errors import (
     RateLimited,
 )
 from esprelay.models import OutboundMessage, SendResult
-from esprelay.ratelimit import RateLimit
+from esprelay.ratelimit import ConcurrencyLimit, Rate, RateLimit, spend_prepaid
 
 EXCERPT_LIMIT = 300
 #: Messages up to this size (raw bytes) are turned into requests on the event loop.
@@ -63,6 +63,11 @@ class ProviderSettings(BaseModel):
     ``[providers.NAME]`` table of the routes file)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    #: Every kind's proactive limits (esprelay.ratelimit): messages a second (or
+    #: ``N/min``), and messages in the provider's hands at once; None: no limit.
+    rate: Rate | None = None
+    concurrency: int | None = Field(default=None, ge=1)
 
     def api_urls(self) -> tuple[str, ...]:
         """The URLs of the ESP's API this provider talks to (for metrics and checks)."""
@@ -111,6 +116,10 @@ class Provider(abc.ABC):
     def __init__(self, name: str | None = None) -> None:
         #: The name used in logs, the spool and (later) routes.
         self.name = name or self.kind
+        #: The ESP's message rate and concurrency, kept proactively around each send
+        #: (esprelay.ratelimit, esprelay.dispatch); None: no limit.
+        self.rate_limit: RateLimit | None = None
+        self.concurrency: ConcurrencyLimit | None = None
 
     @abc.abstractmethod
     async def send(self, message: OutboundMessage) -> SendResult:
@@ -138,8 +147,6 @@ class HttpProvider(Provider):
         self._client = client
         #: Large messages are built and sent a few at a time (esprelay.budget).
         self.large_messages = ByteBudget(LARGE_MESSAGE_BUDGET)
-        #: The ESP's request rate, kept proactively (esprelay.ratelimit); None: no limit.
-        self.rate_limit: RateLimit | None = None
 
     @abc.abstractmethod
     def build_request(self, message: OutboundMessage) -> Built:
@@ -191,8 +198,9 @@ class HttpProvider(Provider):
         )
 
     async def _exchange(self, request: httpx.Request) -> httpx.Response:
-        if self.rate_limit is not None:
-            await self.rate_limit.acquire()
+        limit = self.rate_limit
+        if limit is not None and not spend_prepaid(limit):
+            await limit.acquire()
         with map_transport_errors(self.name):
             response = await self._client.send(request)
             await response.aread()

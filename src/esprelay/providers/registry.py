@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from esprelay.errors import ConfigError
 from esprelay.providers.base import Provider, ProviderKind, ProviderSettings
+from esprelay.ratelimit import apply_limits
 
 GROUP = "esprelay.providers"
 
@@ -39,6 +40,7 @@ class ProviderConfig:
     def build(self, client: httpx.AsyncClient, name: str | None = None) -> Provider:
         provider = self.kind.build(self.settings, client)
         provider.name = name or self.kind.name
+        apply_limits(provider, self.settings)  # ESPRELAY_<KIND>_RATE, _CONCURRENCY
         return provider
 
 

@@ -50,7 +50,6 @@ from email.charset import QP, Charset
 from typing import Any
 
 import httpx
-from pydantic import Field as SettingField
 from pydantic import SecretStr
 
 from esprelay.clock import SYSTEM_CLOCK, Clock
@@ -84,7 +83,7 @@ from esprelay.providers.base import (
     json_object,
     parse_retry_after,
 )
-from esprelay.ratelimit import RateLimit
+from esprelay.ratelimit import Rate, RateLimit
 
 REQUEST_LIMIT = 40_000_000  # bytes: "max 40MB per email, after Base64 encoding"
 TO_LIMIT = 50  # SendEmailRequest.to: maxItems 50
@@ -493,7 +492,7 @@ class ResendSettings(ProviderSettings):
 
     api_key: SecretStr
     api_url: str = "https://api.resend.com"
-    rate: float = SettingField(default=2.0, gt=0, allow_inf_nan=False)
+    rate: Rate = 2.0  # also N/min (esprelay.ratelimit)
 
     def api_urls(self) -> tuple[str, ...]:
         return (self.api_url,)

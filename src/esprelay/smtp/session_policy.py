@@ -141,7 +141,7 @@ class SessionPolicy:
         self, client: str, mechanism: str, name: bytes, password: bytes
     ) -> auth.LoginResult:
         """One AUTH attempt, decided by :func:`esprelay.smtp.auth.login`."""
-        return await auth.login(
+        result = await auth.login(
             self.users,
             self.limiter,
             self.verify_slots,
@@ -150,6 +150,10 @@ class SessionPolicy:
             name=name,
             password=password,
         )
+        if result.user is None:
+            for callback in self.intake.on_auth_failure:
+                callback(mechanism, result.refusal)
+        return result
 
     def auth_refusal(self, client: str) -> str | None:
         """Why AUTH is not even tried (no users, too many failures), or None."""
@@ -157,6 +161,8 @@ class SessionPolicy:
             return AUTH_UNAVAILABLE
         if self.limiter.blocked(client):
             log.warning("AUTH refused: too many failures from client=%s", client)
+            for callback in self.intake.on_auth_failure:
+                callback("", AUTH_BLOCKED)  # refused before the mechanism is read
             return AUTH_BLOCKED
         return None
 
