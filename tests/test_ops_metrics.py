@@ -61,9 +61,17 @@ def test_queue_mode_stays_ready_when_every_provider_circuit_is_open(
     relay.wait_for_log(r"deferred id=")
     with http(relay) as client:
         ready = client.get("/readyz")
+        alive = client.get("/healthz")
+        detail = client.get("/healthz?detail=1")
     assert ready.status_code == 200, ready.text
     assert ready.json() == {"ready": True, "checks": {"smtp": "ok", "spool": "ok"}}
     send(relay, subject="still accepted")  # and the spool still takes mail
+    # Provider health is told in /healthz's detail (and the metrics), not in readiness.
+    assert alive.status_code == 200 and alive.text == "ok\n"
+    assert detail.status_code == 200
+    [(name, breaker)] = detail.json()["providers"].items()
+    assert name == "outbox" and breaker["circuit"] == "open" and breaker["opens"] == 1
+    assert detail.json()["status"] == "ok" and breaker["retry_in"] > 3000
 
 
 def test_passthrough_mode_is_not_ready_when_every_provider_circuit_is_open(

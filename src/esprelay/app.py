@@ -128,6 +128,7 @@ class Relay:
             metrics=self.metrics,
             readiness=self.readiness,
             on_retry=self.deliverer.wake if self.deliverer is not None else None,
+            health=self._health,
         )
         self.events = await start_events(
             self.settings,
@@ -169,6 +170,11 @@ class Relay:
             signed_messages=self.settings.signed_messages,
             keep_headers=self.settings.events_port is not None,
         )
+
+    def _health(self) -> dict[str, Any]:
+        """Provider health for ``/healthz?detail=1``: the breakers of the providers in use
+        (after a routes reload, the new ones)."""
+        return {"providers": self.providers.health() if self.providers is not None else {}}
 
     async def _listen(self, providers: ProviderSet) -> None:
         assert self.intake is not None

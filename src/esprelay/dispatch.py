@@ -67,6 +67,18 @@ class ProviderSet:
             for name in self.providers
         }
 
+    def health(self) -> dict[str, dict[str, object]]:
+        """Each provider's circuit breaker, for ``/healthz?detail=1``: its state, the
+        seconds until it lets a call through again, and how often it has opened."""
+        return {
+            name: {
+                "circuit": breaker.state.value,
+                "retry_in": round(breaker.retry_in(), 1),
+                "opens": breaker.opens,
+            }
+            for name, breaker in self.breakers.items()
+        }
+
     def __getitem__(self, name: str) -> Provider:
         return self.providers[name]
 

@@ -9,7 +9,8 @@ without its text.  It listens on loopback by default.
 
 Routes::
 
-    GET    /healthz                     200 "ok" while the process runs
+    GET    /healthz                     200 "ok" while the process runs; ?detail=1: JSON
+                                        with each provider's circuit breaker
     GET    /readyz                      200 or 503, with the result of every check (JSON)
     GET    /metrics                     Prometheus text format
     GET    /api/messages?state=&limit=  list (admin)
@@ -114,8 +115,11 @@ class OpsServer:
         admin_token: str | None,
         readiness: list[tuple[str, ReadinessCheck]],
         on_retry: Callable[[], None] | None = None,
+        health: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.spool = spool
+        #: What ``/healthz?detail=1`` adds to "ok": provider health (never readiness).
+        self.health = health
         self.metrics = metrics
         self.readiness = readiness
         self.on_retry = on_retry
@@ -229,7 +233,12 @@ class OpsServer:
     # endregion
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        if "detail" not in request.query:
+            return web.Response(text="ok\n")
+        detail: dict[str, Any] = {"status": "ok"}
+        if self.health is not None:
+            detail.update(self.health())
+        return web.json_response(detail)
 
     async def _readyz(self, request: web.Request) -> web.Response:
         results: dict[str, str] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from esprelay.config import Settings
 from esprelay.httpapi import OpsServer, ReadinessCheck
@@ -26,6 +27,7 @@ async def start_ops(
     metrics: RelayMetrics,
     readiness: list[tuple[str, ReadinessCheck]],
     on_retry: Callable[[], None] | None,
+    health: Callable[[], dict[str, Any]] | None = None,
 ) -> OpsServer | None:
     """The listening ops server; ``readiness`` is read at each request, so it may grow."""
     if not settings.http_enabled:
@@ -36,6 +38,7 @@ async def start_ops(
         admin_token=admin_secret(settings),
         readiness=readiness,
         on_retry=on_retry,
+        health=health,
     )
     try:
         await http.start(settings.http_host, settings.http_port)
