@@ -271,24 +271,37 @@ def _parse_single_text(raw: bytes, envelope: Envelope) -> ParsedMessage | None:
                 charset = (param[2] or "").lower()
     if ctype not in _BODY_TYPES:
         return None
-    data = raw[pos:]  # one character per byte: positions agree
+    data: bytes | None = None
+    ascii_text: str | None = None
     values = index.get("content-transfer-encoding")
+    cte = ""
     if values is not None:
         if len(values) > 1:
             return None
         cte = fastheaders.cheap.header_fetch_parse("Content-Transfer-Encoding", values[0]).lower()
-        if cte not in _PLAIN_CTES:
-            # quoted-printable, base64, ...: the part the parser would have made, as
-            # far as decoding its payload goes, decoded by email.message itself.
-            part = Message(policy=fastheaders.cheap)
-            part.set_raw("Content-Transfer-Encoding", values[0])
-            part.set_payload(raw[pos:].decode("ascii", "surrogateescape"))
-            data = _payload(part)
+    if cte not in _PLAIN_CTES:
+        # quoted-printable, base64, ...: the part the parser would have made, as
+        # far as decoding its payload goes, decoded by email.message itself.
+        assert values is not None
+        part = Message(policy=fastheaders.cheap)
+        part.set_raw("Content-Transfer-Encoding", values[0])
+        part.set_payload(raw[pos:].decode("ascii", "surrogateescape"))
+        data = _payload(part)
+    elif _ascii_body(raw, pos, charset):
+        # What _decode_text gives for ASCII bytes in an ASCII-safe charset, read from
+        # the message itself: no copy of the body as bytes before the text.
+        ascii_text = str(memoryview(raw)[pos:], "ascii")
+    else:
+        data = raw[pos:]  # one character per byte: positions agree
 
     warnings: list[str] = []
 
     def body(legacy: _Legacy) -> tuple[str | None, str | None, tuple[Attachment, ...]]:
-        decoded = _decode_text(data, charset, warnings, legacy.charset)
+        if ascii_text is not None:
+            decoded = ascii_text
+        else:
+            assert data is not None
+            decoded = _decode_text(data, charset, warnings, legacy.charset)
         if ctype == "text/html":
             return None, decoded, ()
         return decoded, None, ()
@@ -297,6 +310,13 @@ def _parse_single_text(raw: bytes, envelope: Envelope) -> ParsedMessage | None:
         return charset if _legacy_charset(charset) else _words_charset(index)
 
     return _assemble(items, index, envelope, warnings, True, body, message_charset)
+
+
+def _ascii_body(raw: bytes, pos: int, charset: str | None) -> bool:
+    """``raw[pos:]`` is ASCII without an escape in a charset that reads ASCII as ASCII
+    (so that :func:`_decode_text` would decode it as ASCII, with no warning)."""
+    codec = codec_name(charset)
+    return (codec is None or codec in _ASCII_SAFE) and raw.isascii() and raw.find(b"\x1b", pos) < 0
 
 
 # --- recipients -----------------------------------------------------------------
