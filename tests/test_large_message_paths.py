@@ -2,17 +2,26 @@
 
 Each fast path here stands next to a simpler reading of the same thing, kept as the
 reference: the check for bare line endings against counting CR, LF and CRLF, the
-one-part text read from the message itself against a copy of its body.
+one-part text read from the message itself against a copy of its body, JSON with its
+long strings encoded in pieces against orjson's JSON of the whole.
 """
 
 from __future__ import annotations
 
+from unittest import mock
+
+import httpx
+import orjson
+from bench.loadgen import make_message
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 
 from esprelay.message import mime
 from esprelay.message.repair import _LINE_END, normalize_line_endings
-from esprelay.models import Envelope
+from esprelay.models import Envelope, OutboundMessage
+from esprelay.providers import base
+from esprelay.providers.sendgrid import SendGridProvider, build_payload
 
 ENVELOPE = Envelope("a@example.com", ("b@example.com",))
 
@@ -60,3 +69,34 @@ def test_one_text_part_read_in_place_is_the_reference(
     fast = mime.parse(raw, ENVELOPE)
     assert mime._parse_single_text(raw, ENVELOPE) is not None
     assert fast == mime.parse(raw, ENVELOPE, exact=True)
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.text(st.characters(exclude_categories=("Cs",)), max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+        | st.tuples(inner, inner)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(json_values, st.integers(min_value=1, max_value=6))
+def test_long_strings_encoded_in_pieces_give_the_same_json(value: object, piece: int) -> None:
+    with mock.patch.object(base, "LONG_STRING", piece):
+        assert base.json_body(value, large=True) == orjson.dumps(value)
+    assert base.json_body(value) == orjson.dumps(value)
+
+
+def test_a_large_sendgrid_request_is_the_json_of_its_payload() -> None:
+    raw = make_message(3 * base.LONG_STRING, sender="a@example.com", recipient="b@example.com")
+    message = OutboundMessage("m1", Envelope("a@example.com", ("b@example.com",)), raw)
+    provider = SendGridProvider(httpx.AsyncClient(), SecretStr("SG.x"), "https://api.sendgrid.com")
+    body = provider.build_request(message).request.content
+    payload, _ = build_payload(mime.parse(raw, message.envelope, exact=True))
+    assert body == orjson.dumps(payload)
