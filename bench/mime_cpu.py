@@ -3,6 +3,12 @@
 ``python -m bench.mime_cpu [--loops 2000]`` parses a few representative messages in a
 loop and prints the CPU time (``time.process_time``) per call, for the default path
 and the exact reference path (``exact=True``), so both are measured in the same go.
+
+``python -m bench.mime_cpu --large 5M`` measures instead each per-byte step one large
+message takes in the server, alone: reading its DATA (64 KiB reads), the intake's
+``prepare``, ``mime.parse``, the SendGrid payload and its JSON, the whole
+``build_request``; with glibc's allocation settings of ``esprelay serve``
+(``esprelay.gctune``), so that a step pays the page faults it would pay there.
 """
 
 from __future__ import annotations
@@ -117,10 +123,53 @@ def cpu_per_call(fn: Callable[[], object], loops: int) -> float:
     return best / loops * 1000
 
 
+def large_steps(size: int, loops: int) -> None:
+    """Milliseconds of CPU per step for one ``size``-byte message (bench/README.md)."""
+    from esprelay.gctune import return_large_blocks_to_the_system
+    from esprelay.message.repair import prepare
+    from esprelay.providers.base import LONG_STRING, json_body
+    from esprelay.smtp.dataread import MessageReader
+
+    return_large_blocks_to_the_system()
+    raw = make_message(size, sender=SENDER, recipient=RCPT)
+    wire = raw + b".\r\n"
+    pieces = [wire[i : i + 65536] for i in range(0, len(wire), 65536)]
+
+    def read() -> bytes:
+        reader = MessageReader(size_limit=None, line_limit=1000)
+        for piece in pieces:
+            reader.feed(piece)
+        return reader.take()
+
+    provider = SendGridProvider(httpx.AsyncClient(), SecretStr("SG.x"), "https://api.sendgrid.com")
+    message = OutboundMessage("m1", ENVELOPE, raw)
+    parsed = mime.parse(raw, ENVELOPE)
+    payload, _ = sendgrid.build_payload(parsed)
+    steps: dict[str, Callable[[], object]] = {
+        "read DATA (MessageReader)": read,
+        "prepare (line endings, header)": functools.partial(
+            prepare, raw, mail_from=SENDER, hostname="bench.invalid"
+        ),
+        "mime.parse": functools.partial(mime.parse, raw, ENVELOPE),
+        "SendGrid payload": functools.partial(sendgrid.build_payload, parsed),
+        "JSON body": functools.partial(json_body, payload, large=size >= LONG_STRING),
+        "SendGrid build_request": functools.partial(provider.build_request, message),
+    }
+    print(f"one {size} byte text message, ms of CPU per step:")
+    for name, step in steps.items():
+        print(f"  {name:32} {cpu_per_call(step, loops):8.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--loops", type=int, default=2000)
+    ap.add_argument("--large", metavar="SIZE", help="per-step CPU of one SIZE message (5M)")
     args = ap.parse_args()
+    if args.large:
+        from bench.__main__ import parse_size
+
+        large_steps(parse_size(args.large), max(1, min(args.loops, 20)))
+        return
     print(f"{'sample':18} {'reference ms':>13} {'parse ms':>9} {'ratio':>6}")
     for name, make in SAMPLES.items():
         raw = make()
