@@ -75,7 +75,7 @@ class ReferenceReader:
 
 
 # Streams rich in what the reader looks for: CR, LF, dots, and line-long runs.
-tokens = st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"x", b"yy", b"z" * 9, b"."])
+tokens = st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"x", b"yy", b"z" * 9, b"w" * 40])
 streams = st.lists(tokens, max_size=80).map(b"".join)
 
 
@@ -96,7 +96,7 @@ def _feed(reader: MessageReader | ReferenceReader, stream: bytes, cuts: list[int
     streams,
     st.sampled_from([b".\r\n", b"\r\n.\r\n", b""]),
     streams,
-    st.lists(st.integers(min_value=0, max_value=40), max_size=20),
+    st.lists(st.integers(min_value=0, max_value=120), max_size=20),
     st.sampled_from([None, 0, 10, 40, 200]),
     st.integers(min_value=1, max_value=30),
 )
