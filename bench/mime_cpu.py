@@ -7,6 +7,12 @@ Then ``build_request`` of every HTTP provider kind installed (``--providers``), 
 configured as the end-to-end benchmark configures it (``bench.providers``), on the same
 messages: the pure part of a delivery (parsing, payload, encoding; no signing, no I/O),
 with the ratio to SendGrid's on the 2 KB message.
+
+``python -m bench.mime_cpu --large 5M`` measures instead each per-byte step one large
+message takes in the server, alone: reading its DATA (64 KiB reads), the intake's
+``prepare``, ``mime.parse``, the SendGrid payload and its JSON, the whole
+``build_request``; with glibc's allocation settings of ``esprelay serve``
+(``esprelay.gctune``), so that a step pays the page faults it would pay there.
 """
 
 from __future__ import annotations
@@ -168,6 +174,43 @@ def build_request_table(kinds: list[str], loops: int, client: httpx.AsyncClient)
     return "\n".join(lines)
 
 
+def large_steps(size: int, loops: int) -> None:
+    """Milliseconds of CPU per step for one ``size``-byte message (bench/README.md)."""
+    from esprelay.gctune import return_large_blocks_to_the_system
+    from esprelay.message.repair import prepare
+    from esprelay.providers.base import LONG_STRING, json_body
+    from esprelay.smtp.dataread import MessageReader
+
+    return_large_blocks_to_the_system()
+    raw = make_message(size, sender=SENDER, recipient=RCPT)
+    wire = raw + b".\r\n"
+    pieces = [wire[i : i + 65536] for i in range(0, len(wire), 65536)]
+
+    def read() -> bytes:
+        reader = MessageReader(size_limit=None, line_limit=1000)
+        for piece in pieces:
+            reader.feed(piece)
+        return reader.take()
+
+    provider = SendGridProvider(httpx.AsyncClient(), SecretStr("SG.x"), "https://api.sendgrid.com")
+    message = OutboundMessage("m1", ENVELOPE, raw)
+    parsed = mime.parse(raw, ENVELOPE)
+    payload, _ = sendgrid.build_payload(parsed)
+    steps: dict[str, Callable[[], object]] = {
+        "read DATA (MessageReader)": read,
+        "prepare (line endings, header)": functools.partial(
+            prepare, raw, mail_from=SENDER, hostname="bench.invalid"
+        ),
+        "mime.parse": functools.partial(mime.parse, raw, ENVELOPE),
+        "SendGrid payload": functools.partial(sendgrid.build_payload, parsed),
+        "JSON body": functools.partial(json_body, payload, large=size >= LONG_STRING),
+        "SendGrid build_request": functools.partial(provider.build_request, message),
+    }
+    print(f"one {size} byte text message, ms of CPU per step:")
+    for name, step in steps.items():
+        print(f"  {name:32} {cpu_per_call(step, loops):8.3f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--loops", type=int, default=2000)
@@ -177,7 +220,13 @@ def main(argv: list[str] | None = None) -> None:
         help=f"build_request of these kinds ('all': every one installed of {', '.join(KINDS)};"
         " '' for none)",
     )
+    ap.add_argument("--large", metavar="SIZE", help="per-step CPU of one SIZE message (5M)")
     args = ap.parse_args(argv)
+    if args.large:
+        from bench.__main__ import parse_size
+
+        large_steps(parse_size(args.large), max(1, min(args.loops, 20)))
+        return
     print(f"{'sample':18} {'reference ms':>13} {'parse ms':>9} {'ratio':>6}")
     for name, make in SAMPLES.items():
         raw = make()

@@ -8,7 +8,8 @@ import socket
 import httpx
 import pytest
 
-from esprelay.httpclient import make_client
+from esprelay.httpclient import LARGE_BODY, ApiClient, make_client
+from esprelay.providers.base import PostTarget
 from esprelay.testing.fakeesp import FakeESP, Reply
 
 
@@ -175,3 +176,51 @@ async def test_what_the_direct_path_does_not_do_goes_through_httpx() -> None:
             assert not streamed.is_closed  # httpx's stream, left open for the caller
             await streamed.aread()
             await streamed.aclose()
+
+
+async def _capture_server(seen: list[bytes]) -> asyncio.Server:
+    async def capture(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        seen.append(head + await reader.readexactly(length))
+        writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(capture, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("size", [10, LARGE_BODY - 1, LARGE_BODY, 5 * 1024 * 1024 + 3])
+async def test_a_large_body_goes_out_byte_for_byte(size: int) -> None:
+    """From LARGE_BODY on, the aiohttp transport sends the body in pieces: the same
+    request line, headers (Content-Length, no chunked encoding) and body on the wire."""
+    seen: list[bytes] = []
+    server = await _capture_server(seen)
+    port = server.sockets[0].getsockname()[1]
+    body = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    target = PostTarget(f"http://127.0.0.1:{port}/v3/mail/send", {"X-Key": "k"})
+    client, name = make_client(timeout=5, max_connections=4, transport="aiohttp")
+    try:
+        async with client:
+            for send in (client.send, super(ApiClient, client).send):  # direct, via httpx
+                request = target.request(body)
+                response = await send(request)  # type: ignore[operator]
+                assert response.status_code == 202
+                assert response.request is request
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert name == "aiohttp"
+    for wire in seen:
+        head, _, sent = wire.partition(b"\r\n\r\n")
+        assert sent == body
+        lines = head.lower().split(b"\r\n")
+        assert lines[0] == b"post /v3/mail/send http/1.1"
+        assert b"content-length: %d" % size in lines
+        assert b"x-key: k" in lines
+        assert not any(line.startswith(b"transfer-encoding") for line in lines)
+    assert seen[0] == seen[1]

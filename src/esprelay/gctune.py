@@ -16,6 +16,8 @@ import gc
 
 #: See :func:`return_large_blocks_to_the_system`.
 MMAP_THRESHOLD = 8 * 1024 * 1024
+#: Free memory glibc keeps at the top of the heap (see below).
+TRIM_THRESHOLD = 64 * 1024 * 1024
 
 
 def tune_for_serving() -> None:
@@ -42,6 +44,13 @@ def return_large_blocks_to_the_system() -> bool:
     fell from 1112 to 762 MB, of 200 x 10 MB from 2128 to 1831 MB (faster messages, fewer
     of them in RAM at once).  Small objects are unaffected.  Returns whether the setting
     was applied.
+
+    Setting the mmap threshold also fixes glibc's trim threshold at its default, 128
+    KiB: each time a message's buffers were freed at the top of the heap, the heap was
+    shrunk, and the next message's buffers (below 8 MiB, so on the heap) were fresh
+    pages again, a fault per page for every copy: a quarter of the CPU of a 5 MB message
+    (``perf``).  Up to ``TRIM_THRESHOLD`` (64 MiB) of free memory now stays at the top of
+    the heap for the next messages; blocks of 8 MiB and more are unaffected.
     """
     import ctypes
     import ctypes.util
@@ -54,5 +63,6 @@ def return_large_blocks_to_the_system() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False  # not glibc (musl has no mallopt)
-    m_mmap_threshold = -3
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_trim_threshold, TRIM_THRESHOLD)
     return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD))

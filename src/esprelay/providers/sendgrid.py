@@ -47,6 +47,7 @@ from esprelay.message.mime import (
 )
 from esprelay.models import OutboundMessage, SendResult
 from esprelay.providers.base import (
+    LONG_STRING,
     Built,
     HttpProvider,
     PostTarget,
@@ -757,7 +758,7 @@ class SendGridProvider(HttpProvider):
             except MalformedSmtpApi as exc:  # spooled before the intake refused these
                 raise MessageRejected(str(exc), provider=self.name) from None
         payload, warnings = build_payload(parsed, smtpapi, message.id, sandbox=self.sandbox)
-        body = json_body(payload)
+        body = json_body(payload, large=len(message.raw) >= LONG_STRING)
         if len(body) >= REQUEST_LIMIT:
             raise MessageRejected(
                 f"request of {len(body)} bytes exceeds SendGrid's 30 MB limit", provider=self.name

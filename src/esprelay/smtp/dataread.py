@@ -6,29 +6,47 @@ at a line that is a lone dot; a message over the size limit is answered ``552`` 
 with a line over the line limit (as sent, dot-stuffed) ``500``, both only after its end
 was read.  What follows the final dot belongs to the next command.
 
-The bytes are kept in one ``bytearray``; each piece costs a search for the end marker
-from where the last one stopped and a check for over-long lines one window at a time
-(a window of ``limit + 2`` bytes from a line start holds the CRLF of every line that ends
-in it, and those lines are short enough; the window's last CRLF starts the next one).
-Once a message is over a limit, its bytes are dropped as they come.
+The pieces are kept as they arrive, in a list, and joined once at the end, without the
+stuffed dots: a growing ``bytearray`` was copied again each time it grew, and the
+unstuffing was a second pass and a second copy.  Each piece costs one search for
+``CRLF "."`` (a literal prefix the regular expression engine finds with ``memchr``),
+which finds both the end (``CRLF "." CRLF``) and every stuffed dot, and a check for
+over-long lines one window at a time (a window of ``limit + 2`` bytes from a line start
+holds the CRLF of every line that ends in it, and those lines are short enough; the
+window's last CRLF starts the next one).  Both run on the piece with the few bytes
+before it that they still need (:attr:`MessageReader._tail`).  Once a message is over a
+limit, its bytes are dropped as they come.
 """
 
 from __future__ import annotations
 
+import re
+
 from esprelay.smtp.replies import DATA_LINE_TOO_LONG as TOO_LONG
 from esprelay.smtp.replies import TOO_MUCH_DATA as TOO_MUCH
+
+#: A line that starts with a dot: the final ``.`` or a stuffed one.
+_DOT_LINE = re.compile(rb"\r\n\.")
 
 
 class MessageReader:
     """One message's DATA.  :meth:`feed` it pieces until it returns the bytes that
     follow the final dot; then :attr:`content` is the message, or :attr:`error` the
-    reply that refuses it."""
+    reply that refuses it.
+
+    Positions are offsets in the stream as sent (dot-stuffed), counted from the first
+    byte after the ``DATA`` reply; the stream is read as if a CRLF came before it, so
+    that a first line starting with a dot is found like every other.
+    """
 
     __slots__ = (
-        "_buffer",
-        "_dropped",
+        "_base",
+        "_dots",
         "_line_start",
+        "_parts",
+        "_received",
         "_scan",
+        "_tail",
         "_window",
         "content",
         "error",
@@ -38,49 +56,67 @@ class MessageReader:
     def __init__(self, *, size_limit: int | None, line_limit: int) -> None:
         self.size_limit = size_limit
         self._window = line_limit + 2
-        self._buffer = bytearray()
-        self._dropped = 0  # bytes of an over-limit message dropped from the buffer
-        self._scan = 0  # where the search for the end resumes
+        #: The pieces kept, in order (none after an error).
+        self._parts: list[bytes | memoryview] = []
+        self._received = 0  # bytes of the stream so far
+        self._tail = b"\r\n"  # the stream's bytes from _base on (the CRLF before it first)
+        self._base = -2  # where _tail starts
+        self._scan = -2  # where the search for dot lines resumes
         self._line_start = 0  # where the check for over-long lines resumes
+        self._dots: list[int] = []  # positions of the stuffed dots
         self.content: bytes | None = None
         self.error: str | None = None
 
     def feed(self, data: bytes) -> bytes | None:
         """Take the next piece; None while the message goes on, else what follows it."""
-        buffer = self._buffer
-        buffer += data
+        if type(data) is not bytes:
+            data = bytes(data)  # kept: it must not change
+        self._received = received = self._received + len(data)
+        if self.error is None:
+            self._parts.append(data)
+        base = self._base
+        text = self._tail + data  # the stream from base to received
         end = -1
-        if self._dropped == 0 and buffer[:3] == b".\r\n":
-            end = 0
-        else:
-            found = buffer.find(b"\r\n.\r\n", max(self._scan - 4, 0))
-            if found >= 0:
-                end = found + 2
-        stop = end if end >= 0 else len(buffer)
+        scan = self._scan - base
+        limit = len(text) - 4  # a dot line from here on cannot be told apart yet
+        while True:
+            match = _DOT_LINE.search(text, scan)
+            if match is None:
+                scan = max(scan, len(text) - 2)  # a CR or CRLF at the end may start one
+                break
+            found = match.start()
+            if found >= limit:
+                scan = found  # read again with the next piece
+                break
+            if text[found + 3 : found + 5] == b"\r\n":
+                end = base + found + 2  # the final dot; the message ends before it
+                break
+            self._dots.append(base + found + 2)
+            scan = found + 3
+        stop = end if end >= 0 else received
         if self.error is None:
-            self._check_lines(stop)
-            limit = self.size_limit
-            if self.error is None and limit and self._dropped + stop > limit:
+            self._check_lines(text, base, stop)
+            size_limit = self.size_limit
+            if self.error is None and size_limit and stop > size_limit:
                 self.error = TOO_MUCH
-        if end < 0:
-            if self.error is not None and len(buffer) > 4:
-                # Nothing is kept any more but what the search for the end needs.
-                self._dropped += len(buffer) - 4
-                del buffer[:-4]
-            self._scan = len(buffer)
-            return None
-        rest = bytes(buffer[end + 3 :])
-        self._buffer = bytearray()
+            if self.error is not None:
+                self._parts.clear()  # nothing is kept any more but what the search needs
+                self._dots.clear()
+        if end >= 0:
+            rest = text[end + 3 - base :]
+            if self.error is None:
+                self.content = self._join(end)
+            self._parts = []
+            self._tail = b""
+            return rest
+        # Keep what the next search and the next line check need of this piece.
+        keep = base + scan
         if self.error is None:
-            del buffer[end:]
-            if buffer[:1] == b".":
-                del buffer[:1]
-            content = bytes(buffer)
-            del buffer  # the only other reference: at most two copies at once
-            if b"\r\n." in content:
-                content = content.replace(b"\r\n.", b"\r\n")
-            self.content = content
-        return rest
+            keep = min(keep, self._line_start)
+        self._tail = text[keep - base :]
+        self._base = keep
+        self._scan = base + scan
+        return None
 
     def take(self) -> bytes:
         """The message, handed over: the reader keeps no reference to it."""
@@ -90,16 +126,50 @@ class MessageReader:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return sum(map(len, self._parts)) + len(self._tail)
 
-    def _check_lines(self, stop: int) -> None:
+    def _check_lines(self, text: bytes, base: int, stop: int) -> None:
         window = self._window
-        buffer = self._buffer
-        position = self._line_start
+        position = self._line_start - base
+        stop -= base
         while stop - position >= window:
-            last = buffer.rfind(b"\r\n", position, position + window)
+            last = text.rfind(b"\r\n", position, position + window)
             if last < 0:
                 self.error = TOO_LONG
                 return
             position = last + 2
-        self._line_start = position
+        self._line_start = base + position
+
+    def _join(self, end: int) -> bytes:
+        """The stream up to ``end`` without its stuffed dots, in one copy."""
+        parts = self._parts
+        dots = self._dots
+        if not dots:
+            if len(parts) == 1:
+                return bytes(parts[0][:end])
+            over = self._received - end  # of the last pieces, what follows the message
+            while over and len(parts[-1]) <= over:
+                over -= len(parts.pop())
+            if over:
+                parts[-1] = memoryview(parts[-1])[:-over]
+            return b"".join(parts)
+        pieces: list[memoryview] = []
+        offset = 0
+        cuts = iter([*dots, end])
+        cut = next(cuts)
+        position = 0  # the next byte of the content in the stream
+        for part in parts:
+            view = memoryview(part)
+            part_end = offset + len(part)
+            while cut < part_end:
+                if cut > position:
+                    pieces.append(view[position - offset : cut - offset])
+                if cut == end:
+                    return b"".join(pieces)
+                position = cut + 1  # the stuffed dot is left out
+                cut = next(cuts)
+            if part_end > position:
+                pieces.append(view[position - offset :])
+            position = max(position, part_end)
+            offset = part_end
+        return b"".join(pieces)

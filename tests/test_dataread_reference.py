@@ -1,0 +1,128 @@
+"""The DATA reader against the one it replaced, on any stream however it is split.
+
+``ReferenceReader`` is the previous :class:`~esprelay.smtp.dataread.MessageReader` (one
+growing ``bytearray``, a search for the end, then a second pass for the stuffed dots),
+kept here as the reference: the reader that keeps the pieces and joins them once must
+give exactly its content, error and remaining bytes.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from esprelay.smtp.dataread import MessageReader
+from esprelay.smtp.replies import DATA_LINE_TOO_LONG as TOO_LONG
+from esprelay.smtp.replies import TOO_MUCH_DATA as TOO_MUCH
+
+
+class ReferenceReader:
+    def __init__(self, *, size_limit: int | None, line_limit: int) -> None:
+        self.size_limit = size_limit
+        self._window = line_limit + 2
+        self._buffer = bytearray()
+        self._dropped = 0
+        self._scan = 0
+        self._line_start = 0
+        self.content: bytes | None = None
+        self.error: str | None = None
+
+    def feed(self, data: bytes) -> bytes | None:
+        buffer = self._buffer
+        buffer += data
+        end = -1
+        if self._dropped == 0 and buffer[:3] == b".\r\n":
+            end = 0
+        else:
+            found = buffer.find(b"\r\n.\r\n", max(self._scan - 4, 0))
+            if found >= 0:
+                end = found + 2
+        stop = end if end >= 0 else len(buffer)
+        if self.error is None:
+            self._check_lines(stop)
+            limit = self.size_limit
+            if self.error is None and limit and self._dropped + stop > limit:
+                self.error = TOO_MUCH
+        if end < 0:
+            if self.error is not None and len(buffer) > 4:
+                self._dropped += len(buffer) - 4
+                del buffer[:-4]
+            self._scan = len(buffer)
+            return None
+        rest = bytes(buffer[end + 3 :])
+        self._buffer = bytearray()
+        if self.error is None:
+            del buffer[end:]
+            if buffer[:1] == b".":
+                del buffer[:1]
+            content = bytes(buffer)
+            if b"\r\n." in content:
+                content = content.replace(b"\r\n.", b"\r\n")
+            self.content = content
+        return rest
+
+    def _check_lines(self, stop: int) -> None:
+        window = self._window
+        buffer = self._buffer
+        position = self._line_start
+        while stop - position >= window:
+            last = buffer.rfind(b"\r\n", position, position + window)
+            if last < 0:
+                self.error = TOO_LONG
+                return
+            position = last + 2
+        self._line_start = position
+
+
+# Streams rich in what the reader looks for: CR, LF, dots, and line-long runs.
+tokens = st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"x", b"yy", b"z" * 9, b"w" * 40])
+streams = st.lists(tokens, max_size=80).map(b"".join)
+
+
+def _feed(reader: MessageReader | ReferenceReader, stream: bytes, cuts: list[int]) -> bytes | None:
+    position = 0
+    for cut in [*cuts, len(stream)]:
+        rest = reader.feed(stream[position : position + cut])
+        position += cut
+        if rest is not None:
+            return rest + stream[position:]
+        if position >= len(stream):
+            break
+    return None
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    streams,
+    st.sampled_from([b".\r\n", b"\r\n.\r\n", b""]),
+    streams,
+    st.lists(st.integers(min_value=0, max_value=120), max_size=20),
+    st.sampled_from([None, 0, 10, 40, 200]),
+    st.integers(min_value=1, max_value=30),
+)
+def test_same_as_the_reference(
+    head: bytes,
+    ending: bytes,
+    after: bytes,
+    cuts: list[int],
+    size_limit: int | None,
+    line_limit: int,
+) -> None:
+    stream = head + ending + after
+    new = MessageReader(size_limit=size_limit, line_limit=line_limit)
+    old = ReferenceReader(size_limit=size_limit, line_limit=line_limit)
+    assert _feed(new, stream, cuts) == _feed(old, stream, cuts)
+    assert new.error == old.error
+    assert new.content == old.content
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=5000), max_size=8), st.booleans())
+def test_large_messages_in_pieces(cuts: list[int], stuffed: bool) -> None:
+    line = (b"." if stuffed else b"") + b"x" * 60 + b"\r\n"
+    stream = b"Subject: s\r\n\r\n" + line * 300 + b".\r\nQUIT\r\n"
+    new = MessageReader(size_limit=None, line_limit=1000)
+    old = ReferenceReader(size_limit=None, line_limit=1000)
+    assert _feed(new, stream, cuts) == _feed(old, stream, cuts) == b"QUIT\r\n"
+    assert new.content == old.content
+    assert new.content is not None and len(new.content) == len(stream) - 9 - 300 * stuffed
