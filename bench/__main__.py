@@ -390,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         " each on a port of its own, the load generator's sessions spread over them, all"
         " pinned with the server (see bench/README.md, Capacity)",
     )
+    parser.add_argument(
+        "--sessions-per-instance",
+        action="store_true",
+        help="with --instances: the scenario's sessions and message count are per instance"
+        " (N instances get N x as many), so each instance carries the same load; by"
+        " default the scenario's sessions are spread over the instances",
+    )
     parser.add_argument("--output", type=Path, help="JSON file (default: bench/results/...)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -495,18 +502,21 @@ def main(argv: list[str] | None = None) -> int:
             runs.append((relay, sink, postfix))
             raw.extend(m.to_json() for m in (sink, relay, postfix) if m is not None)
             for n in instance_counts:
+                scaled = dict(common)
+                if args.sessions_per_instance:
+                    scaled.update(sessions=sessions * n, count=count * n)
                 shared = measure_shared(
                     instances=n,
                     provider=provider,
                     extra_env=extra_env,
                     pg_admin_url=args.pg_url,
-                    **common,  # type: ignore[arg-type]
+                    **scaled,  # type: ignore[arg-type]
                 )
                 by_instances[n].append(shared)
                 raw.append(shared.to_json())
                 if not args.quiet:
                     print(
-                        _spool_progress(size, sessions, latency, repeat, shared)
+                        _spool_progress(size, shared.sessions, latency, repeat, shared)
                         + f" x{n} instance(s), lock waits {shared.lock_wait_share or 0:.1%}",
                         file=sys.stderr,
                         flush=True,
@@ -592,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         "spools": spools,
         "instances": {
             "counts": instance_counts,
+            "sessions_per_instance": args.sessions_per_instance,
             "pool_size": int(extra_env.get("ESPRELAY_SPOOL_POOL_SIZE", DEFAULT_POOL_SIZE)),
             "server": server_limits(args.pg_url),
         }

@@ -24,6 +24,10 @@ get in each other's way on the database:
   is the most connections to the run's database seen at once (pool size x instances,
   plus each instance's listening connection).
 
+``wal_bytes_per_msg`` is the WAL the whole server wrote from the start of the load
+until the last delivery (``pg_current_wal_lsn()``), per message: the run's, plus that of
+anyone else writing to the same server meanwhile (an upper bound on a shared server).
+
 ``pg_stat_statements`` would give per-statement times, but it must be preloaded by a
 server restart; the sampling above needs nothing installed.
 """
@@ -134,6 +138,28 @@ async def _deadlocks(admin_url: str, database: str) -> int | None:
     return None if value is None else int(value)
 
 
+async def _wal_lsn(admin_url: str) -> str:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url, timeout=5)
+    try:
+        return str(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
+    finally:
+        await conn.close()
+
+
+async def _wal_bytes_since(admin_url: str, lsn: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url, timeout=5)
+    try:
+        return int(
+            await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)", lsn)
+        )
+    finally:
+        await conn.close()
+
+
 async def _server_limits(admin_url: str) -> dict[str, int]:
     import asyncpg
 
@@ -237,6 +263,7 @@ def measure_shared(
             server_db_before = pg_cpu.server()
             commits_before = asyncio.run(_commits(pg_admin_url, database, settle=0))
             deadlocks_before = asyncio.run(_deadlocks(pg_admin_url, database))
+            wal_before = asyncio.run(_wal_lsn(pg_admin_url))
             ports = [s.port for s in servers]
             with ActivitySampler(pg_admin_url, database, interval=sample_interval) as sampler:
                 started = time.perf_counter()
@@ -262,6 +289,7 @@ def measure_shared(
                     for pid, seconds in pg_cpu.backends(database).items()
                 )
                 server_db_after = pg_cpu.server()
+                wal_bytes = asyncio.run(_wal_bytes_since(pg_admin_url, wal_before))
         finally:
             for server in servers:
                 server.stop()
@@ -296,6 +324,7 @@ def measure_shared(
         measurement.db_server_cpu_ms_per_msg = (
             (server_db_after - server_db_before) * 1000 / messages
         )
+    measurement.wal_bytes_per_msg = wal_bytes / messages
     if deadlocks_before is not None and deadlocks_after is not None:
         measurement.deadlocks = deadlocks_after - deadlocks_before
     if sampler.error is None:
@@ -338,10 +367,12 @@ def summarise_instances(by_count: dict[int, list[Measurement]]) -> dict[str, Any
             "db_commits_per_msg": _median([r.db_commits_per_msg for r in runs]),
             "db_cpu_ms_per_msg": _median([r.db_cpu_ms_per_msg for r in runs]),
             "db_server_cpu_ms_per_msg": _median([r.db_server_cpu_ms_per_msg for r in runs]),
+            "wal_bytes_per_msg": _median([r.wal_bytes_per_msg for r in runs]),
             "lock_wait_share": _median([r.lock_wait_share for r in runs]),
             "deadlocks": sum(r.deadlocks or 0 for r in runs),
             "peak_db_connections": max((r.peak_db_connections or 0 for r in runs), default=0),
             "wait_events": dict(waits.most_common(4)),
+            "sessions": runs[0].sessions if runs else None,
             "p50_ms": _median([r.p50_ms for r in runs]),
             "errors": sum(r.errors for r in runs),
             "undelivered": sum(r.sent - r.delivered for r in runs),
@@ -365,11 +396,11 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 def instances_table(rows: list[dict[str, Any]]) -> str:
     """Per scenario and instance count: the shared PostgreSQL spool's figures."""
     lines = [
-        "| size | sessions | API ms | instances | delivered/s | vs fewest |"
+        "| size | sessions (all) | API ms | instances | delivered/s | vs fewest |"
         " esprelay CPU ms/msg (all) | PostgreSQL CPU ms/msg (backends / server) |"
-        " round trips/msg | commits/msg | lock waits | deadlocks | peak connections |"
-        " top wait events (sampled) |",
-        "|" + "---|" * 14,
+        " round trips/msg | commits/msg | WAL KB/msg (server) | lock waits | deadlocks |"
+        " peak connections | top wait events (sampled) |",
+        "|" + "---|" * 15,
     ]
     for row in rows:
         figures = row.get("instances") or {}
@@ -377,13 +408,15 @@ def instances_table(rows: list[dict[str, Any]]) -> str:
         for n, s in figures.items():
             waits = ", ".join(f"{k} {v}" for k, v in s["wait_events"].items()) or "-"
             share = s["lock_wait_share"]
+            wal = s["wal_bytes_per_msg"]
             lines.append(
-                f"| {_human(row['size'])} | {row['sessions']} | {_fmt(row['latency_ms'])} |"
+                f"| {_human(row['size'])} | {s['sessions']} | {_fmt(row['latency_ms'])} |"
                 f" {n} | {_fmt(s['delivered_per_s'])} |"
                 f" {_fmt(s[f'ratio_delivered_vs_{base}'], 2)} |"
                 f" {_fmt(s['cpu_ms_per_msg'], 2)} |"
                 f" {_fmt(s['db_cpu_ms_per_msg'], 2)} / {_fmt(s['db_server_cpu_ms_per_msg'], 2)} |"
                 f" {_fmt(s['round_trips_per_msg'], 2)} | {_fmt(s['db_commits_per_msg'], 2)} |"
+                f" {_fmt(wal / 1024 if wal is not None else None, 1)} |"
                 f" {'-' if share is None else f'{share:.1%}'} | {s['deadlocks']} |"
                 f" {s['peak_db_connections']} | {waits} |"
             )

@@ -108,6 +108,8 @@ class Measurement:
     lock_wait_share: float | None = None
     wait_events: dict[str, int] | None = None
     peak_db_connections: int | None = None
+    # WAL the whole server wrote during the run, per message (bench.capacity).
+    wal_bytes_per_msg: float | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)

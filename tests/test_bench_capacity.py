@@ -48,6 +48,8 @@ def test_two_instances_on_one_spool_deliver_every_message(
     (shared,) = [run for run in report["runs"] if run["instances"] == 2]
     assert (shared["sent"], shared["delivered"], shared["spool"]) == (8, 8, "postgresql")
     assert shared["lock_wait_share"] is not None
+    # Every message's insert is in the WAL (and anyone else's writes too: no upper bound).
+    assert shared["wal_bytes_per_msg"] > 0
     out = capsys.readouterr().out
     assert "Instances sharing one PostgreSQL spool" in out and "WARNING" not in out
 
