@@ -138,24 +138,13 @@ async def _deadlocks(admin_url: str, database: str) -> int | None:
     return None if value is None else int(value)
 
 
-async def _wal_lsn(admin_url: str) -> str:
+async def _wal_position(admin_url: str) -> int:
+    """The server's current WAL position, in bytes."""
     import asyncpg
 
     conn = await asyncpg.connect(admin_url, timeout=5)
     try:
-        return str(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
-    finally:
-        await conn.close()
-
-
-async def _wal_bytes_since(admin_url: str, lsn: str) -> int:
-    import asyncpg
-
-    conn = await asyncpg.connect(admin_url, timeout=5)
-    try:
-        return int(
-            await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)", lsn)
-        )
+        return int(await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')"))
     finally:
         await conn.close()
 
@@ -263,7 +252,7 @@ def measure_shared(
             server_db_before = pg_cpu.server()
             commits_before = asyncio.run(_commits(pg_admin_url, database, settle=0))
             deadlocks_before = asyncio.run(_deadlocks(pg_admin_url, database))
-            wal_before = asyncio.run(_wal_lsn(pg_admin_url))
+            wal_before = asyncio.run(_wal_position(pg_admin_url))
             ports = [s.port for s in servers]
             with ActivitySampler(pg_admin_url, database, interval=sample_interval) as sampler:
                 started = time.perf_counter()
@@ -289,7 +278,7 @@ def measure_shared(
                     for pid, seconds in pg_cpu.backends(database).items()
                 )
                 server_db_after = pg_cpu.server()
-                wal_bytes = asyncio.run(_wal_bytes_since(pg_admin_url, wal_before))
+                wal_bytes = asyncio.run(_wal_position(pg_admin_url)) - wal_before
         finally:
             for server in servers:
                 server.stop()
