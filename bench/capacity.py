@@ -60,6 +60,7 @@ from bench.harness import (
     emulator,
     peak_rss_mb,
     pin,
+    start_target,
 )
 from bench.loadgen import LoadResult, run_load
 
@@ -214,8 +215,6 @@ def measure_shared(
     sample_interval: float = 0.05,
 ) -> Measurement:
     """``instances`` esprelay processes on one PostgreSQL spool, under one load."""
-    from bench.harness import start_target
-
     if instances < 1:
         raise ValueError("instances must be at least 1")
     with contextlib.ExitStack() as stack:
