@@ -14,7 +14,11 @@ Then the per-provider scenario (``--provider-scenario``, 2K x 20 at 0 ms): espre
 once per HTTP provider kind (``--providers``) in every repeat, each against the
 emulator answering like that ESP, on the first spool of ``--spool``; another table
 gives each kind's delivered msg/s and CPU per message, and their ratios to SendGrid's
-in the same repeats.  See bench/README.md.
+in the same repeats.  With ``--instances 1,2,4``, every repeat of every scenario also
+runs that many esprelay instances sharing one PostgreSQL spool (``bench.capacity``),
+and a table gives per instance count the delivered rate, CPU per message of esprelay
+(all instances) and of PostgreSQL, round trips, commits and lock waits per message.
+See bench/README.md.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.capacity import (
+    DEFAULT_POOL_SIZE,
+    instances_table,
+    measure_shared,
+    server_limits,
+    summarise_instances,
+)
 from bench.harness import (
     HTTP_PROVIDERS,
     PG_ADMIN_URL,
@@ -371,6 +382,21 @@ def main(argv: list[str] | None = None) -> int:
         help="maintenance database of the PostgreSQL server for --spool postgresql"
         " (default: $ESPRELAY_BENCH_PG_URL or %(default)s)",
     )
+    parser.add_argument(
+        "--instances",
+        default="",
+        help="also run, in every repeat of every scenario, N esprelay instances sharing one"
+        " PostgreSQL spool for each N given (comma-separated, e.g. 1,2,4; '' for none):"
+        " each on a port of its own, the load generator's sessions spread over them, all"
+        " pinned with the server (see bench/README.md, Capacity)",
+    )
+    parser.add_argument(
+        "--sessions-per-instance",
+        action="store_true",
+        help="with --instances: the scenario's sessions and message count are per instance"
+        " (N instances get N x as many), so each instance carries the same load; by"
+        " default the scenario's sessions are spread over the instances",
+    )
     parser.add_argument("--output", type=Path, help="JSON file (default: bench/results/...)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -393,6 +419,16 @@ def main(argv: list[str] | None = None) -> int:
     if pg_reason:
         print(f"note: leaving out the postgresql spool: {pg_reason}", file=sys.stderr)
         spools.remove("postgresql")
+    try:
+        instance_counts = sorted({int(n) for n in args.instances.split(",") if n.strip()})
+    except ValueError:
+        parser.error("--instances: comma-separated whole numbers, e.g. 1,2,4")
+    if any(n < 1 for n in instance_counts):
+        parser.error("--instances: every count at least 1")
+    if instance_counts:
+        reason = postgres_unavailable_reason(args.pg_url)
+        if reason:
+            parser.error(f"--instances: {reason}")
     try:
         providers = choose_providers(args.providers)
     except ValueError as exc:
@@ -427,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         count = args.count or max(1, round(default_count(size, sessions) * args.scale))
         runs: list[Run] = []
         by_spool: dict[str, list[Measurement]] = {spool: [] for spool in spools}
+        by_instances: dict[int, list[Measurement]] = {n: [] for n in instance_counts}
         for repeat in range(args.repeats):
             common = {
                 "size": size,
@@ -464,6 +501,26 @@ def main(argv: list[str] | None = None) -> int:
             postfix = measure("postfix", **common) if with_postfix and latency == 0 else None
             runs.append((relay, sink, postfix))
             raw.extend(m.to_json() for m in (sink, relay, postfix) if m is not None)
+            for n in instance_counts:
+                scaled = dict(common)
+                if args.sessions_per_instance:
+                    scaled.update(sessions=sessions * n, count=count * n)
+                shared = measure_shared(
+                    instances=n,
+                    provider=provider,
+                    extra_env=extra_env,
+                    pg_admin_url=args.pg_url,
+                    **scaled,  # type: ignore[arg-type]
+                )
+                by_instances[n].append(shared)
+                raw.append(shared.to_json())
+                if not args.quiet:
+                    print(
+                        _spool_progress(size, shared.sessions, latency, repeat, shared)
+                        + f" x{n} instance(s), lock waits {shared.lock_wait_share or 0:.1%}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             if not args.quiet:
                 print(
                     f"{human(size):>4} x{sessions:<3} api={latency:g}ms run {repeat + 1}:"
@@ -491,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                 "count": count,
                 "summary": summarise(runs),
                 "spools": summarise_spools(by_spool),
+                "instances": summarise_instances(by_instances) if instance_counts else None,
             }
         )
 
@@ -542,6 +600,14 @@ def main(argv: list[str] | None = None) -> int:
         },
         "repeats": args.repeats,
         "spools": spools,
+        "instances": {
+            "counts": instance_counts,
+            "sessions_per_instance": args.sessions_per_instance,
+            "pool_size": int(extra_env.get("ESPRELAY_SPOOL_POOL_SIZE", DEFAULT_POOL_SIZE)),
+            "server": server_limits(args.pg_url),
+        }
+        if instance_counts
+        else None,
         "scenarios": rows,
         "providers": {
             "size": p_size,
@@ -566,24 +632,39 @@ def main(argv: list[str] | None = None) -> int:
     if rows and spools != ["sqlite"]:
         print()
         print(spool_table(rows))
+    if rows and instance_counts:
+        print(f"\nInstances sharing one PostgreSQL spool ({report['instances']}):")
+        print(instances_table(rows))
     if provider_rows:
         print(
             f"\nPer provider: {human(p_size)} x {p_sessions} sessions, API {p_latency:g} ms,"
             f" {p_count} messages, {args.repeats} repeat(s), {spools[0]} spool"
         )
         print(provider_table(provider_rows))
-    checks = [
-        (
-            f"{human(row['size'])} x{row['sessions']} api={row['latency_ms']:g}ms"
-            + ("" if spool == spools[0] else f" on {spool}"),
-            row["summary"]["esprelay"] if spool == spools[0] else row["spools"][spool],
-        )
-        for row in rows
-        for spool in spools
-    ] + [
-        (f"{row['provider']} {human(p_size)} x{p_sessions} api={p_latency:g}ms", row)
-        for row in provider_rows
-    ]
+    checks = (
+        [
+            (
+                f"{human(row['size'])} x{row['sessions']} api={row['latency_ms']:g}ms"
+                + ("" if spool == spools[0] else f" on {spool}"),
+                row["summary"]["esprelay"] if spool == spools[0] else row["spools"][spool],
+            )
+            for row in rows
+            for spool in spools
+        ]
+        + [
+            (f"{row['provider']} {human(p_size)} x{p_sessions} api={p_latency:g}ms", row)
+            for row in provider_rows
+        ]
+        + [
+            (
+                f"{human(row['size'])} x{row['sessions']} api={row['latency_ms']:g}ms"
+                f" with {n} instance(s)",
+                figures,
+            )
+            for row in rows
+            for n, figures in (row["instances"] or {}).items()
+        ]
+    )
     for label, relay in checks:
         if relay["errors"] or relay["undelivered"] or relay["refused"]:
             # A refused or failed session makes the figures meaningless: say so loudly.

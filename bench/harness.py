@@ -99,6 +99,17 @@ class Measurement:
     # children it reaped), per message: includes background writers, and the work of
     # anyone else using the server meanwhile.
     db_server_cpu_ms_per_msg: float | None = None
+    # esprelay instances sharing the spool (bench.capacity); the CPU above is their sum,
+    # the peak RSS the largest of them.
+    instances: int = 1
+    # bench.capacity: deadlocks pg_stat_database counted in the run's database, and what
+    # sampling pg_stat_activity saw of its backends (see bench.capacity.ActivitySampler).
+    deadlocks: int | None = None
+    lock_wait_share: float | None = None
+    wait_events: dict[str, int] | None = None
+    peak_db_connections: int | None = None
+    # WAL the whole server wrote during the run, per message (bench.capacity).
+    wal_bytes_per_msg: float | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 LINE = 78  # bytes per body line, CRLF included
@@ -104,14 +105,20 @@ async def run_load(
     size: int,
     sender: str = "bench@example.com",
     recipient: str = "sink@example.org",
+    ports: Sequence[int] = (),
 ) -> LoadResult:
-    """Send ``count`` messages of ``size`` bytes over ``sessions`` concurrent sessions."""
+    """Send ``count`` messages of ``size`` bytes over ``sessions`` concurrent sessions.
+
+    With ``ports`` (several servers on ``host``), session ``i`` always connects to
+    ``ports[i % len(ports)]``: the sessions are spread evenly, and ``port`` is unused.
+    """
     body = make_message(size, sender=sender, recipient=recipient)
     result = LoadResult()
     remaining = count
     from_b, to_b = sender.encode(), recipient.encode()
+    targets = list(ports) or [port]
 
-    async def worker() -> None:
+    async def worker(port: int) -> None:
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
@@ -124,6 +131,6 @@ async def run_load(
                     result.error_samples.append(f"{type(exc).__name__}: {exc}")
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(min(sessions, count))))
+    await asyncio.gather(*(worker(targets[i % len(targets)]) for i in range(min(sessions, count))))
     result.seconds = time.perf_counter() - started
     return result
