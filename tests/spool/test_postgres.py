@@ -4,6 +4,7 @@ taking back its own leases, and turning an unreachable database into SpoolError.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import pytest
 
 from esprelay.errors import ConfigError, SpoolError
 from esprelay.models import Envelope, MessageState
-from esprelay.spool import open_spool
+from esprelay.spool import open_spool, postgres
+from esprelay.spool.base import NewPart
 from esprelay.spool.postgres import BODY_CHUNK, SCHEMA_VERSION, PostgresSpool, migrate, redact_url
 from tests.fakeclock import FakeClock
 from tests.pgutil import with_database, with_port
@@ -283,3 +285,52 @@ def test_password_never_shown() -> None:
     assert redact_url(url) == "postgresql://relay:***@db.example:5432/mail"
     assert "s3cret" not in repr(PostgresSpool(url))
     assert redact_url("postgresql://relay@db/mail") == "postgresql://relay@db/mail"
+
+
+async def test_the_lease_scans_each_partial_index_in_order(pg_url: str) -> None:
+    """With a backlog, claiming a few due messages reads a few index entries: an OR of
+    the queued and the expired-lease conditions was served by neither partial index and
+    scanned and sorted every due message at each lease."""
+    await _empty(pg_url)
+    spool = PostgresSpool(pg_url)
+    await spool.open()
+    try:
+        envelope = Envelope("a@example.com", ("b@example.com",))
+        for _ in range(20):
+            await asyncio.gather(
+                *(
+                    spool.put_parts(b"Subject: s\r\n\r\nx\r\n", [NewPart(envelope, "outbox")])
+                    for _ in range(100)
+                )
+            )
+        assert len(await spool.lease("w", 10, 0.0)) == 10  # leases that expire at once
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute("ANALYZE esprelay_messages")
+            transaction = conn.transaction()
+            await transaction.start()
+            plan = await conn.fetchval(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) {postgres._LEASE}", 10, "w2", 60.0
+            )
+            await transaction.rollback()  # EXPLAIN ANALYZE ran the UPDATE
+        finally:
+            await conn.close()
+    finally:
+        await spool.close()
+    nodes: list[dict[str, object]] = []
+
+    def walk(node: dict[str, object]) -> None:
+        nodes.append(node)
+        for child in node.get("Plans", []):  # type: ignore[attr-defined]
+            walk(child)
+
+    walk(json.loads(plan)[0]["Plan"])
+    scans = {
+        (n["Node Type"], n.get("Index Name")): n["Actual Rows"]
+        for n in nodes
+        if n.get("Relation Name") == "esprelay_messages" and "Scan" in str(n["Node Type"])
+    }
+    assert ("Index Scan", "esprelay_messages_due") in scans
+    assert ("Index Scan", "esprelay_messages_lease") in scans
+    # A few index entries read per scan, not the 1,990 due messages.
+    assert all(rows <= 20 for rows in scans.values()), scans  # type: ignore[operator]

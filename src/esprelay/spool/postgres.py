@@ -890,17 +890,7 @@ class PostgresSpool(OnePartPut):
             return []
         rows = await self._fetch(
             "leasing messages",
-            "WITH due AS ("
-            " SELECT id FROM esprelay_messages"
-            f" WHERE ((state = 'queued' AND next_attempt_at <= {_NOW})"
-            f" OR (state = 'in_flight' AND lease_expires_at <= {_NOW})) AND NOT held"
-            " ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)"
-            ", leased AS ("
-            " UPDATE esprelay_messages AS m SET state = 'in_flight', lease_owner = $2,"
-            f" lease_expires_at = {_NOW} + $3, updated_at = {_NOW}"
-            " FROM due WHERE m.id = due.id"
-            f" RETURNING {_qualified('m')}, m.has_body)"
-            f" SELECT leased.*, {_small_body('leased')} AS raw FROM leased",
+            _LEASE,
             limit,
             owner,
             float(lease_time),
@@ -1410,6 +1400,32 @@ def _set_event(event: asyncio.Event, *_: object) -> None:
 
 def _qualified(alias: str) -> str:
     return ", ".join(f"{alias}.{column.strip()}" for column in _COLUMNS.split(","))
+
+
+#: Claim up to $1 due messages for owner $2 for $3 seconds, with their small bodies.
+_LEASE = (
+    # One locking scan per partial index, each in its index's order: an OR of
+    # the two conditions is served by neither, and scanned and sorted every due
+    # message at each lease (11.5 ms with 5,000 queued; bench/README.md).
+    "WITH queued AS ("
+    " SELECT id, next_attempt_at FROM esprelay_messages"
+    f" WHERE state = 'queued' AND next_attempt_at <= {_NOW} AND NOT held"
+    " ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+    ", expired AS ("
+    " SELECT id, next_attempt_at FROM esprelay_messages"
+    f" WHERE state = 'in_flight' AND lease_expires_at <= {_NOW} AND NOT held"
+    " ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+    ", due AS ("
+    " SELECT id FROM (SELECT * FROM queued UNION ALL SELECT * FROM expired) AS c"
+    " ORDER BY next_attempt_at, id LIMIT $1)"
+    ", leased AS ("
+    " UPDATE esprelay_messages AS m SET state = 'in_flight', lease_owner = $2,"
+    f" lease_expires_at = {_NOW} + $3, updated_at = {_NOW}"
+    # By primary key: a join with ``due`` may be planned as a scan of every message.
+    " WHERE m.id = ANY(ARRAY(SELECT id FROM due))"
+    f" RETURNING {_qualified('m')}, m.has_body)"
+    f" SELECT leased.*, {_small_body('leased')} AS raw FROM leased"
+)
 
 
 def _record_to_message(
