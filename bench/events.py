@@ -399,6 +399,8 @@ def end_to_end(
                 {
                     "ESPRELAY_SMTP_HOST": "127.0.0.1",
                     "ESPRELAY_SMTP_PORT": "0",
+                    # The ops listener on a free port, so concurrent runs do not collide.
+                    "ESPRELAY_HTTP_PORT": "0",
                     "ESPRELAY_SPOOL_URL": url,
                     "ESPRELAY_ROUTES_FILE": str(workdir / "routes.toml"),
                     "ESPRELAY_EVENTS_HOST": "127.0.0.1",
