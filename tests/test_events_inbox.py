@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -83,6 +84,31 @@ async def test_events_are_stored_once_each(inbox: EventInbox) -> None:
     assert pending[0].event == _event("a")
     assert [s.seq for s in pending] == sorted(s.seq for s in pending)
     assert pending[0].received_at == pytest.approx(time.time(), abs=300)
+
+
+async def test_concurrent_requests_store_each_event_once(inbox: EventInbox) -> None:
+    # Twenty requests at once, as webhooks arrive: they share commits (both backends
+    # group them), and an event in two of them is stored by one only.
+    requests = [[_event(f"e{n}"), _event(f"shared{n % 5}")] for n in range(20)]
+    before = getattr(inbox, "round_trips", 0)
+    answers = await asyncio.gather(*(inbox.put_events(events) for events in requests))
+    assert [r.stored for r in answers[0]] == [True, True]
+    assert all(r.stored for r, _ in answers)
+    shared = [request[1].stored for request in answers]
+    assert shared == [n < 5 for n in range(20)]
+    pending = await inbox.pending_events(limit=100)
+    assert len(pending) == 25
+    if hasattr(inbox, "round_trips"):  # PostgreSQL: fewer statements than requests
+        assert inbox.round_trips - before < len(requests)
+    again = await asyncio.gather(*(inbox.put_events(events) for events in requests[:3]))
+    assert not any(r.stored for answer in again for r in answer)
+
+
+async def test_raw_json_beyond_orjson_is_kept(inbox: EventInbox) -> None:
+    raw = {"event": "bounce", "big": 2**70, "text": "ünïcode"}
+    await inbox.put_events([_event("big", raw=raw)])
+    [pending] = await inbox.pending_events()
+    assert pending.event.raw == raw
 
 
 async def test_events_name_their_message(inbox: EventInbox) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import orjson
 
 from esprelay.events.model import Event, StoredEvent
 
@@ -27,8 +29,21 @@ def event_row(event: Event) -> tuple[Any, ...]:
         event.esp_message_id,
         event.esprelay_id,
         event.remote_mta,
-        json.dumps(event.raw, ensure_ascii=False, separators=(",", ":")),
+        raw_json(event.raw),
     )
+
+
+def raw_json(raw: Mapping[str, Any]) -> str:
+    """An event's own JSON, compact, as the inbox keeps it.
+
+    orjson writes what ``json.dumps(raw, ensure_ascii=False, separators=(",", ":"))``
+    writes, some twenty times faster (it is paid for every event a webhook brings);
+    what it refuses (an integer beyond 64 bits, a lone surrogate) goes the slow way.
+    """
+    try:
+        return orjson.dumps(raw).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(raw, ensure_ascii=False, separators=(",", ":"))
 
 
 def stored_event(row: Sequence[Any]) -> StoredEvent:

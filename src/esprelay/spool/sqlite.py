@@ -1089,19 +1089,19 @@ class SqliteSpool(OnePartPut):
         rows = [event_row(event) for event in events]
 
         def insert(conn: sqlite3.Connection) -> _InboxResults:
+            # Joins the writer's batch: concurrent requests share its commit and fsync.
+            execute = self._cursor.execute  # no new cursor per statement (see __init__)
             now = self._time()
             results = []
             for event, row in zip(events, rows, strict=True):
                 message_id = None
                 if event.esprelay_id is not None:
-                    found = conn.execute(
-                        "SELECT id FROM messages WHERE id = ?", (event.esprelay_id,)
-                    ).fetchone()
+                    found = execute(_MESSAGE_ID, (event.esprelay_id,)).fetchone()
                     message_id = None if found is None else found[0]
                 if message_id is None and event.esp_message_id is not None:
                     message_id = _sent_as(conn, event.provider, event.esp_message_id)
-                cursor = conn.execute(_INSERT_EVENT, (*row, now, message_id))
-                results.append(InboxResult(cursor.rowcount == 1, message_id))
+                stored = execute(_INSERT_EVENT, (*row, now, message_id)).rowcount == 1
+                results.append(InboxResult(stored, message_id))
             return results
 
         return await self._run(insert) if events else []
@@ -1357,6 +1357,7 @@ CREATE INDEX IF NOT EXISTS event_inbox_pending ON event_inbox (seq) WHERE proces
 _InboxResults = list[InboxResult]
 _StoredEvents = list[StoredEvent]
 
+_MESSAGE_ID = "SELECT id FROM messages WHERE id = ?"
 _INSERT_EVENT = (
     "INSERT INTO event_inbox (provider, event_id, kind, recipient, at, smtp_status, diagnostic,"
     " esp_message_id, esprelay_id, remote_mta, raw, received_at, message_id)"
