@@ -885,26 +885,22 @@ class PostgresSpool(OnePartPut):
                 return
             self._announce_again = False
 
-    async def lease(self, owner: str, limit: int, lease_time: float) -> list[SpooledMessage]:
+    async def lease(
+        self, owner: str, limit: int, lease_time: float, *, max_bytes: int | None = None
+    ) -> list[SpooledMessage]:
         if limit <= 0:
             return []
-        rows = await self._fetch(
-            "leasing messages",
-            "WITH due AS ("
-            " SELECT id FROM esprelay_messages"
-            f" WHERE ((state = 'queued' AND next_attempt_at <= {_NOW})"
-            f" OR (state = 'in_flight' AND lease_expires_at <= {_NOW})) AND NOT held"
-            " ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)"
-            ", leased AS ("
-            " UPDATE esprelay_messages AS m SET state = 'in_flight', lease_owner = $2,"
-            f" lease_expires_at = {_NOW} + $3, updated_at = {_NOW}"
-            " FROM due WHERE m.id = due.id"
-            f" RETURNING {_qualified('m')}, m.has_body)"
-            f" SELECT leased.*, {_small_body('leased')} AS raw FROM leased",
-            limit,
-            owner,
-            float(lease_time),
-        )
+        if max_bytes is None:
+            rows = await self._fetch("leasing messages", _LEASE, limit, owner, float(lease_time))
+        else:
+            rows = await self._fetch(
+                "leasing messages",
+                _LEASE_WITHIN_BYTES,
+                limit,
+                owner,
+                float(lease_time),
+                max_bytes,
+            )
         messages = []
         for row in rows:
             raw = row["raw"]
@@ -1519,3 +1515,35 @@ _CLAIM_DSN = (
 )
 
 # endregion
+
+
+def _lease_sql(by_size: bool) -> str:
+    """Claiming due messages; ``by_size``: only those whose sizes add up to at most
+    $4, the first whatever its size (``Spool.lease``).  Rows locked and left out stay
+    due."""
+    picked = (
+        ", within AS (SELECT id FROM (SELECT id,"
+        " sum(size) OVER (ORDER BY next_attempt_at, id) AS total,"
+        " row_number() OVER (ORDER BY next_attempt_at, id) AS n FROM due) AS running"
+        " WHERE n = 1 OR total <= $4)"
+        if by_size
+        else ""
+    )
+    source = "within" if by_size else "due"
+    return (
+        "WITH due AS ("
+        " SELECT id, size, next_attempt_at FROM esprelay_messages"
+        f" WHERE ((state = 'queued' AND next_attempt_at <= {_NOW})"
+        f" OR (state = 'in_flight' AND lease_expires_at <= {_NOW})) AND NOT held"
+        f" ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED){picked}"
+        ", leased AS ("
+        " UPDATE esprelay_messages AS m SET state = 'in_flight', lease_owner = $2,"
+        f" lease_expires_at = {_NOW} + $3, updated_at = {_NOW}"
+        f" FROM {source} WHERE m.id = {source}.id"
+        f" RETURNING {_qualified('m')}, m.has_body)"
+        f" SELECT leased.*, {_small_body('leased')} AS raw FROM leased"
+    )
+
+
+_LEASE = _lease_sql(False)
+_LEASE_WITHIN_BYTES = _lease_sql(True)
