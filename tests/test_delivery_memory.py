@@ -111,18 +111,23 @@ async def test_leases_no_more_bytes_than_the_budget(spool: SqliteSpool, clock: F
     run, outcomes = deliverer(spool, provider, clock, budget=1000)
     run.start()
     try:
-        # 400 + 400 fit in 1000; the third 400 does not: two sends, not ten.
+        # 400 + 400 fit in 1000; the third 400 does not: two sends, not ten, and no
+        # more until one of them ends.
         started = {await provider.next_started(), await provider.next_started()}
         assert started == set(ids[:2])
         assert run.bytes_in_flight == 800
-        await asyncio.sleep(0)
+        for _ in range(10):
+            await asyncio.sleep(0)
         assert provider.started.empty()
 
-        # One ends: 600 left, so the next two (400 + 300 > 600) come one at a time.
+        # One ends: 600 left, so of the next two (400 + 300 > 600) only the first goes.
         provider.let_go(ids[0])
         await asyncio.wait_for(outcomes.get(), PATIENCE)
         assert await provider.next_started() == ids[2]
         assert run.bytes_in_flight == 800
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert provider.started.empty()
 
         delivered = {ids[0]}
         # Let each go as it starts; the 2500-byte message, larger than the whole budget,

@@ -275,11 +275,14 @@ class Deliverer:
                     log.error("cannot lease from spool: %s", exc)
                 for message in leased:
                     self._spawn(message)
-                # All the slots filled, or as many as the memory left allowed: there may
-                # be more due work (looked for once a delivery ends, if no room is left).
-                if leased and (len(leased) == free or room is not None):
+                if leased and len(leased) == free:
                     self._due = True
-                    continue
+                    continue  # there may be more due work; look again at once
+                if leased and room is not None:
+                    # Perhaps as many as the memory left allowed: look again once a
+                    # delivery ends and gives some back (at once, the spool would hand
+                    # over one more message past the budget).
+                    self._due = True
             try:
                 async with self._timeout(self._poll_interval):
                     await self._wake.wait()
