@@ -526,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{human(size):>4} x{sessions:<3} api={latency:g}ms run {repeat + 1}:"
                     f" esprelay {relay.delivered_per_s or 0:.0f} delivered/s"
                     f" ({relay.cpu_ms_per_msg:.2f} ms CPU/msg, p50 {relay.p50_ms or 0:.1f} ms)"
+                    + _rss_note(relay)
                     + (
                         f"  sink {sink.accepted_per_s:.0f}/s ({sink.cpu_ms_per_msg:.2f} ms CPU/msg)"
                         if sink
@@ -681,6 +682,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _rss_note(m: Measurement) -> str:
+    """Peak RSS while the load ran and after it (until delivered), when sampled."""
+    if m.peak_rss_intake_mb is None or m.peak_rss_delivery_mb is None:
+        return ""
+    return (
+        f" RSS peak {m.peak_rss_mb:.0f} MB: {m.peak_rss_intake_mb:.0f} during intake,"
+        f" {m.peak_rss_delivery_mb:.0f} after"
+    )
+
+
 def _spool_progress(size: int, sessions: int, latency: float, repeat: int, m: Measurement) -> str:
     return (
         f"{human(size):>4} x{sessions:<3} api={latency:g}ms run {repeat + 1}:"
@@ -699,6 +710,7 @@ def _spool_progress(size: int, sessions: int, latency: float, repeat: int, m: Me
             else ""
         )
         + ")"
+        + _rss_note(m)
     )
 
 

@@ -44,6 +44,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from bench.loadgen import LoadResult, run_load
+from bench.memtrace import RssTrace
 from bench.postfix import PostfixRelay
 from bench.providers import KINDS, environment
 
@@ -110,6 +111,10 @@ class Measurement:
     peak_db_connections: int | None = None
     # WAL the whole server wrote during the run, per message (bench.capacity).
     wal_bytes_per_msg: float | None = None
+    # esprelay: the highest RSS sampled while the load ran (messages arriving and being
+    # spooled) and after it, until every message was delivered (bench/memtrace.py).
+    peak_rss_intake_mb: float | None = None
+    peak_rss_delivery_mb: float | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -518,10 +523,13 @@ def measure(
                     db_before = pg_cpu.backends(database)
                     server_db_before = pg_cpu.server()
                     commits_before = asyncio.run(_commits(pg_admin_url, database, settle=0))
+                trace = RssTrace(server.pid).start() if target == "esprelay" else None
                 started = time.perf_counter()
                 load = _drive_load(
                     server.port, loadgen=loadgen, sessions=sessions, count=count, size=size
                 )
+                if trace is not None:
+                    trace.mark()
                 delivered = load.sent
                 deliver_seconds: float | None = load.seconds
                 if target == "esprelay":
@@ -536,6 +544,7 @@ def measure(
                     )
                 cpu_used = cpu_seconds(server.pid) - cpu_before
                 rss = peak_rss_mb(server.pid)
+                phases = trace.stop() if trace is not None else None
                 db_used = server_db_used = None
                 if pg_cpu is not None and database is not None:
                     db_used = sum(
@@ -570,6 +579,8 @@ def measure(
         refused=refused,
     )
     measurement.spool = spool if target == "esprelay" else "-"
+    if phases is not None:
+        measurement.peak_rss_intake_mb, measurement.peak_rss_delivery_mb = phases
     messages = max(1, load.sent or count)
     if round_trips is not None:
         measurement.round_trips_per_msg = round_trips / messages

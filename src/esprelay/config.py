@@ -170,6 +170,7 @@ class Settings(BaseSettings):
     spool_auto_migrate: bool = True
     spool_pool_size: int = Field(default=10, ge=1, le=1000)
     delivery_concurrency: int = Field(default=50, ge=0, le=10000)
+    delivery_memory: Bytes = 100 * 1024 * 1024
     retry_initial: Seconds = 15.0
     retry_max: Seconds = 3600.0
     retry_config_error: Seconds = 300.0

@@ -95,6 +95,7 @@ class Deliverer:
         on_outcome: OutcomeHook | None = None,
         on_failed: OutcomeHook | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        memory_budget: int = 0,
     ) -> None:
         self._spool = spool
         self._providers = providers
@@ -120,6 +121,13 @@ class Deliverer:
         self._client_waiting: set[str] = set()
         # Worker slots promised to messages being spooled for a direct hand-off.
         self._reserved = 0
+        # The bytes of the messages being delivered (or promised a slot) may add up to
+        # ``memory_budget`` (0: no limit), plus one message: the spool is asked for no
+        # more than what is left, and a message that does not fit is not handed off.
+        # (Each costs a few times its size while its request is built and sent.)
+        self._memory_budget = memory_budget
+        self._bytes_in_flight = 0
+        self._task_bytes: dict[asyncio.Task[Outcome | None], int] = {}
         # The spool may hold due work for us (see _run); true at start: recovery.
         self._due = True
 
@@ -193,25 +201,38 @@ class Deliverer:
             self._client_waiting.discard(message.id)
         return task.result() if task in done else None
 
-    def reserve(self, count: int) -> bool:
-        """Hold ``count`` worker slots for messages about to be spooled already leased.
+    @property
+    def bytes_in_flight(self) -> int:
+        """The sizes of the messages being delivered or promised a slot, added up."""
+        return self._bytes_in_flight
 
-        False when the pool is stopped, paused or has no room: spool them as usual.
+    def reserve(self, count: int, size: int = 0) -> bool:
+        """Hold ``count`` worker slots for messages of ``size`` bytes each about to be
+        spooled already leased.
+
+        False when the pool is stopped, paused or has no room (slots, or memory for
+        their bytes): spool them as usual, for the workers to lease when there is.
         """
         if self._stopping or self._loop_task is None:
             return False
         if self._concurrency - len(self._inflight) - self._reserved < count:
             return False
+        budget = self._memory_budget
+        if budget and self._bytes_in_flight + count * size > budget:
+            return False
         self._reserved += count
+        self._bytes_in_flight += count * size
         return True
 
-    def release(self, count: int) -> None:
-        """Give back reserved slots whose messages were not spooled."""
+    def release(self, count: int, size: int = 0) -> None:
+        """Give back reserved slots (for messages of ``size`` bytes each) whose messages
+        were not spooled."""
         self._reserved = max(0, self._reserved - count)
+        self._bytes_in_flight = max(0, self._bytes_in_flight - count * size)
 
     def dispatch_reserved(self, message: SpooledMessage) -> None:
         """Deliver a message spooled already leased to us, in a slot reserved for it."""
-        self.release(1)
+        self.release(1, message.size)
         if self._stopping:
             return  # stays leased in the spool: recovered at the next start
         self._spawn(message)
@@ -219,8 +240,16 @@ class Deliverer:
     def _spawn(self, message: SpooledMessage) -> asyncio.Task[Outcome | None]:
         task = asyncio.create_task(self._deliver(message), name=f"deliver-{message.id}")
         self._inflight.add(task)
+        self._task_bytes[task] = message.size
+        self._bytes_in_flight += message.size
         task.add_done_callback(self._task_done)
         return task
+
+    def _room(self) -> int | None:
+        """The bytes the spool may lease now (None: no limit)."""
+        if not self._memory_budget:
+            return None
+        return self._memory_budget - self._bytes_in_flight
 
     async def _run(self) -> None:
         # The spool is asked for due work when it may hold some (``_due``): after a
@@ -231,11 +260,17 @@ class Deliverer:
         while not self._stopping:
             self._wake.clear()  # before the query: a wake-up during it is kept
             free = self._concurrency - len(self._inflight) - self._reserved
-            if free > 0 and self._due:
+            room = self._room()
+            if free > 0 and self._due and (room is None or room > 0):
                 self._due = False
                 leased: list[SpooledMessage] = []
                 try:
-                    leased = await self._spool.lease(self._owner, free, self._lease_time)
+                    if room is None:
+                        leased = await self._spool.lease(self._owner, free, self._lease_time)
+                    else:
+                        leased = await self._spool.lease(
+                            self._owner, free, self._lease_time, max_bytes=room
+                        )
                 except SpoolError as exc:
                     log.error("cannot lease from spool: %s", exc)
                 for message in leased:
@@ -243,6 +278,11 @@ class Deliverer:
                 if leased and len(leased) == free:
                     self._due = True
                     continue  # there may be more due work; look again at once
+                if leased and room is not None:
+                    # Perhaps as many as the memory left allowed: look again once a
+                    # delivery ends and gives some back (at once, the spool would hand
+                    # over one more message past the budget).
+                    self._due = True
             try:
                 async with self._timeout(self._poll_interval):
                     await self._wake.wait()
@@ -251,6 +291,7 @@ class Deliverer:
 
     def _task_done(self, task: asyncio.Task[Outcome | None]) -> None:
         self._inflight.discard(task)
+        self._bytes_in_flight -= self._task_bytes.pop(task, 0)
         if self._due:
             self._wake.set()  # a slot is free for work that is waiting
 

@@ -178,7 +178,7 @@ class Intake:
         inline = self.inline_seconds > 0 and len(parts) == 1 and deliverer is not None
         # With idle workers, the message is spooled already leased to this instance and
         # handed to them directly: no lease query has to read it back from the spool.
-        handoff = not inline and deliverer is not None and deliverer.reserve(len(parts))
+        handoff = not inline and deliverer is not None and deliverer.reserve(len(parts), len(raw))
         try:
             if deliverer is not None and (inline or handoff):
                 ids = await self.spool.put_parts(
@@ -188,7 +188,7 @@ class Intake:
                 ids = await self.spool.put_parts(raw, new_parts)
         except SpoolError as exc:
             if handoff and deliverer is not None:
-                deliverer.release(len(parts))
+                deliverer.release(len(parts), len(raw))
             log.error("not accepted: spool error from client=%s: %s", client.address, exc)
             return exc.smtp_reply
         self.state.accepted += 1

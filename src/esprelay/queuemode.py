@@ -61,6 +61,7 @@ class QueueMode:
             default_chain=default_chain,
             owner=owner,
             concurrency=settings.delivery_concurrency,
+            memory_budget=settings.delivery_memory,
             lease_time=settings.lease_time,
             poll_interval=settings.poll_interval,
             policy=RetryPolicy(

@@ -151,6 +151,39 @@ async def test_lease_claims_due_messages_once(spool: Spool, spool_clock: SpoolCl
     assert await spool.lease("w3", 10, 60) == []
 
 
+async def test_lease_within_bytes_stops_before_the_message_over_them(
+    spool: Spool, spool_clock: SpoolClock
+) -> None:
+    sizes = [300, 500, 200, 100]
+    bodies = [RAW + b"x" * (size - len(RAW)) for size in sizes]
+    ids = []
+    for body in bodies:
+        ids.append(await put(spool, body))
+        await spool_clock.advance(0.001)
+    # 300 + 500 > 700: the second is left due, and so is everything after it.
+    leased = await spool.lease("w1", 10, 60, max_bytes=700)
+    assert [m.id for m in leased] == ids[:1]
+    assert leased[0].raw == bodies[0]
+    # The first is claimed whatever its size; 500 + 200 fit, 100 more do not.
+    leased = await spool.lease("w1", 10, 60, max_bytes=1)
+    assert [m.id for m in leased] == ids[1:2]
+    leased = await spool.lease("w1", 10, 60, max_bytes=700)
+    assert [m.id for m in leased] == ids[2:4]
+    assert [m.raw for m in leased] == bodies[2:4]
+    assert await spool.lease("w1", 10, 60, max_bytes=10**9) == []
+    # Left out means still due, for anyone: nothing was claimed twice or lost.
+    stats = await spool.stats()
+    assert stats.counts.get(MessageState.IN_FLIGHT) == 4
+
+
+async def test_lease_within_bytes_and_limit(spool: Spool, spool_clock: SpoolClock) -> None:
+    ids = await put_in_turn(spool, spool_clock, 3)
+    leased = await spool.lease("w1", 2, 60, max_bytes=10 * len(RAW))
+    assert [m.id for m in leased] == ids[:2]
+    leased = await spool.lease("w2", 2, 60, max_bytes=len(RAW))
+    assert [m.id for m in leased] == ids[2:]
+
+
 async def test_lease_takes_earliest_due_first(spool: Spool, spool_clock: SpoolClock) -> None:
     ids = [await put(spool) for _ in range(3)]
     [first, second, third] = await spool.lease("w1", 3, 60)

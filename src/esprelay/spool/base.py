@@ -16,9 +16,11 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from esprelay.models import Envelope, MessageState, SpooledMessage
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +76,16 @@ class Spool(Protocol):
         """
         ...
 
-    async def lease(self, owner: str, limit: int, lease_time: float) -> list[SpooledMessage]:
-        """Claim up to ``limit`` due messages (with their bytes) for ``lease_time`` seconds."""
+    async def lease(
+        self, owner: str, limit: int, lease_time: float, *, max_bytes: int | None = None
+    ) -> list[SpooledMessage]:
+        """Claim up to ``limit`` due messages (with their bytes) for ``lease_time`` seconds.
+
+        With ``max_bytes``, the messages claimed, in their order, stop before the one
+        that would bring their total size over it; the first is claimed whatever its
+        size (a message larger than ``max_bytes`` is delivered alone).  Only the bodies
+        claimed are read.
+        """
         ...
 
     async def mark_delivered(
@@ -175,6 +185,19 @@ def new_message_id(now: float | None = None) -> str:
     """A unique, time-ordered id: 11 hex digits of milliseconds, 10 random."""
     millis = int((time.time() if now is None else now) * 1000)
     return f"{millis:011x}{_id_bits.getrandbits(40):010x}"
+
+
+def within_bytes(rows: Sequence[T], max_bytes: int, *, size: Callable[[T], int]) -> list[T]:
+    """The first of ``rows`` whose sizes add up to at most ``max_bytes``; the first row
+    whatever its size (``Spool.lease``'s rule)."""
+    kept: list[T] = []
+    total = 0
+    for row in rows:
+        total += size(row)
+        if kept and total > max_bytes:
+            break
+        kept.append(row)
+    return kept
 
 
 class OnePartPut:

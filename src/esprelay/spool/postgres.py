@@ -892,16 +892,22 @@ class PostgresSpool(OnePartPut):
                 return
             self._announce_again = False
 
-    async def lease(self, owner: str, limit: int, lease_time: float) -> list[SpooledMessage]:
+    async def lease(
+        self, owner: str, limit: int, lease_time: float, *, max_bytes: int | None = None
+    ) -> list[SpooledMessage]:
         if limit <= 0:
             return []
-        rows = await self._fetch(
-            "leasing messages",
-            _LEASE,
-            limit,
-            owner,
-            float(lease_time),
-        )
+        if max_bytes is None:
+            rows = await self._fetch("leasing messages", _LEASE, limit, owner, float(lease_time))
+        else:
+            rows = await self._fetch(
+                "leasing messages",
+                _LEASE_WITHIN_BYTES,
+                limit,
+                owner,
+                float(lease_time),
+                max_bytes,
+            )
         messages = []
         for row in rows:
             raw = row["raw"]
@@ -1432,32 +1438,6 @@ def _qualified(alias: str) -> str:
     return ", ".join(f"{alias}.{column.strip()}" for column in _COLUMNS.split(","))
 
 
-#: Claim up to $1 due messages for owner $2 for $3 seconds, with their small bodies.
-_LEASE = (
-    # One locking scan per partial index, each in its index's order: an OR of
-    # the two conditions is served by neither, and scanned and sorted every due
-    # message at each lease (11.5 ms with 5,000 queued; bench/README.md).
-    "WITH queued AS ("
-    " SELECT id, next_attempt_at FROM esprelay_messages"
-    f" WHERE state = 'queued' AND next_attempt_at <= {_NOW} AND NOT held"
-    " ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
-    ", expired AS ("
-    " SELECT id, next_attempt_at FROM esprelay_messages"
-    f" WHERE state = 'in_flight' AND lease_expires_at <= {_NOW} AND NOT held"
-    " ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
-    ", due AS ("
-    " SELECT id FROM (SELECT * FROM queued UNION ALL SELECT * FROM expired) AS c"
-    " ORDER BY next_attempt_at, id LIMIT $1)"
-    ", leased AS ("
-    " UPDATE esprelay_messages AS m SET state = 'in_flight', lease_owner = $2,"
-    f" lease_expires_at = {_NOW} + $3, updated_at = {_NOW}"
-    # By primary key: a join with ``due`` may be planned as a scan of every message.
-    " WHERE m.id = ANY(ARRAY(SELECT id FROM due))"
-    f" RETURNING {_qualified('m')}, m.has_body)"
-    f" SELECT leased.*, {_small_body('leased')} AS raw FROM leased"
-)
-
-
 def _record_to_message(
     row: asyncpg.Record, *, raw: bytes | None = None, history: tuple[Attempt, ...] = ()
 ) -> SpooledMessage:
@@ -1568,3 +1548,48 @@ _CLAIM_DSN = (
 )
 
 # endregion
+
+
+def _lease_sql(by_size: bool) -> str:
+    """Claiming up to $1 due messages for owner $2 for $3 seconds, with their small
+    bodies; ``by_size``: only those whose sizes add up to at most $4, the first whatever
+    its size (``Spool.lease``).  Rows locked and left out stay due.
+
+    One locking scan per partial index, each in its index's order, and the update by
+    primary key: an ``OR`` of the two conditions was served by neither index, and a join
+    with the chosen rows may be planned as a scan of every message, so a lease read and
+    sorted the whole backlog (11.5 ms with 5,000 queued; bench/README.md).
+    """
+    picked = (
+        ", within AS (SELECT id FROM (SELECT id,"
+        " sum(size) OVER (ORDER BY next_attempt_at, id) AS total,"
+        " row_number() OVER (ORDER BY next_attempt_at, id) AS n FROM due) AS running"
+        " WHERE n = 1 OR total <= $4)"
+        if by_size
+        else ""
+    )
+    source = "within" if by_size else "due"
+    return (
+        "WITH queued AS ("
+        " SELECT id, size, next_attempt_at FROM esprelay_messages"
+        f" WHERE state = 'queued' AND next_attempt_at <= {_NOW} AND NOT held"
+        " ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+        ", expired AS ("
+        " SELECT id, size, next_attempt_at FROM esprelay_messages"
+        f" WHERE state = 'in_flight' AND lease_expires_at <= {_NOW} AND NOT held"
+        " ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+        ", due AS ("
+        " SELECT id, size, next_attempt_at FROM"
+        " (SELECT * FROM queued UNION ALL SELECT * FROM expired) AS c"
+        f" ORDER BY next_attempt_at, id LIMIT $1){picked}"
+        ", leased AS ("
+        " UPDATE esprelay_messages AS m SET state = 'in_flight', lease_owner = $2,"
+        f" lease_expires_at = {_NOW} + $3, updated_at = {_NOW}"
+        f" WHERE m.id = ANY(ARRAY(SELECT id FROM {source}))"
+        f" RETURNING {_qualified('m')}, m.has_body)"
+        f" SELECT leased.*, {_small_body('leased')} AS raw FROM leased"
+    )
+
+
+_LEASE = _lease_sql(False)
+_LEASE_WITHIN_BYTES = _lease_sql(True)

@@ -64,7 +64,13 @@ from esprelay.events.status import (
     entry_row,
 )
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
-from esprelay.spool.base import NewPart, OnePartPut, SpoolStats, new_message_id
+from esprelay.spool.base import (
+    NewPart,
+    OnePartPut,
+    SpoolStats,
+    new_message_id,
+    within_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -704,7 +710,9 @@ class SqliteSpool(OnePartPut):
         self._body_files.update(ids)
         return ids
 
-    async def lease(self, owner: str, limit: int, lease_time: float) -> list[SpooledMessage]:
+    async def lease(
+        self, owner: str, limit: int, lease_time: float, *, max_bytes: int | None = None
+    ) -> list[SpooledMessage]:
         if limit <= 0:
             return []
 
@@ -712,6 +720,8 @@ class SqliteSpool(OnePartPut):
             now = self._time()
             expires = now + lease_time
             rows = conn.execute(_DUE, (now, limit)).fetchall()
+            if max_bytes is not None:
+                rows = within_bytes(rows, max_bytes, size=lambda row: row[5])
             if any(row[16] for row in rows):
                 rows = self._with_file_bodies(conn, rows, now)
             if rows:
