@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from esprelay.errors import SpoolError
 from esprelay.events.model import Event
 from esprelay.events.processor import EventProcessor
 from esprelay.events.status import Application, Applied
@@ -261,3 +262,43 @@ async def test_the_processor_batched_and_one_at_a_time_agree(spool: Any, seed: i
 
 def _fields(event: Event) -> dict[str, Any]:
     return {name: getattr(event, name) for name in Event.__dataclass_fields__}
+
+
+async def test_a_dsn_not_queued_mid_batch_gives_back_the_claims_after_it(
+    spool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids, _ = await twins(spool, 3)
+    await spool.put_events(
+        [
+            Event(
+                provider="sendgrid",
+                provider_event_id=f"b{n}",
+                kind="bounced",
+                recipient=RECIPIENTS[0],
+                at=time.time(),
+                smtp_status="5.1.1",
+                esprelay_id=id,
+            )
+            for n, id in enumerate(ids)
+        ]
+    )
+    real = spool.put_parts
+    calls = 0
+
+    async def full_after_one(*args: Any, **kw: Any) -> list[str]:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise SpoolError("disk full")
+        return list(await real(*args, **kw))
+
+    monkeypatch.setattr(spool, "put_parts", full_after_one)
+    events = processor(spool)
+    with pytest.raises(SpoolError):
+        await events.process_pending()
+    assert [s.event.provider_event_id for s in await spool.pending_events()] == ["b1", "b2"]
+    sent = [(await spool.message_status(id)).recipients[0].dsn_sent for id in ids]
+    assert sent == [("failure",), (), ()]
+    monkeypatch.setattr(spool, "put_parts", real)
+    assert await events.process_pending() == 2
+    assert await dsns_for(spool) == {id: ["failure"] for id in ids}

@@ -2,12 +2,17 @@
 
 :class:`EventProcessor` runs beside the events listener (started with it by
 :func:`esprelay.events.service.start_events`).  It takes the pending events of the
-inbox in bounded batches (oldest first), applies each one and only then marks the
-batch finished.  It is woken when the listener stores events, and looks again every
-:data:`POLL_INTERVAL` seconds (events stored by another instance sharing a
-PostgreSQL spool, or left by a crash).
+inbox in bounded batches (oldest first), applies each batch
+(:meth:`EventProcessor.apply_batch`) and only then marks it finished.  A batch costs
+the spool a few operations whatever it holds: its messages read at once (without
+their bodies, except those a DSN needs, read at once too), and all its events'
+timeline and status rows and DSN claims written in one transaction
+(``apply_events``: on PostgreSQL five round trips), with the outcome of applying them
+one after the other; then its DSNs are queued one by one.  It is woken when the
+listener stores events, and looks again every :data:`POLL_INTERVAL` seconds (events
+stored by another instance sharing a PostgreSQL spool, or left by a crash).
 
-Applying an event (:meth:`EventProcessor.apply`):
+Applying an event (in a batch, or alone with :meth:`EventProcessor.apply`):
 
 1. find its message: by the spool id esprelay sent along (``Event.esprelay_id``, the
    inbox resolved it on the way in), else by the ESP's message id
@@ -29,9 +34,10 @@ Applying an event (:meth:`EventProcessor.apply`):
      intake when NOTIFY has ``DELAY``.
 
    At most one of each kind per recipient, however many events the ESP sends: the DSN
-   is claimed in the transaction that applies the event, then queued (a crash between
-   the two may lose that DSN, and never sends it twice; one the spool cannot queue is
-   given back, and the event tried again).  Never a bounce of a bounce:
+   is claimed in the transaction that applies the event (its batch), then queued (a
+   crash between the two may lose the batch's DSNs not queued yet, and never sends one
+   twice; one the spool cannot queue is given back with those of the batch after it,
+   and those events tried again).  Never a bounce of a bounce:
    none for a null sender, ``Auto-Submitted`` mail (other than ``no``), a DSN, or a
    message from the bounce address itself (a loop).
 
@@ -274,14 +280,20 @@ class EventProcessor:
         wanted = [message.id for _, message, _, kind in jobs if message and kind is not None]
         bodies = await self.spool.get_messages(wanted, with_body=True) if wanted else {}
         batch: list[Application] = []
-        for index, (stored, message, recipient, kind) in enumerate(jobs):
-            if message is None:
-                continue
-            if kind is not None:
-                message = bodies.get(message.id, message)
-                kind = self._allowed_dsn(message, recipient, kind)
-                jobs[index] = (stored, message, recipient, kind)
-            batch.append(Application(message.id, recipient, stored.event, kind))
+        checked: list[tuple[StoredEvent, SpooledMessage | None, str, str | None]] = []
+        for stored, message, recipient, kind in jobs:
+            if message is not None:
+                if kind is not None:
+                    message = bodies.get(message.id, message)
+                    try:
+                        kind = self._allowed_dsn(message, recipient, kind)
+                    except Exception:  # a bug must not hold the inbox up: logged, finished
+                        log.exception("events: cannot apply event seq=%d", stored.seq)
+                        applied.append(stored.seq)
+                        continue
+                batch.append(Application(message.id, recipient, stored.event, kind))
+            checked.append((stored, message, recipient, kind))
+        jobs = checked
         try:
             results = iter(await self.store.apply_events(batch))
         except SpoolError:
