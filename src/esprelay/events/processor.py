@@ -278,7 +278,7 @@ class EventProcessor:
             jobs.append((stored, message, recipient, kind))
         # A DSN's checks read the message's own header section while it has a body.
         wanted = [message.id for _, message, _, kind in jobs if message and kind is not None]
-        bodies = await self.spool.get_messages(wanted, with_body=True) if wanted else {}
+        bodies = await self.store.get_messages(wanted, with_body=True) if wanted else {}
         batch: list[Application] = []
         checked: list[tuple[StoredEvent, SpooledMessage | None, str, str | None]] = []
         for stored, message, recipient, kind in jobs:
@@ -356,7 +356,7 @@ class EventProcessor:
         """The message (without its body) each of ``pending`` names, by ``seq``: read at
         once by the spool ids; the ESP's message id looked up for the others."""
         ids = [id for stored in pending if (id := stored.message_id or stored.event.esprelay_id)]
-        found: dict[str, SpooledMessage] = await self.spool.get_messages(ids) if ids else {}
+        found: dict[str, SpooledMessage] = await self.store.get_messages(ids) if ids else {}
         named: dict[int, SpooledMessage] = {}
         for stored in pending:
             event = stored.event

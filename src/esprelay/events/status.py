@@ -117,6 +117,11 @@ class MessageStatusStore(Protocol):
 
     async def message_status(self, message_id: str) -> MessageStatus: ...
 
+    async def get_messages(self, ids: Sequence[str], *, with_body: bool = False) -> Any:
+        """The spooled messages of ``ids`` still in the spool, by id (a dict), read at
+        once: without their attempts' history, with their bodies if asked."""
+        ...
+
     async def find_by_provider_message_id(self, provider: str, provider_message_id: str) -> Any:
         """The spooled message (without its body) that ``provider`` accepted as this id,
         or None."""
