@@ -302,3 +302,33 @@ async def test_a_dsn_not_queued_mid_batch_gives_back_the_claims_after_it(
     monkeypatch.setattr(spool, "put_parts", real)
     assert await events.process_pending() == 2
     assert await dsns_for(spool) == {id: ["failure"] for id in ids}
+
+
+async def test_a_batch_the_store_fails_on_is_applied_one_at_a_time(
+    spool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the batch path must not hold the inbox up."""
+    ids, _ = await twins(spool, 2)
+    await spool.put_events(
+        [
+            Event(
+                provider="sendgrid",
+                provider_event_id=f"d{n}",
+                kind="delivered",
+                recipient=RECIPIENTS[1],
+                at=time.time(),
+                esprelay_id=id,
+            )
+            for n, id in enumerate(ids)
+        ]
+    )
+
+    async def broken(batch: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(spool, "apply_events", broken)
+    assert await processor(spool).process_pending() == 2
+    for id in ids:
+        [status] = (await spool.message_status(id)).recipients
+        assert (status.status.recipient, status.status.kind) == (RECIPIENTS[1], "delivered")
+    assert await spool.pending_events() == []
