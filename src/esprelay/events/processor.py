@@ -2,12 +2,17 @@
 
 :class:`EventProcessor` runs beside the events listener (started with it by
 :func:`esprelay.events.service.start_events`).  It takes the pending events of the
-inbox in bounded batches (oldest first), applies each one and only then marks the
-batch finished.  It is woken when the listener stores events, and looks again every
-:data:`POLL_INTERVAL` seconds (events stored by another instance sharing a
-PostgreSQL spool, or left by a crash).
+inbox in bounded batches (oldest first), applies each batch
+(:meth:`EventProcessor.apply_batch`) and only then marks it finished.  A batch costs
+the spool a few operations whatever it holds: its messages read at once (without
+their bodies, except those a DSN needs, read at once too), and all its events'
+timeline and status rows and DSN claims written in one transaction
+(``apply_events``: on PostgreSQL five round trips), with the outcome of applying them
+one after the other; then its DSNs are queued one by one.  It is woken when the
+listener stores events, and looks again every :data:`POLL_INTERVAL` seconds (events
+stored by another instance sharing a PostgreSQL spool, or left by a crash).
 
-Applying an event (:meth:`EventProcessor.apply`):
+Applying an event (in a batch, or alone with :meth:`EventProcessor.apply`):
 
 1. find its message: by the spool id esprelay sent along (``Event.esprelay_id``, the
    inbox resolved it on the way in), else by the ESP's message id
@@ -29,9 +34,10 @@ Applying an event (:meth:`EventProcessor.apply`):
      intake when NOTIFY has ``DELAY``.
 
    At most one of each kind per recipient, however many events the ESP sends: the DSN
-   is claimed in the transaction that applies the event, then queued (a crash between
-   the two may lose that DSN, and never sends it twice; one the spool cannot queue is
-   given back, and the event tried again).  Never a bounce of a bounce:
+   is claimed in the transaction that applies the event (its batch), then queued (a
+   crash between the two may lose the batch's DSNs not queued yet, and never sends one
+   twice; one the spool cannot queue is given back with those of the batch after it,
+   and those events tried again).  Never a bounce of a bounce:
    none for a null sender, ``Auto-Submitted`` mail (other than ``no``), a DSN, or a
    message from the bounce address itself (a loop).
 
@@ -51,7 +57,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -59,7 +65,7 @@ from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import SpoolError
 from esprelay.events.forward import EventForwarder
 from esprelay.events.model import Event, EventInbox, StoredEvent
-from esprelay.events.status import STATUS_KINDS, MessageStatusStore
+from esprelay.events.status import Application, Applied, MessageStatusStore
 from esprelay.failures import notice_recipient, queue_dsn
 from esprelay.message.dsn import build_dsn, from_meta, is_dsn
 from esprelay.message.header import raw_value, read_header, unfolded
@@ -232,39 +238,168 @@ class EventProcessor:
             if not pending:
                 return done
             applied: list[int] = []
-            for stored in pending:
-                try:
-                    await self.apply(stored)
-                except SpoolError:
-                    # This one and the rest stay pending, tried again; those before
-                    # are finished (finishing fails too when the spool is down).
-                    await self.inbox.finish_events(applied)
-                    raise
-                except Exception:  # a bug must not hold the inbox up: logged, finished
-                    log.exception("events: cannot apply event seq=%d", stored.seq)
-                applied.append(stored.seq)
+            try:
+                await self.apply_batch(pending, applied)
+            except SpoolError:
+                # The events not in ``applied`` stay pending, tried again; those in it
+                # are finished (finishing fails too when the spool is down).
+                await self.inbox.finish_events(applied)
+                raise
             await self.inbox.finish_events(applied)
             done += len(applied)
 
+    async def apply_batch(self, pending: Sequence[StoredEvent], applied: list[int]) -> None:
+        """Apply ``pending`` (in order) with a bounded number of spool operations, adding
+        to ``applied`` the ``seq`` of each event that may be finished.
+
+        The messages the batch names are read at once, without their bodies (those a
+        DSN needs are read again, with theirs, at once); every event's timeline and
+        status rows and DSN claims are written in one transaction
+        (:meth:`~esprelay.events.status.MessageStatusStore.apply_events`: the same
+        outcome as applying them one after the other).  Then the new events are
+        forwarded and the claimed DSNs queued, in order.  A DSN the spool cannot queue
+        stops there: it and the claims of the events after it are given back, those
+        events stay pending (:class:`SpoolError`), and are applied again later, which
+        changes nothing but claiming their DSNs again.
+        """
+        messages = await self._messages(pending)
+        jobs: list[tuple[StoredEvent, SpooledMessage | None, str, str | None]] = []
+        for stored in pending:
+            message = messages.get(stored.seq)
+            recipient, kind = "", None
+            if message is not None:
+                try:
+                    recipient = self._recipient(message, stored.event)
+                    kind = self._wanted_dsn(message, recipient, stored.event)
+                except Exception:  # a bug must not hold the inbox up: logged, finished
+                    log.exception("events: cannot apply event seq=%d", stored.seq)
+                    applied.append(stored.seq)
+                    continue
+            jobs.append((stored, message, recipient, kind))
+        # A DSN's checks read the message's own header section while it has a body.
+        wanted = [message.id for _, message, _, kind in jobs if message and kind is not None]
+        bodies = await self.store.get_messages(wanted, with_body=True) if wanted else {}
+        batch: list[Application] = []
+        checked: list[tuple[StoredEvent, SpooledMessage | None, str, str | None]] = []
+        for stored, message, recipient, kind in jobs:
+            if message is not None:
+                if kind is not None:
+                    message = bodies.get(message.id, message)
+                    try:
+                        kind = self._allowed_dsn(message, recipient, kind)
+                    except Exception:  # a bug must not hold the inbox up: logged, finished
+                        log.exception("events: cannot apply event seq=%d", stored.seq)
+                        applied.append(stored.seq)
+                        continue
+                batch.append(Application(message.id, recipient, stored.event, kind))
+            checked.append((stored, message, recipient, kind))
+        jobs = checked
+        try:
+            results = iter(await self.store.apply_events(batch))
+        except SpoolError:
+            raise
+        except Exception:  # a bug must not hold the inbox up: one at a time, as before
+            log.exception("events: cannot apply a batch of %d event(s)", len(batch))
+            await self._apply_each([stored for stored, *_ in jobs], applied)
+            return
+        sends: list[tuple[StoredEvent, SpooledMessage, str, str]] = []
+        new = changed = unknown = 0
+        for stored, message, recipient, kind in jobs:
+            if message is None:
+                unknown += 1
+                self._log_unknown(stored.event)
+                applied.append(stored.seq)
+                continue
+            result = next(results)
+            if result is None:  # purged meanwhile
+                unknown += 1
+                applied.append(stored.seq)
+                continue
+            new += result.new
+            changed += result.changed
+            self._applied(message, recipient, stored.event, result)
+            if kind is not None and result.dsn:
+                sends.append((stored, message, recipient, kind))
+            else:
+                applied.append(stored.seq)
+        for index, (stored, message, recipient, kind) in enumerate(sends):
+            try:
+                await self._send_dsn(message, recipient, stored.event, kind)
+            except SpoolError:
+                for _, later, rcpt, later_kind in sends[index + 1 :]:
+                    await self.store.release_dsn(later.id, rcpt, later_kind)
+                raise
+            except Exception:  # a bug must not hold the inbox up: logged, finished
+                log.exception("events: cannot send the DSN of event seq=%d", stored.seq)
+            applied.append(stored.seq)
+        log.info(
+            "events: applied %d event(s): %d new, %d status change(s), %d DSN(s),"
+            " %d of no message in the spool",
+            len(pending),
+            new,
+            changed,
+            len(sends),
+            unknown,
+        )
+
+    async def _apply_each(self, pending: Sequence[StoredEvent], applied: list[int]) -> None:
+        for stored in pending:
+            try:
+                await self.apply(stored)
+            except SpoolError:
+                raise
+            except Exception:  # a bug must not hold the inbox up: logged, finished
+                log.exception("events: cannot apply event seq=%d", stored.seq)
+            applied.append(stored.seq)
+
+    async def _messages(self, pending: Sequence[StoredEvent]) -> dict[int, SpooledMessage]:
+        """The message (without its body) each of ``pending`` names, by ``seq``: read at
+        once by the spool ids; the ESP's message id looked up for the others."""
+        ids = [id for stored in pending if (id := stored.message_id or stored.event.esprelay_id)]
+        found: dict[str, SpooledMessage] = await self.store.get_messages(ids) if ids else {}
+        named: dict[int, SpooledMessage] = {}
+        for stored in pending:
+            event = stored.event
+            message = found.get(stored.message_id or event.esprelay_id or "")
+            if message is None and event.esp_message_id:
+                message = await self.store.find_by_provider_message_id(
+                    event.provider, event.esp_message_id
+                )
+            if message is not None:
+                named[stored.seq] = message
+        return named
+
     async def apply(self, stored: StoredEvent) -> None:
+        """Apply one event on its own (see :meth:`apply_batch` for the usual way)."""
         event = stored.event
         message = await self._message(stored)
         if message is None:
-            log.debug(
-                "events %s: event %s names no message in the spool",
-                event.provider,
-                event.provider_event_id,
-            )
+            self._log_unknown(event)
             return
         recipient = self._recipient(message, event)
         kind = self._dsn_kind(message, recipient, event)
         applied = await self.store.apply_event(message.id, recipient, event, dsn=kind)
         if applied is None:  # purged meanwhile
             return
+        self._applied(message, recipient, event, applied)
+        if kind is not None and applied.dsn:
+            await self._send_dsn(message, recipient, event, kind)
+
+    @staticmethod
+    def _log_unknown(event: Event) -> None:
+        log.debug(
+            "events %s: event %s names no message in the spool",
+            event.provider,
+            event.provider_event_id,
+        )
+
+    def _applied(
+        self, message: SpooledMessage, recipient: str, event: Event, applied: Applied
+    ) -> None:
+        """What follows an event's application: counted, logged, forwarded if new."""
         if applied.changed and self.metrics is not None:
             self.metrics.events_status_changes.labels(event.kind).inc()
-        log.log(
-            logging.INFO if event.kind in STATUS_KINDS else logging.DEBUG,
+        log.debug(
             "event id=%s rcpt=<%s> kind=%s status=%s provider=%s%s",
             message.id,
             recipient,
@@ -275,8 +410,6 @@ class EventProcessor:
         )
         if applied.new and self.forwarder is not None:
             self.forwarder.forward(message, recipient, event)
-        if kind is not None and applied.dsn:
-            await self._send_dsn(message, recipient, event, kind)
 
     async def _message(self, stored: StoredEvent) -> SpooledMessage | None:
         event = stored.event
@@ -311,21 +444,26 @@ class EventProcessor:
 
     def _dsn_kind(self, message: SpooledMessage, recipient: str, event: Event) -> str | None:
         """The kind of DSN this event asks for (see the module doc), or None."""
+        kind = self._wanted_dsn(message, recipient, event)
+        return None if kind is None else self._allowed_dsn(message, recipient, kind)
+
+    def _wanted_dsn(self, message: SpooledMessage, recipient: str, event: Event) -> str | None:
+        """The kind of DSN the event and the recipient's NOTIFY ask for, or None."""
         if not recipient or self.bounce_mode == "off":
             return None
         notify = from_meta(message.meta).recipients.get(recipient)
         words = notify.notify if notify is not None else None
         if is_permanent(event):
-            kind = "failure" if words is None or "FAILURE" in words else None
-        elif event.kind == "delivered":
-            kind = "success" if words is not None and "SUCCESS" in words else None
-        elif event.kind == "deferred":
+            return "failure" if words is None or "FAILURE" in words else None
+        if event.kind == "delivered":
+            return "success" if words is not None and "SUCCESS" in words else None
+        if event.kind == "deferred":
             old_enough = event.at - message.created_at >= self.delay_dsn_after
-            kind = "delay" if words is not None and "DELAY" in words and old_enough else None
-        else:
-            kind = None
-        if kind is None:
-            return None
+            return "delay" if words is not None and "DELAY" in words and old_enough else None
+        return None
+
+    def _allowed_dsn(self, message: SpooledMessage, recipient: str, kind: str) -> str | None:
+        """``kind``, unless no DSN may be sent about ``message`` (logged)."""
         why = no_dsn_reason(message, header_section(message), self.bounce_from)
         if why is not None:
             log.info("no %s DSN for id=%s rcpt=<%s>: %s", kind, message.id, recipient, why)

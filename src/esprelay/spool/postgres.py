@@ -59,6 +59,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
 import asyncpg
@@ -70,11 +71,14 @@ from esprelay.events.rows import EVENT_COLUMNS, event_row, stored_event
 from esprelay.events.status import (
     ENTRY_COLUMNS,
     STATUS_KINDS,
+    Application,
     Applied,
+    BatchPlan,
     MessageStatus,
     RecipientStatus,
     entry,
     entry_row,
+    plan_batch,
 )
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
 from esprelay.spool.base import NewPart, OnePartPut, SpoolStats, new_message_id
@@ -1327,6 +1331,79 @@ class PostgresSpool(OnePartPut):
                     claimed = await conn.fetchval(_CLAIM_DSN, dsn, row[0], row[3]) is not None
         return Applied(new, changed, claimed)
 
+    async def apply_events(self, batch: Sequence[Application]) -> _AppliedList:
+        """See :class:`~esprelay.events.status.MessageStatusStore`: one transaction of
+        five round trips, whatever the batch holds.
+
+        The batch's messages are locked (``FOR NO KEY UPDATE``, in id order: a purge
+        waits, or went first; another instance applying events to one of them waits
+        for this one), then what their timelines and recipients hold of the batch is
+        read, the batch is applied to that in memory one event after the other
+        (:func:`~esprelay.events.status.plan_batch`, the rules of ``apply_event``),
+        and what changed is written by one statement of arrays.
+        """
+        if not batch:
+            return []
+        items = [
+            Application(
+                _no_nul(item.message_id), _no_nul(item.recipient), _clean(item.event), item.dsn
+            )
+            for item in batch
+        ]
+        ids = sorted({item.message_id for item in items})
+        pool = self._require_pool()
+        with _translate_errors("applying events"):
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                self.round_trips += 3  # BEGIN, the lock, COMMIT
+                locked = await conn.fetch(_LOCK_MESSAGES, ids)
+                present = {row[0] for row in locked}
+                wanted = [item for item in items if item.message_id in present]
+                if not wanted:
+                    return [None] * len(items)
+                self.round_trips += 2  # what the batch finds, what it writes
+                found = await conn.fetch(
+                    _BATCH_STATE,
+                    [item.message_id for item in wanted],
+                    [item.event.provider for item in wanted],
+                    [item.event.provider_event_id for item in wanted],
+                    [item.recipient for item in wanted],
+                )
+                plan = plan_batch(
+                    items,
+                    messages=present,
+                    timeline=[(row["message_id"], row["a"], row["b"]) for row in found if row["t"]],
+                    recipients={
+                        (row["message_id"], row["a"]): (row["at"], row["dsn"])
+                        for row in found
+                        if not row["t"]
+                    },
+                )
+                await conn.execute(_WRITE_BATCH, *_batch_columns(plan))
+        return plan.results
+
+    async def get_messages(
+        self, ids: Sequence[str], *, with_body: bool = False
+    ) -> dict[str, SpooledMessage]:
+        """The messages of ``ids`` still in the spool, by id, in one statement (without
+        their attempts' history; with their bodies if asked, a large one read apart)."""
+        wanted = list(dict.fromkeys(_no_nul(id) for id in ids))
+        if not wanted:
+            return {}
+        rows = await self._fetch(
+            "reading messages",
+            f"SELECT {_COLUMNS}, has_body,"
+            f" {_small_body('m') if with_body else 'NULL::bytea'} AS raw"
+            " FROM esprelay_messages AS m WHERE id = ANY($1::text[])",
+            wanted,
+        )
+        found: dict[str, SpooledMessage] = {}
+        for row in rows:
+            raw = row["raw"]
+            if with_body and raw is None and row["has_body"]:
+                raw = await self._read_large_body(row["id"], row["size"])
+            found[row["id"]] = _record_to_message(row, raw=raw)
+        return found
+
     async def release_dsn(self, message_id: str, recipient: str, kind: str) -> None:
         await self._fetch(
             "releasing a DSN",
@@ -1523,6 +1600,7 @@ def _no_nul(value: Any) -> Any:
 # region message status statements (esprelay.events.status)
 
 _Messages = list[SpooledMessage]
+_AppliedList = list[Applied | None]
 
 # ($1 message_id, $2 provider, $3 event_id, $4 recipient, $5 kind, $6 at, $7 smtp_status,
 # $8 diagnostic, $9 remote_mta)
@@ -1546,6 +1624,90 @@ _CLAIM_DSN = (
     "UPDATE esprelay_message_recipients SET dsn = array_append(dsn, $1)"
     " WHERE message_id = $2 AND recipient = $3 AND NOT ($1 = ANY (dsn)) RETURNING 1"
 )
+
+# apply_events: the batch's messages locked, in id order (two instances lock theirs in
+# one order, and never wait on each other in a circle).
+_LOCK_MESSAGES = (
+    "SELECT id FROM esprelay_messages WHERE id = ANY($1::text[]) ORDER BY id FOR NO KEY UPDATE"
+)
+# What the timelines hold of the batch's events ($1 message_id, $2 provider, $3
+# event_id; t true, a and b the provider and event id), and the status of its
+# recipients ($1 message_id, $4 recipient; a the recipient): in one statement, after
+# the lock (a statement of its own: its snapshot is taken once the locks are held).
+_BATCH_STATE = (
+    "WITH u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
+    " AS u(message_id, provider, event_id, recipient))"
+    " SELECT true AS t, tl.message_id, tl.provider AS a, tl.event_id AS b,"
+    " NULL::float8 AS at, NULL::text[] AS dsn FROM esprelay_message_timeline AS tl"
+    " WHERE (tl.message_id, tl.provider, tl.event_id)"
+    " IN (SELECT message_id, provider, event_id FROM u)"
+    " UNION ALL"
+    " SELECT false, r.message_id, r.recipient, NULL, r.at, r.dsn"
+    " FROM esprelay_message_recipients AS r"
+    " WHERE (r.message_id, r.recipient) IN (SELECT message_id, recipient FROM u)"
+)
+# What a batch writes (status.BatchPlan), in one statement: the new timeline rows
+# ($1-$9); each recipient's new status with the DSN kinds it claims ($10-$19, the
+# kinds comma-separated); and the kinds claimed for a recipient whose status stays
+# ($20-$22; never one of $10's, so no row is changed twice).
+_WRITE_BATCH = (
+    "WITH t AS (INSERT INTO esprelay_message_timeline (message_id, provider, event_id,"
+    " recipient, kind, at, smtp_status, diagnostic, remote_mta)"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+    " $6::float8[], $7::text[], $8::text[], $9::text[]) ON CONFLICT DO NOTHING),"
+    " s AS (INSERT INTO esprelay_message_recipients AS r (message_id, provider, event_id,"
+    " recipient, kind, at, smtp_status, diagnostic, remote_mta, dsn)"
+    " SELECT u.message_id, u.provider, u.event_id, u.recipient, u.kind, u.at, u.smtp_status,"
+    " u.diagnostic, u.remote_mta, string_to_array(u.claims, ',')"
+    " FROM unnest($10::text[], $11::text[], $12::text[], $13::text[], $14::text[],"
+    " $15::float8[], $16::text[], $17::text[], $18::text[], $19::text[])"
+    " AS u(message_id, provider, event_id, recipient, kind, at, smtp_status, diagnostic,"
+    " remote_mta, claims)"
+    " ON CONFLICT (message_id, recipient) DO UPDATE SET provider = excluded.provider,"
+    " event_id = excluded.event_id, kind = excluded.kind, at = excluded.at,"
+    " smtp_status = excluded.smtp_status, diagnostic = excluded.diagnostic,"
+    " remote_mta = excluded.remote_mta, dsn = r.dsn"
+    " || ARRAY(SELECT k FROM unnest(excluded.dsn) AS k WHERE NOT (k = ANY (r.dsn))))"
+    " UPDATE esprelay_message_recipients AS r SET dsn = r.dsn"
+    " || ARRAY(SELECT k FROM unnest(string_to_array(c.claims, ',')) AS k"
+    " WHERE NOT (k = ANY (r.dsn)))"
+    " FROM unnest($20::text[], $21::text[], $22::text[]) AS c(message_id, recipient, claims)"
+    " WHERE r.message_id = c.message_id AND r.recipient = c.recipient"
+)
+
+
+def _batch_columns(plan: BatchPlan) -> list[list[Any]]:
+    """``_WRITE_BATCH``'s arrays for ``plan``."""
+    columns: list[list[Any]] = [[] for _ in range(22)]
+    for row in plan.timeline:
+        for column, value in zip(columns[:9], row, strict=True):
+            column.append(value)
+    for key, row in plan.statuses.items():
+        for column, value in zip(columns[9:18], row, strict=True):
+            column.append(value)
+        columns[18].append(",".join(plan.claims.get(key, ())))
+    for (message_id, recipient), kinds in plan.claims.items():
+        if (message_id, recipient) not in plan.statuses:
+            columns[19].append(message_id)
+            columns[20].append(recipient)
+            columns[21].append(",".join(kinds))
+    return columns
+
+
+def _clean(event: Event) -> Event:
+    """``event`` with the NUL characters of its strings dropped, as they are stored."""
+    values = (event.provider, event.provider_event_id, event.smtp_status, event.diagnostic)
+    if not any(isinstance(v, str) and "\x00" in v for v in (*values, event.remote_mta)):
+        return event
+    return replace(
+        event,
+        provider=_no_nul(event.provider),
+        provider_event_id=_no_nul(event.provider_event_id),
+        smtp_status=_no_nul(event.smtp_status),
+        diagnostic=_no_nul(event.diagnostic),
+        remote_mta=_no_nul(event.remote_mta),
+    )
+
 
 # endregion
 

@@ -56,6 +56,7 @@ from esprelay.events.rows import EVENT_COLUMNS, event_row, stored_event
 from esprelay.events.status import (
     ENTRY_COLUMNS,
     STATUS_KINDS,
+    Application,
     Applied,
     MessageStatus,
     RecipientStatus,
@@ -1178,6 +1179,58 @@ class SqliteSpool(OnePartPut):
         # hardened by the durable put of the DSN itself.
         return await self._run(apply, durable=False)
 
+    async def apply_events(self, batch: Sequence[Application]) -> _AppliedList:
+        """See :class:`~esprelay.events.status.MessageStatusStore`: the statements of
+        :meth:`apply_event`, for each event in turn, in one operation of the writer."""
+        rows = [(item, (item.message_id, *entry_row(item.recipient, item.event))) for item in batch]
+
+        def apply(conn: sqlite3.Connection) -> _AppliedList:
+            execute = self._cursor.execute  # no new cursor per statement (see __init__)
+            present: dict[str, bool] = {}
+            results: _AppliedList = []
+            for (message_id, recipient, event, dsn), row in rows:
+                found = present.get(message_id)
+                if found is None:
+                    found = execute(_MESSAGE_ID, (message_id,)).fetchone() is not None
+                    present[message_id] = found
+                if not found:
+                    results.append(None)
+                    continue
+                new = execute(_INSERT_TIMELINE, row).rowcount == 1
+                changed = new and event.kind in STATUS_KINDS
+                if changed:
+                    changed = execute(_UPSERT_RECIPIENT, row).rowcount == 1
+                claimed = dsn is not None and (
+                    execute(_CLAIM_DSN, (dsn, message_id, recipient)).rowcount == 1
+                )
+                results.append(Applied(new, changed, claimed))
+            return results
+
+        # Not durable, as apply_event (see there).
+        return await self._run(apply, durable=False) if rows else []
+
+    async def get_messages(
+        self, ids: Sequence[str], *, with_body: bool = False
+    ) -> dict[str, SpooledMessage]:
+        """The messages of ``ids`` still in the spool, by id, read at once (without their
+        attempts' history; with their bodies if asked)."""
+        wanted = list(dict.fromkeys(ids))
+        columns = _COLUMNS + (", raw, body_file" if with_body else ", NULL, 0")
+        sql = f"SELECT {columns} FROM messages WHERE id = ?"
+
+        def select(conn: sqlite3.Connection) -> dict[str, SpooledMessage]:
+            execute = self._cursor.execute
+            found: dict[str, SpooledMessage] = {}
+            for id in wanted:
+                row = execute(sql, (id,)).fetchone()
+                if row is None:
+                    continue
+                raw = self._bodies.read(id) if row[-1] else row[-2]
+                found[id] = _row_to_message(row[:-2], raw=raw)
+            return found
+
+        return await self._run(select, durable=False) if wanted else {}
+
     async def release_dsn(self, message_id: str, recipient: str, kind: str) -> None:
         def release(conn: sqlite3.Connection) -> None:
             found = conn.execute(
@@ -1381,6 +1434,7 @@ _INSERT_EVENT = (
 # region message status schema (esprelay.events.status)
 
 _Messages = list[SpooledMessage]
+_AppliedList = list[Applied | None]
 #
 # Tables of their own, created at every open like the inbox's (no version of their own).
 # Their rows go with their message (ON DELETE CASCADE: the connection has
