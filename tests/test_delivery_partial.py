@@ -469,3 +469,34 @@ async def test_a_bounce_refused_in_part_is_not_bounced(spool: SqliteSpool) -> No
         notifier.on_failed(outcome)
         await notifier.wait(PATIENCE)
     assert [m.id for m in await spool.list(limit=10)] == [message_id]
+
+
+@pytest.mark.parametrize(
+    ("raw", "mail_from"),
+    [
+        (b"Auto-Submitted: auto-generated\r\n" + RAW, SENDER),
+        (RAW, "MAILER-DAEMON@relay.test"),  # from the bounce address: a loop
+    ],
+)
+async def test_delivery_failures_follow_the_one_no_bounce_rule(
+    spool: SqliteSpool, raw: bytes, mail_from: str
+) -> None:
+    """The rule ESP bounce events follow (``failures.no_dsn_reason``) holds for delivery
+    failures too: no DSN for Auto-Submitted mail or mail from the bounce address."""
+    message_id = await spool.put(Envelope(mail_from, (A, B)), raw, provider="partial")
+    [message] = await spool.lease("test", 1, 30)
+    outcome = Outcome(message, "partial", "partial", None, 0.1, bounced=((B, refused()),))
+    async with httpx.AsyncClient() as client:
+        notifier = FailureNotifier(
+            spool=spool,
+            client=client,
+            hostname="relay.test",
+            bounce_mode="sender",
+            bounce_from=None,
+            webhook_url=None,
+            default_chain=("partial",),
+            wake=lambda: None,
+        )
+        notifier.on_failed(outcome)
+        await notifier.wait(PATIENCE)
+    assert [m.id for m in await spool.list(limit=10)] == [message_id]

@@ -36,6 +36,7 @@ from esprelay.message.dsn import (
     status_for,
     wants_failure_report,
 )
+from esprelay.message.header import raw_value, read_header, unfolded
 from esprelay.models import Envelope, SpooledMessage
 from esprelay.spool import NewPart, Spool
 
@@ -77,14 +78,14 @@ class FailureNotifier:
         if self._webhook_url:
             self._in_background(self._post_failure(outcome, self._webhook_url))
         message = outcome.message
-        mode = self._bounce_mode
-        if mode == "off":
+        recipient = notice_recipient(self._bounce_mode, message.envelope.mail_from)
+        if recipient is None:
             return
-        if not message.envelope.mail_from:
-            log.info("no bounce for id=%s: null sender", message.id)
+        if message.raw is None:  # delivered or purged: nothing to bounce
             return
-        if message.raw is None or is_dsn(message.raw):
-            log.info("no bounce for id=%s: it is itself a bounce", message.id)
+        why = no_dsn_reason(message, message.raw[: read_header(message.raw).end], self._bounce_from)
+        if why is not None:
+            log.info("no bounce for id=%s: %s", message.id, why)
             return
         parameters = from_meta(message.meta)
         failed = [r for r, _ in outcome.bounced] if outcome.bounced else message.envelope.rcpt_tos
@@ -92,7 +93,6 @@ class FailureNotifier:
         if not reported:
             log.info("no bounce for id=%s: NOTIFY asks for none (RFC 3461)", message.id)
             return
-        recipient = message.envelope.mail_from if mode == "sender" else mode.split(":", 1)[1]
         self._in_background(self._send_bounce(outcome, recipient, reported, parameters))
 
     async def wait(self, timeout: float) -> None:
@@ -139,20 +139,10 @@ class FailureNotifier:
             message_id=message.id,
             parameters=parameters,
         )
-        chain = provider_chain(message, self.default_chain)
-        part = NewPart(
-            Envelope("", (recipient,)),
-            chain[0],
-            {
-                "route": message.meta.get("route", "default"),
-                "providers": list(chain),
-                "dsn_for": message.id,
-            },
+        bounce_id = await queue_dsn(
+            self._spool, message, dsn, recipient=recipient, default_chain=self.default_chain
         )
-        try:
-            [bounce_id] = await self._spool.put_parts(dsn, [part])
-        except SpoolError as exc:
-            log.error("cannot queue the bounce for id=%s: %s", message.id, exc)
+        if bounce_id is None:
             return
         log.info(
             "bounce id=%s for=%s to=<%s> size=%d rcpts=%d",
@@ -212,6 +202,26 @@ def bounce_kind(outcome: Outcome) -> str:
 # region DSNs made from ESP events (esprelay.events.processor)
 
 
+def no_dsn_reason(message: SpooledMessage, headers: bytes | None, bounce_from: str) -> str | None:
+    """Why no DSN may be sent about ``message`` (never a bounce of a bounce), or None."""
+    if not message.envelope.mail_from:
+        return "null sender"
+    if message.meta.get("dsn_for"):
+        return "it is itself a DSN"
+    if message.envelope.mail_from.lower() == bounce_from.lower():
+        return "it comes from the bounce address (a loop)"
+    if headers is not None:
+        if is_dsn(headers):
+            return "it is itself a bounce"
+        header = read_header(headers)
+        auto = header.first(b"auto-submitted")
+        if auto is not None:
+            value = unfolded(raw_value(headers, auto)).split(";", 1)[0].strip().lower()
+            if value != "no":
+                return f"Auto-Submitted: {value}"
+    return None
+
+
 def notice_recipient(bounce_mode: str, mail_from: str) -> str | None:
     """Where a DSN for a message from ``mail_from`` goes under ``ESPRELAY_BOUNCE_MODE``:
     the sender, the configured address, or nowhere (``off``)."""
@@ -227,11 +237,11 @@ async def queue_dsn(
     *,
     recipient: str,
     default_chain: tuple[str, ...],
-    kind: str,
+    kind: str = "failure",
 ) -> str | None:
     """Queue ``dsn`` (about ``message``) to ``recipient`` with the null sender, on the
-    message's provider chain, as :class:`FailureNotifier` queues a bounce; its spool id,
-    or None when the spool cannot take it (logged)."""
+    message's provider chain; its spool id, or None when the spool cannot take it
+    (logged).  Every DSN esprelay writes is queued here."""
     chain = provider_chain(message, default_chain)
     part = NewPart(
         Envelope("", (recipient,)),
@@ -248,9 +258,6 @@ async def queue_dsn(
     except SpoolError as exc:
         log.error("cannot queue the %s DSN for id=%s: %s", kind, message.id, exc)
         return None
-    log.info(
-        "dsn id=%s kind=%s for=%s to=<%s> size=%d", dsn_id, kind, message.id, recipient, len(dsn)
-    )
     return dsn_id
 
 

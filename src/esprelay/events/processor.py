@@ -66,9 +66,9 @@ from esprelay.errors import SpoolError
 from esprelay.events.forward import EventForwarder
 from esprelay.events.model import Event, EventInbox, StoredEvent
 from esprelay.events.status import Application, Applied, MessageStatusStore
-from esprelay.failures import notice_recipient, queue_dsn
-from esprelay.message.dsn import build_dsn, from_meta, is_dsn
-from esprelay.message.header import raw_value, read_header, unfolded
+from esprelay.failures import no_dsn_reason, notice_recipient, queue_dsn
+from esprelay.message.dsn import build_dsn, from_meta
+from esprelay.message.header import read_header
 from esprelay.metrics import RelayMetrics
 from esprelay.models import SpooledMessage
 
@@ -106,26 +106,6 @@ def header_section(message: SpooledMessage) -> bytes | None:
     kept = message.meta.get("headers")
     if isinstance(kept, str):
         return kept.encode("latin-1", "replace")
-    return None
-
-
-def no_dsn_reason(message: SpooledMessage, headers: bytes | None, bounce_from: str) -> str | None:
-    """Why no DSN may be sent about ``message`` (never a bounce of a bounce), or None."""
-    if not message.envelope.mail_from:
-        return "null sender"
-    if message.meta.get("dsn_for"):
-        return "it is itself a DSN"
-    if message.envelope.mail_from.lower() == bounce_from.lower():
-        return "it comes from the bounce address (a loop)"
-    if headers is not None:
-        if is_dsn(headers):
-            return "it is itself a bounce"
-        header = read_header(headers)
-        auto = header.first(b"auto-submitted")
-        if auto is not None:
-            value = unfolded(raw_value(headers, auto)).split(";", 1)[0].strip().lower()
-            if value != "no":
-                return f"Auto-Submitted: {value}"
     return None
 
 
@@ -521,6 +501,7 @@ class EventProcessor:
         if queued is None:
             await self.store.release_dsn(message.id, recipient, kind)
             raise SpoolError("cannot queue a DSN")  # the event stays pending: tried again
+        log.info("dsn id=%s kind=%s for=%s to=<%s> size=%d", queued, kind, message.id, to, len(dsn))
         if self.metrics is not None:
             self.metrics.events_dsns.labels(kind).inc()
         if self.wake_delivery is not None:
