@@ -46,6 +46,20 @@ class RelayProcess:
         self._lines: list[bytes] = []
         self._lock = threading.Lock()
 
+    def cli(self, *args: str) -> str:
+        """``esprelay ARGS`` with this relay's environment; its standard output."""
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
+        environ.update(self.env)
+        return subprocess.run(
+            [sys.executable, "-m", "esprelay", *args],
+            capture_output=True,
+            text=True,
+            env=environ,
+            cwd=self.workdir,
+            check=True,
+            timeout=30,
+        ).stdout
+
     @property
     def outbox(self) -> Path:
         return Path(self.env["ESPRELAY_OUTBOX_DIR"])

@@ -8,12 +8,18 @@ give exactly its content, error and remaining bytes.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from esprelay.message.repair import normalize_line_endings
 from esprelay.smtp.dataread import MessageReader
 from esprelay.smtp.replies import DATA_LINE_TOO_LONG as TOO_LONG
 from esprelay.smtp.replies import TOO_MUCH_DATA as TOO_MUCH
+from esprelay.spill import Spilled, Spiller
 
 
 class ReferenceReader:
@@ -126,3 +132,96 @@ def test_large_messages_in_pieces(cuts: list[int], stuffed: bool) -> None:
     assert _feed(new, stream, cuts) == _feed(old, stream, cuts) == b"QUIT\r\n"
     assert new.content == old.content
     assert new.content is not None and len(new.content) == len(stream) - 9 - 300 * stuffed
+
+
+# Written to a file past a few bytes: the same content, error and remaining bytes, the
+# file holding exactly the content and the head being its start.
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    streams,
+    st.sampled_from([b".\r\n", b"\r\n.\r\n", b""]),
+    streams,
+    st.lists(st.integers(min_value=0, max_value=120), max_size=20),
+    st.sampled_from([None, 0, 40, 200]),
+    st.integers(min_value=1, max_value=30),
+    st.sampled_from([0, 1, 7, 50]),
+)
+def test_spilled_messages_are_the_same_as_the_reference(
+    tmp_path_factory: pytest.TempPathFactory,
+    head: bytes,
+    ending: bytes,
+    after: bytes,
+    cuts: list[int],
+    size_limit: int | None,
+    line_limit: int,
+    spill_at: int,
+) -> None:
+    directory = tmp_path_factory.mktemp("spill")
+    stream = head + ending + after
+    new = MessageReader(
+        size_limit=size_limit, line_limit=line_limit, spill=Spiller(directory, spill_at)
+    )
+    old = ReferenceReader(size_limit=size_limit, line_limit=line_limit)
+    assert _feed(new, stream, cuts) == _feed(old, stream, cuts)
+    assert new.error == old.error
+    if old.content is None:
+        assert new.content is None
+        new.discard()
+        assert os.listdir(directory) == []  # a refused message leaves no file
+        return
+    content = new.take()
+    if len(old.content) + 2 <= spill_at:  # (the stream as sent is what passes the size)
+        assert content == old.content
+        return
+    if not isinstance(content, Spilled):
+        # Ended in the piece that passed the size: kept in memory, or written whole.
+        assert content == old.content
+        return
+    try:
+        assert content.read() == old.content
+        assert content.size == len(old.content)
+        assert old.content.startswith(content.head)
+        assert content.head.endswith(b"\n") or content.head == b""
+        assert content.bare_line_ends == (normalize_line_endings(old.content) != old.content)
+    finally:
+        content.discard()
+    assert os.listdir(directory) == []
+
+
+def test_a_large_message_is_written_as_it_arrives(tmp_path: Path) -> None:
+    """Only the head and the piece in progress stay in memory; the file grows with
+    each piece, and a session that ends before the final dot leaves no file."""
+    line = b".x" + b"y" * 70 + b"\r\n"  # arrives stuffed, as "..x..."
+    reader = MessageReader(size_limit=None, line_limit=1000, spill=Spiller(tmp_path, 4096))
+    assert reader.feed(b"Subject: big\r\n\r\n") is None
+    for _ in range(100):
+        assert reader.feed((b"." + line) * 20) is None
+        assert reader.buffered < 4096 + 2 * 20 * len(line)
+    [name] = os.listdir(tmp_path)
+    assert name.startswith(".spill-")
+    assert (tmp_path / name).stat().st_size > 100 * 20 * len(line) - 4096 * 2
+    assert reader.feed(b".\r\nQUIT\r\n") == b"QUIT\r\n"
+    spilled = reader.take()
+    assert isinstance(spilled, Spilled)
+    assert spilled.read() == b"Subject: big\r\n\r\n" + line * 2000
+    assert not spilled.bare_line_ends
+    spilled.discard()
+    spilled.discard()
+    assert os.listdir(tmp_path) == []
+
+    reader = MessageReader(size_limit=None, line_limit=1000, spill=Spiller(tmp_path, 100))
+    reader.feed(b"Subject: cut\r\n\r\n" + line * 20)
+    assert len(os.listdir(tmp_path)) == 1
+    reader.discard()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_file_that_cannot_be_written_is_refused_at_the_final_dot(tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    reader = MessageReader(size_limit=None, line_limit=1000, spill=Spiller(gone, 10))
+    assert reader.feed(b"Subject: x\r\n\r\n" + b"z" * 100 + b"\r\n") is None
+    assert reader.feed(b".\r\nQUIT\r\n") == b"QUIT\r\n"
+    assert reader.content is None
+    assert reader.error is not None and reader.error.startswith("451 4.3.0")

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import smtplib
 import socket
-import subprocess
-import sys
 import time
 
 from tests.relayproc import RelayProcess
@@ -30,17 +27,7 @@ def send_many(relay: RelayProcess, count: int) -> list[str]:
 
 
 def spool_rows(relay: RelayProcess) -> list[dict[str, object]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
-    env.update(relay.env)
-    out = subprocess.run(
-        [sys.executable, "-m", "esprelay", "queue", "list", "--json", "--limit", "10000"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=relay.workdir,
-        check=True,
-        timeout=30,
-    ).stdout
+    out = relay.cli("queue", "list", "--json", "--limit", "10000")
     return [json.loads(line) for line in out.splitlines()]
 
 

@@ -11,6 +11,8 @@ the final dot; what follows the final dot is read as commands.
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 from typing import Any
 
 from hypothesis import given, settings
@@ -23,14 +25,16 @@ from esprelay.smtp.engine import Listener, SMTPSession
 from esprelay.smtp.guards import Guards
 from esprelay.smtp.policy import RelayPolicy
 from esprelay.smtp.session_policy import SessionPolicy
+from esprelay.spill import Spilled, Spiller
 
 LINE_LIMIT = 40
 SIZE_LIMIT = 400
 
 
 class Capture:
-    def __init__(self) -> None:
+    def __init__(self, spiller: Spiller | None = None) -> None:
         self.contents: list[bytes] = []
+        self.spiller = spiller
 
     def ehlo(self, server: Any, session: Any, hostname: str, lines: list[str]) -> list[str]:
         session.host_name = hostname
@@ -161,6 +165,36 @@ async def _check(body_lines: list[bytes], cuts: list[int]) -> None:
         assert replies[-3][:3] in (b"500", b"552"), replies
         if error == b"500" and sum(len(x) + 3 for x in body_lines) <= SIZE_LIMIT:
             assert replies[-3][:3] == b"500", replies
+
+
+async def test_a_large_message_reaches_the_handler_in_its_file(tmp_path: Path) -> None:
+    """Past the spill size, the engine hands the handler a file; a session cut off in
+    DATA leaves no file behind."""
+    capture = Capture(Spiller(tmp_path, 100))
+    session, transport = _session(capture)
+    session.data_received(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n")
+    session.data_received(b"DATA\r\n")
+    for _ in range(5):
+        session.data_received(b"..y" + b"y" * 20 + b"\r\n")
+    assert len(os.listdir(tmp_path)) == 1
+    session.data_received(b".\r\n")
+    await asyncio.sleep(0)
+    assert bytes(transport.written).endswith(b"250 stored\r\n")
+    [spilled] = capture.contents
+    assert isinstance(spilled, Spilled)
+    assert spilled.read() == (b".y" + b"y" * 20 + b"\r\n") * 5
+    spilled.discard()
+    assert os.listdir(tmp_path) == []
+
+    session.data_received(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert bytes(transport.written).endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    session.data_received(b"z" * 30 + b"\r\n" + b"z" * 30 + b"\r\n" + b"z" * 30 + b"\r\n")
+    session.data_received(b"z" * 30 + b"\r\n")
+    assert len(os.listdir(tmp_path)) == 1
+    session.connection_lost(None)
+    assert os.listdir(tmp_path) == []
 
 
 async def test_an_endless_message_is_not_kept() -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from esprelay.errors import SpoolError, SpoolFull
 from esprelay.models import Envelope, MessageState
+from esprelay.spill import Spilled, Spiller
 from esprelay.spool import sqlite as sqlite_spool
 from esprelay.spool.base import NewPart
 from esprelay.spool.sqlite import BODY_FILE_MIN, BODY_MISSING, SqliteSpool
@@ -188,3 +189,78 @@ async def test_a_body_that_cannot_be_written_is_a_spool_error_and_leaves_nothing
     monkeypatch.undo()
     assert bodies(tmp_path / "s.db") == []
     assert (await spool.stats()).counts == {}
+
+
+def _spilled(directory: Path, raw: bytes) -> Spilled:
+    file = Spiller(directory).open()
+    file.write([raw])
+    return file.finish(raw[:100])
+
+
+async def test_a_message_written_at_data_becomes_its_body_file(
+    spool: SqliteSpool, tmp_path: Path
+) -> None:
+    """The file the engine wrote in the spool's folder is linked under each entry's id
+    (the same file: no copy), on disk before the rows are committed."""
+    spilled = _spilled(spool.body_directory, LARGE)
+    inode = os.fstat(spilled.fd).st_ino
+    ids = await spool.put_parts(spilled, [NewPart(ENVELOPE, "p"), NewPart(ENVELOPE, "q")])
+    assert [os.stat(spool.body_directory / id).st_ino for id in ids] == [inode, inode]
+    spilled.discard()
+    assert bodies(tmp_path / "s.db") == sorted(ids)
+    assert [row(tmp_path / "s.db", id) for id in ids] == [(None, 1), (None, 1)]
+    leased = await spool.lease("w", 10, 60)
+    assert [m.raw for m in leased] == [LARGE, LARGE]
+    assert [m.size for m in leased] == [len(LARGE), len(LARGE)]
+    await spool.mark_delivered(ids[0], owner="w", provider="p", provider_message_id=None)
+    assert bodies(tmp_path / "s.db") == [ids[1]]
+
+
+async def test_a_message_written_elsewhere_or_small_is_read_back(
+    spool: SqliteSpool, tmp_path: Path
+) -> None:
+    elsewhere = _spilled(tmp_path, LARGE)
+    [id] = await spool.put_parts(elsewhere, [NewPart(ENVELOPE, "p")])
+    assert os.stat(spool.body_directory / id).st_ino != os.fstat(elsewhere.fd).st_ino
+    elsewhere.discard()
+    small = _spilled(spool.body_directory, SMALL)
+    [small_id] = await spool.put_parts(small, [NewPart(ENVELOPE, "p")])
+    small.discard()
+    assert row(tmp_path / "s.db", small_id) == (SMALL, 0)
+    assert bodies(tmp_path / "s.db") == [id]
+
+
+async def test_a_file_left_while_a_message_arrived_goes_at_the_next_open(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    spool = SqliteSpool(path, exclusive=True)
+    await spool.open()
+    Spiller(spool.body_directory).open().write([LARGE])  # never finished: a crash
+    await spool.close()
+    assert len(bodies(path)) == 1
+    spool = SqliteSpool(path, exclusive=True)
+    await spool.open()
+    assert bodies(path) == []
+    await spool.close()
+
+
+async def test_a_message_written_at_data_with_its_header_repaired(
+    spool: SqliteSpool, tmp_path: Path
+) -> None:
+    """A new head (the header repaired) and the rest of the file: a new file, written
+    before the commit; the file as received is left to its owner."""
+    spilled = _spilled(spool.body_directory, LARGE)
+    new_head = b"Date: Sat, 05 Dec 2026 18:00:00 +0000\r\n" + spilled.head
+    spilled.replace_head(new_head)
+    expected = new_head + LARGE[100:]
+    assert spilled.size == len(expected)
+    assert spilled.read() == expected
+    assert spilled.read_at(10, 200) == expected[10:210]
+    assert spilled.read_at(len(new_head) - 5, 10) == expected[len(new_head) - 5 :][:10]
+    [id] = await spool.put_parts(spilled, [NewPart(ENVELOPE, "p")])
+    assert os.stat(spool.body_directory / id).st_ino != os.fstat(spilled.fd).st_ino
+    spilled.discard()
+    assert bodies(tmp_path / "s.db") == [id]
+    [leased] = await spool.lease("w", 10, 60)
+    assert leased.raw == expected and leased.size == len(expected)

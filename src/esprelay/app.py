@@ -48,6 +48,7 @@ from esprelay.queuemode import QueueMode
 from esprelay.readiness import relay_checks
 from esprelay.reload import ReloadCallback, Reloader, relay_steps
 from esprelay.routing import RoutingTable, load_routing
+from esprelay.spill import Spiller, spill_directory
 from esprelay.spool import Spool
 
 log = logging.getLogger("esprelay")
@@ -169,6 +170,8 @@ class Relay:
             inline_seconds=self.settings.inline_attempt_seconds,
             signed_messages=self.settings.signed_messages,
             keep_headers=self.settings.events_port is not None,
+            spiller=Spiller(spill_directory(self.spool), self.settings.smtp_spill_size),
+            memory=self.settings.intake_memory,
         )
 
     def _health(self) -> dict[str, Any]:

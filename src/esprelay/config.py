@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     max_line_length: int = Field(default=65536, ge=1001)
     smtp_timeout: Seconds = 300.0
     smtp_engine: Literal["native", "aiosmtpd"] = "native"
+    #: DATA past this size is written to a file as it arrives (esprelay.spill; native engine)
+    smtp_spill_size: Annotated[Bytes, Field(ge=256 * 1024)] = 256 * 1024
+    #: Bytes of such messages read back into memory at once, when one must be (0: no limit)
+    intake_memory: Bytes = 64 * 1024 * 1024
 
     # Security (issue 5): TLS, AUTH, who may relay, limits, legacy devices
     tls_cert_file: Path | None = None

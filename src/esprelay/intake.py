@@ -10,23 +10,31 @@
     No spool: the DATA reply is the ESP's answer.  ``250`` with the provider's
     message id, ``451`` for a transient failure (the client retries), ``554`` with
     the ESP's reason for a permanent one.
+
+A large message arrives in a file (:mod:`esprelay.spill`).  In queue mode, with a spool
+that keeps bodies in files where it was written, it is committed as that file, its
+header read from the part kept in memory, as long as nothing here needs its body (a
+provider's refusal that reads it, a possible signature).  Otherwise it is read back
+whole, within ``ESPRELAY_INTAKE_MEMORY`` (:meth:`Intake.read_back`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from esprelay.budget import ByteBudget
 from esprelay.delivery import Deliverer
 from esprelay.dispatch import ProviderSet, Sent
 from esprelay.errors import DeliveryError, PermanentDeliveryError, SpoolError
 from esprelay.message.header import raw_value, read_header, unfolded
-from esprelay.message.mime import signed_reason
+from esprelay.message.mime import may_be_signed, signed_reason
 from esprelay.models import Envelope, MessageState, OutboundMessage, SpooledMessage
 from esprelay.routing import Part, RoutingTable
 from esprelay.smtp.replies import (
@@ -38,6 +46,7 @@ from esprelay.smtp.replies import (
     REJECTED_F,
     SIGNED_REFUSED_F,
 )
+from esprelay.spill import Spilled, Spiller
 from esprelay.spool.base import NewPart, Spool, new_message_id
 
 log = logging.getLogger("esprelay.smtp")
@@ -109,6 +118,8 @@ class Intake:
         inline_seconds: float = 0.0,
         signed_messages: Literal["refuse", "warn"] = "refuse",
         keep_headers: bool = False,
+        spiller: Spiller | None = None,
+        memory: int = 0,
     ) -> None:
         if mode == "queue" and spool is None:
             raise ValueError("queue mode needs a spool")
@@ -123,15 +134,68 @@ class Intake:
         #: Keep each message's header section in its metadata (``meta.headers``), for the
         #: DSNs made from ESP events after the body is dropped at delivery.
         self.keep_headers = keep_headers
+        #: Where and from which size the SMTP engine writes a message to a file.
+        self.spiller = spiller
+        #: Bytes of spilled messages read back at once (ESPRELAY_INTAKE_MEMORY).
+        self.memory = ByteBudget(memory) if memory > 0 else None
 
-    async def accept(self, envelope: Envelope, raw: bytes, client: Client) -> str:
-        """Take responsibility for the message, or refuse it; return the DATA reply."""
+    @contextlib.asynccontextmanager
+    async def read_back(self, spilled: Spilled) -> AsyncIterator[bytes]:
+        """``spilled`` read whole, within the memory budget for the block (its file
+        removed: the bytes are the message now)."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self.memory is not None:
+                await stack.enter_async_context(self.memory.hold(spilled.size))
+            raw = await asyncio.to_thread(spilled.read)
+            spilled.discard()
+            yield raw
+
+    async def accept(self, envelope: Envelope, raw: bytes | Spilled, client: Client) -> str:
+        """Take responsibility for the message, or refuse it; return the DATA reply.
+
+        A :class:`~esprelay.spill.Spilled` message's file is removed on return, whether
+        the spool kept it under its own name or not."""
         parts = self.routing.plan(envelope, client.auth_user)
-        refusal = self._refusal(parts, raw)
+        if isinstance(raw, Spilled):
+            try:
+                if not self._keeps_file(parts, raw):
+                    async with self.read_back(raw) as body:
+                        return await self._accept(parts, body, client)
+                return await self._accept(parts, raw, client)
+            finally:
+                raw.discard()
+        return await self._accept(parts, raw, client)
+
+    def _keeps_file(self, parts: list[Part], spilled: Spilled) -> bool:
+        """Whether ``spilled`` may be spooled from its file, read only in its head."""
+        spool = self.spool
+        if self.mode != "queue" or spool is None:
+            return False
+        if spool.body_directory not in (None, spilled.path.parent):
+            return False
+        for part in parts:
+            for name in part.providers:
+                provider = self.providers.providers.get(name)
+                if provider is None:
+                    continue
+                if provider.refusal_reads_body:
+                    return False
+                if (
+                    provider.rebuilds_message
+                    and self.signed_messages == "refuse"
+                    and may_be_signed(spilled.head)
+                ):
+                    return False
+        return True
+
+    async def _accept(self, parts: list[Part], raw: bytes | Spilled, client: Client) -> str:
+        head = raw.head if isinstance(raw, Spilled) else raw
+        refusal = self._refusal(parts, head)
         if refusal is not None:
             log.warning("not accepted: client=%s: %s", client.address, refusal)
             return refusal
         if self.mode == "passthrough":
+            assert isinstance(raw, bytes)  # read back (_keeps_file)
             return await self._passthrough(parts, raw, client)
         return await self._queue(parts, raw, client)
 
@@ -160,12 +224,13 @@ class Intake:
                         )
         return None
 
-    async def _queue(self, parts: list[Part], raw: bytes, client: Client) -> str:
+    async def _queue(self, parts: list[Part], raw: bytes | Spilled, client: Client) -> str:
         assert self.spool is not None
         meta: dict[str, Any] = {**client.meta, "client": client.address, "helo": client.helo}
         if client.auth_user:
             meta["auth_user"] = client.auth_user
-        meta.update(header_meta(raw, keep_headers=self.keep_headers))
+        head = raw.head if isinstance(raw, Spilled) else raw
+        meta.update(header_meta(head, keep_headers=self.keep_headers))
         new_parts = [
             NewPart(
                 part.envelope,
@@ -219,6 +284,7 @@ class Intake:
             if deliverer is not None:
                 deliverer.wake()  # spooled for the workers to lease
             return queued
+        body = raw if isinstance(raw, bytes) else await asyncio.to_thread(raw.read)
         now = time.time()
         leased = [
             SpooledMessage(
@@ -230,7 +296,7 @@ class Intake:
                 created_at=now,
                 next_attempt_at=now,
                 provider=new_part.provider,
-                raw=raw,
+                raw=body,
                 meta=new_part.meta,
             )
             for message_id, part, new_part in zip(ids, parts, new_parts, strict=True)

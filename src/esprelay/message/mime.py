@@ -945,6 +945,16 @@ def signed_reason(raw: bytes) -> str | None:
 
 _SECURED = re.compile(rb"(?i)multipart/(?:signed|encrypted)|pkcs7-mime")
 _PART_HEADER_LIMIT = 64 * 1024
+#: How far past its header :func:`may_be_signed` may read a message.
+SIGNED_HINT_READS = 2 * _PART_HEADER_LIMIT + 1024
+
+
+def may_be_signed(raw: bytes) -> bool:
+    """Whether :func:`signed_reason` could find ``raw`` signed or encrypted: False is
+    sure, from reading its header and the first part's (at most
+    :data:`SIGNED_HINT_READS` bytes past the header), so ``raw`` may be a message's
+    first bytes only."""
+    return _secured_hint(raw)
 
 
 def _secured_hint(raw: bytes) -> bool:

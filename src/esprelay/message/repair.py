@@ -44,6 +44,38 @@ def normalize_line_endings(raw: bytes) -> bytes:
     return _LINE_END.sub(b"\r\n", raw)
 
 
+class LineEndWatch:
+    """Whether a message fed in consecutive pieces has a bare CR or a bare LF (what
+    :func:`normalize_line_endings` would change), for a message never held whole: the
+    same two searches, with the one byte either side of a cut between pieces."""
+
+    __slots__ = ("_cr_pending", "_last", "bare")
+
+    def __init__(self) -> None:
+        self.bare = False
+        self._last = 0x0A  # a message starts a line
+        self._cr_pending = False  # the last piece ended with a CR
+
+    def feed(self, piece: bytes | memoryview) -> None:
+        if self.bare or not piece:
+            return
+        if self._cr_pending and piece[0] != 0x0A:
+            self.bare = True
+            return
+        found = _BARE_LF.search(piece)
+        if found is not None and found.start() == 0 and self._last == 0x0D:
+            found = _BARE_LF.search(piece, 1)  # that LF ends the CR of the last piece
+        found_cr = _BARE_CR.search(piece)
+        self._cr_pending = found_cr is not None and found_cr.start() == len(piece) - 1
+        if found is not None or (found_cr is not None and not self._cr_pending):
+            self.bare = True
+        self._last = piece[-1]
+
+    def finish(self) -> bool:
+        """True if the message had a bare line ending (a CR at its very end counts)."""
+        return self.bare or self._cr_pending
+
+
 def _text(raw: bytes, item: Field) -> str:
     """A field's unfolded value, UTF-8 decoded, undecodable bytes kept as surrogates."""
     value = raw[item.start : item.end].decode("utf-8", "surrogateescape").split(":", 1)[1]

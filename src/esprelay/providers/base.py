@@ -125,6 +125,10 @@ class Provider(abc.ABC):
     async def send(self, message: OutboundMessage) -> SendResult:
         """Deliver ``message`` or raise a DeliveryError."""
 
+    #: :meth:`refusal` reads the message's body, not only its header (a large message
+    #: is then read back whole at the end of DATA: esprelay.spill).
+    refusal_reads_body: ClassVar[bool] = False
+
     def refusal(self, message: OutboundMessage) -> str | None:
         """Why this provider could never send ``message`` as it is (a malformed control
         header, a part it cannot carry...), or None.  Asked at the end of DATA, where a

@@ -471,6 +471,8 @@ class BrevoProvider(HttpProvider):
         )
         self.rate_limit = RateLimit(SEND_RATE, burst=int(SEND_RATE))
 
+    refusal_reads_body = True  # attachments' names and types
+
     def refusal(self, message: OutboundMessage) -> str | None:
         if not _may_be_refused(message.raw):
             return None

@@ -16,14 +16,24 @@ holds the CRLF of every line that ends in it, and those lines are short enough; 
 window's last CRLF starts the next one).  Both run on the piece with the few bytes
 before it that they still need (:attr:`MessageReader._tail`).  Once a message is over a
 limit, its bytes are dropped as they come.
+
+With a :class:`~esprelay.spill.Spiller`, a message that grows past its size is written
+to a file instead (:mod:`esprelay.spill`): the content read so far becomes the
+``head``, kept in memory and written first, and from then on each piece's content, up
+to where the dot search has read, goes to the file as it arrives; only the piece in
+progress stays in memory.  :attr:`content` is then a :class:`~esprelay.spill.Spilled`.
+A file that cannot be written ends in the spool's reply (``452 4.3.1`` for a full disk),
+after the final dot like the other refusals.
 """
 
 from __future__ import annotations
 
 import re
 
+from esprelay.errors import SpoolError
 from esprelay.smtp.replies import DATA_LINE_TOO_LONG as TOO_LONG
 from esprelay.smtp.replies import TOO_MUCH_DATA as TOO_MUCH
+from esprelay.spill import Spilled, Spiller, SpillFile
 
 #: A line that starts with a dot: the final ``.`` or a stuffed one.
 _DOT_LINE = re.compile(rb"\r\n\.")
@@ -42,10 +52,14 @@ class MessageReader:
     __slots__ = (
         "_base",
         "_dots",
+        "_file",
+        "_head",
         "_line_start",
         "_parts",
+        "_parts_start",
         "_received",
         "_scan",
+        "_spiller",
         "_tail",
         "_window",
         "content",
@@ -53,18 +67,24 @@ class MessageReader:
         "size_limit",
     )
 
-    def __init__(self, *, size_limit: int | None, line_limit: int) -> None:
+    def __init__(
+        self, *, size_limit: int | None, line_limit: int, spill: Spiller | None = None
+    ) -> None:
         self.size_limit = size_limit
         self._window = line_limit + 2
-        #: The pieces kept, in order (none after an error).
+        self._spiller = spill
+        self._file: SpillFile | None = None  # once the message is being written to one
+        self._head = b""
+        #: The pieces kept, in order (none after an error), from ``_parts_start`` on.
         self._parts: list[bytes | memoryview] = []
+        self._parts_start = 0
         self._received = 0  # bytes of the stream so far
         self._tail = b"\r\n"  # the stream's bytes from _base on (the CRLF before it first)
         self._base = -2  # where _tail starts
         self._scan = -2  # where the search for dot lines resumes
         self._line_start = 0  # where the check for over-long lines resumes
         self._dots: list[int] = []  # positions of the stuffed dots
-        self.content: bytes | None = None
+        self.content: bytes | Spilled | None = None
         self.error: str | None = None
 
     def feed(self, data: bytes) -> bytes | None:
@@ -99,13 +119,26 @@ class MessageReader:
             size_limit = self.size_limit
             if self.error is None and size_limit and stop > size_limit:
                 self.error = TOO_MUCH
+            spiller = self._spiller
+            if (
+                self.error is None
+                and spiller is not None
+                and (self._file is not None or stop > spiller.at)
+            ):
+                self._spill(spiller, end if end >= 0 else base + scan)
             if self.error is not None:
                 self._parts.clear()  # nothing is kept any more but what the search needs
                 self._dots.clear()
+                self.discard()
         if end >= 0:
             rest = text[end + 3 - base :]
             if self.error is None:
-                self.content = self._join(end)
+                if self._file is not None:
+                    self.content = self._file.finish(self._head)
+                    self._file = None
+                    self._head = b""
+                else:
+                    self.content = self._join(end)
             self._parts = []
             self._tail = b""
             return rest
@@ -118,11 +151,73 @@ class MessageReader:
         self._scan = base + scan
         return None
 
-    def take(self) -> bytes:
+    def take(self) -> bytes | Spilled:
         """The message, handed over: the reader keeps no reference to it."""
         content, self.content = self.content, None
         assert content is not None
         return content
+
+    def discard(self) -> None:
+        """Remove the file of a message not read to its end (the session ended)."""
+        if self._file is not None:
+            self._file.discard()
+            self._file = None
+
+    def _spill(self, spiller: Spiller, stop: int) -> None:
+        """Write the content up to stream position ``stop`` to the message's file."""
+        stop = max(stop, self._parts_start)  # (the search may still be before the stream)
+        try:
+            if self._file is None:
+                head = b"".join(self._take(stop))
+                self._file = spiller.open()
+                self._file.write((head,))
+                # The head kept in memory ends with a line: a CR at its end would read
+                # as a bare one to the repairs, whose LF is still to come.
+                cut = head.rfind(b"\n") + 1
+                self._head = head if cut == len(head) else head[:cut]
+            else:
+                self._file.write(self._take(stop))
+        except SpoolError as exc:
+            self.error = exc.smtp_reply
+            self.discard()
+
+    def _take(self, stop: int) -> list[memoryview]:
+        """The content from the first piece kept up to stream position ``stop``, without
+        its stuffed dots, as views; the reader lets go of what comes before ``stop``."""
+        parts = self._parts
+        dots = self._dots
+        views: list[memoryview] = []
+        offset = self._parts_start
+        position = offset  # the next byte of the content in the stream
+        dot = 0
+        taken = 0
+        rest: bytes | None = None
+        for part in parts:
+            view = memoryview(part)
+            part_end = offset + len(view)
+            upto = min(part_end, stop)
+            while dot < len(dots) and dots[dot] < upto:
+                cut = dots[dot]
+                if cut > position:
+                    views.append(view[position - offset : cut - offset])
+                position = cut + 1  # the stuffed dot is left out
+                dot += 1
+            if upto > position:
+                views.append(view[position - offset : upto - offset])
+                position = upto
+            if part_end > stop:
+                # A copy of the few bytes the search has not passed yet: a view would
+                # keep the whole piece alive while the session waits for the next one.
+                rest = bytes(view[stop - offset :])
+                break
+            taken += 1
+            offset = part_end
+        del parts[:taken]
+        if rest is not None:
+            parts[0] = rest
+        del dots[:dot]
+        self._parts_start = stop
+        return views
 
     @property
     def buffered(self) -> int:

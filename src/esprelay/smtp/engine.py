@@ -285,7 +285,9 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
             # unless the spool had already committed it: then it is delivered).
             self._step.cancel()
         self.transport = None
-        self._message = None
+        if self._message is not None:
+            self._message.discard()  # the file of a message cut off in DATA
+            self._message = None
         self._input = bytearray()
 
     def eof_received(self) -> bool | None:
@@ -740,7 +742,9 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
         self._timer.arm(listener.guards.data_timeout)
         self._state = _DATA
         self._message = MessageReader(
-            size_limit=listener.data_size_limit, line_limit=listener.line_length_limit
+            size_limit=listener.data_size_limit,
+            line_limit=listener.line_length_limit,
+            spill=self.handler.spiller,
         )
 
     # endregion
@@ -767,8 +771,10 @@ class SMTPSession(PolicyConnection, asyncio.Protocol):
             self._end_if_expired()
             return
         # No local keeps the bytes: the handler takes them from the envelope and drops
-        # them there, so a repaired copy does not live beside the original.
-        self.envelope.content = self.envelope.original_content = reader.take()
+        # them there, so a repaired copy does not live beside the original.  (A large
+        # message is a Spilled there, which aiosmtpd's Envelope does not know of.)
+        content: Any = reader.take()
+        self.envelope.content = self.envelope.original_content = content
         self._start(self._finish_data())
 
     def _refuse_message(self, reply: str | None) -> None:

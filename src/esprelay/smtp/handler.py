@@ -7,7 +7,10 @@ message bytes are kept as received (``decode_data=False``) except for the repair
 is not a field ends the header for every reader, and with ``repair`` missing
 Date/Message-ID/From are prepended.  The sender rules then check the From and Sender
 the providers will send.  An envelope-only recipient (Bcc) never shows up
-in the headers.
+in the headers.  A large message the engine wrote to a file (:mod:`esprelay.spill`) is
+repaired and checked in its head, which holds its header, and handed on as its file;
+one with bare line endings, or a header too long for its head, is read back first
+(:meth:`esprelay.intake.Intake.read_back`).
 
 The envelope's extensions: SMTPUTF8 is advertised only if every configured provider
 carries UTF-8 addresses, and an address a provider of its route cannot carry is refused
@@ -27,7 +30,7 @@ from esprelay.errors import smtp_reply
 from esprelay.intake import Client, Intake
 from esprelay.message.dsn import EnvelopeDSN
 from esprelay.message.idn import ascii_address
-from esprelay.message.repair import prepare
+from esprelay.message.repair import RepairResult, prepare
 from esprelay.models import Envelope
 from esprelay.smtp import dsnparams
 from esprelay.smtp.policy import RelayPolicy
@@ -48,6 +51,7 @@ from esprelay.smtp.replies import (
     TOO_MANY_RECIPIENTS_F,
     UTF8_NOT_CARRIED,
 )
+from esprelay.spill import Spilled, Spiller
 
 log = logging.getLogger("esprelay.smtp")
 
@@ -208,6 +212,11 @@ class RelayHandler:
             return STARTTLS_AND_AUTH_REQUIRED
         return AUTH_REQUIRED
 
+    @property
+    def spiller(self) -> Spiller | None:
+        """Where and from which size a message is written to a file as it arrives."""
+        return self._intake.spiller
+
     @staticmethod
     def _user_rules(session: Any) -> tuple[str, ...] | None:
         user = session.auth_data if session.authenticated else None
@@ -324,13 +333,15 @@ class RelayHandler:
 
     async def handle_DATA(self, server: Connection, session: Any, envelope: Any) -> str:
         refusal = self._relay_refusal(server, session)
-        if refusal:
-            return refusal
-        raw: bytes = envelope.original_content
-        # From here ``raw`` is the only reference: when the message is normalised or
+        content: bytes | Spilled = envelope.original_content
+        # From here ``content`` is the only reference: when the message is normalised or
         # repaired below, the original copy is freed at once instead of being held
         # (with up to 200 sessions x 10 MB) until the spool's commit.
         envelope.content = envelope.original_content = None
+        if refusal:
+            if isinstance(content, Spilled):
+                content.discard()
+            return refusal
         mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
         message_envelope = Envelope(mail_from=mail_from, rcpt_tos=tuple(envelope.rcpt_tos))
         peer = server.client
@@ -340,34 +351,65 @@ class RelayHandler:
         if server.tls:
             meta["tls"] = True
         meta.update(_dsn_of(envelope).meta())
-
-        prepared = prepare(
-            raw,
-            mail_from=mail_from,
-            hostname=self._hostname,
-            repair=self._repair,
-            force_from=self._force_from,
-        )
-        del raw
-        if prepared.changes:
-            meta["repairs"] = list(prepared.changes)
-        # The sender rules read the message as the providers will (after every repair).
-        why = self._policy.message_sender_error(
-            prepared.raw,
-            mail_from=mail_from,
-            user_rules=self._user_rules(session),
-            force_from=self._force_from,
-        )
-        if why:
-            log.warning("not accepted: client=%s: %s", peer, why)
-            return HEADER_SENDER_NOT_ALLOWED_F.format(why)
         client = Client(
             address=peer,
             helo=session.host_name,
             auth_user=meta.get("auth_user"),
             meta=meta,
         )
-        return await self._intake.accept(message_envelope, prepared.raw, client)
+        user_rules = self._user_rules(session)
+        if not isinstance(content, Spilled):
+            return await self._accept(message_envelope, content, client, user_rules)
+        try:
+            if not content.bare_line_ends and content.header_in_head:
+                # Every repair and check reads the header, which is in memory: the
+                # message stays in its file (with its head replaced if repaired).
+                prepared = self._prepare(content.head, mail_from)
+                if prepared.changes:
+                    meta["repairs"] = list(prepared.changes)
+                content.replace_head(prepared.raw)
+                why = self._sender_error(content.head, mail_from, user_rules, peer)
+                if why:
+                    return why
+                return await self._intake.accept(message_envelope, content, client)
+            async with self._intake.read_back(content) as raw:
+                return await self._accept(message_envelope, raw, client, user_rules)
+        finally:
+            content.discard()
+
+    def _prepare(self, raw: bytes, mail_from: str) -> RepairResult:
+        return prepare(
+            raw,
+            mail_from=mail_from,
+            hostname=self._hostname,
+            repair=self._repair,
+            force_from=self._force_from,
+        )
+
+    def _sender_error(
+        self, raw: bytes, mail_from: str, user_rules: tuple[str, ...] | None, peer: str
+    ) -> str | None:
+        """The refusal of a message whose From the sender rules do not allow."""
+        # The sender rules read the message as the providers will (after every repair).
+        why = self._policy.message_sender_error(
+            raw, mail_from=mail_from, user_rules=user_rules, force_from=self._force_from
+        )
+        if not why:
+            return None
+        log.warning("not accepted: client=%s: %s", peer, why)
+        return HEADER_SENDER_NOT_ALLOWED_F.format(why)
+
+    async def _accept(
+        self, envelope: Envelope, raw: bytes, client: Client, user_rules: tuple[str, ...] | None
+    ) -> str:
+        prepared = self._prepare(raw, envelope.mail_from)
+        del raw
+        if prepared.changes:
+            client.meta["repairs"] = list(prepared.changes)
+        why = self._sender_error(prepared.raw, envelope.mail_from, user_rules, client.address)
+        if why:
+            return why
+        return await self._intake.accept(envelope, prepared.raw, client)
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("SMTP session error")

@@ -16,9 +16,11 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from esprelay.models import Envelope, MessageState, SpooledMessage
+from esprelay.spill import Spilled
 
 T = TypeVar("T")
 
@@ -50,6 +52,13 @@ class Spool(Protocol):
 
     async def close(self) -> None: ...
 
+    @property
+    def body_directory(self) -> Path | None:
+        """The folder a :class:`~esprelay.spill.Spilled` message's file must be in for
+        :meth:`put_parts` to keep that file as the message's body (no copy); None if
+        this spool keeps bodies elsewhere (it then reads such a file back)."""
+        ...
+
     async def put(
         self,
         envelope: Envelope,
@@ -63,7 +72,7 @@ class Spool(Protocol):
 
     async def put_parts(
         self,
-        raw: bytes,
+        raw: bytes | Spilled,
         parts: Sequence[NewPart],
         *,
         lease_owner: str | None = None,
@@ -73,6 +82,9 @@ class Spool(Protocol):
 
         With ``lease_owner`` the entries are created already leased to it, so the
         caller may deliver them at once (an inline attempt) without a second write.
+        A :class:`~esprelay.spill.Spilled` message in :attr:`body_directory` is kept
+        as its file (linked under each entry's name); any other is read back.  The
+        caller still discards it afterwards.
         """
         ...
 
@@ -205,7 +217,7 @@ class OnePartPut:
 
     async def put_parts(
         self,
-        raw: bytes,
+        raw: bytes | Spilled,
         parts: Sequence[NewPart],
         *,
         lease_owner: str | None = None,

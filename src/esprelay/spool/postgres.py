@@ -81,6 +81,7 @@ from esprelay.events.status import (
     plan_batch,
 )
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
+from esprelay.spill import Spilled
 from esprelay.spool.base import NewPart, OnePartPut, SpoolStats, new_message_id
 
 log = logging.getLogger(__name__)
@@ -536,6 +537,19 @@ async def migrate(url: str) -> tuple[int, int]:
             await conn.close()
 
 
+class _FilePieces:
+    """A message in a file, read a piece at a time (``Spilled`` for ``_put_pieces``)."""
+
+    def __init__(self, spilled: Spilled) -> None:
+        self._spilled = spilled
+
+    def __len__(self) -> int:
+        return self._spilled.size
+
+    async def read(self, start: int, size: int) -> bytes:
+        return await asyncio.to_thread(self._spilled.read_at, start, size)
+
+
 class PostgresSpool(OnePartPut):
     """A spool in a PostgreSQL database shared by any number of esprelay instances."""
 
@@ -752,14 +766,20 @@ class PostgresSpool(OnePartPut):
     # endregion
     # region operations
 
+    @property
+    def body_directory(self) -> None:
+        return None  # a message in a file is read from wherever it is, piece by piece
+
     async def put_parts(
         self,
-        raw: bytes,
+        raw: bytes | Spilled,
         parts: Sequence[NewPart],
         *,
         lease_owner: str | None = None,
         lease_time: float = 0.0,
     ) -> list[str]:
+        if isinstance(raw, Spilled) and len(raw) * len(parts) <= BODY_CHUNK:
+            raw = await asyncio.to_thread(raw.read)
         rows = [
             (
                 new_message_id(),
@@ -774,7 +794,7 @@ class PostgresSpool(OnePartPut):
             for part in parts
         ]
         ids = [row[0] for row in rows]
-        if len(raw) * len(rows) <= BODY_CHUNK:
+        if isinstance(raw, bytes) and len(raw) * len(rows) <= BODY_CHUNK:
             # The common case: with the other messages arriving meanwhile, in one
             # statement (the group commit); returns only after its commit.  (Larger,
             # the body goes in pieces, so as not to be copied whole into buffers.)
@@ -788,15 +808,18 @@ class PostgresSpool(OnePartPut):
             self._announce()
         return ids
 
-    async def _put_pieces(self, rows: list[tuple[Any, ...]], raw: bytes) -> list[str]:
+    async def _put_pieces(self, rows: list[tuple[Any, ...]], raw: bytes | Spilled) -> list[str]:
         """Store several entries, or a large body piece by piece, in one transaction.
 
         One statement carrying 25 MB would be copied whole into asyncpg's send buffer
         and again into asyncio's; pieces of BODY_CHUNK bytes (memoryview slices of
         the one ``raw`` object, never copied by us) keep that to a megabyte or two.
+        A message in a file is read one piece at a time.
         """
         pool = self._require_pool()
-        view = memoryview(raw)
+        view: memoryview | _FilePieces = (
+            _FilePieces(raw) if isinstance(raw, Spilled) else memoryview(raw)
+        )
         inserted = []
         with _translate_errors("storing a message"):
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
@@ -808,12 +831,16 @@ class PostgresSpool(OnePartPut):
                     pieces = range(0, len(view), BODY_CHUNK) if len(view) else range(1)
                     for seq, start in enumerate(pieces):
                         self.round_trips += 1
+                        if isinstance(view, _FilePieces):
+                            piece: bytes | memoryview = await view.read(start, BODY_CHUNK)
+                        else:
+                            piece = view[start : start + BODY_CHUNK]
                         await conn.execute(
                             "INSERT INTO esprelay_bodies (message_id, seq, data)"
                             " VALUES ($1, $2, $3)",
                             message_id,
                             seq,
-                            view[start : start + BODY_CHUNK],
+                            piece,
                         )
         return inserted
 

@@ -65,6 +65,7 @@ from esprelay.events.status import (
     entry_row,
 )
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
+from esprelay.spill import Spilled
 from esprelay.spool.base import (
     NewPart,
     OnePartPut,
@@ -433,6 +434,10 @@ class _BodyFiles:
                 raise SpoolFull(f"spool storage problem: {exc}") from exc
             raise SpoolError(f"spool error: cannot write a message body: {exc}") from exc
 
+    def adopt(self, ids: Sequence[str], spilled: Spilled) -> None:
+        """``spilled``'s file under each id, all on disk on return (as :meth:`write`)."""
+        spilled.link_as([self.directory / id for id in ids])
+
     def read(self, id: str) -> bytes | None:
         try:
             with open(self.directory / id, "rb") as file:
@@ -500,7 +505,8 @@ class SqliteSpool(OnePartPut):
 
     async def _remove_orphan_bodies(self) -> None:
         """Remove the body files no row names: left by a crash between a file's write and
-        its row's commit, or between a delivery's commit and its file's removal."""
+        its row's commit, or between a delivery's commit and its file's removal, and
+        the files of messages that were arriving (``esprelay.spill``)."""
 
         def named(conn: sqlite3.Connection) -> set[str]:
             return {row[0] for row in conn.execute("SELECT id FROM messages WHERE body_file = 1")}
@@ -663,17 +669,23 @@ class SqliteSpool(OnePartPut):
     # endregion
     # region operations
 
+    @property
+    def body_directory(self) -> Path:
+        return self._bodies.directory
+
     async def put_parts(
         self,
-        raw: bytes,
+        raw: bytes | Spilled,
         parts: Sequence[NewPart],
         *,
         lease_owner: str | None = None,
         lease_time: float = 0.0,
     ) -> list[str]:
-        now = self._time()
         size = len(raw)
-        in_file = size >= BODY_FILE_MIN
+        in_file = size >= BODY_FILE_MIN  # (and so the only size a lease reads from a file)
+        if isinstance(raw, Spilled) and (raw.path.parent != self._bodies.directory or not in_file):
+            raw = await asyncio.to_thread(raw.read)
+        now = self._time()
         # A message spooled already leased carries its owner and expiry (_LEASED).
         lease: tuple[Any, ...] = (lease_owner, now + lease_time) if lease_owner else ()
         sql = _INSERTS[bool(lease_owner), in_file]
@@ -699,9 +711,13 @@ class SqliteSpool(OnePartPut):
             return ids
 
         if not in_file:
+            assert isinstance(raw, bytes)
             return await self._run(insert)
         # The files are on disk before the rows that name them are committed.
-        await asyncio.to_thread(self._bodies.write, ids, raw)
+        if isinstance(raw, Spilled):
+            await asyncio.to_thread(self._bodies.adopt, ids, raw)
+        else:
+            await asyncio.to_thread(self._bodies.write, ids, raw)
         try:
             await self._run(insert)
         except Exception:
