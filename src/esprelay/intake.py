@@ -244,8 +244,13 @@ class Intake:
         # With idle workers, the message is spooled already leased to this instance and
         # handed to them directly: no lease query has to read it back from the spool.
         handoff = not inline and deliverer is not None and deliverer.reserve(len(parts), len(raw))
+        body = raw if isinstance(raw, bytes) else None
         try:
             if deliverer is not None and (inline or handoff):
+                if isinstance(raw, Spilled):
+                    # Read before the commit: a file that cannot be read is then a 451,
+                    # not a committed message answered 451 (and sent again).
+                    body = await asyncio.to_thread(raw.read)
                 ids = await self.spool.put_parts(
                     raw, new_parts, lease_owner=deliverer.owner, lease_time=deliverer.lease_time
                 )
@@ -284,7 +289,7 @@ class Intake:
             if deliverer is not None:
                 deliverer.wake()  # spooled for the workers to lease
             return queued
-        body = raw if isinstance(raw, bytes) else await asyncio.to_thread(raw.read)
+        assert body is not None
         now = time.time()
         leased = [
             SpooledMessage(
