@@ -11,11 +11,11 @@
     message id, ``451`` for a transient failure (the client retries), ``554`` with
     the ESP's reason for a permanent one.
 
-A large message arrives in a file (:mod:`esprelay.spill`).  In queue mode, with a spool
-that keeps bodies in files where it was written, it is committed as that file, its
-header read from the part kept in memory, as long as nothing here needs its body (a
-provider's refusal that reads it, a possible signature).  Otherwise it is read back
-whole, within ``ESPRELAY_INTAKE_MEMORY`` (:meth:`Intake.read_back`).
+A large message arrives in a file (:mod:`esprelay.spill`).  In queue mode it is spooled
+from that file (SQLite keeps the file itself, PostgreSQL reads it in pieces), its header
+read from the part kept in memory, as long as nothing here needs its body (a provider's
+refusal that reads it, a possible signature).  Otherwise it is read back whole, within
+``ESPRELAY_INTAKE_MEMORY`` (:meth:`Intake.read_back`).
 """
 
 from __future__ import annotations
