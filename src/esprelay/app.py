@@ -48,7 +48,7 @@ from esprelay.queuemode import QueueMode
 from esprelay.readiness import relay_checks
 from esprelay.reload import ReloadCallback, Reloader, relay_steps
 from esprelay.routing import RoutingTable, load_routing
-from esprelay.spill import Spiller, spill_directory
+from esprelay.spill import spiller_for
 from esprelay.spool import Spool
 
 log = logging.getLogger("esprelay")
@@ -170,7 +170,7 @@ class Relay:
             inline_seconds=self.settings.inline_attempt_seconds,
             signed_messages=self.settings.signed_messages,
             keep_headers=self.settings.events_port is not None,
-            spiller=Spiller(spill_directory(self.spool), self.settings.smtp_spill_size),
+            spiller=spiller_for(self.spool, self.settings.smtp_spill_size),
             memory=self.settings.intake_memory,
         )
 

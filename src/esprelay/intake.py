@@ -171,7 +171,8 @@ class Intake:
         spool = self.spool
         if self.mode != "queue" or spool is None:
             return False
-        if spool.body_directory not in (None, spilled.path.parent):
+        wanted = spool.body_directory  # (None: any file will do)
+        if wanted is not None and (spilled.path is None or spilled.directory != wanted):
             return False
         for part in parts:
             for name in part.providers:

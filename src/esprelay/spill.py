@@ -15,8 +15,9 @@ PostgreSQL spool reads the file a piece at a time.  What needs the whole message
 memory (bare line endings to normalise, a header too long for the head, a provider whose
 check reads the body, passthrough mode) reads it back, at most ``ESPRELAY_INTAKE_MEMORY``
 of such messages at a time (:mod:`esprelay.intake`).  A file whose message was refused,
-or whose session ended, is removed; one left by a crash is removed when the spool next
-opens.
+or whose session ended, is removed; one left by a crash is removed when the SQLite spool
+next opens.  Elsewhere (the PostgreSQL spool, passthrough mode: the temporary folder)
+the files have no name at all, so a crash leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -52,11 +53,14 @@ def storage_error(exc: OSError) -> SpoolError:
     return SpoolError(f"spool error: cannot write a message body: {exc}")
 
 
-def spill_directory(spool: Spool | None) -> Path:
-    """Where messages are written as they arrive: the spool's own folder of body files,
-    or else the temporary folder (``TMPDIR``)."""
+def spiller_for(spool: Spool | None, at: int = SPILL_AT) -> Spiller:
+    """Where messages are written as they arrive: named files in the spool's own folder
+    of body files, or else files without a name (nothing left behind by a crash) in the
+    temporary folder (``TMPDIR``)."""
     directory = spool.body_directory if spool is not None else None
-    return directory if directory is not None else Path(tempfile.gettempdir())
+    if directory is None:
+        return Spiller(Path(tempfile.gettempdir()), at, named=False)
+    return Spiller(directory, at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +69,11 @@ class Spiller:
 
     directory: Path
     at: int = SPILL_AT
+    #: Files with a name (which a spool can link); else without one.
+    named: bool = True
 
     def open(self) -> SpillFile:
-        return SpillFile(self.directory)
+        return SpillFile(self.directory, named=self.named)
 
 
 class SpillFile:
@@ -77,13 +83,14 @@ class SpillFile:
     the file cannot be made or written; it is then removed.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, named: bool = True) -> None:
         try:
-            fd, name = tempfile.mkstemp(prefix=SPILL_PREFIX, dir=directory)
+            fd, path = _named(directory) if named else _unnamed(directory)
         except OSError as exc:
             raise storage_error(exc) from exc
         self._fd = fd
-        self.path = Path(name)
+        self.directory = directory
+        self.path = path
         self.size = 0
         self._line_ends = LineEndWatch()
 
@@ -102,7 +109,9 @@ class SpillFile:
 
     def finish(self, head: bytes) -> Spilled:
         """The message, complete: ``head`` is its first bytes, kept in memory."""
-        spilled = Spilled(self.path, self._fd, self.size, head, self._line_ends.finish())
+        spilled = Spilled(
+            self.directory, self.path, self._fd, self.size, head, self._line_ends.finish()
+        )
         self._fd = -1  # the Spilled owns it now
         return spilled
 
@@ -124,7 +133,9 @@ class Spilled:
     a spool that kept it has its own name for it by then.
     """
 
-    path: Path
+    directory: Path
+    #: None for a file without a name.
+    path: Path | None
     fd: int
     file_size: int
     head: bytes
@@ -181,9 +192,9 @@ class Spilled:
             try:
                 chunk = os.pread(self.fd, end - offset, offset)
             except OSError as exc:
-                raise SpoolError(f"spool error: cannot read {self.path}: {exc}") from exc
+                raise SpoolError(f"spool error: cannot read {self._name}: {exc}") from exc
             if not chunk:
-                raise SpoolError(f"spool error: {self.path} ended early")
+                raise SpoolError(f"spool error: {self._name} ended early")
             chunks.append(chunk)
             offset += len(chunk)
         if len(chunks) == 1:
@@ -197,6 +208,8 @@ class Spilled:
         in the same folder: its new head, then the rest copied by the kernel."""
         made: list[Path] = []
         source = self.path
+        if source is None:
+            raise SpoolError("spool error: a message file without a name cannot be linked")
         try:
             if self.rewritten:
                 source = self._rewrite()
@@ -205,7 +218,7 @@ class Spilled:
             for path in paths:
                 os.link(source, path)
                 made.append(path)
-            directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(directory)  # the new names
             finally:
@@ -222,7 +235,7 @@ class Spilled:
         return made
 
     def _rewrite(self) -> Path:
-        fd, name = tempfile.mkstemp(prefix=SPILL_PREFIX, dir=self.path.parent)
+        fd, name = tempfile.mkstemp(prefix=SPILL_PREFIX, dir=self.directory)
         try:
             view = memoryview(self.head)
             while view:
@@ -250,6 +263,10 @@ class Spilled:
         os.close(fd)
         return Path(name)
 
+    @property
+    def _name(self) -> str:
+        return str(self.path or f"a file without a name in {self.directory}")
+
     def discard(self) -> None:
         """Close the file and remove this name of it (idempotent)."""
         if self.fd >= 0:
@@ -257,8 +274,27 @@ class Spilled:
             self.fd = -1
 
 
-def _remove(fd: int, path: Path) -> None:
+def _named(directory: Path) -> tuple[int, Path]:
+    fd, name = tempfile.mkstemp(prefix=SPILL_PREFIX, dir=directory)
+    return fd, Path(name)
+
+
+def _unnamed(directory: Path) -> tuple[int, None]:
+    """A file in ``directory`` that has no name (Linux's ``O_TMPFILE``; elsewhere one
+    removed as soon as it is made): it goes with its last descriptor, a crash's too."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), None
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR):
+            raise
+    fd, path = _named(directory)
+    os.unlink(path)
+    return fd, None
+
+
+def _remove(fd: int, path: Path | None) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

@@ -683,7 +683,9 @@ class SqliteSpool(OnePartPut):
     ) -> list[str]:
         size = len(raw)
         in_file = size >= BODY_FILE_MIN  # (and so the only size a lease reads from a file)
-        if isinstance(raw, Spilled) and (raw.path.parent != self._bodies.directory or not in_file):
+        if isinstance(raw, Spilled) and (
+            raw.path is None or raw.directory != self._bodies.directory or not in_file
+        ):
             raw = await asyncio.to_thread(raw.read)
         now = self._time()
         # A message spooled already leased carries its owner and expiry (_LEASED).
