@@ -134,9 +134,19 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def pin(pid: int, cpus: set[int] | None) -> None:
-    if cpus:
+    """Pin process ``pid`` to ``cpus``: every thread of a child process, not its main
+    thread alone.  A thread keeps the affinity it was created with, so a server pinned
+    once it listens kept its spool writer thread on the CPUs the harness had then
+    (the helpers' CPU after a first scenario, both CPUs before one)."""
+    if not cpus:
+        return
+    tasks = [pid]
+    if pid != os.getpid():
         with contextlib.suppress(OSError):
-            os.sched_setaffinity(pid, cpus)
+            tasks = [int(task) for task in os.listdir(f"/proc/{pid}/task")]
+    for task in tasks:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(task, cpus)
 
 
 class Service:
