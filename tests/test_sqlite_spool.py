@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
@@ -432,3 +433,20 @@ def test_message_ids_are_unique_and_time_ordered() -> None:
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 21 and int(i, 16) >= 0 for i in ids)
     assert ids == sorted(ids, key=lambda i: i[:11])
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+async def test_the_writer_thread_alone_runs_as_a_batch_thread(tmp_path: Path) -> None:
+    """The writer waits for the event loop's thread to block instead of preempting it
+    (``_batch_scheduling``); the thread that opened the spool keeps its own policy."""
+    before = os.sched_getscheduler(0)
+    spool = SqliteSpool(tmp_path / "s.db")
+    await spool.open()
+    try:
+        writer = spool._thread
+        assert writer is not None and writer.native_id is not None
+        assert os.sched_getscheduler(writer.native_id) == os.SCHED_BATCH
+        assert os.sched_getscheduler(0) == before
+        await spool.put(ENVELOPE, b"Subject: x\r\n\r\nx\r\n", provider="p")
+    finally:
+        await spool.close()
