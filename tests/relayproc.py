@@ -46,8 +46,8 @@ class RelayProcess:
         self._lines: list[bytes] = []
         self._lock = threading.Lock()
 
-    def cli(self, *args: str) -> str:
-        """``esprelay ARGS`` with this relay's environment; its standard output."""
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``esprelay ARGS`` with this relay's environment (its output as text)."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
         environ.update(self.env)
         return subprocess.run(
@@ -56,9 +56,9 @@ class RelayProcess:
             text=True,
             env=environ,
             cwd=self.workdir,
-            check=True,
+            check=check,
             timeout=30,
-        ).stdout
+        )
 
     @property
     def outbox(self) -> Path:

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import smtplib
 import subprocess
-import sys
 
 from tests.relayproc import RelayProcess
 
 
 def cli(relay: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
-    env.update(relay.env)
-    return subprocess.run(
-        [sys.executable, "-m", "esprelay", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=relay.workdir,
-        timeout=30,
-        check=False,
-    )
+    return relay.cli(*args, check=False)
 
 
 def send(relay: RelayProcess, subject: str) -> str:

@@ -27,7 +27,7 @@ def send_many(relay: RelayProcess, count: int) -> list[str]:
 
 
 def spool_rows(relay: RelayProcess) -> list[dict[str, object]]:
-    out = relay.cli("queue", "list", "--json", "--limit", "10000")
+    out = relay.cli("queue", "list", "--json", "--limit", "10000").stdout
     return [json.loads(line) for line in out.splitlines()]
 
 

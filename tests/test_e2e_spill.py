@@ -84,7 +84,7 @@ def test_large_messages_arrive_exactly_whatever_they_need(
     # Delivered: the body files (the files written at DATA, kept) are gone too.
     assert os.listdir(bodies(relay)) == []
     [bare_id] = [i for i, raw in sent.items() if raw is bare]
-    assert json.loads(relay.cli("queue", "show", bare_id))["meta"]["repairs"] == [
+    assert json.loads(relay.cli("queue", "show", bare_id).stdout)["meta"]["repairs"] == [
         "bare CR/LF normalised to CRLF"
     ]
 

@@ -46,6 +46,15 @@ if TYPE_CHECKING:
     from esprelay.spool.base import Spool
 
 
+def sync_directory(directory: Path) -> None:
+    """fsync ``directory``: the names made or removed in it are on disk on return."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def storage_error(exc: OSError) -> SpoolError:
     """The spool error for a failed write of message bytes (full disk: ``452``)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -218,11 +227,7 @@ class Spilled:
             for path in paths:
                 os.link(source, path)
                 made.append(path)
-            directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(directory)  # the new names
-            finally:
-                os.close(directory)
+            sync_directory(self.directory)  # the new names
         except OSError as exc:
             for path in made:
                 with contextlib.suppress(FileNotFoundError):

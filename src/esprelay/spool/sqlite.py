@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import functools
 import json
@@ -65,7 +64,7 @@ from esprelay.events.status import (
     entry_row,
 )
 from esprelay.models import Attempt, Envelope, MessageState, SpooledMessage
-from esprelay.spill import Spilled
+from esprelay.spill import Spilled, storage_error, sync_directory
 from esprelay.spool.base import (
     NewPart,
     OnePartPut,
@@ -445,16 +444,10 @@ class _BodyFiles:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)  # the new names
-            finally:
-                os.close(fd)
+            sync_directory(self.directory)  # the new names
         except OSError as exc:
             self.remove(written)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFull(f"spool storage problem: {exc}") from exc
-            raise SpoolError(f"spool error: cannot write a message body: {exc}") from exc
+            raise storage_error(exc) from exc
 
     def adopt(self, ids: Sequence[str], spilled: Spilled) -> None:
         """``spilled``'s file under each id, all on disk on return (as :meth:`write`)."""
