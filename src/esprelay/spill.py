@@ -181,7 +181,10 @@ class Spilled:
             self.rewritten = True
 
     def read(self) -> bytes:
-        """The whole message (blocking: call it in a thread)."""
+        """The whole message (blocking: call it in a thread).  One read of the file, into
+        the bytes returned, unless the head was replaced."""
+        if not self.rewritten:
+            return self._pread(0, self.file_size)
         return self.read_at(0, self.size)
 
     def read_at(self, start: int, size: int) -> bytes:

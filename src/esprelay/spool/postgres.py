@@ -537,19 +537,6 @@ async def migrate(url: str) -> tuple[int, int]:
             await conn.close()
 
 
-class _FilePieces:
-    """A message in a file, read a piece at a time (``Spilled`` for ``_put_pieces``)."""
-
-    def __init__(self, spilled: Spilled) -> None:
-        self._spilled = spilled
-
-    def __len__(self) -> int:
-        return self._spilled.size
-
-    async def read(self, start: int, size: int) -> bytes:
-        return await asyncio.to_thread(self._spilled.read_at, start, size)
-
-
 class PostgresSpool(OnePartPut):
     """A spool in a PostgreSQL database shared by any number of esprelay instances."""
 
@@ -817,9 +804,8 @@ class PostgresSpool(OnePartPut):
         A message in a file is read one piece at a time.
         """
         pool = self._require_pool()
-        view: memoryview | _FilePieces = (
-            _FilePieces(raw) if isinstance(raw, Spilled) else memoryview(raw)
-        )
+        size = len(raw)
+        spilled, view = (raw, None) if isinstance(raw, Spilled) else (None, memoryview(raw))
         inserted = []
         with _translate_errors("storing a message"):
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
@@ -828,12 +814,15 @@ class PostgresSpool(OnePartPut):
                     self.round_trips += 1
                     message_id = await conn.fetchval(_INSERT_MESSAGE, *row)
                     inserted.append(message_id)
-                    pieces = range(0, len(view), BODY_CHUNK) if len(view) else range(1)
+                    pieces = range(0, size, BODY_CHUNK) if size else range(1)
                     for seq, start in enumerate(pieces):
                         self.round_trips += 1
-                        if isinstance(view, _FilePieces):
-                            piece: bytes | memoryview = await view.read(start, BODY_CHUNK)
+                        if spilled is not None:
+                            piece: bytes | memoryview = await asyncio.to_thread(
+                                spilled.read_at, start, BODY_CHUNK
+                            )
                         else:
+                            assert view is not None
                             piece = view[start : start + BODY_CHUNK]
                         await conn.execute(
                             "INSERT INTO esprelay_bodies (message_id, seq, data)"
