@@ -55,7 +55,6 @@ import asyncio
 import contextlib
 import functools
 import io
-import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -63,6 +62,7 @@ from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
 import asyncpg
+import orjson
 
 from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import ConfigError, SpoolError, SpoolFull
@@ -774,7 +774,7 @@ class PostgresSpool(OnePartPut):
                 list(part.envelope.rcpt_tos),
                 len(raw),
                 part.provider,
-                json.dumps(part.meta),
+                orjson.dumps(part.meta).decode(),
                 lease_owner,
                 float(lease_time),
             )
@@ -1551,7 +1551,7 @@ def _record_to_message(
         lease_expires_at=row["lease_expires_at"],
         updated_at=row["updated_at"],
         history=history,
-        meta=json.loads(row["meta"]),
+        meta=orjson.loads(row["meta"]),
     )
 
 

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import fcntl
 import functools
-import json
 import logging
 import os
 import queue
@@ -47,6 +46,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
+
+import orjson
 
 from esprelay.clock import SYSTEM_CLOCK, Clock
 from esprelay.errors import SpoolError, SpoolFull
@@ -713,12 +714,12 @@ class SqliteSpool(OnePartPut):
                 new_message_id(now),
                 now,
                 part.envelope.mail_from,
-                json.dumps(list(part.envelope.rcpt_tos)),
+                orjson.dumps(part.envelope.rcpt_tos).decode(),
                 size,
                 stored,
                 *lease,
                 part.provider,
-                json.dumps(part.meta),
+                orjson.dumps(part.meta).decode(),
             )
             for part in parts
         ]
@@ -920,7 +921,7 @@ class SqliteSpool(OnePartPut):
         in_file = id in self._body_files
         self._body_files.discard(id)  # requeued: a later lease names it again
         update_sql = _PARTIAL_REQUEUE if requeue else _PARTIAL_DELIVERED
-        requeued = (json.dumps(list(rcpt_tos)), next_attempt_at) if requeue else ()
+        requeued = (orjson.dumps(list(rcpt_tos)).decode(), next_attempt_at) if requeue else ()
 
         def update(conn: sqlite3.Connection) -> bool:
             now = self._time()
@@ -1404,7 +1405,7 @@ def _row_to_message(
     ) = row
     return SpooledMessage(
         id=id,
-        envelope=Envelope(mail_from=mail_from, rcpt_tos=tuple(json.loads(rcpt_tos))),
+        envelope=Envelope(mail_from=mail_from, rcpt_tos=tuple(orjson.loads(rcpt_tos))),
         size=size,
         state=_STATES[state],
         attempts=attempts,
@@ -1418,7 +1419,7 @@ def _row_to_message(
         lease_expires_at=lease_expires_at,
         updated_at=updated_at,
         history=history,
-        meta=json.loads(meta),
+        meta=orjson.loads(meta),
     )
 
 
