@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 
 import httpx
 import pytest
 
-from esprelay.httpclient import LARGE_BODY, ApiClient, make_client
+from esprelay.httpclient import LARGE_BODY, ApiClient, ReadAnswer, make_client
 from esprelay.providers.base import PostTarget
 from esprelay.testing.fakeesp import FakeESP, Reply
 
@@ -128,6 +129,11 @@ async def test_the_direct_path_answers_as_httpx_does() -> None:
         assert response.headers["x-message-id"] == "m-1"
         assert response.is_closed
     assert direct.headers.raw == through_httpx.headers.raw
+    # The direct path's answer comes read (no decoders); httpx's path reads its own.
+    assert type(direct) is ReadAnswer and type(through_httpx) is httpx.Response
+    assert direct.content == through_httpx.content == b'{"id": "x"}'
+    assert direct.text == through_httpx.text
+    assert direct.is_stream_consumed and through_httpx.is_stream_consumed
     assert direct.http_version == through_httpx.http_version == "HTTP/1.1"
     assert direct.reason_phrase == through_httpx.reason_phrase
     assert timeouts[0] == timeouts[1] == repr(httpx.Timeout(7).as_dict())
@@ -156,6 +162,19 @@ async def test_the_direct_path_times_out_as_the_client_says() -> None:
         await asyncio.sleep(0.05)  # the handler closes its side
         server.close()
         await server.wait_closed()
+
+
+async def test_a_coded_answer_on_the_direct_path_is_decoded_by_httpx() -> None:
+    """An answer with a Content-Encoding is not taken as read: httpx decodes it."""
+    body = gzip.compress(b'{"id": "gz"}')
+    reply = Reply(202, body, headers={"Content-Encoding": "gzip"})
+    with FakeESP(lambda r: reply) as esp:
+        client, _name = make_client(timeout=5, max_connections=2, transport="aiohttp")
+        async with client:
+            response = await client.post(esp.url + "/v3/mail/send", content=b"{}")
+    assert type(response) is httpx.Response
+    assert response.json() == {"id": "gz"}
+    assert response.is_closed
 
 
 async def test_what_the_direct_path_does_not_do_goes_through_httpx() -> None:
