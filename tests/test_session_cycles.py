@@ -18,7 +18,7 @@ import pytest
 
 from esprelay.app import Relay
 from esprelay.config import Settings
-from esprelay.gctune import tune_for_serving
+from esprelay.gctune import YOUNG_THRESHOLD, tune_for_serving
 
 
 @pytest.fixture
@@ -72,12 +72,16 @@ async def test_ended_session_is_freed_without_the_collector(
         await relay.shutdown()
 
 
-def test_tune_for_serving_freezes_start_up_objects() -> None:
+def test_tune_for_serving_freezes_start_up_objects_and_collects_young_less_often() -> None:
+    before = gc.get_threshold()
     try:
         tune_for_serving()
         assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, *before[1:])
+        assert before[0] < YOUNG_THRESHOLD
     finally:
         gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def test_large_blocks_get_their_own_mappings_on_glibc() -> None:
