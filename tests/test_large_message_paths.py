@@ -178,6 +178,49 @@ def test_long_runs_parse_as_the_parser_reads_them(raw: bytes, lines: int) -> Non
         assert differences(raw, ENVELOPE) == []
 
 
+def _reference_runs(raw: bytes) -> list[tuple[int, int]]:
+    return [match.span(1) for match in mime._RUN.finditer(raw)]
+
+
+# Lines as mailers and odd senders write them: base64 lines of one length or of a few,
+# short lines, lines with a character outside the alphabet, boundaries, blank lines.
+_LINES = st.lists(
+    st.one_of(
+        st.sampled_from(["QUJD" * 19, "QUJD" * 18, "QUJD" * 10 + "QQ==", "QUJD" * 10]),
+        st.text(alphabet="ABCab09+/=", min_size=38, max_size=42),
+        st.sampled_from(["QUJD" * 18 + "-Q", "QUJD" * 18 + " Q", "--b1", "", "QQ==", "x: y"]),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(_LINES, max_size=4), st.sampled_from(["\r\n", "\n"]))
+def test_runs_are_found_where_the_expression_finds_them(blocks: list[list[str]], cut: str) -> None:
+    # Blocks of lines that repeat one line many times (a long fixed-length run) and
+    # mixed lines, joined with CRLF (or, for the last line of a block, a bare LF).
+    text = "From: a@example.com\r\n\r\n"
+    for lines in blocks:
+        repeated = lines[:1] * 40 + lines[1:]
+        text += "".join(line + "\r\n" for line in repeated[:-1])
+        if repeated:
+            text += repeated[-1] + cut
+    raw = text.encode()
+    assert list(mime._runs(raw)) == _reference_runs(raw)
+
+
+def test_runs_in_a_large_attachment_are_the_expressions() -> None:
+    data = bytes(range(256)) * 20000
+    b64 = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    # A line's LF moved one byte on, into the next line: every CR where the first line's
+    # length puts one, and as many LFs, but not a run past the line before.
+    moved = b64[: 10 * 78 + 77] + b"Q\n" + b64[10 * 78 + 79 :]
+    odd = (b64.replace(b"A", b"-", 1), b64[:-2] + b"\n", moved)
+    for body in (b64, b64 + b"QQ==\r\n", *odd):
+        raw = b"From: a@example.com\r\n\r\n--b1\r\n\r\n" + body + b"--b1--\r\n"
+        assert list(mime._runs(raw)) == _reference_runs(raw)
+
+
 def test_every_known_message_parses_the_same_with_runs_taken_out() -> None:
     problems: list[str] = []
     with mock.patch.object(mime, "RUN_LINES", 1):

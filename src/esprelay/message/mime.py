@@ -35,7 +35,7 @@ import io
 import mimetypes
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.errors import MessageDefect
 from email.generator import BytesGenerator
@@ -231,7 +231,8 @@ def _assemble(
 
 #: A run of lines written in the base64 alphabet (an attachment's body, as mailers
 #: write it), after the line ending before it.  Possessive: a run is matched once,
-#: whole, and the search goes on after it (linear in the message).
+#: whole, and the search goes on after it (linear in the message).  The definition:
+#: :func:`_runs` finds the same runs, faster.
 _RUN = re.compile(rb"\n((?:[A-Za-z0-9+/=]{40,}+\r\n)++)")
 #: Runs of fewer lines stay for the parser.
 RUN_LINES = 256
@@ -250,8 +251,7 @@ def _without_long_runs(raw: bytes) -> tuple[bytes, dict[str, str]] | None:
     if len(raw) < RUN_LINES * 42:
         return None
     runs: list[tuple[int, int]] = []
-    for match in _RUN.finditer(raw):
-        start, end = match.span(1)
+    for start, end in _runs(raw):
         if raw.count(b"\n", start, end) >= RUN_LINES:
             runs.append((start, end))
     if not runs:
@@ -272,6 +272,49 @@ def _without_long_runs(raw: bytes) -> tuple[bytes, dict[str, str]] | None:
         position = end - 2
     pieces.append(view[position:])
     return b"".join(pieces), originals
+
+
+def _runs(raw: bytes) -> Iterator[tuple[int, int]]:
+    """Where ``_RUN.finditer(raw)`` finds its runs (group 1's spans), found faster.
+
+    The regular expression engine reads a run line by line (~8 ms for a 5 MB
+    attachment).  Mailers write an attachment in lines of one length, so from a run's
+    first line on, the lines of that length are checked a whole block at a time: every
+    line ending where that length puts one, and nothing but the base64 alphabet and
+    those line endings in the block (a ``translate``, ~2 ms for 5 MB).  The lines after
+    the block, and any block that fails the check, are read by the expression.  Each
+    line of a run stands on its own (``_RUN``), so the spans are the expression's
+    (``tests/test_large_message_paths.py`` compares them)."""
+    position = 0
+    while (found := _RUN_START.search(raw, position)) is not None:
+        start = found.end()
+        end = start + _fixed_length_lines(raw, start)
+        tail = _RUN_LINES.match(raw, end)
+        assert tail is not None  # (it matches the empty string)
+        position = tail.end()
+        yield start, position
+
+
+#: Where a run starts: after a line ending, a line that ``_RUN`` takes.
+_RUN_START = re.compile(rb"\n(?=[A-Za-z0-9+/=]{40,}+\r\n)")
+#: The lines of a run (none or more), as ``_RUN`` reads them.
+_RUN_LINES = re.compile(rb"(?:[A-Za-z0-9+/=]{40,}+\r\n)*+")
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
+def _fixed_length_lines(raw: bytes, start: int) -> int:
+    """How many bytes from ``start`` on are lines of the first line's length, each of
+    base64-alphabet characters ended by CRLF; 0 when they are not all so."""
+    width = raw.find(b"\r\n", start) - start + 2  # the first line's, with its CRLF
+    last = width - 2
+    crs = raw[start + last :: width]  # where each line's CR must be
+    lfs = raw[start + last + 1 :: width]
+    lines = min(len(crs) - len(crs.lstrip(b"\r")), len(lfs) - len(lfs.lstrip(b"\n")))
+    block = raw[start : start + lines * width]
+    # Nothing but the alphabet and the CRLF expected at the end of each line.
+    if block.translate(None, _BASE64_ALPHABET) != b"\r\n" * lines:
+        return 0
+    return len(block)
 
 
 def _restore_runs(msg: Message, originals: dict[str, str]) -> None:
