@@ -12,7 +12,8 @@ with the ratio to SendGrid's on the 2 KB message.
 message takes in the server, alone: reading its DATA (64 KiB reads), the intake's
 ``prepare``, ``mime.parse``, the SendGrid payload and its JSON, the whole
 ``build_request``; with glibc's allocation settings of ``esprelay serve``
-(``esprelay.gctune``), so that a step pays the page faults it would pay there.
+(``esprelay.gctune``), so that a step pays the page faults it would pay there.  With
+``--attachment`` the message is a line of text and a base64 attachment.
 """
 
 from __future__ import annotations
@@ -174,15 +175,38 @@ def build_request_table(kinds: list[str], loops: int, client: httpx.AsyncClient)
     return "\n".join(lines)
 
 
-def large_steps(size: int, loops: int) -> None:
-    """Milliseconds of CPU per step for one ``size``-byte message (bench/README.md)."""
+def attachment_message(size: int) -> bytes:
+    """A message of about ``size`` bytes: a line of text and an attachment in base64
+    lines of 76 characters, as mailers write them."""
+    data = bytes(range(256)) * (size * 57 // 78 // 256 + 1)
+    lines = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    return (
+        (
+            f"From: <{SENDER}>\r\nTo: <{RCPT}>\r\nSubject: invoice\r\nMIME-Version: 1.0\r\n"
+            'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\n'
+            "Content-Type: text/plain\r\n\r\nsee the attachment\r\n--b1\r\n"
+            'Content-Type: application/pdf; name="scan.pdf"\r\n'
+            "Content-Transfer-Encoding: base64\r\n\r\n"
+        ).encode()
+        + lines
+        + b"--b1--\r\n"
+    )
+
+
+def large_steps(size: int, loops: int, *, attachment: bool = False) -> None:
+    """Milliseconds of CPU per step for one ``size``-byte message (bench/README.md):
+    a text message, or with ``attachment`` one that is mostly a base64 attachment."""
     from esprelay.gctune import return_large_blocks_to_the_system
     from esprelay.message.repair import prepare
     from esprelay.providers.base import LONG_STRING, json_body
     from esprelay.smtp.dataread import MessageReader
 
     return_large_blocks_to_the_system()
-    raw = make_message(size, sender=SENDER, recipient=RCPT)
+    raw = (
+        attachment_message(size)
+        if attachment
+        else make_message(size, sender=SENDER, recipient=RCPT)
+    )
     wire = raw + b".\r\n"
     pieces = [wire[i : i + 65536] for i in range(0, len(wire), 65536)]
 
@@ -206,7 +230,8 @@ def large_steps(size: int, loops: int) -> None:
         "JSON body": functools.partial(json_body, payload, large=size >= LONG_STRING),
         "SendGrid build_request": functools.partial(provider.build_request, message),
     }
-    print(f"one {size} byte text message, ms of CPU per step:")
+    kind = "message with a base64 attachment" if attachment else "text message"
+    print(f"one {len(raw)} byte {kind}, ms of CPU per step:")
     for name, step in steps.items():
         print(f"  {name:32} {cpu_per_call(step, loops):8.3f}")
 
@@ -221,11 +246,14 @@ def main(argv: list[str] | None = None) -> None:
         " '' for none)",
     )
     ap.add_argument("--large", metavar="SIZE", help="per-step CPU of one SIZE message (5M)")
+    ap.add_argument(
+        "--attachment", action="store_true", help="with --large: a message with an attachment"
+    )
     args = ap.parse_args(argv)
     if args.large:
         from bench.__main__ import parse_size
 
-        large_steps(parse_size(args.large), max(1, min(args.loops, 20)))
+        large_steps(parse_size(args.large), max(1, min(args.loops, 20)), attachment=args.attachment)
         return
     print(f"{'sample':18} {'reference ms':>13} {'parse ms':>9} {'ratio':>6}")
     for name, make in SAMPLES.items():
