@@ -215,7 +215,12 @@ def test_runs_in_a_large_attachment_are_the_expressions() -> None:
     # A line's LF moved one byte on, into the next line: every CR where the first line's
     # length puts one, and as many LFs, but not a run past the line before.
     moved = b64[: 10 * 78 + 77] + b"Q\n" + b64[10 * 78 + 79 :]
-    odd = (b64.replace(b"A", b"-", 1), b64[:-2] + b"\n", moved)
+    # Shapes that must not make the search quadratic (see `mime._fixed_length_lines`):
+    # a bad line in every tenth, every other line a run of its own.
+    line, bad = b"QUJD" * 19, b"QUJD" * 18 + b"-QUJ"
+    tenth = b"".join((bad if i % 10 == 9 else line) + b"\r\n" for i in range(3000))
+    other = b"".join((line if i % 2 else b"a b c") + b"\r\n" for i in range(3000))
+    odd = (b64.replace(b"A", b"-", 1), b64[:-2] + b"\n", moved, tenth, other)
     for body in (b64, b64 + b"QQ==\r\n", *odd):
         raw = b"From: a@example.com\r\n\r\n--b1\r\n\r\n" + body + b"--b1--\r\n"
         assert list(mime._runs(raw)) == _reference_runs(raw)

@@ -279,10 +279,11 @@ def _runs(raw: bytes) -> Iterator[tuple[int, int]]:
 
     The regular expression engine reads a run line by line (~8 ms for a 5 MB
     attachment).  Mailers write an attachment in lines of one length, so from a run's
-    first line on, the lines of that length are checked a whole block at a time: every
-    line ending where that length puts one, and nothing but the base64 alphabet and
-    those line endings in the block (a ``translate``, ~2 ms for 5 MB).  The lines after
-    the block, and any block that fails the check, are read by the expression.  Each
+    first line on, the lines of that length are checked a block at a time
+    (:func:`_fixed_length_lines`: every line ending where that length puts one, and
+    nothing but the base64 alphabet and those line endings in the block, a
+    ``translate``).  The lines after the blocks, and a block that fails the check, are
+    read by the expression.  Each
     line of a run stands on its own (``_RUN``), so the spans are the expression's
     (``tests/test_large_message_paths.py`` compares them)."""
     position = 0
@@ -304,17 +305,31 @@ _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456
 
 def _fixed_length_lines(raw: bytes, start: int) -> int:
     """How many bytes from ``start`` on are lines of the first line's length, each of
-    base64-alphabet characters ended by CRLF; 0 when they are not all so."""
+    base64-alphabet characters ended by CRLF (as many as are checked: see below).
+
+    The lines are checked in blocks of 4, 8, 16... lines, each block whole: its CRs and
+    LFs where the length puts them, and nothing else in it but the alphabet.  The first
+    block that is not all such lines ends the count, and the expression reads that
+    block's lines.  So a run costs no more than twice its length, and a line that is not
+    a run's never has the rest of the message read for it (every line a run of its own,
+    or a bad line in every tenth, must not make the search quadratic)."""
     width = raw.find(b"\r\n", start) - start + 2  # the first line's, with its CRLF
     last = width - 2
-    crs = raw[start + last :: width]  # where each line's CR must be
-    lfs = raw[start + last + 1 :: width]
-    lines = min(len(crs) - len(crs.lstrip(b"\r")), len(lfs) - len(lfs.lstrip(b"\n")))
-    block = raw[start : start + lines * width]
-    # Nothing but the alphabet and the CRLF expected at the end of each line.
-    if block.translate(None, _BASE64_ALPHABET) != b"\r\n" * lines:
-        return 0
-    return len(block)
+    end = start
+    block_lines = 4
+    while True:
+        stop = end + block_lines * width
+        crs = raw[end + last : stop : width]  # where each line's CR must be
+        lfs = raw[end + last + 1 : stop : width]
+        lines = min(len(crs) - len(crs.lstrip(b"\r")), len(lfs) - len(lfs.lstrip(b"\n")))
+        block = raw[end : end + lines * width]
+        # Nothing but the alphabet and the CRLF expected at the end of each line.
+        if block.translate(None, _BASE64_ALPHABET) != b"\r\n" * lines:
+            return end - start
+        end += len(block)
+        if lines < block_lines:
+            return end - start
+        block_lines *= 2
 
 
 def _restore_runs(msg: Message, originals: dict[str, str]) -> None:
