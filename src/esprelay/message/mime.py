@@ -250,10 +250,7 @@ def _without_long_runs(raw: bytes) -> tuple[bytes, dict[str, str]] | None:
     """
     if len(raw) < RUN_LINES * 42:
         return None
-    runs: list[tuple[int, int]] = []
-    for start, end in _runs(raw):
-        if raw.count(b"\n", start, end) >= RUN_LINES:
-            runs.append((start, end))
+    runs = list(_runs(raw, RUN_LINES))
     if not runs:
         return None
     stand_in = "Esprelay" + secrets.token_hex(12)
@@ -274,8 +271,9 @@ def _without_long_runs(raw: bytes) -> tuple[bytes, dict[str, str]] | None:
     return b"".join(pieces), originals
 
 
-def _runs(raw: bytes) -> Iterator[tuple[int, int]]:
-    """Where ``_RUN.finditer(raw)`` finds its runs (group 1's spans), found faster.
+def _runs(raw: bytes, min_lines: int) -> Iterator[tuple[int, int]]:
+    """The runs that ``_RUN.finditer(raw)`` finds (group 1's spans) of ``min_lines``
+    lines or more, found faster.
 
     The regular expression engine reads a run line by line (~8 ms for a 5 MB
     attachment).  Mailers write an attachment in lines of one length, so from a run's
@@ -283,23 +281,31 @@ def _runs(raw: bytes) -> Iterator[tuple[int, int]]:
     (:func:`_fixed_length_lines`: every line ending where that length puts one, and
     nothing but the base64 alphabet and those line endings in the block, a
     ``translate``).  The lines after the blocks, and a block that fails the check, are
-    read by the expression.  Each
-    line of a run stands on its own (``_RUN``), so the spans are the expression's
-    (``tests/test_large_message_paths.py`` compares them)."""
+    read by the expression.  Each line of a run stands on its own (``_RUN``), so the
+    spans are the expression's (``tests/test_large_message_paths.py`` compares them).
+    A run is where its first line is: where at least four lines follow (``_RUN_START``),
+    none of a run of fewer is visited here."""
+    starts = _RUN_START if min_lines >= _RUN_START_LINES else _ANY_RUN_START
     position = 0
-    while (found := _RUN_START.search(raw, position)) is not None:
+    while (found := starts.search(raw, position)) is not None:
         start = found.end()
         end = start + _fixed_length_lines(raw, start)
         tail = _RUN_LINES.match(raw, end)
         assert tail is not None  # (it matches the empty string)
         position = tail.end()
-        yield start, position
+        if raw.count(b"\n", start, position) >= min_lines:
+            yield start, position
 
 
-#: Where a run starts: after a line ending, a line that ``_RUN`` takes.
-_RUN_START = re.compile(rb"\n(?=[A-Za-z0-9+/=]{40,}+\r\n)")
+_RUN_LINE = rb"[A-Za-z0-9+/=]{40,}+\r\n"
+#: Where a run of at least ``_RUN_START_LINES`` lines starts: after a line ending (no
+#: earlier line ending is followed by so many of a run's lines, or the run would start
+#: there), and where a run of any length starts.
+_RUN_START_LINES = 4
+_RUN_START = re.compile(rb"\n(?=(?:" + _RUN_LINE + rb"){%d})" % _RUN_START_LINES)
+_ANY_RUN_START = re.compile(rb"\n(?=" + _RUN_LINE + rb")")
 #: The lines of a run (none or more), as ``_RUN`` reads them.
-_RUN_LINES = re.compile(rb"(?:[A-Za-z0-9+/=]{40,}+\r\n)*+")
+_RUN_LINES = re.compile(rb"(?:" + _RUN_LINE + rb")*+")
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
@@ -315,6 +321,8 @@ def _fixed_length_lines(raw: bytes, start: int) -> int:
     or a bad line in every tenth, must not make the search quadratic)."""
     width = raw.find(b"\r\n", start) - start + 2  # the first line's, with its CRLF
     last = width - 2
+    if raw[start + width + last : start + 2 * width] != b"\r\n":
+        return 0  # the next line is not as long: nothing for a block to save
     end = start
     block_lines = 4
     while True:
