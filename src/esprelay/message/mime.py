@@ -289,11 +289,11 @@ def _runs(raw: bytes, min_lines: int) -> Iterator[tuple[int, int]]:
     position = 0
     while (found := starts.search(raw, position)) is not None:
         start = found.end()
-        end = start + _fixed_length_lines(raw, start)
+        lines, end = _fixed_length_lines(raw, start)
         tail = _RUN_LINES.match(raw, end)
         assert tail is not None  # (it matches the empty string)
         position = tail.end()
-        if raw.count(b"\n", start, position) >= min_lines:
+        if lines + raw.count(b"\n", end, position) >= min_lines:
             yield start, position
 
 
@@ -309,9 +309,10 @@ _RUN_LINES = re.compile(rb"(?:" + _RUN_LINE + rb")*+")
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
-def _fixed_length_lines(raw: bytes, start: int) -> int:
-    """How many bytes from ``start`` on are lines of the first line's length, each of
-    base64-alphabet characters ended by CRLF (as many as are checked: see below).
+def _fixed_length_lines(raw: bytes, start: int) -> tuple[int, int]:
+    """How many lines from ``start`` on are of the first line's length, each of
+    base64-alphabet characters ended by CRLF (as many as are checked: see below), and
+    where they end.
 
     The lines are checked in blocks of 4, 8, 16... lines, each block whole: its CRs and
     LFs where the length puts them, and nothing else in it but the alphabet.  The first
@@ -322,8 +323,9 @@ def _fixed_length_lines(raw: bytes, start: int) -> int:
     width = raw.find(b"\r\n", start) - start + 2  # the first line's, with its CRLF
     last = width - 2
     if raw[start + width + last : start + 2 * width] != b"\r\n":
-        return 0  # the next line is not as long: nothing for a block to save
+        return 0, start  # the next line is not as long: nothing for a block to save
     end = start
+    counted = 0
     block_lines = 4
     while True:
         stop = end + block_lines * width
@@ -333,10 +335,11 @@ def _fixed_length_lines(raw: bytes, start: int) -> int:
         block = raw[end : end + lines * width]
         # Nothing but the alphabet and the CRLF expected at the end of each line.
         if block.translate(None, _BASE64_ALPHABET) != b"\r\n" * lines:
-            return end - start
+            return counted, end
+        counted += lines
         end += len(block)
         if lines < block_lines:
-            return end - start
+            return counted, end
         block_lines *= 2
 
 
