@@ -46,7 +46,9 @@ class RelayProcess:
         self._lines: list[bytes] = []
         self._lock = threading.Lock()
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
         """``esprelay ARGS`` with this relay's environment (its output as text)."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
         environ.update(self.env)
@@ -57,7 +59,7 @@ class RelayProcess:
             env=environ,
             cwd=self.workdir,
             check=check,
-            timeout=30,
+            timeout=timeout,
         )
 
     @property

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import smtplib
 import socket
 import ssl
 import subprocess
-import sys
 from pathlib import Path
 
 import trustme
@@ -25,17 +23,7 @@ def crlf(text: str) -> bytes:
 
 
 def esprelay_cli(relay: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ESPRELAY_")}
-    env.update(relay.env)
-    return subprocess.run(
-        [sys.executable, "-m", "esprelay", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-        cwd=relay.workdir,
-    )
+    return relay.cli(*args, check=False, timeout=60)
 
 
 def spooled(relay: RelayProcess) -> list[dict[str, object]]:

@@ -63,6 +63,17 @@ START_TIMEOUT = 120
 STEP_TIMEOUT = 120
 # The same rlimits for every run: podman's defaults ask for more than this kernel grants.
 RUN_LIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000")
+#: On the host's network, as the Kubernetes manifest runs it: read-only root, no
+#: capabilities, no new privileges.
+HARDENED = (
+    "--network",
+    "host",
+    "--read-only",
+    "--cap-drop",
+    "ALL",
+    "--security-opt",
+    "no-new-privileges",
+)
 
 
 def cannot(reason: str) -> None:
@@ -302,14 +313,7 @@ def test_image_built_on_debian_relays_a_message_with_auth(
             "ESPRELAY_PLAINTEXT_AUTH_NETWORKS": "127.0.0.0/8",
         }
         args = [
-            "--network",
-            "host",
-            # As the Kubernetes manifest runs it: read-only root, no capabilities.
-            "--read-only",
-            "--cap-drop",
-            "ALL",
-            "--security-opt",
-            "no-new-privileges",
+            *HARDENED,
             "--env-file",
             str(env_file),
         ]
@@ -380,13 +384,7 @@ def test_a_container_limited_to_256_mb_takes_a_25_mb_attachment(
     volume.mkdir()
     os.chown(volume, 10001, 10001)
     args = [
-        "--network",
-        "host",
-        "--read-only",
-        "--cap-drop",
-        "ALL",
-        "--security-opt",
-        "no-new-privileges",
+        *HARDENED,
         "--memory",
         str(MEMORY_LIMIT),
         "--memory-swap",

@@ -98,14 +98,20 @@ def _feed(reader: MessageReader | ReferenceReader, stream: bytes, cuts: list[int
     return None
 
 
+# The final dot (or none), where the stream is cut into reads, the line limit.
+endings = st.sampled_from([b".\r\n", b"\r\n.\r\n", b""])
+cut_lists = st.lists(st.integers(min_value=0, max_value=120), max_size=20)
+line_limits = st.integers(min_value=1, max_value=30)
+
+
 @settings(max_examples=3000, deadline=None)
 @given(
     streams,
-    st.sampled_from([b".\r\n", b"\r\n.\r\n", b""]),
+    endings,
     streams,
-    st.lists(st.integers(min_value=0, max_value=120), max_size=20),
+    cut_lists,
     st.sampled_from([None, 0, 10, 40, 200]),
-    st.integers(min_value=1, max_value=30),
+    line_limits,
 )
 def test_same_as_the_reference(
     head: bytes,
@@ -142,11 +148,11 @@ def test_large_messages_in_pieces(cuts: list[int], stuffed: bool) -> None:
 @settings(max_examples=1500, deadline=None)
 @given(
     streams,
-    st.sampled_from([b".\r\n", b"\r\n.\r\n", b""]),
+    endings,
     streams,
-    st.lists(st.integers(min_value=0, max_value=120), max_size=20),
+    cut_lists,
     st.sampled_from([None, 0, 40, 200]),
-    st.integers(min_value=1, max_value=30),
+    line_limits,
     st.sampled_from([0, 1, 7, 50]),
 )
 def test_spilled_messages_are_the_same_as_the_reference(

@@ -333,6 +333,30 @@ async def test_refusals_name_recipients_in_any_case_and_unknown_ones_are_ignored
         assert (await run.outcome()).outcome == "delivered"
 
 
+def failure_notifier(
+    spool: SqliteSpool, client: httpx.AsyncClient, bounce_mode: str = "sender"
+) -> FailureNotifier:
+    """A FailureNotifier as the relay builds one, for the "partial" provider."""
+    return FailureNotifier(
+        spool=spool,
+        client=client,
+        hostname="relay.test",
+        bounce_mode=bounce_mode,
+        bounce_from=None,
+        webhook_url=None,
+        default_chain=("partial",),
+        wake=lambda: None,
+    )
+
+
+async def notify(spool: SqliteSpool, outcome: Outcome, bounce_mode: str = "sender") -> None:
+    """Hand ``outcome`` to a notifier and wait until it has acted on it."""
+    async with httpx.AsyncClient() as client:
+        notifier = failure_notifier(spool, client, bounce_mode)
+        notifier.on_failed(outcome)
+        await notifier.wait(PATIENCE)
+
+
 async def test_an_inline_attempt_answers_250_and_bounces_the_refused(
     spool: SqliteSpool, clock: FakeClock
 ) -> None:
@@ -365,16 +389,7 @@ async def test_the_bounce_names_only_the_refused_with_their_dsn_parameters(
     provider = PartialProvider([{B: refused("mailbox unknown"), C: refused("suppressed")}])
     message_id = await put(spool, meta=parameters.meta())
     async with httpx.AsyncClient() as client:
-        notifier = FailureNotifier(
-            spool=spool,
-            client=client,
-            hostname="relay.test",
-            bounce_mode="sender",
-            bounce_from=None,
-            webhook_url=None,
-            default_chain=("partial",),
-            wake=lambda: None,
-        )
+        notifier = failure_notifier(spool, client)
         async with Run(spool, provider, clock, on_failed=notifier.on_failed) as run:
             outcome = await run.outcome()
             assert outcome.outcome == "partial"
@@ -413,19 +428,7 @@ async def test_the_bounce_of_a_partial_outcome_follows_the_bounce_rules(
     outcome = Outcome(
         message, "partial", "partial", None, 0.1, bounced=((B, refused()),), accepted=(A,)
     )
-    async with httpx.AsyncClient() as client:
-        notifier = FailureNotifier(
-            spool=spool,
-            client=client,
-            hostname="relay.test",
-            bounce_mode=mode,
-            bounce_from=None,
-            webhook_url=None,
-            default_chain=("partial",),
-            wake=lambda: None,
-        )
-        notifier.on_failed(outcome)
-        await notifier.wait(PATIENCE)
+    await notify(spool, outcome, bounce_mode=mode)
     bounces = [m for m in await spool.list(limit=10) if m.id != message_id]
     if bounced_to is None:
         assert bounces == []
@@ -455,19 +458,7 @@ async def test_a_bounce_refused_in_part_is_not_bounced(spool: SqliteSpool) -> No
     message_id = await spool.put(Envelope(SENDER, (A, B)), dsn, provider="partial")
     [message] = await spool.lease("test", 1, 30)
     outcome = Outcome(message, "partial", "partial", None, 0.1, bounced=((B, refused()),))
-    async with httpx.AsyncClient() as client:
-        notifier = FailureNotifier(
-            spool=spool,
-            client=client,
-            hostname="relay.test",
-            bounce_mode="sender",
-            bounce_from=None,
-            webhook_url=None,
-            default_chain=("partial",),
-            wake=lambda: None,
-        )
-        notifier.on_failed(outcome)
-        await notifier.wait(PATIENCE)
+    await notify(spool, outcome)
     assert [m.id for m in await spool.list(limit=10)] == [message_id]
 
 
@@ -486,17 +477,5 @@ async def test_delivery_failures_follow_the_one_no_bounce_rule(
     message_id = await spool.put(Envelope(mail_from, (A, B)), raw, provider="partial")
     [message] = await spool.lease("test", 1, 30)
     outcome = Outcome(message, "partial", "partial", None, 0.1, bounced=((B, refused()),))
-    async with httpx.AsyncClient() as client:
-        notifier = FailureNotifier(
-            spool=spool,
-            client=client,
-            hostname="relay.test",
-            bounce_mode="sender",
-            bounce_from=None,
-            webhook_url=None,
-            default_chain=("partial",),
-            wake=lambda: None,
-        )
-        notifier.on_failed(outcome)
-        await notifier.wait(PATIENCE)
+    await notify(spool, outcome)
     assert [m.id for m in await spool.list(limit=10)] == [message_id]
